@@ -1,0 +1,5 @@
+"""synthaug: synthetic-data generation pipeline for classifier augmentation."""
+
+__version__ = "0.1.0"
+
+STAGE_ORDER = ("prepare", "train_generator", "sample", "filter", "train_classifier", "report")

@@ -1,0 +1,303 @@
+"""Typed configuration: one pydantic model per stage, read from ``params.yaml``.
+
+Resolution order for every stage field: the class default, then the preset of
+``base.profile`` (``PROFILES`` below), then what ``params.yaml`` says. Unknown keys
+and wrong types are errors that name the key and the file.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PARAMS_FILE = "params.yaml"
+
+
+class ConfigError(ValueError):
+    """A params file that cannot be used; the message says which key and what to do."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class BaseParams(_Section):
+    seed: int = 0  # master seed: splits, initialisation, sampling seeds, classifier seeds
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
+    profile: Literal["micro", "cpu", "gpu"] = "cpu"  # size preset, see PROFILES
+
+
+class PrepareConfig(_Section):
+    source: Literal["fashion-mnist", "imagefolder", "hf-disk"] = "fashion-mnist"
+    # fashion-mnist: folder with the four IDX .gz files; imagefolder: root with one
+    # sub-folder per class; hf-disk: a folder written by datasets' save_to_disk.
+    path: str = "/usr/share/datasets/fashion-mnist"
+    image_column: str = "image"  # hf-disk only
+    label_column: str = "label"  # hf-disk only
+    image_size: int = Field(28, ge=8, le=1024)  # square side after resizing
+    channels: Literal[1, 3] = 1  # 1 = grayscale (L), 3 = RGB
+    # how a non-square or other-sized image becomes image_size x image_size:
+    # center-crop = scale the short side then crop the center; stretch = plain resize
+    resize: Literal["center-crop", "stretch"] = "center-crop"
+    labeled_per_class: int = Field(50, ge=1)  # the small labeled train set
+    val_per_class: int = Field(50, ge=1)  # labeled validation set (model selection)
+    test_fraction: float = Field(0.2, gt=0, lt=1)  # hold-out when the source has no test split
+    unlabeled_pool: int = Field(10000, ge=-1)  # rest of train, labels dropped; 0 none, -1 all
+    on_bad_image: Literal["skip", "error"] = "skip"  # unreadable image: report and skip, or stop
+
+
+class TrainGeneratorConfig(_Section):
+    kind: Literal["unet"] = "unet"  # generator family
+    # scratch | pretrain (unconditional on the pool, then conditional fine-tune) |
+    # a local diffusers UNet2DModel folder to fine-tune
+    init: str = "scratch"
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    layers_per_block: int = Field(1, ge=1)
+    attention: bool = False  # self-attention in the lowest-resolution blocks
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    num_train_timesteps: int = Field(1000, ge=2)
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
+    p_uncond: float = Field(0.1, ge=0, le=1)  # label dropout for classifier-free guidance
+    steps: int = Field(1000, ge=1)  # conditional optimizer steps
+    pretrain_steps: int = Field(0, ge=0)  # unconditional steps on the pool (init=pretrain)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    checkpoint_every: int = Field(200, ge=1)  # steps between resumable checkpoints
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # auto = bf16 on cuda
+    log_every: int = Field(25, ge=1)
+
+
+class SampleConfig(_Section):
+    sampler: Literal["ddim", "dpm++"] = "dpm++"
+    num_inference_steps: int = Field(20, ge=1)
+    guidance_scale: float = Field(2.0, ge=0)  # 0 = unconditional, 1 = conditional only
+    per_class: int = Field(100, ge=1)  # synthetic images per class
+    batch_size: int = Field(0, ge=0)  # 0 = automatic
+    shard_index: int = Field(0, ge=0)
+    num_shards: int = Field(1, ge=1)
+    grid_per_class: int = Field(64, ge=1)  # images in each preview grid
+
+    @model_validator(mode="after")
+    def _shard_in_range(self):
+        if self.shard_index >= self.num_shards:
+            raise ValueError(f"shard_index {self.shard_index} must be < num_shards {self.num_shards}")
+        return self
+
+
+class ClipConfig(_Section):
+    checkpoint: Optional[str] = None  # local CLIPModel/CLIPProcessor folder; None = no CLIP score
+    prompt: str = "a photo of a {}"  # {} is the class name
+    min_score: Optional[float] = None  # reject below this CLIP score (None = score only)
+
+
+class FilterConfig(_Section):
+    feature_space: Literal["efficientnet-lite0", "inception", "judge"] = "efficientnet-lite0"
+    inception_weights: Optional[str] = None  # local torch-fidelity Inception file
+    clip: ClipConfig = ClipConfig()
+    judge_arch: str = "resnet10t"  # timm model trained on real labeled + val data
+    judge_steps: int = Field(300, ge=1)
+    min_confidence: float = Field(0.5, ge=0, le=1)  # judge probability of the intended label
+    realism_k: int = Field(3, ge=1)  # k of the k-NN real manifold (Kynkaanniemi et al. 2019)
+    require_realism: bool = True  # reject images outside the real k-NN manifold
+    # reject near-copies: nearest labeled train image closer than this fraction of the
+    # median train-to-train nearest-neighbour distance
+    memorization_ratio: float = Field(0.5, ge=0)
+    keep_top_fraction: float = Field(1.0, gt=0, le=1)  # per class, by judge confidence
+    balance: bool = True  # same number kept in every class
+    max_real: int = Field(2000, ge=10)  # real images per reference set (floor, manifold)
+    batch_size: int = Field(64, ge=1)
+
+
+class TrainClassifierConfig(_Section):
+    arch: str = "resnet10t"  # any timm model name
+    pretrained: Optional[str] = None  # None (scratch) | efficientnet-lite0 | a local .safetensors
+    variants: tuple[str, ...] = (
+        "real", "real+classic", "real+synthetic", "real+synthetic+classic",
+        "synthetic-only", "real+synthetic-unfiltered",
+    )
+    seeds: int = Field(3, ge=1)  # seeds per variant
+    steps: int = Field(1500, ge=1)  # optimizer steps, identical for every variant
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    synthetic_ratio: float = Field(0.5, ge=0, le=1)  # share of each batch drawn from synthetic
+    ratio_sweep: tuple[float, ...] = ()  # extra ratios tried; the best on validation is used
+    eval_every: int = Field(100, ge=1)  # validation for model selection
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    num_workers: int = Field(0, ge=0)
+
+
+class ReportConfig(_Section):
+    title: str = "synthaug augmentation report"
+    grid_per_class: int = Field(8, ge=1)  # images per class in the report's grids
+
+
+STAGES = {
+    "prepare": PrepareConfig,
+    "train_generator": TrainGeneratorConfig,
+    "sample": SampleConfig,
+    "filter": FilterConfig,
+    "train_classifier": TrainClassifierConfig,
+    "report": ReportConfig,
+}
+
+# Size presets. Anything set in params.yaml wins over these.
+PROFILES: dict[str, dict[str, dict[str, Any]]] = {
+    "micro": {  # end-to-end smoke run in CI: minutes, meaningless numbers
+        "prepare": {"labeled_per_class": 10, "val_per_class": 5, "unlabeled_pool": 200},
+        "train_generator": {"block_out_channels": (16, 32), "steps": 20, "pretrain_steps": 0,
+                            "batch_size": 16, "warmup_steps": 2, "checkpoint_every": 10, "log_every": 5},
+        "sample": {"per_class": 4, "num_inference_steps": 4, "grid_per_class": 4},
+        "filter": {"judge_steps": 20, "max_real": 100},
+        "train_classifier": {"seeds": 2, "steps": 20, "batch_size": 16, "eval_every": 10},
+    },
+    "cpu": {  # about half an hour end to end on 2 cores
+        "train_generator": {"block_out_channels": (32, 64, 64), "steps": 1000, "batch_size": 64},
+        "sample": {"per_class": 100, "num_inference_steps": 20},
+        "train_classifier": {"seeds": 3, "steps": 600, "batch_size": 64},
+    },
+    "gpu": {  # one modern GPU
+        "prepare": {"unlabeled_pool": -1},
+        "train_generator": {"block_out_channels": (128, 256, 256), "layers_per_block": 2,
+                            "attention": True, "init": "pretrain", "pretrain_steps": 20000,
+                            "steps": 10000, "batch_size": 256, "lr": 2e-4, "ema_decay": 0.9999,
+                            "checkpoint_every": 1000},
+        "sample": {"per_class": 1000, "num_inference_steps": 25},
+        "filter": {"judge_steps": 1500, "max_real": 10000, "batch_size": 256},
+        "train_classifier": {"seeds": 5, "steps": 1500, "batch_size": 64},
+    },
+}
+
+
+class Paths(BaseModel):
+    """Every path the pipeline reads or writes, named once, relative to ``root``."""
+
+    model_config = ConfigDict(frozen=True)
+    root: Path = Path(".")
+
+    def _p(self, rel: str) -> Path:
+        return self.root / rel
+
+    @property
+    def prepared(self) -> Path: return self._p("data/prepared")
+    @property
+    def generator(self) -> Path: return self._p("models/generator")
+    @property
+    def generator_checkpoints(self) -> Path: return self._p("models/generator_checkpoints")
+    @property
+    def synthetic(self) -> Path: return self._p("data/synthetic")
+    @property
+    def synthetic_shards(self) -> Path: return self._p("data/synthetic_shards")
+    @property
+    def filtered(self) -> Path: return self._p("data/filtered")
+    @property
+    def feature_cache(self) -> Path: return self._p("data/cache")
+    @property
+    def classifier(self) -> Path: return self._p("models/classifier")
+    @property
+    def classifier_metrics(self) -> Path: return self._p("metrics/classifier")
+    @property
+    def reports(self) -> Path: return self._p("reports")
+
+
+class Params(_Section):
+    base: BaseParams = BaseParams()
+    prepare: PrepareConfig = PrepareConfig()
+    train_generator: TrainGeneratorConfig = TrainGeneratorConfig()
+    sample: SampleConfig = SampleConfig()
+    filter: FilterConfig = FilterConfig()
+    train_classifier: TrainClassifierConfig = TrainClassifierConfig()
+    report: ReportConfig = ReportConfig()
+
+    def resolved(self) -> dict:
+        """Plain dict of every value in force (saved beside each output)."""
+        return self.model_dump(mode="json")
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model = Params
+    for part in loc[:-1]:
+        model = model.model_fields[part].annotation
+    return sorted(model.model_fields)
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (allowed here: {', '.join(_allowed_keys(e['loc']))})")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return f"{source}: invalid params:\n" + "\n".join(lines) + "\nFix these keys and run again."
+
+
+def _yaml_to_model_types(raw: dict) -> dict:
+    """YAML has no tuples; strict pydantic wants them for tuple fields."""
+    out = {}
+    for k, v in raw.items():
+        if isinstance(v, dict):
+            out[k] = _yaml_to_model_types(v)
+        elif isinstance(v, list):
+            out[k] = tuple(v)
+        else:
+            out[k] = v
+    return out
+
+
+def params_from_dict(raw: dict | None, source: str = "<params>") -> Params:
+    raw = dict(raw or {})
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    base_raw = raw.get("base") or {}
+    profile = base_raw.get("profile", BaseParams().profile) if isinstance(base_raw, dict) else "cpu"
+    if profile not in PROFILES:
+        raise ConfigError(f"{source}: base.profile: unknown profile {profile!r} (allowed: {', '.join(PROFILES)})")
+    merged: dict[str, Any] = {}
+    for section, value in raw.items():
+        if section in STAGES and not isinstance(value, (dict, type(None))):
+            raise ConfigError(f"{source}: {section}: must be a mapping of keys, got {value!r}")
+        merged[section] = dict(value or {}) if isinstance(value, dict) or value is None else value
+    for stage, preset in PROFILES[profile].items():
+        merged[stage] = {**preset, **(merged.get(stage) or {})}
+    try:
+        return Params.model_validate(_yaml_to_model_types(merged))
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_params(path: str | os.PathLike = PARAMS_FILE, overrides: dict | None = None) -> Params:
+    """Read, merge with the profile preset and validate ``params.yaml``."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: params file not found. Run from the project root or pass --params.")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return params_from_dict(raw, str(path))
+
+
+def resolve_device(base: BaseParams) -> str:
+    import torch
+
+    if base.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("base.device: cuda was asked for but no CUDA device is visible; use auto or cpu")
+    if base.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return base.device
