@@ -90,7 +90,9 @@ def read_fashion_mnist(cfg: PrepareConfig) -> Source:
     fp = hashlib.sha256("".join(_sha_file(root / n) for n in IDX_FILES.values()).encode()).hexdigest()
     images = _fit_arrays(arrays["train_images"], cfg)
     test = _fit_arrays(arrays["test_images"], cfg)
-    return Source(images, arrays["train_labels"].astype(np.int64), FASHION_MNIST_CLASSES,
+    labels = arrays["train_labels"].astype(np.int64)
+    names = FASHION_MNIST_CLASSES[: int(labels.max()) + 1]
+    return Source(images, labels, names,
                   test, arrays["test_labels"].astype(np.int64), fp)
 
 
@@ -100,7 +102,7 @@ def _fit_arrays(gray: np.ndarray, cfg: PrepareConfig) -> np.ndarray:
         gray = np.stack([np.asarray(fit_image(Image.fromarray(g), cfg))[..., 0]
                          if cfg.channels == 1 else np.asarray(fit_image(Image.fromarray(g), cfg).convert("L"))
                          for g in gray])
-    out = gray[..., None]
+    out = np.array(gray[..., None])  # IDX buffers are read-only
     return np.repeat(out, 3, axis=-1) if cfg.channels == 3 else out
 
 

@@ -1,0 +1,77 @@
+import pytest
+import yaml
+
+from pipeline.config import PROFILES, ConfigError, Paths, load_params, params_from_dict
+
+
+def write(tmp_path, obj):
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump(obj))
+    return p
+
+
+def test_repo_params_load_and_match_profile():
+    params = load_params("params.yaml")
+    assert params.base.profile == "cpu"
+    assert params.train_generator.block_out_channels == PROFILES["cpu"]["train_generator"]["block_out_channels"]
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    p = write(tmp_path, {"prepare": {"labeled_per_clas": 5}})
+    with pytest.raises(ConfigError) as e:
+        load_params(p)
+    msg = str(e.value)
+    assert str(p) in msg and "prepare.labeled_per_clas" in msg and "labeled_per_class" in msg
+
+
+def test_unknown_section(tmp_path):
+    with pytest.raises(ConfigError, match="sampler"):
+        load_params(write(tmp_path, {"sampler": {}}))
+
+
+def test_wrong_type_names_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"sample\.per_class.*'many'"):
+        load_params(write(tmp_path, {"sample": {"per_class": "many"}}))
+    with pytest.raises(ConfigError, match=r"train_generator\.steps"):  # no silent float->int
+        load_params(write(tmp_path, {"train_generator": {"steps": 10.5}}))
+
+
+@pytest.mark.parametrize("key,value", [
+    ("sample.per_class", -1), ("sample.guidance_scale", -0.5), ("prepare.labeled_per_class", 0),
+    ("base.device", "tpu"), ("prepare.channels", 2), ("base.profile", "huge"),
+])
+def test_out_of_range_values_rejected(tmp_path, key, value):
+    section, leaf = key.split(".")
+    with pytest.raises(ConfigError, match=section):
+        load_params(write(tmp_path, {section: {leaf: value}}))
+
+
+def test_nested_unknown_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"filter\.clip\.ckpt.*checkpoint"):
+        load_params(write(tmp_path, {"filter": {"clip": {"ckpt": "x"}}}))
+
+
+def test_profile_preset_then_params_override():
+    p = params_from_dict({"base": {"profile": "micro"}, "train_generator": {"steps": 7}})
+    assert p.train_generator.steps == 7
+    assert p.train_generator.batch_size == PROFILES["micro"]["train_generator"]["batch_size"]
+
+
+def test_overrides_and_missing_file(tmp_path):
+    p = load_params("params.yaml", {"sample.per_class": 3})
+    assert p.sample.per_class == 3
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_invalid_yaml(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("base: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(p)
+
+
+def test_paths_named_once(tmp_path):
+    paths = Paths(root=tmp_path)
+    assert paths.prepared == tmp_path / "data/prepared"
+    assert paths.filtered.parent == paths.synthetic.parent
