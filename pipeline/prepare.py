@@ -308,11 +308,14 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
         "counts_per_class": counts, "skipped_images": src.skipped, **notes,
         "seed": params.base.seed, "params": params.resolved(),
     }
+    summary["headline"] = (
+        f"{cfg.source}: " + ", ".join(f"{k} {v}" for k, v in summary["sizes"].items())
+        + f" images of {cfg.image_size}px x {cfg.channels}ch in {len(src.class_names)} classes; "
+        f"{notes['train_test_exact_duplicates']} train/test duplicates dropped, {len(src.skipped)} unreadable files skipped")
     with atomic_path(paths.prepared, is_dir=True) as tmp:
         dd.save_to_disk(str(tmp / "dataset"))
         write_json(tmp / "summary.json", summary)
-    log.info("prepare: wrote %s (%s), %d exact train/test duplicates dropped, %d files skipped",
-             paths.prepared, summary["sizes"], notes["train_test_exact_duplicates"], len(src.skipped))
+    log.info("prepare: wrote %s: %s", paths.prepared, summary["headline"])
     return summary
 
 

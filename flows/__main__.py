@@ -1,0 +1,32 @@
+"""``python -m flows <stage> [--variant V] [--params F] [--set key=value ...]``: what dvc.yaml runs."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline import STAGE_ORDER
+from pipeline.cli import _parse_set, user_errors
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m flows", description="Run a stage as a Prefect flow.")
+    ap.add_argument("stage", choices=[*STAGE_ORDER, "augment"])
+    ap.add_argument("--variant", help="train_classifier variant")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--root", default=".")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = ap.parse_args(argv)
+    from flows.stages import STAGE_FLOWS, augment_flow
+
+    kwargs = dict(params_file=args.params, overrides=_parse_set(args.set) or None, root=args.root)
+    if args.stage == "train_classifier":
+        kwargs["variant"] = args.variant or "real"
+    try:
+        (augment_flow if args.stage == "augment" else STAGE_FLOWS[args.stage])(**kwargs)
+    except user_errors() as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
