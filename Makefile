@@ -13,8 +13,9 @@ export PREFECT_LOGGING_LEVEL ?= INFO
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup venv data run test test-all bench clean help
+.PHONY: setup venv data browser run test bench clean help
 
 help:
 	@echo "make run    set up (venv, packages, Fashion-MNIST) and run the pipeline: dvc repro"
@@ -52,7 +53,13 @@ run: setup
 	$(BIN)/dvc repro
 	@echo "Report: reports/report.html   metrics: $(BIN)/dvc metrics show"
 
-test: venv
+# Debian's Chromium, for the test that opens report.html headless (skipped without it)
+browser:
+	@command -v chromium >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  (apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null)) \
+	  || echo "Chromium not installed: the report browser test will be skipped"; }
+
+test: venv data browser
 	$(BIN)/python -m pytest -q -m "not gpu" tests
 
 bench: venv

@@ -1,0 +1,125 @@
+import json
+import shutil
+import subprocess
+
+import datasets
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline import report
+from pipeline.config import Paths, params_from_dict
+from pipeline.storage import save_dataset, tensors_to_dataset, write_json
+
+NAMES = ["a", "b"]
+
+
+def variant(accs, per_class=None):
+    return {"n_test": 200, "per_seed": [
+        {"seed": s, "accuracy": a, "macro_f1": a - 0.01, "ece": 0.05, "seconds": 1.0,
+         "per_class_accuracy": dict(zip(NAMES, per_class or [a, a]))} for s, a in enumerate(accs)]}
+
+
+def table(**variants):
+    return report.variant_table(variants)
+
+
+def test_verdict_says_helped_only_when_interval_above_zero():
+    t = table(real=variant([0.80, 0.81, 0.82]), **{"real+synthetic": variant([0.85, 0.87, 0.86])})
+    v = report.verdict(t)
+    assert v["helped"] is True and v["text"].startswith("Yes") and "N=200" in v["text"] and "3 seeds" in v["text"]
+    assert v["gain"] == pytest.approx(0.05)
+    t = table(real=variant([0.80, 0.81, 0.82]), **{"real+synthetic": variant([0.79, 0.83, 0.815])})
+    assert report.verdict(t)["helped"] is False and "includes zero" in report.verdict(t)["text"]
+    t = table(real=variant([0.80, 0.81, 0.82]), **{"real+synthetic": variant([0.70, 0.71, 0.73])},
+              **{"real+classic": variant([0.83, 0.84, 0.85])})
+    text = report.verdict(t)["text"]
+    assert text.startswith("No, synthetic data did not help") and "does not beat" in text and "real+classic" in text
+
+
+def test_paired_difference_in_table_matches_seedwise_mean():
+    t = table(real=variant([0.5, 0.6]), **{"real+synthetic": variant([0.6, 0.8])})
+    assert t.loc["real+synthetic", "diff"] == pytest.approx(0.15)
+    assert t.loc["real+synthetic", "p_value"] is not None
+
+
+def test_quality_rows_read_filter_summary():
+    fig = lambda v: {"value": v, "n_real": 10, "n_synthetic": 8, "feature_space": "x"}  # noqa: E731
+    s = {"metrics": {"before": {"frechet_distance": fig(9.0), "kid": fig(0.1)}, "floor": {"frechet_distance": fig(1.0)}}}
+    rows = report.quality_rows(s)
+    assert [r["set"] for r in rows] == ["real vs real (floor)", "synthetic, all"]
+    assert rows[1]["frechet_distance"] == 9.0 and rows[0]["kid"] is None and rows[1]["n_other"] == 8
+
+
+def fake_run(root):
+    """Every input the report reads, tiny and made up."""
+    paths = Paths(root=root)
+    rng = np.random.default_rng(0)
+    img = lambda n: torch.from_numpy(rng.integers(0, 255, (n, 1, 8, 8), dtype=np.uint8))  # noqa: E731
+    labels = torch.tensor([0, 1] * 4)
+    dd = datasets.DatasetDict({s: tensors_to_dataset(img(8), labels, NAMES) for s in ("train", "val", "test")})
+    save_dataset(dd, paths.prepared / "dataset")
+    write_json(paths.prepared / "summary.json", {"class_names": NAMES, "source": "test", "sizes": {"train": 8},
+                                                 "image_size": 8, "channels": 1, "source_fingerprint": "abc" * 8})
+    syn = tensors_to_dataset(img(6), [0, 0, 0, 1, 1, 1], NAMES, {"seed": list(range(6))})
+    save_dataset(syn, paths.synthetic / "dataset")
+    scores = pd.DataFrame({"index": range(6), "label": [0, 0, 0, 1, 1, 1], "confidence": rng.random(6),
+                           "accepted": [True, False, True, True, False, True],
+                           "reason": ["", "low_confidence", "", "", "memorized", ""]})
+    paths.filtered.mkdir(parents=True)
+    scores.to_parquet(paths.filtered / "scores.parquet")
+    write_json(paths.filtered / "summary.json", {"feature_space": "judge", "note": "test", "thresholds": {"min_confidence": 0.5},
+                                                 "acceptance": {"generated": 6, "accepted": 4, "per_class": {"a": {"generated": 3, "accepted": 2, "rate": 0.67}},
+                                                                "rejected_by_first_reason": {"low_confidence": 1, "memorized": 1}},
+                                                 "clip": {"used": False, "why": "filter.clip.checkpoint not set"}, "metrics": {}})
+    paths.generator.mkdir(parents=True)
+    pd.DataFrame({"step": range(50), "loss": np.linspace(1, 0.1, 50)}).to_csv(paths.generator / "loss.csv", index=False)
+    for name, accs in {"real": [0.7, 0.72, 0.71], "real+classic": [0.73, 0.74, 0.72],
+                       "real+synthetic": [0.78, 0.79, 0.80]}.items():
+        write_json(paths.classifier_metrics / f"{name}.json", variant(accs, per_class=[accs[0], accs[1]]))
+    return paths
+
+
+def test_report_stage_writes_everything(tmp_path):
+    paths = fake_run(tmp_path)
+    out = report.run(params_from_dict({"base": {"profile": "micro"}}), paths)
+    html = (paths.reports / "report.html").read_text()
+    assert out["headline"].startswith("Yes, synthetic data helped")
+    assert out["headline"] in html.replace("&#39;", "'") or "Yes, synthetic data helped" in html
+    assert html.count("data:image/png;base64,") >= 8 and "http://" not in html and "https://" not in html
+    assert "low_confidence x1" in html and "not used" in html
+    metrics = json.loads((paths.reports / "metrics.json").read_text())
+    assert metrics["helped"] is True and metrics["variants"]["real"]["accuracy"] == pytest.approx(0.71)
+    assert (paths.reports / "plots/per_class_gain.csv").exists() and (paths.reports / "figures/variants.png").exists()
+    assert "| real+synthetic |" in (paths.reports / "report.md").read_text()
+
+
+def test_report_opens_in_headless_chromium(tmp_path):
+    """The page loads offline with its images and headline (screenshot in reports/)."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not browser:
+        pytest.skip("Chromium is not installed (make test installs Debian's chromium where apt is usable)")
+    paths = fake_run(tmp_path)
+    report.run(params_from_dict({"base": {"profile": "micro"}}), paths)
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'chrome'}"]
+    url = (paths.reports / "report.html").resolve().as_uri()
+    js = ("(()=>{const im=[...document.images];return JSON.stringify({n:im.length,"
+          "ok:im.filter(i=>i.complete&&i.naturalWidth>0).length,h:document.getElementById('headline').innerText})})()")
+    dom = subprocess.run([browser, *flags, "--virtual-time-budget=5000", "--dump-dom", url],
+                         capture_output=True, text=True, timeout=120).stdout
+    assert "Yes, synthetic data helped" in dom
+    shot = paths.reports / "screenshot.png"
+    subprocess.run([browser, *flags, f"--screenshot={shot}", "--window-size=1280,1600", url],
+                   capture_output=True, timeout=120)
+    assert shot.exists() and shot.stat().st_size > 10_000
+    # images decode: evaluate in the page via a data: URL that reports the count of loaded images
+    probe = tmp_path / "probe.html"
+    probe.write_text((paths.reports / "report.html").read_text().replace(
+        "</body>", f"<script>window.onload=()=>{{document.title={js}}}</script></body>"))
+    title_dom = subprocess.run([browser, *flags, "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
+                               capture_output=True, text=True, timeout=120).stdout
+    stats = json.loads(title_dom.split("<title>")[1].split("</title>")[0].replace("&quot;", '"'))
+    assert stats["n"] >= 8 and stats["ok"] == stats["n"] and stats["h"].startswith("Yes")
