@@ -59,7 +59,7 @@ browser:
 	  (apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null)) \
 	  || echo "Chromium not installed: the report browser test will be skipped"; }
 
-test: venv data browser
+test: venv browser
 	$(BIN)/python -m pytest -q -m "not gpu" tests
 
 bench: venv
