@@ -1,0 +1,137 @@
+"""End to end: `dvc repro` on the micro profile, and a deployment run through a real
+Prefect server and process worker on loopback. Both use a copy of the project in a temp
+dir with a tiny Fashion-MNIST-format dataset written by the test."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.test_prepare import make_idx_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
+
+
+def project_copy(dst: Path, data: Path) -> Path:
+    for name in ("pipeline", "flows", "dvc.yaml", "params.yaml", "prefect.yaml"):
+        src = ROOT / name
+        (shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__"))
+         if src.is_dir() else shutil.copy(src, dst / name))
+    params = yaml.safe_load((dst / "params.yaml").read_text())
+    params["base"]["profile"] = "micro"
+    params["prepare"]["path"] = str(data)
+    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "init", "-q"], dst)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "init"], dst)
+    run(["dvc", "init", "-q"], dst)
+    run(["dvc", "config", "core.analytics", "false"], dst)
+    return dst
+
+
+def env(**extra) -> dict:
+    e = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", PYTHONPATH="", **extra)
+    e.pop("PREFECT_API_URL", None)
+    e.update(extra)
+    return e
+
+
+def run(cmd, cwd, check=True, **kw):
+    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=kw.pop("env", env()), **kw)
+    if check and out.returncode:
+        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({out.returncode}):\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return make_idx_dir(tmp_path_factory.mktemp("fmnist"), n_train=120, n_test=30, classes=3, size=28)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """A real Prefect server on a free loopback port; stopped with everything it started."""
+    home = tmp_path_factory.mktemp("prefect_home")
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    e = env(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    proc = subprocess.Popen([BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if run([BIN / "python", "-c", f"import urllib.request; urllib.request.urlopen('{api}/health')"],
+                   home, check=False).returncode == 0:
+                break
+            time.sleep(1)
+        else:
+            raise AssertionError("Prefect server did not start in 120 s")
+        yield {"PREFECT_API_URL": api, "PREFECT_HOME": str(home)}
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+
+
+def ran_stages(output: str) -> set[str]:
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
+
+
+def test_dvc_repro_end_to_end_then_cached_then_partial(tmp_path, tiny_data, prefect_server):
+    proj = project_copy(tmp_path / "proj", tiny_data)
+    e = env(**prefect_server)
+    first = run(["dvc", "repro"], proj, env=e)
+    stages = ran_stages(first.stdout)
+    assert {"prepare", "train_generator", "sample", "filter", "report", "train_classifier@real"} <= stages
+    html = (proj / "reports/report.html").read_text()
+    assert "synthetic data" in html and "data:image/png;base64," in html
+    metrics = json.loads((proj / "reports/metrics.json").read_text())
+    assert metrics["n_test"] == 30 and metrics["seeds"] == 2
+    shown = run(["dvc", "metrics", "show", "--json"], proj, env=e).stdout
+    assert "accuracy_mean" in shown
+
+    second = run(["dvc", "repro"], proj, env=e)
+    assert ran_stages(second.stdout) == set(), second.stdout
+
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["train_classifier"]["lr"] = 0.002
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dry = run(["dvc", "repro", "--dry"], proj, env=e)
+    rerun = ran_stages(dry.stdout)
+    assert rerun and all(s.startswith("train_classifier@") or s == "report" for s in rerun), rerun
+    assert "report" in rerun
+
+
+def test_deployment_runs_through_process_worker(tmp_path, tiny_data, prefect_server):
+    proj = project_copy(tmp_path / "proj", tiny_data)
+    e = env(**prefect_server)
+    run(["prefect", "work-pool", "create", "test-gpu", "--type", "process"], proj, env=e)
+    run(["prefect", "--no-prompt", "deploy", "--name", "augment", "--pool", "test-gpu"], proj, env=e)
+    worker = subprocess.Popen([BIN / "prefect", "worker", "start", "--pool", "test-gpu", "--limit", "1"],
+                              cwd=proj, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        script = ("from prefect.deployments import run_deployment\n"
+                  "r = run_deployment('augment/augment', timeout=900, poll_interval=2)\n"
+                  "print(r.state.type.value)\n")
+        out = run([BIN / "python", "-c", script], proj, env=e, timeout=1000)
+        assert out.stdout.strip().splitlines()[-1] == "COMPLETED", out.stdout + out.stderr
+    finally:
+        os.killpg(worker.pid, 15)
+        worker.wait(timeout=60)
+    assert (proj / "reports/report.html").exists()
+    assert (proj / "metrics/classifier/real.json").exists()
+    assert json.loads((proj / "data/prepared/summary.json").read_text())["sizes"]["test"] == 30
