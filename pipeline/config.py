@@ -50,38 +50,41 @@ class PrepareConfig(_Section):
 
 
 class TrainGeneratorConfig(_Section):
-    kind: Literal["unet"] = "unet"  # generator family
-    # scratch | pretrain (unconditional on the pool, then conditional fine-tune) |
-    # a local diffusers UNet2DModel folder to fine-tune
+    kind: Literal["unet"] = "unet"  # generator family (diffusers UNet2DModel, class-conditional)
+    # scratch | pretrain (unconditional on train + pool for pretrain_steps, then conditional
+    # fine-tune on train for steps) | a local diffusers UNet2DModel folder to fine-tune
     init: str = "scratch"
-    block_out_channels: tuple[int, ...] = (32, 64, 64)
-    layers_per_block: int = Field(1, ge=1)
+    block_out_channels: tuple[int, ...] = (32, 64, 64)  # one entry per resolution level
+    layers_per_block: int = Field(1, ge=1)  # resnet layers in each down/up block
     attention: bool = False  # self-attention in the lowest-resolution blocks
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
-    num_train_timesteps: int = Field(1000, ge=2)
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"  # what the UNet predicts
+    num_train_timesteps: int = Field(1000, ge=2)  # DDPM training noise levels
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
     p_uncond: float = Field(0.1, ge=0, le=1)  # label dropout for classifier-free guidance
     steps: int = Field(1000, ge=1)  # conditional optimizer steps
-    pretrain_steps: int = Field(0, ge=0)  # unconditional steps on the pool (init=pretrain)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    warmup_steps: int = Field(100, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
-    ema_decay: float = Field(0.999, ge=0, lt=1)
+    pretrain_steps: int = Field(0, ge=0)  # unconditional steps on train + pool (init=pretrain)
+    batch_size: int = Field(64, ge=1)  # images per step (per process under accelerate launch)
+    lr: float = Field(1e-3, gt=0)  # AdamW peak learning rate
+    lr_schedule: Literal["constant", "cosine"] = "cosine"  # after warm-up; restarts at fine-tuning
+    warmup_steps: int = Field(100, ge=0)  # linear warm-up at the start of each phase
+    weight_decay: float = Field(0.0, ge=0)  # AdamW weight decay
+    grad_clip: float = Field(1.0, gt=0)  # max gradient norm
+    ema_decay: float = Field(0.999, ge=0, lt=1)  # EMA of weights (the saved, sampled weights)
+    hflip: bool = False  # random horizontal flips (off: Fashion-MNIST shoes all face one way)
     checkpoint_every: int = Field(200, ge=1)  # steps between resumable checkpoints
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # auto = bf16 on cuda
-    log_every: int = Field(25, ge=1)
+    log_every: int = Field(25, ge=1)  # steps between progress log lines
+    preview_per_class: int = Field(8, ge=0)  # images per class in samples.png (0 = none)
 
 
 class SampleConfig(_Section):
-    sampler: Literal["ddim", "dpm++"] = "dpm++"
-    num_inference_steps: int = Field(20, ge=1)
-    guidance_scale: float = Field(2.0, ge=0)  # 0 = unconditional, 1 = conditional only
+    sampler: Literal["ddim", "dpm++"] = "dpm++"  # DDIM (eta 0) or DPM-Solver++ (2nd order)
+    num_inference_steps: int = Field(20, ge=1)  # denoising steps per image
+    guidance_scale: float = Field(2.0, ge=0)  # 0 = unconditional, 1 = conditional only, >1 = CFG
     per_class: int = Field(100, ge=1)  # synthetic images per class
-    batch_size: int = Field(0, ge=0)  # 0 = automatic
-    shard_index: int = Field(0, ge=0)
-    num_shards: int = Field(1, ge=1)
+    batch_size: int = Field(0, ge=0)  # images per forward; 0 = automatic (64 on cpu, 256 on cuda)
+    shard_index: int = Field(0, ge=0)  # which shard this run generates
+    num_shards: int = Field(1, ge=1)  # shards (each a contiguous range of image indices)
     grid_per_class: int = Field(64, ge=1)  # images in each preview grid
 
     @model_validator(mode="after")
@@ -167,7 +170,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "micro": {  # end-to-end smoke run in CI: minutes, meaningless numbers
         "prepare": {"labeled_per_class": 10, "val_per_class": 5, "unlabeled_pool": 200},
         "train_generator": {"block_out_channels": (16, 32), "steps": 20, "pretrain_steps": 0,
-                            "batch_size": 16, "warmup_steps": 2, "checkpoint_every": 10, "log_every": 5},
+                            "batch_size": 16, "warmup_steps": 2, "checkpoint_every": 10, "log_every": 5,
+                            "preview_per_class": 2},
         "sample": {"per_class": 4, "num_inference_steps": 4, "grid_per_class": 4},
         "filter": {"judge_steps": 20, "max_real": 100},
         "train_classifier": {"seeds": 2, "steps": 20, "batch_size": 16, "eval_every": 10},

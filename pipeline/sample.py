@@ -1,0 +1,182 @@
+"""Stage 3, sample: class-conditional synthetic images from the trained generator.
+
+Image ``i`` (global index, class-major: label = i // per_class) starts from noise drawn
+with its own generator seeded by ``image_seed(base.seed, i)``; DDIM (eta 0) and
+DPM-Solver++ are deterministic given that noise, so an image depends on its seed, not on
+the batch or shard it was made in (up to float rounding when batch compositions differ).
+
+Shards: shard k of n generates a contiguous range of indices into
+``data/synthetic_shards/shard-kkk-of-nnn`` (skipped when already complete). The run that
+finds all n shards complete merges them into ``data/synthetic/``: ``dataset/`` (sorted by
+global index), ``preview/NN_<class>.png`` and ``summary.json``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.config import Paths, Params, SampleConfig, resolve_device
+from pipeline.diffusion import crop_images, denoise, inference_scheduler, load_generator, seeded_noise, to_uint8
+from pipeline.storage import (atomic_path, dataset_to_tensors, make_grid_image, read_json, save_dataset,
+                              save_png, tensors_to_dataset, write_json)
+
+log = logging.getLogger(__name__)
+AUTO_BATCH = {"cpu": 64, "cuda": 256}
+SEED_STRIDE = 1_000_000_007  # seeds of different base seeds never collide below this many images
+
+
+def image_seed(base_seed: int, index: int) -> int:
+    """The noise seed of global image ``index``."""
+    return base_seed * SEED_STRIDE + index
+
+
+def shard_range(n_images: int, shard_index: int, num_shards: int) -> range:
+    """Contiguous, balanced range of global indices of one shard (independent of batch size)."""
+    return range(shard_index * n_images // num_shards, (shard_index + 1) * n_images // num_shards)
+
+
+def batch_ranges(indices: range, batch_size: int) -> list[range]:
+    """Cut ``indices`` at global multiples of batch_size (a shard reuses the single-run batches)."""
+    out, start = [], indices.start
+    while start < indices.stop:
+        stop = min(indices.stop, (start // batch_size + 1) * batch_size)
+        out.append(range(start, stop))
+        start = stop
+    return out
+
+
+def shard_name(shard_index: int, num_shards: int) -> str:
+    return f"shard-{shard_index:03d}-of-{num_shards:03d}"
+
+
+def safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower() or "class"
+
+
+def generate(unet, sched_conf: dict, meta: dict, indices: range, cfg: SampleConfig, base_seed: int,
+             batch_size: int, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """uint8 images (N,C,H,W), labels and seeds for the global ``indices``."""
+    device = next(unet.parameters()).device
+    scheduler = inference_scheduler(cfg.sampler, sched_conf)
+    c, s = unet.config.in_channels, unet.config.sample_size
+    images, labels, seeds = [], [], []
+    with tqdm(total=len(indices), unit="img", desc="sample", disable=not progress) as bar:
+        for r in batch_ranges(indices, batch_size):
+            batch_seeds = [image_seed(base_seed, i) for i in r]
+            y = torch.tensor([i // cfg.per_class for i in r], device=device)
+            x = denoise(unet, scheduler, seeded_noise(batch_seeds, (c, s, s), device), y,
+                        cfg.guidance_scale, cfg.num_inference_steps, meta["null_label"])
+            images.append(to_uint8(crop_images(x, meta["image_size"])).cpu())
+            labels.append(y.cpu())
+            seeds.extend(batch_seeds)
+            bar.update(len(r))
+    empty = torch.zeros(0, c, meta["image_size"], meta["image_size"], dtype=torch.uint8)
+    return (torch.cat(images) if images else empty,
+            torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long), seeds)
+
+
+def to_dataset(images: torch.Tensor, labels: torch.Tensor, seeds: list[int], cfg: SampleConfig, meta: dict):
+    n = len(seeds)
+    return tensors_to_dataset(images, labels, meta["class_names"], extra={
+        "seed": seeds, "guidance": [float(cfg.guidance_scale)] * n, "steps": [cfg.num_inference_steps] * n,
+        "sampler": [cfg.sampler] * n, "generator": [meta["fingerprint"]] * n})
+
+
+def shard_is_complete(path: Path, indices: range, cfg: SampleConfig, meta: dict, base_seed: int) -> bool:
+    """A saved shard that holds exactly these images with these settings."""
+    import datasets
+
+    if not path.exists():
+        return False
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as err:  # an unreadable folder is regenerated
+        log.warning("%s: unreadable shard (%s); generating it again", path, err)
+        return False
+    if len(ds) != len(indices) or len(ds) == 0:
+        return len(ds) == len(indices)
+    ok = (ds["seed"] == [image_seed(base_seed, i) for i in indices]
+          and ds[0]["generator"] == meta["fingerprint"] and ds[0]["sampler"] == cfg.sampler
+          and ds[0]["steps"] == cfg.num_inference_steps and ds[0]["guidance"] == float(cfg.guidance_scale))
+    if not ok:
+        log.warning("%s: made with other settings or another generator; generating it again", path)
+    return ok
+
+
+def preview_grids(ds, num_classes: int, per_class: int, grid_per_class: int) -> list[torch.Tensor]:
+    """The first grid_per_class images of each class (rows are class-major)."""
+    k = min(grid_per_class, per_class)
+    return [dataset_to_tensors(ds.select(range(c * per_class, c * per_class + k)))[0] for c in range(num_classes)]
+
+
+def run(params: Params, paths: Paths = Paths()) -> dict:
+    import datasets
+
+    cfg = params.sample
+    seed = params.base.seed
+    device = resolve_device(params.base)
+    unet, sched_conf, meta = load_generator(paths.generator, device)
+    n_images = meta["num_classes"] * cfg.per_class
+    batch_size = cfg.batch_size or AUTO_BATCH.get(device, 64)
+    indices = shard_range(n_images, cfg.shard_index, cfg.num_shards)
+    shard_dir = paths.synthetic_shards / shard_name(cfg.shard_index, cfg.num_shards)
+    if shard_is_complete(shard_dir, indices, cfg, meta, seed):
+        log.info("sample: %s already complete (%d images); skipped", shard_dir, len(indices))
+    else:
+        log.info("sample: shard %d/%d, %d images (indices %d..%d), %s %d steps, guidance %.2f, batch %d on %s",
+                 cfg.shard_index, cfg.num_shards, len(indices), indices.start, indices.stop - 1, cfg.sampler,
+                 cfg.num_inference_steps, cfg.guidance_scale, batch_size, device)
+        t0 = time.perf_counter()
+        images, labels, seeds = generate(unet, sched_conf, meta, indices, cfg, seed, batch_size)
+        seconds = time.perf_counter() - t0
+        save_dataset(to_dataset(images, labels, seeds, cfg, meta), shard_dir)
+        write_json(shard_dir.with_name(shard_dir.name + ".json"), {
+            "images": len(indices), "seconds": round(seconds, 3), "device": device, "batch_size": batch_size,
+            "images_per_second": round(len(indices) / max(seconds, 1e-9), 3)})
+        log.info("sample: wrote %s (%.2f images/s)", shard_dir, len(indices) / max(seconds, 1e-9))
+
+    dirs = [paths.synthetic_shards / shard_name(k, cfg.num_shards) for k in range(cfg.num_shards)]
+    ranges = [shard_range(n_images, k, cfg.num_shards) for k in range(cfg.num_shards)]
+    missing = [d.name for d, r in zip(dirs, ranges) if not shard_is_complete(d, r, cfg, meta, seed)]
+    if missing:
+        log.info("sample: %d of %d shards still missing (%s); merge when they are done",
+                 len(missing), cfg.num_shards, ", ".join(missing))
+        return {"complete": False, "shard": cfg.shard_index, "missing": missing}
+    merged = datasets.concatenate_datasets([datasets.load_from_disk(str(d)) for d in dirs])
+    timing = [read_json(d.with_name(d.name + ".json")) for d in dirs if d.with_name(d.name + ".json").exists()]
+    seconds = sum(t["seconds"] for t in timing)
+    counts = torch.bincount(torch.tensor(merged["label"]), minlength=meta["num_classes"]).tolist()
+    summary = {
+        "num_images": len(merged), "per_class": cfg.per_class,
+        "counts_per_class": dict(zip(meta["class_names"], counts)),
+        "images_per_second": round(sum(t["images"] for t in timing) / seconds, 3) if seconds else None,
+        "generation_seconds": round(seconds, 2), "shards": timing, "num_shards": cfg.num_shards,
+        "device": device, "batch_size": batch_size, "sampler": cfg.sampler,
+        "num_inference_steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale,
+        "generator": meta["fingerprint"], "image_size": meta["image_size"], "channels": meta["channels"],
+        "seed_rule": f"seed = base.seed * {SEED_STRIDE} + global index", "params": params.resolved(),
+    }
+    grids = preview_grids(merged, meta["num_classes"], cfg.per_class, cfg.grid_per_class)
+    with atomic_path(paths.synthetic, is_dir=True) as tmp:
+        merged.save_to_disk(str(tmp / "dataset"))
+        for c, (name, grid) in enumerate(zip(meta["class_names"], grids)):
+            save_png(make_grid_image(grid, nrow=math.ceil(math.sqrt(len(grid)))),
+                     tmp / "preview" / f"{c:02d}_{safe_name(name)}.png")
+        write_json(tmp / "summary.json", summary)
+    log.info("sample: merged %d shards into %s (%d images)", cfg.num_shards, paths.synthetic, len(merged))
+    return {"complete": True, **summary}
+
+
+def main(argv: list[str] | None = None) -> None:
+    from pipeline.cli import stage_main
+    stage_main("sample", run, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""sample: guidance, per-image determinism, shards and merge, loading a saved generator (CPU)."""
+from __future__ import annotations
+
+import shutil
+
+import datasets
+import pytest
+import torch
+
+from pipeline import sample as sp
+from pipeline import train_generator as tg
+from pipeline.config import Paths, params_from_dict
+from pipeline.diffusion import build_unet, denoise, guided_output, inference_scheduler, train_scheduler
+from pipeline.storage import dataset_to_tensors, read_json, tensors_to_dataset, write_json
+
+SIZE = 8
+NAMES = ["left", "right/up"]
+
+
+def tiny_params(**sample):
+    return params_from_dict({
+        "base": {"profile": "micro", "device": "cpu", "seed": 5},
+        "train_generator": {"block_out_channels": (8, 16), "batch_size": 8, "steps": 2, "warmup_steps": 1,
+                            "checkpoint_every": 2, "preview_per_class": 0},
+        "sample": {"per_class": 3, "num_inference_steps": 2, "grid_per_class": 2, "batch_size": 3, **sample}})
+
+
+@pytest.fixture(scope="module")
+def generator_root(tmp_path_factory):
+    """A project root with a tiny prepared set and a generator trained for 2 steps."""
+    root = tmp_path_factory.mktemp("gen")
+    x = torch.zeros(8, 1, SIZE, SIZE, dtype=torch.uint8)
+    x[:4, :, :4] = 255
+    y = torch.tensor([0] * 4 + [1] * 4)
+    ds = tensors_to_dataset(x, y, NAMES)
+    datasets.DatasetDict({"train": ds, "val": ds, "test": ds}).save_to_disk(str(Paths(root=root).prepared / "dataset"))
+    write_json(Paths(root=root).prepared / "summary.json",
+               {"class_names": NAMES, "num_classes": 2, "image_size": SIZE, "channels": 1})
+    tg.run(tiny_params(), Paths(root=root))
+    return root
+
+
+def tiny_model():
+    cfg = tiny_params().train_generator
+    torch.manual_seed(0)
+    unet = build_unet(cfg, SIZE, 1, 2).eval()
+    meta = {"null_label": 2, "image_size": SIZE, "class_names": NAMES, "fingerprint": "f" * 64}
+    return unet, dict(train_scheduler(cfg).config), meta
+
+
+def test_guidance_batched_equals_separate_passes_and_changes_output():
+    unet, _, _ = tiny_model()
+    x, t, y = torch.randn(3, 1, SIZE, SIZE), torch.tensor(500), torch.tensor([0, 1, 0])
+    with torch.no_grad():
+        cond = unet(x, t, class_labels=y).sample
+        uncond = unet(x, t, class_labels=torch.full_like(y, 2)).sample
+        guided = guided_output(unet, x, t, y, 3.0, 2)
+        assert torch.allclose(guided, uncond + 3.0 * (cond - uncond), atol=1e-5)
+        assert torch.equal(guided_output(unet, x, t, y, 1.0, 2), cond)
+        assert torch.equal(guided_output(unet, x, t, y, 0.0, 2), uncond)
+    for name in ("ddim", "dpm++"):
+        sched = inference_scheduler(name, tiny_model()[1])
+        noise = torch.randn(2, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+        lab = torch.tensor([0, 1])
+        a = denoise(unet, sched, noise, lab, 0.0, 3, 2)
+        b = denoise(unet, sched, noise, lab, 4.0, 3, 2)
+        assert a.shape == noise.shape and (a - b).abs().max() > 1e-3
+        assert torch.equal(a, denoise(unet, sched, noise, lab, 0.0, 3, 2))  # deterministic given noise
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++"])
+def test_same_seed_same_image_whatever_the_batch(sampler):
+    unet, conf, meta = tiny_model()
+    cfg = tiny_params(sampler=sampler).sample
+    full, labels, seeds = sp.generate(unet, conf, meta, range(0, 6), cfg, 5, batch_size=6, progress=False)
+    assert seeds == [sp.image_seed(5, i) for i in range(6)] and labels.tolist() == [0, 0, 0, 1, 1, 1]
+    small, _, _ = sp.generate(unet, conf, meta, range(0, 6), cfg, 5, batch_size=4, progress=False)
+    part, _, part_seeds = sp.generate(unet, conf, meta, range(2, 5), cfg, 5, batch_size=2, progress=False)
+    assert full.dtype == torch.uint8 and full.shape == (6, 1, SIZE, SIZE)
+    # another batch composition changes only float rounding: at most one grey level
+    assert (full.int() - small.int()).abs().max() <= 1
+    assert (full[2:5].int() - part.int()).abs().max() <= 1 and part_seeds == seeds[2:5]
+    again, _, _ = sp.generate(unet, conf, meta, range(0, 6), cfg, 5, batch_size=6, progress=False)
+    assert torch.equal(full, again)
+    other, _, _ = sp.generate(unet, conf, meta, range(0, 6), cfg, 6, batch_size=6, progress=False)
+    assert not torch.equal(full, other)  # another base seed, other images
+
+
+def test_shards_and_batches_partition_the_indices():
+    ranges = [sp.shard_range(10, k, 3) for k in range(3)]
+    assert [i for r in ranges for i in r] == list(range(10))
+    assert [list(r) for r in sp.batch_ranges(range(3, 10), 4)] == [[3], [4, 5, 6, 7], [8, 9]]
+    assert sp.safe_name("T-shirt/top") == "t-shirt-top"
+
+
+def test_saved_generator_samples_and_two_shards_merge_to_one_shard_run(generator_root, tmp_path):
+    roots = {}
+    for name in ("one", "two"):
+        roots[name] = tmp_path / name
+        shutil.copytree(Paths(root=generator_root).generator, Paths(root=roots[name]).generator)
+    single = sp.run(tiny_params(), Paths(root=roots["one"]))
+    assert single["complete"] and single["num_images"] == 6
+    first = sp.run(tiny_params(num_shards=2, shard_index=0), Paths(root=roots["two"]))
+    assert first == {"complete": False, "shard": 0, "missing": ["shard-001-of-002"]}
+    merged = sp.run(tiny_params(num_shards=2, shard_index=1), Paths(root=roots["two"]))
+    assert merged["complete"] and merged["counts_per_class"] == {"left": 3, "right/up": 3}
+    a = datasets.load_from_disk(str(Paths(root=roots["one"]).synthetic / "dataset"))
+    b = datasets.load_from_disk(str(Paths(root=roots["two"]).synthetic / "dataset"))
+    assert a.column_names == ["image", "label", "seed", "guidance", "steps", "sampler", "generator"]
+    assert a.features["label"].names == NAMES
+    for col in ("label", "seed", "guidance", "steps", "sampler", "generator"):
+        assert a[col] == b[col]
+    assert torch.equal(dataset_to_tensors(a)[0], dataset_to_tensors(b)[0])
+    meta = read_json(Paths(root=generator_root).generator / "generator.json")
+    assert set(a["generator"]) == {meta["fingerprint"]} and a["seed"] == [sp.image_seed(5, i) for i in range(6)]
+    out = Paths(root=roots["two"]).synthetic
+    assert sorted(p.name for p in (out / "preview").iterdir()) == ["00_left.png", "01_right-up.png"]
+    summary = read_json(out / "summary.json")
+    assert summary["num_images"] == 6 and summary["images_per_second"] > 0 and summary["device"] == "cpu"
+
+
+def test_complete_shard_is_skipped_and_stale_shard_redone(generator_root, tmp_path, caplog):
+    root = tmp_path / "r"
+    shutil.copytree(Paths(root=generator_root).generator, Paths(root=root).generator)
+    params = tiny_params(num_shards=2, shard_index=0)
+    sp.run(params, Paths(root=root))
+    shard = Paths(root=root).synthetic_shards / "shard-000-of-002"
+    stamp = (shard / "state.json").stat().st_mtime_ns
+    sp.run(params, Paths(root=root))
+    assert (shard / "state.json").stat().st_mtime_ns == stamp  # kept, not regenerated
+    sp.run(tiny_params(num_shards=2, shard_index=0, guidance_scale=3.0), Paths(root=root))
+    assert datasets.load_from_disk(str(shard))["guidance"] == [3.0] * 3
+    assert "other settings" in caplog.text
