@@ -115,3 +115,17 @@ def classification_metrics(probs, labels, num_classes: int, n_bins: int = 15) ->
         "confusion_matrix": cm.tolist(),
         "n": int(len(labels)),
     }
+
+
+def summarize_seeds(per_seed: list[dict], keys: Sequence[str], confidence: float = 0.95) -> dict:
+    """For each metric in ``keys``: mean_ci over the per-seed results, nested under
+    ``aggregate`` and also as flat scalars (``accuracy_mean``, ``accuracy_ci95_low`` ...)
+    that ``dvc metrics show`` lists."""
+    agg, flat = {}, {}
+    tag = f"ci{round(confidence * 100)}"
+    for m in keys:
+        ci = mean_ci([r[m] for r in per_seed], confidence)
+        agg[m] = ci
+        flat.update({f"{m}_mean": ci["mean"], f"{m}_std": ci["std"],
+                     f"{m}_{tag}_low": ci["low"], f"{m}_{tag}_high": ci["high"]})
+    return {"aggregate": agg, **flat}

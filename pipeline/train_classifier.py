@@ -231,7 +231,7 @@ def fit_classifier(model: nn.Module, train_x: torch.Tensor | None, train_y: torc
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=steps, desc="classifier", leave=False)
+        bar = tqdm(total=steps, desc="classifier", leave=False, disable=None)  # off when not a terminal
     for step in range(1, steps + 1):
         xs, ys = [], []
         if n_real:
@@ -266,6 +266,8 @@ def fit_classifier(model: nn.Module, train_x: torch.Tensor | None, train_y: torc
                 best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
             if bar is not None:
                 bar.set_postfix(loss=f"{hist['train_loss'][-1]:.3f}", val=f"{acc:.3f}")
+            if progress:
+                log.info("step %d/%d: train loss %.4f, val acc %.4f", step, steps, hist["train_loss"][-1], acc)
     if bar is not None:
         bar.close()
     model.load_state_dict(best_state)
@@ -336,19 +338,6 @@ def _hashes(x: torch.Tensor) -> set[str]:
     return {hashlib.sha1(im.numpy().tobytes()).hexdigest() for im in x}
 
 
-def aggregate(per_seed: list[dict]) -> dict:
-    """mean / std / 95% t-interval over seeds for each summary metric, plus flat keys for dvc."""
-    from pipeline.stats import mean_ci
-
-    agg, flat = {}, {}
-    for m in SUMMARY_METRICS:
-        ci = mean_ci([r[m] for r in per_seed])
-        agg[m] = ci
-        flat.update({f"{m}_mean": ci["mean"], f"{m}_std": ci["std"],
-                     f"{m}_ci95_low": ci["low"], f"{m}_ci95_high": ci["high"]})
-    return {"aggregate": agg, **flat}
-
-
 def _train_one(cfg, data: dict, seed: int, ratio: float, augment: str, device: str, num_classes: int):
     torch.manual_seed(seed)
     model = build_model(cfg.arch, num_classes, data["val_x"].shape[1], cfg.pretrained)
@@ -368,7 +357,7 @@ def run(params, paths, variant: str | None = None) -> dict:
     from safetensors.torch import save_file
 
     from pipeline.config import resolve_device
-    from pipeline.stats import classification_metrics
+    from pipeline.stats import classification_metrics, summarize_seeds
     from pipeline.storage import atomic_path, write_json
 
     cfg, device = params.train_classifier, resolve_device(params.base)
@@ -436,13 +425,12 @@ def run(params, paths, variant: str | None = None) -> dict:
                       metadata={"arch": cfg.arch, "num_classes": str(k), "in_chans": str(val_x.shape[1])})
             write_json(d / "metrics.json", {**common, **m, "history": hist})
             write_json(d / "config.json", {**common, "seed": m["seed"], "params": params.resolved()})
-    summary = {**common, "seeds": seeds, **aggregate(per_seed)}
+    summary = {**common, "seeds": seeds, **summarize_seeds(per_seed, SUMMARY_METRICS)}
     summary["ratio_sweep"] = {str(r): a for r, a in sweep.items()} if sweep else None
     acc = summary["aggregate"]["accuracy"]
     summary["headline"] = (f"{variant}: test accuracy {acc['mean']:.2%} "
                            f"(95% CI {acc['low']:.2%} to {acc['high']:.2%}, {len(seeds)} seeds, {len(test_y)} test images)")
     summary["per_seed"] = per_seed
-    summary["params"] = params.resolved()
     write_json(paths.classifier_metrics / f"{variant}.json", summary)
     log.info("train_classifier %s", summary["headline"])
     return summary

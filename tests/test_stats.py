@@ -80,3 +80,12 @@ def test_classification_metrics_bundle():
     assert m["confusion_matrix"][1] == [1, 1, 0]
     assert m["per_class_accuracy"] == [1.0, 0.5, 1.0]
     assert 0 <= m["ece"] <= 1 and 0 <= m["macro_f1"] <= 1
+
+
+def test_summarize_seeds_flat_keys():
+    from pipeline.stats import summarize_seeds
+
+    out = summarize_seeds([{"accuracy": 0.8, "ece": 0.1}, {"accuracy": 0.82, "ece": 0.05}], ["accuracy", "ece"])
+    assert out["accuracy_mean"] == pytest.approx(0.81) and out["aggregate"]["ece"]["n"] == 2
+    assert out["accuracy_ci95_low"] == pytest.approx(mean_ci([0.8, 0.82])["low"])
+    assert out["ece_ci95_high"] > out["ece_mean"]
