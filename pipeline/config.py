@@ -97,15 +97,27 @@ class SampleConfig(_Section):
 class ClipConfig(_Section):
     checkpoint: Optional[str] = None  # local CLIPModel/CLIPProcessor folder; None = no CLIP score
     prompt: str = "a photo of a {}"  # {} is the class name
-    min_score: Optional[float] = None  # reject below this CLIP score (None = score only)
+    min_score: Optional[float] = None  # reject below this CLIP score, 100*cos in [0, 100] (None = score only)
+
+    @model_validator(mode="after")
+    def _min_score_needs_checkpoint(self):
+        if self.min_score is not None and not self.checkpoint:
+            raise ValueError("clip.min_score is set but clip.checkpoint is not: point clip.checkpoint at a "
+                             "local CLIP folder (CLIPModel + CLIPProcessor save_pretrained) or remove min_score")
+        return self
 
 
 class FilterConfig(_Section):
+    # space for the metrics, realism and memorisation: efficientnet-lite0 (ImageNet; not comparable
+    # with published Inception FID) | inception (needs inception_weights) | judge (its penultimate layer)
     feature_space: Literal["efficientnet-lite0", "inception", "judge"] = "efficientnet-lite0"
+    feature_resolution: int = Field(224, ge=32, le=1024)  # efficientnet-lite0 input side (224 = as trained)
     inception_weights: Optional[str] = None  # local torch-fidelity Inception file
     clip: ClipConfig = ClipConfig()
     judge_arch: str = "resnet10t"  # timm model trained on real labeled + val data
-    judge_steps: int = Field(300, ge=1)
+    judge_steps: int = Field(300, ge=1)  # optimizer steps (best validation checkpoint kept)
+    judge_lr: float = Field(3e-3, gt=0)  # AdamW peak learning rate of the judge
+    judge_batch_size: int = Field(64, ge=1)  # judge training batch
     min_confidence: float = Field(0.5, ge=0, le=1)  # judge probability of the intended label
     realism_k: int = Field(3, ge=1)  # k of the k-NN real manifold (Kynkaanniemi et al. 2019)
     require_realism: bool = True  # reject images outside the real k-NN manifold
@@ -114,8 +126,11 @@ class FilterConfig(_Section):
     memorization_ratio: float = Field(0.5, ge=0)
     keep_top_fraction: float = Field(1.0, gt=0, le=1)  # per class, by judge confidence
     balance: bool = True  # same number kept in every class
-    max_real: int = Field(2000, ge=10)  # real images per reference set (floor, manifold)
-    batch_size: int = Field(64, ge=1)
+    # real images per reference set: the realism manifold (labeled train + val, then pool) and
+    # the metric reference (a class-stratified test subset, used only to report, never to select)
+    max_real: int = Field(1000, ge=10)
+    kid_subsets: int = Field(100, ge=1)  # KID subsets (subset size = min(N_real, N_synthetic, 1000))
+    batch_size: int = Field(64, ge=1)  # feature extraction and judge scoring
 
 
 class TrainClassifierConfig(_Section):
@@ -173,7 +188,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                             "batch_size": 16, "warmup_steps": 2, "checkpoint_every": 10, "log_every": 5,
                             "preview_per_class": 2},
         "sample": {"per_class": 4, "num_inference_steps": 4, "grid_per_class": 4},
-        "filter": {"judge_steps": 20, "max_real": 100},
+        "filter": {"judge_steps": 20, "max_real": 100, "feature_resolution": 64, "kid_subsets": 10,
+                   "min_confidence": 0.0},  # an untrained judge must not empty the set
         "train_classifier": {"seeds": 2, "steps": 20, "batch_size": 16, "eval_every": 10},
     },
     "cpu": {  # about half an hour end to end on 2 cores
