@@ -134,7 +134,7 @@ class FilterConfig(_Section):
 
 
 class TrainClassifierConfig(_Section):
-    # the variants run_classifier knows (see pipeline/train_classifier.py VARIANTS)
+    # every variant pipeline.train_classifier can train (its VARIANTS table says what each uses)
     KNOWN_VARIANTS: ClassVar[tuple[str, ...]] = (
         "real", "real+classic", "real+synthetic", "real+synthetic+classic",
         "synthetic-only", "real+synthetic-unfiltered",

@@ -210,3 +210,12 @@ def test_cli_variant_flag(tmp_path, monkeypatch):
     (tmp_path / "params.yaml").write_text("base: {profile: micro}\n")
     tc.main(["--variant", "real+classic", "--params", str(tmp_path / "params.yaml"), "--root", str(tmp_path)])
     assert seen == {"variant": "real+classic", "root": tmp_path}
+
+
+def test_variant_table_matches_config():
+    from pipeline.config import TrainClassifierConfig
+
+    assert tuple(tc.VARIANTS) == TrainClassifierConfig.KNOWN_VARIANTS
+    assert micro_params().train_classifier.steps == 6
+    with pytest.raises(ConfigError, match="unknown variant"):
+        params_from_dict({"train_classifier": {"variants": ["real", "real+gan"]}})
