@@ -111,9 +111,13 @@ def inference_scheduler(name: str, train_config: dict):
     """A DDIM / DPM-Solver++ scheduler built from the saved training scheduler config."""
     if name not in INFERENCE_SCHEDULERS:
         raise ConfigError(f"sample.sampler: unknown sampler {name!r} (allowed: {', '.join(INFERENCE_SCHEDULERS)})")
+    # trailing spacing starts at the last training step (pure noise, SNR ~ 0), where an epsilon
+    # model's x0 estimate is unbounded: predicted x0 is clipped to the data range [-1, 1]
     extra = {"timestep_spacing": "trailing"}
     if name == "dpm++":
-        extra.update(algorithm_type="dpmsolver++", solver_order=2)
+        extra.update(algorithm_type="dpmsolver++", solver_order=2, thresholding=True, sample_max_value=1.0)
+    else:
+        extra.update(clip_sample=True, clip_sample_range=1.0)
     return INFERENCE_SCHEDULERS[name].from_config(dict(train_config), **extra)
 
 
