@@ -131,3 +131,26 @@ def test_complete_shard_is_skipped_and_stale_shard_redone(generator_root, tmp_pa
     sp.run(tiny_params(num_shards=2, shard_index=0, guidance_scale=3.0), Paths(root=root))
     assert datasets.load_from_disk(str(shard))["guidance"] == [3.0] * 3
     assert "other settings" in caplog.text
+
+
+class OracleEps:
+    """Epsilon 'model' that knows the data is one image x*, with a small error and bounded output."""
+
+    def __init__(self, target: torch.Tensor, alphas_cumprod: torch.Tensor, error: float = 0.02):
+        self.target, self.ab, self.error = target, alphas_cumprod, error
+
+    def __call__(self, x, t, class_labels=None):
+        ab = self.ab[int(t)]
+        eps = (x - ab.sqrt() * self.target) / (1 - ab).sqrt() + self.error
+        return type("Out", (), {"sample": eps.clamp(-4, 4)})()  # a network's output is bounded
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++"])
+def test_sampler_recovers_the_data_from_pure_noise(sampler):
+    """From the last (SNR ~ 0) training step an epsilon model's small errors must not blow up."""
+    _, conf, _ = tiny_model()
+    target = torch.linspace(-1, 1, SIZE * SIZE).reshape(1, 1, SIZE, SIZE)
+    oracle = OracleEps(target, train_scheduler(tiny_params().train_generator).alphas_cumprod)
+    noise = torch.randn(2, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    out = denoise(oracle, inference_scheduler(sampler, conf), noise, torch.tensor([0, 1]), 1.0, 10, 2)
+    assert (out - target).abs().max() < 0.1
