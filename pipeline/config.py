@@ -199,7 +199,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     },
     "gpu": {  # one modern GPU
         "prepare": {"unlabeled_pool": -1},
-        "train_generator": {"block_out_channels": (128, 256, 256), "layers_per_block": 2,
+        "train_generator": {"block_out_channels": (128, 256, 256, 256), "layers_per_block": 2,  # 35.7M, 28->32px
                             "attention": True, "init": "pretrain", "pretrain_steps": 20000,
                             "steps": 10000, "batch_size": 256, "lr": 2e-4, "ema_decay": 0.9999,
                             "checkpoint_every": 1000},
