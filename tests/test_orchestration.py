@@ -28,7 +28,9 @@ def project_copy(dst: Path, data: Path) -> Path:
          if src.is_dir() else shutil.copy(src, dst / name))
     params = yaml.safe_load((dst / "params.yaml").read_text())
     params["base"]["profile"] = "micro"
-    params["prepare"]["path"] = str(data)
+    params["prepare"].update(path=str(data), labeled_per_class=10, val_per_class=5)
+    # random-pixel data and a 20-step generator: let every sample through so each variant runs
+    params["filter"].update(min_confidence=0.0, require_realism=False, memorization_ratio=0.0)
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], dst)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "init"], dst)
