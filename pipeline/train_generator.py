@@ -313,11 +313,10 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
     data = load_train_data(params, paths, str(accelerator.device))
     unet, missing = make_unet(cfg, data)
     n_params = sum(p.numel() for p in unet.parameters())
-    from_path = cfg.init not in ("scratch", "pretrain")
-    init_files = sorted(p for p in Path(cfg.init).rglob("*") if p.is_file()) if from_path else []
-    chash = config_hash(cfg, params.base.seed, data, {
-        "device": device, "mixed_precision": mp, "processes": accelerator.num_processes,
-        "init_files": [sha256_file(p) for p in init_files]})  # a changed init checkpoint is a new run
+    run_facts = {"device": device, "mixed_precision": mp, "processes": accelerator.num_processes}
+    if cfg.init not in ("scratch", "pretrain"):  # a changed init checkpoint is a new run
+        run_facts["init_files"] = [sha256_file(p) for p in sorted(Path(cfg.init).rglob("*")) if p.is_file()]
+    chash = config_hash(cfg, params.base.seed, data, run_facts)
     log.info("train_generator: %.2fM params, %d steps of batch %d on %s (%s), padded size %d",
              n_params / 1e6, total_steps(cfg), cfg.batch_size, accelerator.device, mp, unet.config.sample_size)
     res = train(unet, cfg, data, seed=params.base.seed, ckpt_dir=paths.generator_checkpoints, chash=chash,

@@ -161,3 +161,14 @@ def test_init_errors_name_the_key(tmp_path):
     big.save_pretrained(tmp_path / "big")
     with pytest.raises(ConfigError, match="prepare.image_size"):
         tg.make_unet(cfg.model_copy(update={"init": str(tmp_path / "big")}), tiny_data())
+
+
+def test_odd_sizes_are_padded_for_the_unet_and_cropped_back(tmp_path):
+    cfg = tiny_params(steps=2, block_out_channels=(8, 8, 8)).train_generator
+    x = torch.randint(0, 256, (6, 1, 6, 6), dtype=torch.uint8)
+    data = tg.TrainData(x, torch.tensor([0, 1] * 3), 2)
+    unet = build_unet(cfg, 6, 1, 2)
+    assert unet.config.sample_size == 8
+    res = tg.train(unet, cfg, data, seed=0, ckpt_dir=tmp_path, chash="p" * 64)
+    grid = tg.preview(res.ema_unet, dict(tg.train_scheduler(cfg).config), 2, 1, 6, "cpu")
+    assert grid.shape == (2, 1, 6, 6) and grid.dtype == torch.uint8
