@@ -250,6 +250,31 @@ def realism(query: torch.Tensor, ref: torch.Tensor, k: int = 3, chunk: int = 102
 
 # ---- set-level metrics (torch-fidelity's functions on precomputed features) ------------
 
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets.
+
+    With at least as many images as dimensions this is torch-fidelity's own computation.
+    With fewer (per-class sets), the same number is computed in the small space: for centred,
+    scaled features A (n1 x d) and B (n2 x d), S1 = A'A and S2 = B'B, and
+    tr sqrt(S1 S2) = sum of singular values of A B' (the nonzero eigenvalues of S1 S2 are those
+    of (AB')(AB')'), an n x n problem instead of d x d.
+    """
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+
+    a, b = a.double().cpu(), b.double().cpu()
+    d = a.shape[1]
+    if min(len(a), len(b)) >= d:
+        return fid_statistics_to_metric(fid_features_to_statistics(a), fid_features_to_statistics(b), False)[KEY_METRIC_FID]
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    A = (a - mu_a) / math.sqrt(len(a) - 1)
+    B = (b - mu_b) / math.sqrt(len(b) - 1)
+    M = A @ B.T
+    G = M @ M.T if M.shape[0] <= M.shape[1] else M.T @ M
+    tr_covmean = torch.linalg.eigvalsh(G).clamp_min(0).sqrt().sum()
+    diff = mu_a - mu_b
+    return float(diff @ diff + (A * A).sum() + (B * B).sum() - 2 * tr_covmean)
+
+
 def set_metrics(syn: torch.Tensor, real: torch.Tensor, label: str, *, k: int = 3,
                 kid_subsets: int = 100, seed: int = 0) -> dict:
     """Frechet distance, KID, precision and recall of ``syn`` against ``real``.
@@ -257,7 +282,6 @@ def set_metrics(syn: torch.Tensor, real: torch.Tensor, label: str, *, k: int = 3
     Each figure is {"value", "feature_space", "n_real", "n_synthetic"} (+ "std" for KID);
     a value that cannot be computed at these N is None with a "why".
     """
-    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric, KEY_METRIC_FID
     from torch_fidelity.metric_kid import kid_features_to_metric, KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD
     from torch_fidelity.metric_prc import prc_features_to_metric
 
@@ -274,10 +298,11 @@ def set_metrics(syn: torch.Tensor, real: torch.Tensor, label: str, *, k: int = 3
     if min(n_s, n_r) < 2:
         why = f"needs at least 2 images in each set (synthetic {n_s}, real {n_r})"
         return {m: fig(None, why) for m in ("frechet_distance", "kid", "precision", "recall")}
-    syn, real = syn.double().cpu(), real.double().cpu()
-    fd = fid_statistics_to_metric(fid_features_to_statistics(syn), fid_features_to_statistics(real), False)
-    out["frechet_distance"] = fig(fd[KEY_METRIC_FID])
+    syn, real = syn.float().cpu(), real.float().cpu()
+    out["frechet_distance"] = fig(frechet_distance(syn, real))
     subset = min(n_s, n_r, 1000)
+    if n_s == n_r == subset:  # every subset would be the whole of both sets
+        kid_subsets = 1
     kid = kid_features_to_metric(syn, real, kid_subsets=kid_subsets, kid_subset_size=subset,
                                  rng_seed=seed, verbose=False)
     out["kid"] = fig(kid[KEY_METRIC_KID_MEAN], std=kid[KEY_METRIC_KID_STD], subset_size=subset, subsets=kid_subsets)

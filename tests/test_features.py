@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, params_from_dict
-from pipeline.features import (SPACES, FeatureSpace, RGBImages, cached_features, clip_scores, load_clip, nearest,
-                               pixel_hashes, realism, set_metrics)
+from pipeline.features import (SPACES, FeatureSpace, RGBImages, cached_features, clip_scores, frechet_distance,
+                               load_clip, nearest, pixel_hashes, realism, set_metrics)
 
 
 def _gauss(n, d=8, shift=0.0, seed=0):
@@ -36,6 +36,16 @@ def test_frechet_distance_of_a_set_with_itself_is_zero_and_shifted_set_is_far():
     assert far["kid"]["value"] > 0.5 and far["precision"]["value"] < 0.1
     fig = far["frechet_distance"]
     assert fig["feature_space"] == "test-space" and fig["n_real"] == 200 and fig["n_synthetic"] == 200
+
+
+@pytest.mark.parametrize("n1,n2", [(30, 50), (50, 20), (80, 90)])
+def test_frechet_distance_small_n_equals_torch_fidelity(n1, n2):
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+
+    a, b = _gauss(n1, d=64, seed=1), _gauss(n2, d=64, shift=0.3, seed=2) * 1.5
+    lib = fid_statistics_to_metric(fid_features_to_statistics(a.double()), fid_features_to_statistics(b.double()),
+                                   False)["frechet_inception_distance"]
+    assert frechet_distance(a, b) == pytest.approx(lib, rel=1e-6)
 
 
 def test_set_metrics_small_and_empty_sets_say_why():

@@ -48,7 +48,7 @@ def test_exact_copies_are_flagged():
 
 
 def test_judge_trained_on_separable_data_rejects_an_off_class_image():
-    cfg = micro(judge_steps=60).filter
+    cfg = micro(judge_steps=60, min_confidence=0.5).filter
     judge, hist = train_judge(cfg, labeled(16, 0), labeled(6, 1), len(NAMES), seed=0, device="cpu")
     assert hist["best_val_acc"] == 1.0
     syn = torch.cat([pattern(0, 4, seed=5), pattern(1, 1, seed=6)])  # last one looks like "bottom"
@@ -129,6 +129,7 @@ def test_stage_smoke(tmp_path):
     assert on_disk["clip"] == summary["clip"] and on_disk["clip"]["used"] is False
     assert "filter.clip.checkpoint not set" in on_disk["clip"]["why"]
     m = on_disk["metrics"]
+    assert m["floor_at_accepted_n"]["frechet_distance"]["n_synthetic"] == n - 2
     for part in ("before", "after", "floor"):
         assert m[part]["frechet_distance"]["feature_space"].startswith("judge")
     assert m["before"]["frechet_distance"]["n_synthetic"] == n and m["after"]["kid"]["n_synthetic"] == n - 2
