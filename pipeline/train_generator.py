@@ -311,6 +311,7 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
     mp = "bf16" if cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device == "cuda") else "no"
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision=mp)
     data = load_train_data(params, paths, str(accelerator.device))
+    torch.manual_seed(params.base.seed)  # the initial weights, so the same seed gives the same run
     unet, missing = make_unet(cfg, data)
     n_params = sum(p.numel() for p in unet.parameters())
     run_facts = {"device": device, "mixed_precision": mp, "processes": accelerator.num_processes}

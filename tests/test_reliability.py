@@ -1,0 +1,89 @@
+"""Faults injected for real: a killed process, a crash mid-write, determinism across runs."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from pipeline import prepare
+from pipeline.config import Paths
+from pipeline.storage import atomic_path, dataset_to_tensors, load_dataset_dir, write_json
+from tests.test_prepare import make_idx_dir, params as prep_params
+from tests.test_train_generator import TINY, make_prepared
+
+
+def test_crash_inside_atomic_write_keeps_the_old_file_and_leaves_no_partial(tmp_path):
+    target = tmp_path / "out.json"
+    write_json(target, {"v": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text('{"v": 2, "trunc')
+            raise RuntimeError("killed mid-write")
+    assert target.read_text().strip().endswith("}") and '"v": 1' in target.read_text()
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+    folder = tmp_path / "dir"
+    with atomic_path(folder, is_dir=True) as tmp:
+        (tmp / "a").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(folder, is_dir=True) as tmp:
+            (tmp / "a").write_text("new")
+            raise RuntimeError
+    assert (folder / "a").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["dir", "out.json"]
+
+
+def _train_cmd(root, params_file):
+    return [sys.executable, "-m", "pipeline.train_generator", "--params", str(params_file), "--root", str(root)]
+
+
+def test_generator_killed_mid_training_resumes_to_the_same_weights(tmp_path):
+    """SIGKILL after the first checkpoint; the re-run resumes and ends where an uninterrupted run ends."""
+    params = {"base": {"profile": "micro", "device": "cpu", "seed": 1},
+              "train_generator": {**{k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()},
+                                  "steps": 40, "checkpoint_every": 5}}
+    pfile = tmp_path / "params.yaml"
+    pfile.write_text(yaml.safe_dump(params))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    for root in (straight, killed):
+        make_prepared(root)
+    subprocess.run(_train_cmd(straight, pfile), check=True, env=env, capture_output=True)
+
+    proc = subprocess.Popen(_train_cmd(killed, pfile), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = Paths(root=killed).generator_checkpoints
+    deadline = time.time() + 120
+    while time.time() < deadline and not (ckpts.exists() and any(p.suffix == ".pt" or p.is_dir() for p in ckpts.iterdir()
+                                                                 if not p.name.startswith("."))):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (Paths(root=killed).generator / "generator.json").exists(), "killed too late: training had finished"
+    out = subprocess.run(_train_cmd(killed, pfile), check=True, env=env, capture_output=True, text=True)
+    assert "resum" in (out.stdout + out.stderr).lower()
+    a = load_file(str(Paths(root=straight).generator / "unet/diffusion_pytorch_model.safetensors"))
+    b = load_file(str(Paths(root=killed).generator / "unet/diffusion_pytorch_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_prepare_is_deterministic_given_the_seed(tmp_path):
+    src = make_idx_dir(tmp_path / "fm", n_train=90)
+    outs = []
+    for root in ("a", "b"):
+        prepare.run(prep_params("fashion-mnist", src, unlabeled_pool=10), Paths(root=tmp_path / root))
+        dd = load_dataset_dir(Paths(root=tmp_path / root).prepared / "dataset", "prepared")
+        outs.append({s: dataset_to_tensors(dd[s], label_column="label" if s != "pool" else None) for s in dd})
+    for split, (x, y) in outs[0].items():
+        x2, y2 = outs[1][split]
+        assert torch.equal(x, x2) and (y is None or torch.equal(y, y2))
+
+
+def test_downstream_stage_without_its_input_says_what_to_run(tmp_path):
+    from pipeline import sample
+    from pipeline.config import params_from_dict
+
+    with pytest.raises(FileNotFoundError, match="train_generator first"):
+        sample.run(params_from_dict({"base": {"profile": "micro"}}), Paths(root=tmp_path))
