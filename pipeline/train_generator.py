@@ -63,7 +63,7 @@ class TrainResult:
     ema_unet: UNet2DModel
     losses: list[float]
     lrs: list[float]
-    seconds_per_step: float
+    seconds_per_step: float  # training time / steps, over every run that built the checkpoints
     resumed_from: int  # step of the checkpoint the run resumed from (0 = fresh)
 
 
@@ -200,7 +200,7 @@ def train(unet: UNet2DModel, cfg: TrainGeneratorConfig, data: TrainData, *, seed
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, model_cls=UNet2DModel, model_config=unet.config)
     losses = torch.zeros(n_total, device=device)
     state, path = load_checkpoint(Path(ckpt_dir), chash)
-    start = 0
+    start, seconds_before = 0, 0.0
     if state is not None:
         try:
             unet.load_state_dict(state["model"])
@@ -211,6 +211,7 @@ def train(unet: UNet2DModel, cfg: TrainGeneratorConfig, data: TrainData, *, seed
             raise DataError(f"{path}: checkpoint does not fit this model ({str(err).splitlines()[0][:200]}). "
                             "Delete this file and run again.") from None
         start = int(state["step"])
+        seconds_before = float(state.get("seconds", 0.0))
         losses[:start] = state["losses"].to(device)
         torch.set_rng_state(state["rng"]["torch"])
         if torch.cuda.is_available() and state["rng"].get("cuda"):
@@ -244,16 +245,16 @@ def train(unet: UNet2DModel, cfg: TrainGeneratorConfig, data: TrainData, *, seed
                     "step": done, "model": accelerator.unwrap_model(model).state_dict(),
                     "optimizer": optimizer.state_dict(), "lr_scheduler": lr_sched.state_dict(),
                     "ema": ema.state_dict(), "losses": losses[:done].cpu(),
+                    "seconds": seconds_before + time.perf_counter() - t0,
                     "rng": {"torch": torch.get_rng_state(),
                             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}})
             accelerator.wait_for_everyone()
         if stop_at is not None and done >= stop_at:
             break
-    steps_run = max(1, min(n_total, stop_at or n_total) - timed_from)
-    seconds_per_step = (time.perf_counter() - t0) / steps_run
+    n_done = min(n_total, stop_at or n_total)
+    seconds_per_step = (seconds_before + time.perf_counter() - t0) / max(1, n_done)
     ema_unet = UNet2DModel.from_config(accelerator.unwrap_model(model).config)
     ema.copy_to(ema_unet.parameters())
-    n_done = min(n_total, stop_at or n_total)
     return TrainResult(ema_unet.eval(), losses[:n_done].tolist(),
                        [cfg.lr * lr_factor(s, cfg) for s in range(n_done)], seconds_per_step, start)
 
