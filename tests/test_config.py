@@ -38,7 +38,7 @@ def test_wrong_type_names_key(tmp_path):
 
 @pytest.mark.parametrize("key,value", [
     ("sample.per_class", -1), ("sample.guidance_scale", -0.5), ("prepare.labeled_per_class", 0),
-    ("base.device", "tpu"), ("prepare.channels", 2), ("base.profile", "huge"),
+    ("base.device", "tpu"), ("prepare.channels", 2), ("base.profile", "huge"), ("sample.shard_index", 1),
 ])
 def test_out_of_range_values_rejected(tmp_path, key, value):
     section, leaf = key.split(".")
