@@ -1,0 +1,36 @@
+"""Smoke tests of the benchmarks: tiny sizes, results written where asked."""
+import json
+
+import pytest
+
+from bench import e2e, sampling
+
+
+def test_sampling_quick_writes_ratios_and_agreement(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no trained generator here: a random UNet is used
+    res = sampling.main(["--quick", "--device", "cpu", "--repeats", "1", "--arch", "micro",
+                         "--out-dir", str(tmp_path)])
+    doc = json.loads((tmp_path / "sampling-cpu.json").read_text())
+    assert doc["benchmark"] == "sampling" and doc["device"] == "cpu"
+    assert doc["packages"]["torch"] and doc["date"]
+    assert "randomly initialised" in doc["settings"]["generator"]
+    assert doc["ours"]["images_per_second"] > 0 and doc["stock"]["images_per_second"] > 0
+    assert doc["ratio_images_per_second"]["best"] == pytest.approx(
+        doc["ours"]["images_per_second"] / doc["stock"]["images_per_second"])
+    # same seeds, same fp32 weights: only float rounding of the batch size may differ
+    assert res["agreement"]["mean_abs_pixel_difference_uint8"] < 1.0
+    assert res["agreement"]["fraction_pixels_equal"] > 0.9
+    assert res["agreement"]["fd_within_noise"]
+
+
+def test_e2e_reads_stage_times_from_outputs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models/generator").mkdir(parents=True)
+    (tmp_path / "models/generator/generator.json").write_text(json.dumps({"steps": 10, "seconds_per_step": 0.5}))
+    (tmp_path / "metrics/classifier").mkdir(parents=True)
+    (tmp_path / "metrics/classifier/real.json").write_text(json.dumps({"per_seed": [{"seconds": 3}, {"seconds": 4}]}))
+    res = e2e.main(["--device", "cpu", "--out-dir", str(tmp_path)])
+    assert res["stages"]["train_generator"]["seconds"] == pytest.approx(5.0)
+    assert res["stages"]["train_classifier"]["seconds"] == pytest.approx(7.0)
+    assert res["stages"]["sample"]["seconds"] is None and "sample" in res["stages_without_timing"]
+    assert (tmp_path / "e2e-cpu.json").exists()
