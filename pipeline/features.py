@@ -276,8 +276,12 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def set_metrics(syn: torch.Tensor, real: torch.Tensor, label: str, *, k: int = 3,
-                kid_subsets: int = 100, seed: int = 0) -> dict:
+                kid_subsets: int = 100, seed: int = 0, prc_max: int = 2000) -> dict:
     """Frechet distance, KID, precision and recall of ``syn`` against ``real``.
+
+    Precision and recall compare every image with every other one, so they use a random
+    subset of at most ``prc_max`` synthetic images (said in the figure): the cost stays
+    linear in the number of synthetic images.
 
     Each figure is {"value", "feature_space", "n_real", "n_synthetic"} (+ "std" for KID);
     a value that cannot be computed at these N is None with a "why".
@@ -310,9 +314,12 @@ def set_metrics(syn: torch.Tensor, real: torch.Tensor, label: str, *, k: int = 3
         why = f"precision/recall with k={k} need more than {k} images in each set"
         out["precision"], out["recall"] = fig(None, why), fig(None, why)
     else:
-        prc = prc_features_to_metric(syn.float(), real.float(), prc_neighborhood=k, prc_batch_size=1024,
+        if n_s > prc_max:
+            syn = syn[torch.randperm(n_s, generator=torch.Generator().manual_seed(seed))[:prc_max]]
+        prc = prc_features_to_metric(syn, real, prc_neighborhood=k, prc_batch_size=1024,
                                      save_cpu_ram=True, verbose=False)
-        out["precision"], out["recall"] = fig(prc["precision"], k=k), fig(prc["recall"], k=k)
+        used = {"k": k, "n_synthetic_used": len(syn)}
+        out["precision"], out["recall"] = fig(prc["precision"], **used), fig(prc["recall"], **used)
     return out
 
 

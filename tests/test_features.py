@@ -189,3 +189,13 @@ def test_clip_config_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="not a CLIP"):
         load_clip(str(tmp_path / "empty"))
+
+
+def test_precision_recall_use_a_bounded_subset_of_synthetic_images():
+    from pipeline.features import set_metrics
+
+    g = torch.Generator().manual_seed(0)
+    real, syn = torch.randn(40, 4, generator=g), torch.randn(300, 4, generator=g)
+    m = set_metrics(syn, real, "test", kid_subsets=2, prc_max=50)
+    assert m["precision"]["n_synthetic_used"] == 50 and m["frechet_distance"]["n_synthetic"] == 300
+    assert 0.5 < m["precision"]["value"] <= 1 and 0.5 < m["recall"]["value"] <= 1
