@@ -11,11 +11,11 @@ converted; transparency flattened onto black; then converted to ``channels``
 """
 from __future__ import annotations
 
-import argparse
 import gzip
 import hashlib
 import logging
 import struct
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from pipeline.config import Paths, Params, PrepareConfig, load_params
+from pipeline.config import Paths, Params, PrepareConfig
 from pipeline.storage import atomic_path, tensors_to_dataset, write_json
 
 log = logging.getLogger(__name__)
@@ -283,6 +283,7 @@ def make_splits(src: Source, cfg: PrepareConfig, seed: int) -> tuple[dict[str, n
 
 def run(params: Params, paths: Paths = Paths()) -> dict:
     cfg = params.prepare
+    t0 = time.perf_counter()
     log.info("prepare: reading %s from %s", cfg.source, cfg.path)
     src = READERS[cfg.source](cfg)
     split_idx, notes = make_splits(src, cfg, params.base.seed)
@@ -306,7 +307,8 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
         "image_size": cfg.image_size, "channels": cfg.channels, "class_names": src.class_names,
         "num_classes": len(src.class_names), "sizes": {k: len(v) for k, v in dd.items()},
         "counts_per_class": counts, "skipped_images": src.skipped, **notes,
-        "seed": params.base.seed, "params": params.resolved(),
+        "seed": params.base.seed, "timing": {"seconds": round(time.perf_counter() - t0, 1)},
+        "params": params.resolved(),
     }
     summary["headline"] = (
         f"{cfg.source}: " + ", ".join(f"{k} {v}" for k, v in summary["sizes"].items())

@@ -156,7 +156,7 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
         "num_images": len(merged), "per_class": cfg.per_class,
         "counts_per_class": dict(zip(meta["class_names"], counts)),
         "images_per_second": round(sum(t["images"] for t in timing) / seconds, 3) if seconds else None,
-        "generation_seconds": round(seconds, 2), "shards": timing, "num_shards": cfg.num_shards,
+        "generation_seconds": round(seconds, 2), "timing": {"seconds": round(seconds, 1)}, "shards": timing, "num_shards": cfg.num_shards,
         "device": device, "batch_size": batch_size, "sampler": cfg.sampler,
         "num_inference_steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale,
         "generator": meta["fingerprint"], "image_size": meta["image_size"], "channels": meta["channels"],

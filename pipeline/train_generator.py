@@ -194,10 +194,12 @@ def train(unet: UNet2DModel, cfg: TrainGeneratorConfig, data: TrainData, *, seed
     device = accelerator.device
     n_total = total_steps(cfg)
     scheduler = train_scheduler(cfg)
-    unet = unet.to(device).train()
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    cuda = device.type == "cuda"
+    unet = unet.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format).train()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cuda)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, model_cls=UNet2DModel, model_config=unet.config)
+    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, foreach=cuda, model_cls=UNet2DModel,
+                   model_config=unet.config)
     losses = torch.zeros(n_total, device=device)
     state, path = load_checkpoint(Path(ckpt_dir), chash)
     start, seconds_before = 0, 0.0
@@ -344,7 +346,8 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
                 "fingerprint": sha256_file(tmp / "unet" / "diffusion_pytorch_model.safetensors"),
                 "num_parameters": n_params, "steps": total_steps(cfg), "init": cfg.init,
                 "init_new_weights": missing, "resumed_from_step": res.resumed_from,
-                "seconds_per_step": round(res.seconds_per_step, 4), "final_loss": (
+                "seconds_per_step": round(res.seconds_per_step, 4),
+                "timing": {"seconds": round(res.seconds_per_step * total_steps(cfg), 1)}, "final_loss": (
                     sum(res.losses[-50:]) / len(res.losses[-50:]) if res.losses else None),
                 "device": str(accelerator.device), "mixed_precision": mp, "processes": accelerator.num_processes,
                 "config_hash": chash, "params": params.resolved(),
