@@ -19,7 +19,7 @@ import torch
 
 from bench.common import alternate, compile_if, memory_method, parser, rate, ratio, save, section, setup
 from pipeline.config import Paths, SampleConfig, params_from_dict
-from pipeline.diffusion import build_unet, crop_images, load_generator, to_uint8, train_scheduler
+from pipeline.diffusion import build_unet, crop_images, load_generator, train_scheduler
 from pipeline.sample import AUTO_BATCH, generate, image_seed
 
 TARGETS = {"cuda": 3.0, "cpu": 1.3}
