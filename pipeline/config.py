@@ -195,7 +195,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "cpu": {  # about half an hour end to end on 2 cores
         "train_generator": {"block_out_channels": (32, 64, 64), "steps": 1000, "batch_size": 64},
         "sample": {"per_class": 100, "num_inference_steps": 20},
-        "train_classifier": {"seeds": 3, "steps": 600, "batch_size": 64},
+        "train_classifier": {"seeds": 3, "steps": 300, "batch_size": 64},
     },
     "gpu": {  # one modern GPU
         "prepare": {"unlabeled_pool": -1},
