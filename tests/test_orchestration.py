@@ -46,7 +46,8 @@ def env(**extra) -> dict:
 
 
 def run(cmd, cwd, check=True, **kw):
-    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=kw.pop("env", env()), **kw)
+    e = {**kw.pop("env", env()), "PWD": str(cwd)}
+    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=e, **kw)
     if check and out.returncode:
         raise AssertionError(f"{' '.join(map(str, cmd))} failed ({out.returncode}):\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}")
     return out
@@ -135,6 +136,6 @@ def test_deployment_runs_through_process_worker(tmp_path, tiny_data, prefect_ser
     finally:
         os.killpg(worker.pid, 15)
         worker.wait(timeout=60)
-    assert (proj / "reports/report.html").exists()
+    assert (proj / "reports/report.html").exists()  # ran in the deployed project, with its micro params
     assert (proj / "metrics/classifier/real.json").exists()
     assert json.loads((proj / "data/prepared/summary.json").read_text())["sizes"]["test"] == 30
