@@ -84,7 +84,7 @@ def verdict(table: pd.DataFrame) -> dict:
         classic = table.loc["real+classic", "accuracy"]
         beats = table.loc[syn, "accuracy"] > classic
         text += (f" Classic augmentation alone (real+classic) reaches {pct(classic)}%; the best synthetic variant "
-                 f"{'beats' if beats else 'does not beat'} it.")
+                 f"{'scores above' if beats else 'does not score above'} it (not tested for significance).")
     text += f" Best variant overall: {best} ({pct(table.loc[best, 'accuracy'])}%)."
     out.update({"helped": helped, "synthetic_variant": syn, "gain": float(r["diff"]),
                 "gain_low": float(r["diff_low"]), "gain_high": float(r["diff_high"]), "text": text})

@@ -35,7 +35,7 @@ def test_verdict_says_helped_only_when_interval_above_zero():
     t = table(real=variant([0.80, 0.81, 0.82]), **{"real+synthetic": variant([0.70, 0.71, 0.73])},
               **{"real+classic": variant([0.83, 0.84, 0.85])})
     text = report.verdict(t)["text"]
-    assert text.startswith("No, synthetic data did not help") and "does not beat" in text and "real+classic" in text
+    assert text.startswith("No, synthetic data did not help") and "does not score above" in text and "real+classic" in text
 
 
 def test_paired_difference_in_table_matches_seedwise_mean():
