@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from pipeline.config import Paths, Params, PrepareConfig
-from pipeline.storage import atomic_path, tensors_to_dataset, write_json
+from pipeline.storage import atomic_path, sha256_file, tensors_to_dataset, write_json
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def read_fashion_mnist(cfg: PrepareConfig) -> Source:
     for split in ("train", "test"):
         if len(arrays[f"{split}_images"]) != len(arrays[f"{split}_labels"]):
             raise DataError(f"{root}: {split} images and labels differ in count")
-    fp = hashlib.sha256("".join(_sha_file(root / n) for n in IDX_FILES.values()).encode()).hexdigest()
+    fp = hashlib.sha256("".join(sha256_file(root / n) for n in IDX_FILES.values()).encode()).hexdigest()
     images = _fit_arrays(arrays["train_images"], cfg)
     test = _fit_arrays(arrays["test_images"], cfg)
     labels = arrays["train_labels"].astype(np.int64)
@@ -99,9 +99,7 @@ def read_fashion_mnist(cfg: PrepareConfig) -> Source:
 def _fit_arrays(gray: np.ndarray, cfg: PrepareConfig) -> np.ndarray:
     """N,H,W uint8 grayscale -> N,S,S,C at the configured size and channels."""
     if gray.shape[1:] != (cfg.image_size, cfg.image_size):
-        gray = np.stack([np.asarray(fit_image(Image.fromarray(g), cfg))[..., 0]
-                         if cfg.channels == 1 else np.asarray(fit_image(Image.fromarray(g), cfg).convert("L"))
-                         for g in gray])
+        gray = np.stack([np.asarray(fit_image(Image.fromarray(g), cfg).convert("L")) for g in gray])
     out = np.array(gray[..., None])  # IDX buffers are read-only
     return np.repeat(out, 3, axis=-1) if cfg.channels == 3 else out
 
@@ -162,7 +160,7 @@ def read_imagefolder(cfg: PrepareConfig) -> Source:
     images, labels, skipped, h = [], [], [], hashlib.sha256()
     for label, d in enumerate(class_dirs):
         for f in sorted(p for p in d.rglob("*") if p.is_file() and not p.name.startswith(".")):
-            h.update(f"{f.relative_to(root)}:{_sha_file(f)}".encode())
+            h.update(f"{f.relative_to(root)}:{sha256_file(f)}".encode())
             try:
                 images.append(load_image_file(f, cfg))
                 labels.append(label)
@@ -221,11 +219,6 @@ def read_hf_disk(cfg: PrepareConfig) -> Source:
 
 
 READERS = {"fashion-mnist": read_fashion_mnist, "imagefolder": read_imagefolder, "hf-disk": read_hf_disk}
-
-
-def _sha_file(path: Path) -> str:
-    from pipeline.storage import sha256_file
-    return sha256_file(path)
 
 
 # ---- splitting (pure) ---------------------------------------------------------------

@@ -21,7 +21,8 @@ import pandas as pd
 
 from pipeline.config import Paths, Params
 from pipeline.stats import mean_ci, paired_difference
-from pipeline.storage import atomic_path, load_dataset_dir, make_grid_image, read_json, save_figure, write_json
+from pipeline.storage import (atomic_path, load_dataset_dir, make_grid_image, read_json, save_figure,
+                              sha256_file, write_json)
 
 log = logging.getLogger(__name__)
 SYNTHETIC_VARIANTS = ("real+synthetic", "real+synthetic+classic")  # the ones that answer the question
@@ -232,7 +233,6 @@ def run_metadata(paths: Paths, device: str) -> dict:
 
 
 def _sha_or_none(p: Path):
-    from pipeline.storage import sha256_file
     return sha256_file(p)[:12] if p.exists() else None
 
 
