@@ -19,7 +19,8 @@ import torch
 
 from bench.common import alternate, compile_if, memory_method, parser, rate, ratio, save, section, setup
 from pipeline.config import Paths, SampleConfig, params_from_dict
-from pipeline.diffusion import build_unet, crop_images, load_generator, train_scheduler
+from pipeline.diffusion import DiffusionGenerator, build_unet, crop_images, train_scheduler
+from pipeline.generators import load_generator
 from pipeline.sample import AUTO_BATCH, generate, image_seed
 
 TARGETS = {"cuda": 3.0, "cpu": 1.3}
@@ -30,14 +31,18 @@ def get_generator(device: str, arch: str):
     else a randomly initialised UNet of the ``arch`` profile's architecture."""
     paths = Paths()
     if (paths.generator / "generator.json").exists():
-        unet, sched_conf, meta = load_generator(paths.generator, device)
+        gen = load_generator(paths.generator, device)
+        if not isinstance(gen, DiffusionGenerator):
+            raise SystemExit(f"{paths.generator} holds a {gen.meta['kind']} generator; this benchmark "
+                             "compares diffusion sampling loops (kinds unet, dit)")
+        unet, sched_conf, meta = gen.model, gen.sched_conf, gen.meta
         return unet, sched_conf, meta, f"trained generator {paths.generator} ({meta.get('fingerprint', '')[:12]})"
     cfg = params_from_dict({"base": {"profile": arch}}).train_generator
     torch.manual_seed(0)
     unet = build_unet(cfg, 28, 1, 10).to(device).eval()
     if device == "cuda":
         unet = unet.to(memory_format=torch.channels_last)
-    meta = {"null_label": 10, "image_size": 28, "num_classes": 10}
+    meta = {"null_label": 10, "image_size": 28, "channels": 1, "num_classes": 10}
     desc = (f"randomly initialised UNet2DModel, {arch} profile architecture (block_out_channels "
             f"{tuple(cfg.block_out_channels)}, attention {cfg.attention}), 28x28x1, 10 classes; "
             f"no trained generator in {paths.generator}")
@@ -117,7 +122,8 @@ def main(argv=None) -> dict:
                        per_class=per_class, batch_size=batch)
 
     def ours(indices=range(n), seed=0):
-        return generate(ours_unet, sched_conf, meta, indices, cfg, seed, batch, progress=False)[0]
+        return generate(DiffusionGenerator(ours_unet, sched_conf, meta), indices, cfg, seed, batch,
+                        progress=False)[0]
 
     def stock():
         return stock_generate(stock_unet, sched_conf, meta, range(n_stock), per_class, args.steps,
@@ -137,7 +143,8 @@ def main(argv=None) -> dict:
         diff = (a - b).abs()
         other = ours(range(n_stock), seed=1)  # an independent set: the sampling-noise floor
         k = min(4, n_stock)  # ours one image per batch: isolates batch-composition rounding
-        single = generate(ours_unet, sched_conf, meta, range(k), cfg, 0, 1, progress=False)[0].to(torch.int16)
+        single = generate(DiffusionGenerator(ours_unet, sched_conf, meta), range(k), cfg, 0, 1,
+                          progress=False)[0].to(torch.int16)
         diff_single = (single - b[:k]).abs()
         from pipeline.features import FeatureSpace
         space = FeatureSpace("efficientnet-lite0", device=device, resolution=args.fd_resolution)

@@ -48,7 +48,7 @@ def main(argv=None) -> dict:
         p.error("--sizes: give at least two different sizes")
     batch = args.batch_size or (1024 if device == "cuda" else 256)
 
-    from pipeline.diffusion import build_unet, train_scheduler
+    from pipeline.diffusion import DiffusionGenerator, build_unet, train_scheduler
     from pipeline.features import FeatureSpace, nearest, realism, set_metrics
     from pipeline.filter import duplicate_flags, judge_scores
     from pipeline.sample import generate
@@ -68,7 +68,7 @@ def main(argv=None) -> dict:
     if device == "cuda":
         unet = unet.to(memory_format=torch.channels_last)
     sched_conf = dict(train_scheduler(gcfg).config)
-    meta = {"null_label": num_classes, "image_size": train_x.shape[-1]}
+    meta = {"null_label": num_classes, "image_size": train_x.shape[-1], "channels": train_x.shape[1]}
     judge = build_model(fcfg.judge_arch, num_classes, int(train_x.shape[1])).to(device).eval()
     space = FeatureSpace("judge", device=device, batch_size=fcfg.batch_size, judge=judge,
                          judge_in_chans=int(train_x.shape[1]))
@@ -87,7 +87,7 @@ def main(argv=None) -> dict:
                                per_class=per_class, batch_size=batch)
             t = {}
             t["sample"], (syn_x, _, _) = timed(
-                lambda: generate(unet, sched_conf, meta, range(n), cfg, 0, batch, progress=False), device)
+                lambda: generate(DiffusionGenerator(unet, sched_conf, meta), range(n), cfg, 0, batch, progress=False), device)
             syn_y = torch.arange(n) // per_class
             t["judge_scores"], _ = timed(lambda: judge_scores(judge, syn_x, syn_y, fcfg.batch_size, device), device)
             t["features"], f_syn = timed(lambda: space(syn_x), device)

@@ -49,8 +49,36 @@ class PrepareConfig(_Section):
     on_bad_image: Literal["skip", "error"] = "skip"  # unreadable image: report and skip, or stop
 
 
+class DitConfig(_Section):
+    """kind: dit (diffusers DiTTransformer2DModel, adaLN-zero class conditioning)."""
+    patch_size: int = Field(4, ge=1)  # side of a patch token (the image is padded to a multiple)
+    num_layers: int = Field(6, ge=1)  # transformer blocks
+    num_heads: int = Field(4, ge=1)  # attention heads per block
+    head_dim: int = Field(32, ge=8)  # width per head (hidden size = num_heads * head_dim)
+
+
+class CganConfig(_Section):
+    """kind: cgan (DCGAN generator, projection discriminator with spectral norm, hinge loss)."""
+    z_dim: int = Field(64, ge=1)  # latent size
+    g_channels: int = Field(128, ge=8)  # generator width at the lowest resolution
+    d_channels: int = Field(64, ge=8)  # discriminator width at the highest resolution
+    lr_g: float = Field(2e-4, gt=0)  # Adam, betas (0, 0.99)
+    lr_d: float = Field(2e-4, gt=0)
+    diffaugment: str = "color,translation,cutout"  # DiffAugment policy on real and fake ("" = off)
+
+
+class DatasetGanConfig(_Section):
+    """kind: datasetgan (unconditional diffusion on train + pool, labels from UNet features)."""
+    feature_timestep: int = Field(100, ge=0)  # noise level at which the UNet's features are read
+    feature_draws: int = Field(4, ge=1)  # noised copies of each labeled image for the interpreter
+    interpreter_steps: int = Field(500, ge=1)  # optimizer steps of the interpreter (an MLP)
+    label_tries: int = Field(4, ge=1)  # unconditional candidates per requested image; the most confident wins
+
+
 class TrainGeneratorConfig(_Section):
-    kind: Literal["unet"] = "unet"  # generator family (diffusers UNet2DModel, class-conditional)
+    # generator family: unet | dit (class-conditional diffusion), cgan (conditional GAN),
+    # datasetgan (unconditional diffusion + an interpreter that labels its samples)
+    kind: Literal["unet", "dit", "cgan", "datasetgan"] = "unet"
     # scratch | pretrain (unconditional on train + pool for pretrain_steps, then conditional
     # fine-tune on train for steps) | a local diffusers UNet2DModel folder to fine-tune
     init: str = "scratch"
@@ -75,6 +103,9 @@ class TrainGeneratorConfig(_Section):
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # auto = bf16 on cuda
     log_every: int = Field(25, ge=1)  # steps between progress log lines
     preview_per_class: int = Field(8, ge=0)  # images per class in samples.png (0 = none)
+    dit: DitConfig = DitConfig()
+    cgan: CganConfig = CganConfig()
+    datasetgan: DatasetGanConfig = DatasetGanConfig()
 
 
 class SampleConfig(_Section):
@@ -186,7 +217,9 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "prepare": {"labeled_per_class": 10, "val_per_class": 5, "unlabeled_pool": 200},
         "train_generator": {"block_out_channels": (16, 32), "steps": 20, "pretrain_steps": 0,
                             "batch_size": 16, "warmup_steps": 2, "checkpoint_every": 10, "log_every": 5,
-                            "preview_per_class": 2},
+                            "preview_per_class": 2, "dit": {"num_layers": 2, "num_heads": 2, "head_dim": 16},
+                            "cgan": {"z_dim": 16, "g_channels": 32, "d_channels": 16},
+                            "datasetgan": {"feature_draws": 1, "interpreter_steps": 20, "label_tries": 2}},
         "sample": {"per_class": 4, "num_inference_steps": 4, "grid_per_class": 4},
         "filter": {"judge_steps": 20, "max_real": 100, "feature_resolution": 64, "kid_subsets": 10,
                    "min_confidence": 0.0},  # an untrained judge must not empty the set
@@ -201,6 +234,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "prepare": {"unlabeled_pool": -1},
         "train_generator": {"block_out_channels": (128, 256, 256, 256), "layers_per_block": 2,  # 35.7M, 28->32px
                             "attention": True, "init": "pretrain", "pretrain_steps": 20000,
+                            "dit": {"patch_size": 2, "num_layers": 12, "num_heads": 6, "head_dim": 64},  # DiT-S/2
                             "steps": 10000, "batch_size": 256, "lr": 2e-4, "ema_decay": 0.9999,
                             "checkpoint_every": 1000},
         "sample": {"per_class": 1000, "num_inference_steps": 25},
@@ -286,6 +320,14 @@ def _yaml_to_model_types(raw: dict) -> dict:
     return out
 
 
+def _deep_merge(base: dict, over: dict) -> dict:
+    """``over`` wins, key by key, also inside nested sections (e.g. train_generator.dit)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def params_from_dict(raw: dict | None, source: str = "<params>") -> Params:
     raw = dict(raw or {})
     if not isinstance(raw, dict):
@@ -300,7 +342,7 @@ def params_from_dict(raw: dict | None, source: str = "<params>") -> Params:
             raise ConfigError(f"{source}: {section}: must be a mapping of keys, got {value!r}")
         merged[section] = dict(value or {}) if isinstance(value, dict) or value is None else value
     for stage, preset in PROFILES[profile].items():
-        merged[stage] = {**preset, **(merged.get(stage) or {})}
+        merged[stage] = _deep_merge(preset, merged.get(stage) or {})
     try:
         return Params.model_validate(_yaml_to_model_types(merged))
     except ValidationError as err:

@@ -1,9 +1,10 @@
-"""Model, schedulers and the guided denoising loop shared by train_generator and sample.
+"""Diffusion backbones, schedulers and the guided denoising loop (kinds unet and dit).
 
-The generator is a class-conditional diffusers ``UNet2DModel``: class ids 0..K-1 are the
-classes and id K (``null_label``) is the "no class" label used for classifier-free
-guidance. Images are held in [-1, 1], padded (centered, with -1) to a side the UNet's
-down-sampling divides, and cropped back after sampling.
+The backbone is a class-conditional diffusers ``UNet2DModel`` (kind unet) or
+``DiTTransformer2DModel`` (kind dit): class ids 0..K-1 are the classes and id K
+(``null_label``) is the "no class" label used for classifier-free guidance. Images are
+held in [-1, 1], padded (centered, with -1) to a side the backbone divides (UNet
+down-sampling, DiT patches), and cropped back after sampling.
 """
 from __future__ import annotations
 
@@ -13,13 +14,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DDPMScheduler, DiTTransformer2DModel, DPMSolverMultistepScheduler, UNet2DModel
+from diffusers.models.embeddings import LabelEmbedding
 
-from pipeline.config import ConfigError, TrainGeneratorConfig
+from pipeline.config import ConfigError, SampleConfig, TrainGeneratorConfig
 from pipeline.storage import read_json
 
 INFERENCE_SCHEDULERS = {"ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler}
-GENERATOR_META = "generator.json"
+# kind -> (backbone class, sub-folder of the generator folder holding its weights)
+BACKBONES = {"unet": (UNet2DModel, "unet"), "dit": (DiTTransformer2DModel, "transformer")}
 
 
 def padded_size(image_size: int, levels: int) -> int:
@@ -67,6 +70,30 @@ def build_unet(cfg: TrainGeneratorConfig, image_size: int, channels: int, num_cl
         block_out_channels=ch, layers_per_block=cfg.layers_per_block,
         down_block_types=tuple(down), up_block_types=tuple(up), norm_num_groups=groups,
         num_class_embeds=num_classes + 1)
+
+
+def build_dit(cfg: TrainGeneratorConfig, image_size: int, channels: int, num_classes: int
+              ) -> DiTTransformer2DModel:
+    """A fresh class-conditional DiT (adaLN-zero) from ``cfg.dit``; id K is the null class."""
+    d = cfg.dit
+    model = DiTTransformer2DModel(
+        num_attention_heads=d.num_heads, attention_head_dim=d.head_dim, in_channels=channels,
+        out_channels=channels, num_layers=d.num_layers, patch_size=d.patch_size,
+        sample_size=int(math.ceil(image_size / d.patch_size) * d.patch_size), num_embeds_ada_norm=num_classes)
+    return without_label_dropout(model)
+
+
+def without_label_dropout(model):
+    """DiT drops 10% of labels inside its embedding while training; we drop them ourselves
+    (train_generator.p_uncond, to the same null id K), so the built-in dropout is turned off."""
+    for m in model.modules():
+        if isinstance(m, LabelEmbedding):
+            m.dropout_prob = 0.0
+    return model
+
+
+def build_backbone(cfg: TrainGeneratorConfig, image_size: int, channels: int, num_classes: int):
+    return (build_dit if cfg.kind == "dit" else build_unet)(cfg, image_size, channels, num_classes)
 
 
 def conditional_from_pretrained(path: str, image_size: int, channels: int, num_classes: int
@@ -136,10 +163,16 @@ def guided_output(unet: UNet2DModel, x: torch.Tensor, t, labels: torch.Tensor, g
     """
     if guidance == 1.0 or guidance == 0.0:
         lab = labels if guidance == 1.0 else torch.full_like(labels, null_label)
-        return unet(x, t, class_labels=lab).sample.float()
-    both = unet(torch.cat([x, x]), t, class_labels=torch.cat([labels, torch.full_like(labels, null_label)])).sample
+        return unet(x, _per_image(t, x), class_labels=lab).sample.float()
+    x2 = torch.cat([x, x])
+    both = unet(x2, _per_image(t, x2), class_labels=torch.cat([labels, torch.full_like(labels, null_label)])).sample
     cond, uncond = both.float().chunk(2)
     return uncond + guidance * (cond - uncond)
+
+
+def _per_image(t, x: torch.Tensor) -> torch.Tensor:
+    """One timestep per image (DiT, unlike the UNet, does not broadcast a scalar)."""
+    return torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
 
 
 @torch.no_grad()
@@ -164,15 +197,32 @@ def seeded_noise(seeds: list[int], shape: tuple[int, ...], device) -> torch.Tens
                         for s in seeds]).to(device)
 
 
-def load_generator(folder: str | Path, device: str = "cpu") -> tuple[UNet2DModel, dict, dict]:
-    """Read a train_generator output folder -> (unet in eval mode, scheduler config, metadata)."""
-    folder = Path(folder)
-    meta_file = folder / GENERATOR_META
-    if not meta_file.exists():
-        raise FileNotFoundError(f"{meta_file}: generator not found. Run train_generator first (dvc repro).")
-    meta = read_json(meta_file)
-    unet = UNet2DModel.from_pretrained(str(folder / "unet")).to(device).eval()
-    if torch.device(device).type == "cuda":
-        unet = unet.to(memory_format=torch.channels_last)
-    sched_conf = read_json(folder / "scheduler" / "scheduler_config.json")
-    return unet, sched_conf, meta
+class DiffusionGenerator:
+    """A trained diffusion backbone + its noise schedule, behind the sample stage's interface."""
+
+    def __init__(self, model, sched_conf: dict, meta: dict):
+        self.model, self.sched_conf, self.meta = model, sched_conf, meta
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def sample(self, labels: torch.Tensor, seeds: list[int], cfg: SampleConfig) -> torch.Tensor:
+        """uint8 images (N,C,H,W, CPU) of classes ``labels``, image i from noise seeded by seeds[i]."""
+        m, s = self.meta, self.model.config.sample_size
+        noise = seeded_noise(seeds, (m["channels"], s, s), self.device)
+        x = denoise(self.model, inference_scheduler(cfg.sampler, self.sched_conf), noise, labels.to(self.device),
+                    cfg.guidance_scale, cfg.num_inference_steps, m["null_label"])
+        return to_uint8(crop_images(x, m["image_size"])).cpu()
+
+
+def load_backbone(folder: Path, kind: str, device: str):
+    cls, sub = BACKBONES[kind]
+    model = cls.from_pretrained(str(folder / sub)).to(device).eval()
+    return model.to(memory_format=torch.channels_last) if torch.device(device).type == "cuda" else model
+
+
+def load(folder: Path, meta: dict, device: str) -> DiffusionGenerator:
+    """The generator written by train_generator for kind unet or dit."""
+    return DiffusionGenerator(load_backbone(folder, meta["kind"], device),
+                              read_json(folder / "scheduler" / "scheduler_config.json"), meta)

@@ -1,9 +1,10 @@
 """Stage 3, sample: class-conditional synthetic images from the trained generator.
 
-Image ``i`` (global index, class-major: label = i // per_class) starts from noise drawn
-with its own generator seeded by ``image_seed(base.seed, i)``; DDIM (eta 0) and
-DPM-Solver++ are deterministic given that noise, so an image depends on its seed, not on
-the batch or shard it was made in (up to float rounding when batch compositions differ).
+Any generator kind (pipeline/generators.py). Image ``i`` (global index, class-major:
+label = i // per_class) is made from its own seed ``image_seed(base.seed, i)`` (the
+initial noise of DDIM (eta 0) and DPM-Solver++, the latent of the GAN), so an image
+depends on its seed, not on the batch or shard it was made in (up to float rounding when
+batch compositions differ). Sampler, steps and guidance apply to the diffusion kinds.
 
 Shards: shard k of n generates a contiguous range of indices into
 ``data/synthetic_shards/shard-kkk-of-nnn`` (skipped when already complete). The run that
@@ -22,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.config import Paths, Params, SampleConfig, resolve_device
-from pipeline.diffusion import crop_images, denoise, inference_scheduler, load_generator, seeded_noise, to_uint8
+from pipeline.generators import Generator, load_generator
 from pipeline.storage import (atomic_path, dataset_to_tensors, make_grid_image, read_json, save_dataset,
                               save_png, tensors_to_dataset, write_json)
 
@@ -59,24 +60,20 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower() or "class"
 
 
-def generate(unet, sched_conf: dict, meta: dict, indices: range, cfg: SampleConfig, base_seed: int,
-             batch_size: int, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+def generate(generator: Generator, indices: range, cfg: SampleConfig, base_seed: int, batch_size: int,
+             progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """uint8 images (N,C,H,W), labels and seeds for the global ``indices``."""
-    device = next(unet.parameters()).device
-    scheduler = inference_scheduler(cfg.sampler, sched_conf)
-    c, s = unet.config.in_channels, unet.config.sample_size
+    meta = generator.meta
     images, labels, seeds = [], [], []
     with tqdm(total=len(indices), unit="img", desc="sample", disable=not progress) as bar:
         for r in batch_ranges(indices, batch_size):
             batch_seeds = [image_seed(base_seed, i) for i in r]
-            y = torch.tensor([i // cfg.per_class for i in r], device=device)
-            x = denoise(unet, scheduler, seeded_noise(batch_seeds, (c, s, s), device), y,
-                        cfg.guidance_scale, cfg.num_inference_steps, meta["null_label"])
-            images.append(to_uint8(crop_images(x, meta["image_size"])).cpu())
-            labels.append(y.cpu())
+            y = torch.tensor([i // cfg.per_class for i in r])
+            images.append(generator.sample(y, batch_seeds, cfg))
+            labels.append(y)
             seeds.extend(batch_seeds)
             bar.update(len(r))
-    empty = torch.zeros(0, c, meta["image_size"], meta["image_size"], dtype=torch.uint8)
+    empty = torch.zeros(0, meta["channels"], meta["image_size"], meta["image_size"], dtype=torch.uint8)
     return (torch.cat(images) if images else empty,
             torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long), seeds)
 
@@ -121,7 +118,8 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
     cfg = params.sample
     seed = params.base.seed
     device = resolve_device(params.base)
-    unet, sched_conf, meta = load_generator(paths.generator, device)
+    generator = load_generator(paths.generator, device)
+    meta = generator.meta
     n_images = meta["num_classes"] * cfg.per_class
     batch_size = cfg.batch_size or AUTO_BATCH.get(device, 64)
     indices = shard_range(n_images, cfg.shard_index, cfg.num_shards)
@@ -133,7 +131,7 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
                  cfg.shard_index, cfg.num_shards, len(indices), indices.start, indices.stop - 1, cfg.sampler,
                  cfg.num_inference_steps, cfg.guidance_scale, batch_size, device)
         t0 = time.perf_counter()
-        images, labels, seeds = generate(unet, sched_conf, meta, indices, cfg, seed, batch_size)
+        images, labels, seeds = generate(generator, indices, cfg, seed, batch_size)
         seconds = time.perf_counter() - t0
         save_dataset(to_dataset(images, labels, seeds, cfg, meta), shard_dir)
         write_json(shard_dir.with_name(shard_dir.name + ".json"), {
@@ -159,7 +157,8 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
         "generation_seconds": round(seconds, 2), "timing": {"seconds": round(seconds, 1)}, "shards": timing, "num_shards": cfg.num_shards,
         "device": device, "batch_size": batch_size, "sampler": cfg.sampler,
         "num_inference_steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale,
-        "generator": meta["fingerprint"], "image_size": meta["image_size"], "channels": meta["channels"],
+        "generator": meta["fingerprint"], "generator_kind": meta["kind"], "image_size": meta["image_size"],
+        "channels": meta["channels"],
         "seed_rule": f"seed = base.seed * {SEED_STRIDE} + global index", "params": params.resolved(),
     }
     grids = preview_grids(merged, meta["num_classes"], cfg.per_class, cfg.grid_per_class)

@@ -1,11 +1,13 @@
-"""Stage 2, train_generator: a class-conditional diffusion UNet on the prepared train set.
+"""Stage 2, train_generator: the generator of ``train_generator.kind`` on the prepared data.
 
-Reads ``data/prepared/`` (train; plus pool when ``init: pretrain``) and writes
-``models/generator/``: ``unet/`` (EMA weights, safetensors), ``scheduler/``,
-``generator.json`` (what sample needs + fingerprint + params), ``loss.csv`` and a
-``samples.png`` preview. Resumable checkpoints live in ``models/generator_checkpoints/``
-and are tied to the training config by a hash; a killed run resumes from the latest one
-and ends with the same weights as an uninterrupted run.
+Kinds (pipeline/generators.py): unet and dit (class-conditional diffusion, trained here),
+cgan (pipeline/gan.py), datasetgan (pipeline/datasetgan.py). Reads ``data/prepared/``
+(train; plus pool for ``init: pretrain`` and datasetgan) and writes ``models/generator/``:
+the weights of the kind (safetensors), ``generator.json`` (kind, what sample needs,
+fingerprint, params), ``loss.csv`` and a ``samples.png`` preview. Resumable checkpoints
+live in ``models/generator_checkpoints/`` and are tied to the training config by a hash;
+a killed run resumes from the latest one and ends with the same weights as an
+uninterrupted run.
 
 Multi-GPU: ``accelerate launch -m pipeline.train_generator`` (each process draws its own
 batches; batch_size is per process).
@@ -23,13 +25,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DModel
 from diffusers.training_utils import EMAModel
 
-from pipeline.config import ConfigError, Paths, Params, TrainGeneratorConfig, resolve_device
-from pipeline.diffusion import (build_unet, conditional_from_pretrained, crop_images, denoise,
-                                inference_scheduler, pad_images, seeded_noise, to_uint8, to_unit,
-                                train_scheduler)
+from pipeline.config import ConfigError, Paths, Params, SampleConfig, TrainGeneratorConfig, resolve_device
+from pipeline.diffusion import (BACKBONES, DiffusionGenerator, build_backbone, conditional_from_pretrained,
+                                pad_images, to_unit, train_scheduler)
+from pipeline.generators import GENERATOR_META, Fitted, module_of
 from pipeline.prepare import DataError
 from pipeline.storage import (atomic_path, dataset_to_tensors, load_dataset_dir, make_grid_image,
                               read_json, save_png, sha256_file, sha256_tensor, write_json)
@@ -60,7 +61,7 @@ class TrainData:
 
 @dataclass
 class TrainResult:
-    ema_unet: UNet2DModel
+    ema_unet: torch.nn.Module  # UNet2DModel or DiTTransformer2DModel
     losses: list[float]
     lrs: list[float]
     seconds_per_step: float  # training time / steps, over every run that built the checkpoints
@@ -182,7 +183,7 @@ def load_checkpoint(ckpt_dir: Path, chash: str) -> tuple[dict | None, Path | Non
 
 # ---- training loop --------------------------------------------------------------------
 
-def train(unet: UNet2DModel, cfg: TrainGeneratorConfig, data: TrainData, *, seed: int, ckpt_dir: Path,
+def train(unet: torch.nn.Module, cfg: TrainGeneratorConfig, data: TrainData, *, seed: int, ckpt_dir: Path,
           chash: str, accelerator=None, stop_at: int | None = None) -> TrainResult:
     """Train ``unet`` (resuming from ``ckpt_dir`` if a checkpoint of ``chash`` is there).
 
@@ -198,7 +199,7 @@ def train(unet: UNet2DModel, cfg: TrainGeneratorConfig, data: TrainData, *, seed
     unet = unet.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format).train()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cuda)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, foreach=cuda, model_cls=UNet2DModel,
+    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, foreach=cuda, model_cls=type(unet),
                    model_config=unet.config)
     losses = torch.zeros(n_total, device=device)
     state, path = load_checkpoint(Path(ckpt_dir), chash)
@@ -255,7 +256,7 @@ def train(unet: UNet2DModel, cfg: TrainGeneratorConfig, data: TrainData, *, seed
             break
     n_done = min(n_total, stop_at or n_total)
     seconds_per_step = (seconds_before + time.perf_counter() - t0) / max(1, n_done)
-    ema_unet = UNet2DModel.from_config(accelerator.unwrap_model(model).config)
+    ema_unet = type(unet).from_config(accelerator.unwrap_model(model).config)
     ema.copy_to(ema_unet.parameters())
     return TrainResult(ema_unet.eval(), losses[:n_done].tolist(),
                        [cfg.lr * lr_factor(s, cfg) for s in range(n_done)], seconds_per_step, start)
@@ -271,22 +272,25 @@ def load_train_data(params: Params, paths: Paths, device: str) -> TrainData:
     if y is None or len(x) == 0:
         raise DataError(f"{paths.prepared}: the train split has no labeled images. Re-run prepare.")
     unlabeled = None
-    if cfg.init == "pretrain":
-        if cfg.pretrain_steps == 0:
+    if cfg.init == "pretrain" or cfg.kind == "datasetgan":
+        if cfg.init == "pretrain" and cfg.pretrain_steps == 0:
             raise ConfigError("train_generator.pretrain_steps: init=pretrain needs pretrain_steps > 0")
         if "pool" not in dd:
-            raise DataError(f"{paths.prepared}: init=pretrain needs the unlabeled pool split; "
-                            "set prepare.unlabeled_pool > 0 and re-run prepare, or use init=scratch.")
+            raise DataError(f"{paths.prepared}: init=pretrain and kind=datasetgan need the unlabeled pool "
+                            "split; set prepare.unlabeled_pool > 0 and re-run prepare, or use init=scratch.")
         unlabeled = torch.cat([x, dataset_to_tensors(dd["pool"], label_column=None)[0]])
         unlabeled = unlabeled.to(device)
     return TrainData(x.to(device), y.to(device), int(summary["num_classes"]), unlabeled,
                      list(summary["class_names"]))
 
 
-def make_unet(cfg: TrainGeneratorConfig, data: TrainData) -> tuple[UNet2DModel, list[str]]:
-    """The starting model for ``cfg.init`` and the weights a checkpoint init did not provide."""
+def make_unet(cfg: TrainGeneratorConfig, data: TrainData) -> tuple[torch.nn.Module, list[str]]:
+    """The starting backbone for ``cfg.init`` and the weights a checkpoint init did not provide."""
     if cfg.init in ("scratch", "pretrain"):
-        return build_unet(cfg, data.image_size, data.channels, data.num_classes), []
+        return build_backbone(cfg, data.image_size, data.channels, data.num_classes), []
+    if cfg.kind != "unet":
+        raise ConfigError(f"train_generator.init: a checkpoint folder works for kind unet only; kind {cfg.kind} "
+                          "takes init scratch or pretrain.")
     if not Path(cfg.init).exists():
         raise ConfigError(f"train_generator.init: {cfg.init!r} is not scratch or pretrain and no such "
                           "folder exists. Give a local diffusers UNet2DModel folder.")
@@ -296,14 +300,42 @@ def make_unet(cfg: TrainGeneratorConfig, data: TrainData) -> tuple[UNet2DModel, 
     return unet, missing
 
 
-def preview(unet: UNet2DModel, sched_conf: dict, num_classes: int, per_class: int, image_size: int,
-            device) -> torch.Tensor:
-    """uint8 grid rows = classes (DPM-Solver++, 20 steps, guidance 2)."""
-    labels = torch.arange(num_classes, device=device).repeat_interleave(per_class)
-    c, s = unet.config.in_channels, unet.config.sample_size
-    noise = seeded_noise(list(range(len(labels))), (c, s, s), device)
-    x = denoise(unet.to(device), inference_scheduler("dpm++", sched_conf), noise, labels, 2.0, 20, num_classes)
-    return to_uint8(crop_images(x, image_size)).cpu()
+def fit(params: Params, data: TrainData, accelerator, ckpt_dir: Path, chash: str) -> Fitted:
+    """Kinds unet and dit: DDPM training of a class-conditional backbone."""
+    cfg = params.train_generator
+    model, missing = make_unet(cfg, data)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("train_generator: %s, %.2fM params, %d steps of batch %d on %s, padded size %d", cfg.kind,
+             n_params / 1e6, total_steps(cfg), cfg.batch_size, accelerator.device, model.config.sample_size)
+    res = train(model, cfg, data, seed=params.base.seed, ckpt_dir=ckpt_dir, chash=chash, accelerator=accelerator)
+    sched = train_scheduler(cfg)
+    sub = BACKBONES[cfg.kind][1]
+
+    def save(folder: Path) -> Path:
+        res.ema_unet.save_pretrained(folder / sub, safe_serialization=True)
+        sched.save_pretrained(folder / "scheduler")
+        return folder / sub / "diffusion_pytorch_model.safetensors"
+
+    meta = generator_meta(cfg, data)
+    generator = DiffusionGenerator(res.ema_unet.to(accelerator.device), dict(sched.config), meta)
+    return Fitted(generator, save, {"loss": res.losses, "lr": res.lrs}, res.seconds_per_step, res.resumed_from,
+                  n_params, {"sample_size": res.ema_unet.config.sample_size, "prediction_type": cfg.prediction_type,
+                             "init": cfg.init, "init_new_weights": missing})
+
+
+def generator_meta(cfg: TrainGeneratorConfig, data: TrainData) -> dict:
+    """The generator.json fields every kind has and its sample() relies on."""
+    return {"kind": cfg.kind, "num_classes": data.num_classes, "class_names": data.class_names,
+            "null_label": data.num_classes, "image_size": data.image_size, "channels": data.channels}
+
+
+PREVIEW = SampleConfig(sampler="dpm++", num_inference_steps=20, guidance_scale=2.0)
+
+
+def preview(generator, num_classes: int, per_class: int) -> torch.Tensor:
+    """uint8 grid rows = classes (diffusion kinds: DPM-Solver++, 20 steps, guidance 2)."""
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    return generator.sample(labels, list(range(len(labels))), PREVIEW)
 
 
 def run(params: Params, paths: Paths = Paths()) -> dict:
@@ -315,46 +347,38 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision=mp)
     data = load_train_data(params, paths, str(accelerator.device))
     torch.manual_seed(params.base.seed)  # the initial weights, so the same seed gives the same run
-    unet, missing = make_unet(cfg, data)
-    n_params = sum(p.numel() for p in unet.parameters())
     run_facts = {"device": device, "mixed_precision": mp, "processes": accelerator.num_processes}
-    if cfg.init not in ("scratch", "pretrain"):  # a changed init checkpoint is a new run
+    if cfg.init not in ("scratch", "pretrain") and Path(cfg.init).exists():  # a changed init checkpoint is a new run
         run_facts["init_files"] = [sha256_file(p) for p in sorted(Path(cfg.init).rglob("*")) if p.is_file()]
     chash = config_hash(cfg, params.base.seed, data, run_facts)
-    log.info("train_generator: %.2fM params, %d steps of batch %d on %s (%s), padded size %d",
-             n_params / 1e6, total_steps(cfg), cfg.batch_size, accelerator.device, mp, unet.config.sample_size)
-    res = train(unet, cfg, data, seed=params.base.seed, ckpt_dir=paths.generator_checkpoints, chash=chash,
-                accelerator=accelerator)
+    fitter = fit if cfg.kind in BACKBONES else module_of(cfg.kind).fit
+    fitted = fitter(params, data, accelerator, paths.generator_checkpoints, chash)
     meta = {}
     if accelerator.is_main_process:
-        sched = train_scheduler(cfg)
         with atomic_path(paths.generator, is_dir=True) as tmp:
-            res.ema_unet.save_pretrained(tmp / "unet", safe_serialization=True)
-            sched.save_pretrained(tmp / "scheduler")
+            weights = fitted.save(tmp)
+            columns = list(fitted.history)
             with open(tmp / "loss.csv", "w", newline="") as f:
                 w = csv.writer(f)
-                w.writerow(["step", "loss", "lr"])
-                w.writerows([s + 1, f"{l:.6f}", f"{lr:.6g}"] for s, (l, lr) in enumerate(zip(res.losses, res.lrs)))
+                w.writerow(["step", *columns])
+                w.writerows([s + 1, *(f"{v:.6g}" for v in row)]
+                            for s, row in enumerate(zip(*(fitted.history[c] for c in columns))))
             if cfg.preview_per_class:
-                grid = preview(res.ema_unet, dict(sched.config), data.num_classes, cfg.preview_per_class,
-                               data.image_size, accelerator.device)
+                grid = preview(fitted.generator, data.num_classes, cfg.preview_per_class)
                 save_png(make_grid_image(grid, nrow=cfg.preview_per_class), tmp / "samples.png")
+            losses = fitted.history["loss"]
             meta = {
-                "kind": cfg.kind, "num_classes": data.num_classes, "class_names": data.class_names,
-                "null_label": data.num_classes, "image_size": data.image_size, "channels": data.channels,
-                "sample_size": res.ema_unet.config.sample_size, "prediction_type": cfg.prediction_type,
-                "fingerprint": sha256_file(tmp / "unet" / "diffusion_pytorch_model.safetensors"),
-                "num_parameters": n_params, "steps": total_steps(cfg), "init": cfg.init,
-                "init_new_weights": missing, "resumed_from_step": res.resumed_from,
-                "seconds_per_step": round(res.seconds_per_step, 4),
-                "timing": {"seconds": round(res.seconds_per_step * total_steps(cfg), 1)}, "final_loss": (
-                    sum(res.losses[-50:]) / len(res.losses[-50:]) if res.losses else None),
+                **generator_meta(cfg, data), **fitted.extra, "fingerprint": sha256_file(weights),
+                "num_parameters": fitted.num_parameters, "steps": len(losses),
+                "resumed_from_step": fitted.resumed_from, "seconds_per_step": round(fitted.seconds_per_step, 4),
+                "timing": {"seconds": round(fitted.seconds_per_step * len(losses), 1)},
+                "final_loss": sum(losses[-50:]) / len(losses[-50:]) if losses else None,
                 "device": str(accelerator.device), "mixed_precision": mp, "processes": accelerator.num_processes,
                 "config_hash": chash, "params": params.resolved(),
             }
-            write_json(tmp / "generator.json", meta)
-        log.info("train_generator: wrote %s (%.3f s/step, fingerprint %s)", paths.generator,
-                 res.seconds_per_step, meta["fingerprint"][:12])
+            write_json(tmp / GENERATOR_META, meta)
+        log.info("train_generator: wrote %s (%s, %.3f s/step, fingerprint %s)", paths.generator, cfg.kind,
+                 fitted.seconds_per_step, meta["fingerprint"][:12])
     accelerator.wait_for_everyone()
     return meta
 

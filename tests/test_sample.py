@@ -10,7 +10,8 @@ import torch
 from pipeline import sample as sp
 from pipeline import train_generator as tg
 from pipeline.config import Paths, params_from_dict
-from pipeline.diffusion import build_unet, denoise, guided_output, inference_scheduler, train_scheduler
+from pipeline.diffusion import (DiffusionGenerator, build_unet, denoise, guided_output, inference_scheduler,
+                                train_scheduler)
 from pipeline.storage import dataset_to_tensors, read_json, tensors_to_dataset, write_json
 
 SIZE = 8
@@ -44,8 +45,12 @@ def tiny_model():
     cfg = tiny_params().train_generator
     torch.manual_seed(0)
     unet = build_unet(cfg, SIZE, 1, 2).eval()
-    meta = {"null_label": 2, "image_size": SIZE, "class_names": NAMES, "fingerprint": "f" * 64}
+    meta = {"null_label": 2, "image_size": SIZE, "channels": 1, "class_names": NAMES, "fingerprint": "f" * 64}
     return unet, dict(train_scheduler(cfg).config), meta
+
+
+def tiny_generator() -> DiffusionGenerator:
+    return DiffusionGenerator(*tiny_model())
 
 
 def test_guidance_batched_equals_separate_passes_and_changes_output():
@@ -70,19 +75,19 @@ def test_guidance_batched_equals_separate_passes_and_changes_output():
 
 @pytest.mark.parametrize("sampler", ["ddim", "dpm++"])
 def test_same_seed_same_image_whatever_the_batch(sampler):
-    unet, conf, meta = tiny_model()
+    gen = tiny_generator()
     cfg = tiny_params(sampler=sampler).sample
-    full, labels, seeds = sp.generate(unet, conf, meta, range(0, 6), cfg, 5, batch_size=6, progress=False)
+    full, labels, seeds = sp.generate(gen, range(0, 6), cfg, 5, batch_size=6, progress=False)
     assert seeds == [sp.image_seed(5, i) for i in range(6)] and labels.tolist() == [0, 0, 0, 1, 1, 1]
-    small, _, _ = sp.generate(unet, conf, meta, range(0, 6), cfg, 5, batch_size=4, progress=False)
-    part, _, part_seeds = sp.generate(unet, conf, meta, range(2, 5), cfg, 5, batch_size=2, progress=False)
+    small, _, _ = sp.generate(gen, range(0, 6), cfg, 5, batch_size=4, progress=False)
+    part, _, part_seeds = sp.generate(gen, range(2, 5), cfg, 5, batch_size=2, progress=False)
     assert full.dtype == torch.uint8 and full.shape == (6, 1, SIZE, SIZE)
     # another batch composition changes only float rounding: at most one grey level
     assert (full.int() - small.int()).abs().max() <= 1
     assert (full[2:5].int() - part.int()).abs().max() <= 1 and part_seeds == seeds[2:5]
-    again, _, _ = sp.generate(unet, conf, meta, range(0, 6), cfg, 5, batch_size=6, progress=False)
+    again, _, _ = sp.generate(gen, range(0, 6), cfg, 5, batch_size=6, progress=False)
     assert torch.equal(full, again)
-    other, _, _ = sp.generate(unet, conf, meta, range(0, 6), cfg, 6, batch_size=6, progress=False)
+    other, _, _ = sp.generate(gen, range(0, 6), cfg, 6, batch_size=6, progress=False)
     assert not torch.equal(full, other)  # another base seed, other images
 
 
@@ -140,7 +145,7 @@ class OracleEps:
         self.target, self.ab, self.error = target, alphas_cumprod, error
 
     def __call__(self, x, t, class_labels=None):
-        ab = self.ab[int(t)]
+        ab = self.ab[t.long()].reshape(-1, 1, 1, 1)  # t: one timestep per image
         eps = (x - ab.sqrt() * self.target) / (1 - ab).sqrt() + self.error
         return type("Out", (), {"sample": eps.clamp(-4, 4)})()  # a network's output is bounded
 

@@ -10,13 +10,14 @@ from diffusers import UNet2DModel
 
 from pipeline import train_generator as tg
 from pipeline.config import ConfigError, Paths, params_from_dict
-from pipeline.diffusion import build_unet, padded_size
+from pipeline.diffusion import DiffusionGenerator, build_backbone, build_unet, padded_size
 from pipeline.prepare import DataError
 from pipeline.storage import read_json, tensors_to_dataset, write_json
 
 SIZE = 8
 TINY = {"block_out_channels": (8, 16), "batch_size": 8, "warmup_steps": 2, "log_every": 2,
-        "checkpoint_every": 3, "preview_per_class": 1, "ema_decay": 0.9}
+        "checkpoint_every": 3, "preview_per_class": 1, "ema_decay": 0.9,
+        "dit": {"patch_size": 2, "num_layers": 2, "num_heads": 2, "head_dim": 8}}
 
 
 def toy_images(n_per_class: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,9 +50,9 @@ def tiny_data() -> tg.TrainData:
     return tg.TrainData(x, y, 2, class_names=["left", "right"])
 
 
-def fresh_unet(cfg, seed: int = 0) -> UNet2DModel:
+def fresh_unet(cfg, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return build_unet(cfg, SIZE, 1, 2)
+    return build_backbone(cfg, SIZE, 1, 2)
 
 
 def test_padded_size_and_lr_schedule():
@@ -63,15 +64,17 @@ def test_padded_size_and_lr_schedule():
     assert tg.total_steps(cfg) == 20
 
 
-def test_loss_falls(tmp_path):
-    cfg = tiny_params(steps=40, lr=3e-3, lr_schedule="constant", checkpoint_every=100).train_generator
+@pytest.mark.parametrize("kind", ["unet", "dit"])
+def test_loss_falls(tmp_path, kind):
+    cfg = tiny_params(kind=kind, steps=40, lr=3e-3, lr_schedule="constant", checkpoint_every=100).train_generator
     res = tg.train(fresh_unet(cfg), cfg, tiny_data(), seed=0, ckpt_dir=tmp_path / "ck", chash="a" * 64)
     first, last = sum(res.losses[:5]) / 5, sum(res.losses[-5:]) / 5
     assert len(res.losses) == 40 and last < 0.6 * first, (first, last)
 
 
-def test_resume_equals_uninterrupted(tmp_path):
-    cfg = tiny_params(steps=6, init="scratch").train_generator
+@pytest.mark.parametrize("kind", ["unet", "dit"])
+def test_resume_equals_uninterrupted(tmp_path, kind):
+    cfg = tiny_params(kind=kind, steps=6, init="scratch").train_generator
     data = tiny_data()
     straight = tg.train(fresh_unet(cfg), cfg, data, seed=1, ckpt_dir=tmp_path / "a", chash="h" * 64)
     part = tg.train(fresh_unet(cfg), cfg, data, seed=1, ckpt_dir=tmp_path / "b", chash="h" * 64, stop_at=4)
@@ -171,5 +174,6 @@ def test_odd_sizes_are_padded_for_the_unet_and_cropped_back(tmp_path):
     unet = build_unet(cfg, 6, 1, 2)
     assert unet.config.sample_size == 8
     res = tg.train(unet, cfg, data, seed=0, ckpt_dir=tmp_path, chash="p" * 64)
-    grid = tg.preview(res.ema_unet, dict(tg.train_scheduler(cfg).config), 2, 1, 6, "cpu")
+    meta = {"null_label": 2, "image_size": 6, "channels": 1}
+    grid = tg.preview(DiffusionGenerator(res.ema_unet, dict(tg.train_scheduler(cfg).config), meta), 2, 1)
     assert grid.shape == (2, 1, 6, 6) and grid.dtype == torch.uint8
