@@ -49,6 +49,8 @@ class TrainData:
     num_classes: int
     unlabeled: torch.Tensor | None = None  # train + pool images for unconditional pre-training
     class_names: list[str] = field(default_factory=list)
+    val_images: torch.Tensor | None = None  # the val split (uint8, CPU), for kinds that score a labeler
+    val_labels: torch.Tensor | None = None
 
     @property
     def image_size(self) -> int:
@@ -280,8 +282,9 @@ def load_train_data(params: Params, paths: Paths, device: str) -> TrainData:
                             "split; set prepare.unlabeled_pool > 0 and re-run prepare, or use init=scratch.")
         unlabeled = torch.cat([x, dataset_to_tensors(dd["pool"], label_column=None)[0]])
         unlabeled = unlabeled.to(device)
+    val_x, val_y = dataset_to_tensors(dd["val"]) if "val" in dd else (None, None)
     return TrainData(x.to(device), y.to(device), int(summary["num_classes"]), unlabeled,
-                     list(summary["class_names"]))
+                     list(summary["class_names"]), val_x, val_y)
 
 
 def make_unet(cfg: TrainGeneratorConfig, data: TrainData) -> tuple[torch.nn.Module, list[str]]:
