@@ -61,12 +61,19 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("stage", choices=[*STAGE_ORDER, "all"])
     r.add_argument("--params", default="params.yaml")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    k = sub.add_parser("compare", help="compare generator kinds across DVC experiments -> reports/generators.md")
+    k.add_argument("names", nargs="*", help="experiment names (default: every experiment and the workspace)")
+    k.add_argument("--repo", default=".", help="the project's git/DVC repository")
     c = sub.add_parser("config", help="print the resolved params (defaults + profile + params.yaml)")
     c.add_argument("--params", default="params.yaml")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args(argv)
     setup_logging()
     try:
+        if args.cmd == "compare":
+            from pipeline import compare
+            print(compare.to_markdown(compare.run(Path(args.repo), args.names or None)))
+            return
         params = load_params(args.params, _parse_set(args.set))
         if args.cmd == "config":
             print(yaml.safe_dump(json.loads(json.dumps(params.resolved())), sort_keys=False))
