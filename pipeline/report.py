@@ -236,6 +236,21 @@ def _sha_or_none(p: Path):
     return sha256_file(p)[:12] if p.exists() else None
 
 
+def generator_facts(paths: Paths) -> dict:
+    """Kind, size, training and sampling cost of the generator (for the report's Generator section)."""
+    f, s = paths.generator / "generator.json", paths.synthetic / "summary.json"
+    if not f.exists():
+        return {}
+    g = read_json(f)
+    facts = {"kind": g.get("kind", "unet"), "parameters_m": g.get("num_parameters", 0) / 1e6, "steps": g.get("steps"),
+             "seconds": (g.get("timing") or {}).get("seconds"), "device": g.get("device"),
+             "images_per_second": read_json(s).get("images_per_second") if s.exists() else None}
+    if g.get("interpreter_val_accuracy") is not None:
+        facts["interpreter"] = f"interpreter accuracy on val {100 * g['interpreter_val_accuracy']:.1f}% " \
+                               f"(N={g.get('interpreter_val_n')})"
+    return facts
+
+
 def run(params: Params, paths: Paths = Paths()) -> dict:
     from pipeline.config import resolve_device
 
@@ -287,6 +302,7 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
             r = rej[rej["label"] == c]["reason"].head(cfg.grid_per_class)
             reasons[c] = ", ".join(f"{k} x{n}" for k, n in r.value_counts().items())
 
+    generator = generator_facts(paths)
     device = resolve_device(params.base)
     meta = run_metadata(paths, device)
     stage_times = {}
@@ -296,6 +312,7 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
             stage_times[stage] = (read_json(f).get("timing") or {}).get("seconds")
     stage_times["train_classifier"] = sum(r.get("seconds") or 0 for v in variants.values() for r in v["per_seed"]) or None
     metrics = {"headline": answer["text"], "helped": answer["helped"], "best_variant": answer["best_variant"],
+               "generator_kind": generator.get("kind"),
                "n_test": answer["n_test"], "seeds": answer["seeds"],
                **({"gain": answer["gain"], "gain_ci95_low": answer["gain_low"], "gain_ci95_high": answer["gain_high"]}
                   if "gain" in answer else {}),
@@ -307,7 +324,7 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
     ctx = {"title": cfg.title, "answer": answer, "rows": rows, "names": names, "grids": grids, "reasons": reasons,
            "figs": {k: png_b64(f) for k, f in figs.items()}, "filter": filt,
            "quality": quality_rows(filt), "quality_names": QUALITY, "prepared": prepared, "meta": meta,
-           "stage_times": stage_times, "params": params.resolved(), "pct": pct}
+           "stage_times": stage_times, "params": params.resolved(), "pct": pct, "generator": generator}
     from jinja2 import Environment, FileSystemLoader, select_autoescape
 
     env = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"), autoescape=select_autoescape(["html"]))

@@ -75,6 +75,9 @@ def fake_run(root):
                                                  "clip": {"used": False, "why": "filter.clip.checkpoint not set"}, "metrics": {}})
     paths.generator.mkdir(parents=True)
     pd.DataFrame({"step": range(50), "loss": np.linspace(1, 0.1, 50)}).to_csv(paths.generator / "loss.csv", index=False)
+    write_json(paths.generator / "generator.json", {"kind": "datasetgan", "num_parameters": 1_234_000, "steps": 50,
+                                                    "timing": {"seconds": 12.0}, "device": "cpu",
+                                                    "interpreter_val_accuracy": 0.75, "interpreter_val_n": 8})
     for name, accs in {"real": [0.7, 0.72, 0.71], "real+classic": [0.73, 0.74, 0.72],
                        "real+synthetic": [0.78, 0.79, 0.80]}.items():
         write_json(paths.classifier_metrics / f"{name}.json", variant(accs, per_class=[accs[0], accs[1]]))
@@ -93,6 +96,8 @@ def test_report_stage_writes_everything(tmp_path):
     assert metrics["helped"] is True and metrics["variants"]["real"]["accuracy"] == pytest.approx(0.71)
     assert (paths.reports / "plots/per_class_gain.csv").exists() and (paths.reports / "figures/variants.png").exists()
     assert "| real+synthetic |" in (paths.reports / "report.md").read_text()
+    assert "Kind <b>datasetgan</b>, 1.23M parameters, 50 training steps in 12 s" in html
+    assert "interpreter accuracy on val 75.0% (N=8)" in html and metrics["generator_kind"] == "datasetgan"
 
 
 def test_report_opens_in_headless_chromium(tmp_path):
