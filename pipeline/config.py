@@ -58,13 +58,19 @@ class DitConfig(_Section):
 
 
 class CganConfig(_Section):
-    """kind: cgan (DCGAN generator, projection discriminator with spectral norm, hinge loss)."""
+    """kind: cgan (DCGAN generator, projection discriminator with spectral norm, hinge loss).
+
+    Shared train_generator keys that apply: steps, batch_size, ema_decay (EMA of the
+    generator, the saved one), hflip, checkpoint_every, log_every, preview_per_class. The
+    diffusion keys (lr, lr_schedule, warmup_steps, weight_decay, grad_clip, init,
+    mixed_precision, ...) are ignored: learning rates are constant and set here.
+    """
     z_dim: int = Field(64, ge=1)  # latent size
-    g_channels: int = Field(128, ge=8)  # generator width at the lowest resolution
-    d_channels: int = Field(64, ge=8)  # discriminator width at the highest resolution
-    lr_g: float = Field(2e-4, gt=0)  # Adam, betas (0, 0.99)
-    lr_d: float = Field(2e-4, gt=0)
-    diffaugment: str = "color,translation,cutout"  # DiffAugment policy on real and fake ("" = off)
+    g_channels: int = Field(64, ge=8)  # generator width at the lowest resolution (halved at each 2x upsampling)
+    d_channels: int = Field(32, ge=8)  # discriminator width at half resolution (x2, x4 deeper)
+    lr_g: float = Field(2e-4, gt=0)  # generator Adam learning rate, betas (0, 0.99)
+    lr_d: float = Field(2e-4, gt=0)  # discriminator Adam learning rate, betas (0, 0.99)
+    diffaugment: str = "color,translation,cutout"  # DiffAugment policies on real and fake ("" = off)
 
 
 class DatasetGanConfig(_Section):

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from bench import e2e, sampling
+from bench import e2e, generators, sampling
 
 
 def test_sampling_quick_writes_ratios_and_agreement(tmp_path, monkeypatch):
@@ -34,3 +34,11 @@ def test_e2e_reads_stage_times_from_outputs(tmp_path, monkeypatch):
     assert res["stages"]["train_classifier"]["seconds"] == pytest.approx(7.0)
     assert res["stages"]["sample"]["seconds"] is None and "sample" in res["stages_without_timing"]
     assert (tmp_path / "e2e-cpu.json").exists()
+
+
+def test_generators_quick_times_every_kind_side_by_side(tmp_path):
+    res = generators.main(["--quick", "--device", "cpu", "--repeats", "1", "--out-dir", str(tmp_path)])
+    doc = json.loads((tmp_path / "generators-cpu.json").read_text())
+    assert set(doc["kinds"]) == set(generators.KINDS) and doc["settings"]["weights"].startswith("random")
+    assert all(v["images_per_second"] > 0 and v["parameters"] > 0 for v in doc["kinds"].values())
+    assert res["ratio_images_per_second_vs_unet"]["unet"]["best"] == pytest.approx(1.0)
