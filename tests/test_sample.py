@@ -12,6 +12,7 @@ from pipeline import train_generator as tg
 from pipeline.config import Paths, params_from_dict
 from pipeline.diffusion import (DiffusionGenerator, build_unet, denoise, guided_output, inference_scheduler,
                                 train_scheduler)
+from pipeline.generators import load_generator
 from pipeline.storage import dataset_to_tensors, read_json, tensors_to_dataset, write_json
 
 SIZE = 8
@@ -159,3 +160,26 @@ def test_sampler_recovers_the_data_from_pure_noise(sampler):
     noise = torch.randn(2, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
     out = denoise(oracle, inference_scheduler(sampler, conf), noise, torch.tensor([0, 1]), 1.0, 10, 2)
     assert (out - target).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("kind", ["dit", "cgan", "datasetgan"])
+def test_every_kind_plugs_into_the_sample_stage(kind, tmp_path):
+    """The same stage, no per-kind code: a merged dataset of per_class images per class, per-seed images."""
+    from tests.test_train_generator import make_prepared
+
+    make_prepared(tmp_path)
+    params = params_from_dict({
+        "base": {"profile": "micro", "device": "cpu", "seed": 5},
+        "train_generator": {"kind": kind, "steps": 2, "batch_size": 8, "preview_per_class": 1,
+                            "dit": {"patch_size": 2, "num_layers": 1, "num_heads": 2, "head_dim": 8},
+                            "cgan": {"z_dim": 8, "g_channels": 16, "d_channels": 8}},
+        "sample": {"per_class": 3, "num_inference_steps": 2, "grid_per_class": 2, "batch_size": 4}})
+    tg.run(params, Paths(root=tmp_path))
+    out = sp.run(params, Paths(root=tmp_path))
+    assert out["complete"] and out["generator_kind"] == kind
+    assert out["counts_per_class"] == {"left": 3, "right": 3}
+    ds = datasets.load_from_disk(str(Paths(root=tmp_path).synthetic / "dataset"))
+    x, y = dataset_to_tensors(ds)
+    assert x.shape == (6, 1, 8, 8) and y.tolist() == [0, 0, 0, 1, 1, 1]
+    one = sp.generate(load_generator(Paths(root=tmp_path).generator), range(4, 5), params.sample, 5, 1, progress=False)
+    assert (one[0].int() - x[4:5].int()).abs().max() <= 1  # image 4 alone = image 4 in a batch of 4
