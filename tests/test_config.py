@@ -57,6 +57,14 @@ def test_profile_preset_then_params_override():
     assert p.train_generator.batch_size == PROFILES["micro"]["train_generator"]["batch_size"]
 
 
+def test_nested_preset_merges_key_by_key_and_kinds_are_checked(tmp_path):
+    p = params_from_dict({"base": {"profile": "micro"}, "train_generator": {"dit": {"patch_size": 2}}})
+    assert p.train_generator.dit.patch_size == 2  # from params.yaml
+    assert p.train_generator.dit.num_layers == PROFILES["micro"]["train_generator"]["dit"]["num_layers"]  # preset
+    with pytest.raises(ConfigError, match=r"train_generator\.kind.*'unet', 'dit', 'cgan' or 'datasetgan'"):
+        load_params(write(tmp_path, {"train_generator": {"kind": "vae"}}))
+
+
 def test_overrides_and_missing_file(tmp_path):
     p = load_params("params.yaml", {"sample.per_class": 3})
     assert p.sample.per_class == 3
