@@ -115,8 +115,9 @@ def to_markdown(df: pd.DataFrame) -> str:
                 else f"{100 * r.gain:+.1f} [{100 * r.gain_low:+.1f}, {100 * r.gain_high:+.1f}]")
         fd_acc = "n/a" if r.fd_accepted is None or pd.isna(r.fd_accepted) else f"{r.fd_accepted:.1f} ({r.n_accepted})"
         p = "" if r.gain_p is None or pd.isna(r.gain_p) else f"{r.gain_p:.2f}"
+        train = f"{r.train_seconds:.0f}" if r.train_seconds else "n/a"  # 0: resumed from finished checkpoints
         lines.append(
-            f"| {r.kind} | {r.run} | {r.parameters_m:.2f} | {r.train_seconds:.0f} ({r.train_steps}) | "
+            f"| {r.kind} | {r.run} | {r.parameters_m:.2f} | {train} ({r.train_steps}) | "
             f"{r.images_per_second:.2f} ({r.device}) | {r.fd_all:.1f} ({r.n_synthetic}) | {fd_acc} | {r.fd_floor:.1f} | "
             f"{r.precision_all:.2f} | {r.recall_all:.2f} | {100 * r.acceptance:.1f}% | "
             f"{pct(r.synthetic_only_accuracy)} | {gain} | {p} |")
