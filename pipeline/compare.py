@@ -10,7 +10,6 @@ precision/recall, acceptance) and ``reports/metrics.json`` (accuracy gain). Writ
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import subprocess

@@ -35,7 +35,7 @@ from pipeline.diffusion import (build_backbone, crop_images, denoise, inference_
                                 pad_images, seeded_noise, to_uint8, to_unit, train_scheduler)
 from pipeline.generators import Fitted
 from pipeline.storage import read_json
-from pipeline.train_generator import TrainData, train
+from pipeline.train_generator import TrainData, generator_meta, train
 
 log = logging.getLogger(__name__)
 INTERPRETER_FILE = "interpreter.safetensors"
@@ -166,9 +166,7 @@ def fit(params: Params, data: TrainData, accelerator, ckpt_dir: Path, chash: str
              "interpreter_val_accuracy": None if val_acc is None else round(val_acc, 4),
              "interpreter_val_n": 0 if data.val_images is None else len(data.val_images),
              "sample_size": size, "prediction_type": cfg.prediction_type}
-    meta = {"kind": cfg.kind, "num_classes": data.num_classes, "class_names": data.class_names,
-            "null_label": data.num_classes, "image_size": data.image_size, "channels": data.channels, **extra}
-    generator = DatasetGanGenerator(ema, dict(sched.config), interpreter, meta)
+    generator = DatasetGanGenerator(ema, dict(sched.config), interpreter, {**generator_meta(cfg, data), **extra})
     return Fitted(generator, save, {"loss": res.losses, "lr": res.lrs}, res.seconds_per_step, res.resumed_from,
                   n_params + sum(p.numel() for p in interpreter.parameters()), extra)
 

@@ -5,8 +5,8 @@ A trained generator folder (``models/generator/``) holds ``generator.json`` (its
 ...) and the weights of its kind. ``load_generator`` gives the sample stage an object
 with ``meta`` and ``sample(labels, seeds, cfg)``, whatever the kind, so sample, filter,
 classify and report need no per-kind code. Each kind's module provides
-``fit(params, data, ...) -> Fitted`` (used by train_generator) and
-``load(folder, meta, device)``.
+``load(folder, meta, device)`` and, for cgan and datasetgan, ``fit(params, data, ...) ->
+Fitted``; the diffusion kinds' ``fit`` is in train_generator, beside their training loop.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from pipeline.config import ConfigError, SampleConfig
 from pipeline.storage import read_json
 
 GENERATOR_META = "generator.json"
-KINDS = {  # kind -> module with fit() and load()
+KINDS = {  # kind -> module with load() (and fit(), but for the diffusion kinds)
     "unet": "pipeline.diffusion",  # class-conditional diffusion, UNet2DModel
     "dit": "pipeline.diffusion",  # class-conditional diffusion, DiTTransformer2DModel
     "cgan": "pipeline.gan",  # conditional GAN, one forward pass per image
