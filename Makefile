@@ -6,13 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
-export PREFECT_HOME := $(CURDIR)/.prefect
-export PREFECT_SERVER_ANALYTICS_ENABLED := false
-export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
-export PREFECT_LOGGING_LEVEL ?= INFO
-export HF_HUB_OFFLINE := 1
-export HF_DATASETS_OFFLINE := 1
-export TOKENIZERS_PARALLELISM := false
+# Prefect's settings are in prefect.toml; the offline flags are set by the entry points
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: setup venv data browser run test bench clean help

@@ -1,16 +1,10 @@
-"""Prefect flows: thin wrappers over ``pipeline.<stage>.run`` (see flows/stages.py)."""
-import os
-from pathlib import Path
+"""Prefect flows: thin wrappers over ``pipeline.<stage>.run`` (see flows/stages.py).
 
-# Quiet, offline-safe Prefect defaults; anything set in the environment wins.
-_ROOT = Path(__file__).resolve().parent.parent
-os.environ.setdefault("PREFECT_HOME", str(_ROOT / ".prefect"))
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+Prefect's own settings for this project are in ``prefect.toml`` at the project root.
+"""
+import logging
 
-import logging  # noqa: E402
+from pipeline.core.env import offline_defaults
 
+offline_defaults()
 logging.getLogger("pipeline").setLevel(logging.INFO)

@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from pipeline import STAGE_ORDER
-from pipeline.cli import _parse_set, user_errors
+from pipeline.core.entrypoint import exit_on_user_error, parse_set
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -18,14 +17,10 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     from flows.stages import STAGE_FLOWS, augment_flow
 
-    kwargs = dict(params_file=args.params, overrides=_parse_set(args.set) or None, root=args.root)
+    kwargs = dict(params_file=args.params, overrides=exit_on_user_error(parse_set, args.set) or None, root=args.root)
     if args.stage == "train_classifier":
         kwargs["variant"] = args.variant or "real"
-    try:
-        (augment_flow if args.stage == "augment" else STAGE_FLOWS[args.stage])(**kwargs)
-    except user_errors() as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    exit_on_user_error(augment_flow if args.stage == "augment" else STAGE_FLOWS[args.stage], **kwargs)
 
 
 if __name__ == "__main__":

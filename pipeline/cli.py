@@ -1,57 +1,29 @@
-"""Command line: ``python -m pipeline.<stage>`` and the ``synthaug`` command."""
+"""The ``synthaug`` command: run stages in-process, print the params in force, compare runs."""
 from __future__ import annotations
 
 import argparse
 import importlib
 import json
-import logging
-import sys
 from pathlib import Path
-from typing import Callable
 
 import yaml
 
 from pipeline import STAGE_ORDER
-from pipeline.config import ConfigError, Paths, load_params
-
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError)
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean bad input, shown as one clear message rather than a traceback."""
-    from pipeline.prepare import DataError
-    return USER_ERRORS + (DataError,)
+from pipeline.config import Paths, load_params
+from pipeline.core.entrypoint import exit_on_user_error, parse_set, setup_logging
+from pipeline.reporting import compare
 
 
-def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-
-
-def _parse_set(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key.path=value")
-        k, v = item.split("=", 1)
-        out[k] = yaml.safe_load(v)
-    return out
-
-
-def stage_main(name: str, run: Callable, argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog=f"python -m pipeline.{name}", description=f"Run the {name} stage.")
-    ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    ap.add_argument("--root", default=".", help="project root that data/, models/, reports/ are under")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a param, e.g. --set sample.shard_index=1")
-    args = ap.parse_args(argv)
-    setup_logging()
-    try:
-        params = load_params(args.params, _parse_set(args.set))
-        run(params, Paths(root=Path(args.root)))
-    except user_errors() as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+def _command(args) -> None:
+    if args.cmd == "compare":
+        print(compare.to_markdown(compare.run(Path(args.repo), args.names or None)))
+        return
+    params = load_params(args.params, parse_set(args.set))
+    if args.cmd == "config":
+        print(yaml.safe_dump(json.loads(json.dumps(params.resolved())), sort_keys=False))
+        return
+    for stage in (STAGE_ORDER if args.stage == "all" else [args.stage]):
+        importlib.import_module(f"pipeline.{stage}").run(params, Paths())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -69,20 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args(argv)
     setup_logging()
-    try:
-        if args.cmd == "compare":
-            from pipeline import compare
-            print(compare.to_markdown(compare.run(Path(args.repo), args.names or None)))
-            return
-        params = load_params(args.params, _parse_set(args.set))
-        if args.cmd == "config":
-            print(yaml.safe_dump(json.loads(json.dumps(params.resolved())), sort_keys=False))
-            return
-        for stage in (STAGE_ORDER if args.stage == "all" else [args.stage]):
-            importlib.import_module(f"pipeline.{stage}").run(params, Paths())
-    except user_errors() as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    exit_on_user_error(_command, args)
 
 
 if __name__ == "__main__":

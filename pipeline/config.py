@@ -7,17 +7,16 @@ and wrong types are errors that name the key and the file.
 from __future__ import annotations
 
 import os
+import typing
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipeline.errors import ConfigError
+
 PARAMS_FILE = "params.yaml"
-
-
-class ConfigError(ValueError):
-    """A params file that cannot be used; the message says which key and what to do."""
 
 
 class _Section(BaseModel):
@@ -170,16 +169,40 @@ class FilterConfig(_Section):
     batch_size: int = Field(64, ge=1)  # feature extraction and judge scoring
 
 
+class VariantSpec(_Section):
+    """What one classifier variant trains on; every variant gets the same steps and seeds."""
+    # the stage output its extra images come from (required: dvc.yaml makes it a dependency):
+    # prepared = none beyond the real splits | filtered = accepted synthetic | synthetic = every sample, unfiltered
+    data: Literal["prepared", "filtered", "synthetic"]
+    real: bool = True  # the labeled real images (false: synthetic only, the Classification Accuracy Score)
+    augment: Literal["standard", "classic"] = "standard"  # crop + flip | TrivialAugmentWide, then crop + flip
+
+    @property
+    def uses_synthetic(self) -> bool:
+        return self.data != "prepared"
+
+    @model_validator(mode="after")
+    def _trains_on_something(self):
+        if not self.real and not self.uses_synthetic:
+            raise ValueError("a variant with real: false needs data: filtered or synthetic")
+        return self
+
+
+def _v(data: str = "prepared", **kw) -> VariantSpec:
+    return VariantSpec(data=data, **kw)
+
+
 class TrainClassifierConfig(_Section):
-    # every variant pipeline.train_classifier can train (its VARIANTS table says what each uses)
-    KNOWN_VARIANTS: ClassVar[tuple[str, ...]] = (
-        "real", "real+classic", "real+synthetic", "real+synthetic+classic",
-        "synthetic-only", "real+synthetic-unfiltered",
-    )
+    # name -> what it trains on. params.yaml is the one list of variants: dvc.yaml runs one
+    # train_classifier stage per entry, the report shows them in this order.
+    variants: dict[str, VariantSpec] = {
+        "real": _v(), "real+classic": _v(augment="classic"),
+        "real+synthetic": _v("filtered"), "real+synthetic+classic": _v("filtered", augment="classic"),
+        "synthetic-only": _v("filtered", real=False), "real+synthetic-unfiltered": _v("synthetic"),
+    }
     arch: str = "resnet10t"  # any timm model name (timm.list_models())
     # None = from scratch | efficientnet-lite0 (ImageNet, arch tf_efficientnet_lite0) | a local .safetensors
     pretrained: Optional[str] = None
-    variants: tuple[str, ...] = KNOWN_VARIANTS  # which variants a full run trains
     seeds: int = Field(3, ge=1)  # seeds per variant (seed k = base.seed * 1000 + k, paired across variants)
     steps: int = Field(1500, ge=1)  # optimizer steps, identical for every variant
     batch_size: int = Field(64, ge=1)
@@ -194,10 +217,9 @@ class TrainClassifierConfig(_Section):
     ece_bins: int = Field(15, ge=2)  # bins of the expected calibration error
 
     @model_validator(mode="after")
-    def _known_variants(self):
-        bad = [v for v in self.variants if v not in self.KNOWN_VARIANTS]
-        if bad:
-            raise ValueError(f"unknown variant(s) {bad} (allowed: {', '.join(self.KNOWN_VARIANTS)})")
+    def _check(self):
+        if not self.variants:
+            raise ValueError("variants is empty: name at least one variant (e.g. real: {data: prepared})")
         if any(not 0 <= r <= 1 for r in self.ratio_sweep):
             raise ValueError(f"ratio_sweep values must lie in [0, 1] (got {list(self.ratio_sweep)})")
         return self
@@ -296,9 +318,12 @@ class Params(_Section):
 
 
 def _allowed_keys(loc: tuple) -> list[str]:
-    model = Params
-    for part in loc[:-1]:
-        model = model.model_fields[part].annotation
+    model, parts = Params, list(loc[:-1])
+    while parts:
+        model = model.model_fields[parts.pop(0)].annotation
+        if typing.get_origin(model) is dict:  # a named entry (a variant): its value's fields
+            model = typing.get_args(model)[1]
+            parts = parts[1:]
     return sorted(model.model_fields)
 
 

@@ -1,278 +1,25 @@
 """Stage 1, prepare: read a labeled image source and write deterministic splits.
 
-Writes ``data/prepared/``: a ``DatasetDict`` (train = the small labeled set, val,
-test, and optionally pool = unlabeled images) and ``summary.json``.
-The source is only ever read.
-
-Image policy (imagefolder / hf-disk): EXIF orientation applied; 16-bit and float
-images scaled to 8 bits by their type's range; palette, CMYK and other modes
-converted; transparency flattened onto black; then converted to ``channels``
-(L or RGB) and resized to ``image_size`` by ``resize`` (center-crop or stretch).
+Writes ``data/prepared/``: a ``DatasetDict`` (train = the small labeled set, val, test,
+and optionally pool = unlabeled images) and ``summary.json``. Readers live in
+``pipeline.core.sources``, the split rule in ``pipeline.core.splits``.
 """
 from __future__ import annotations
 
-import gzip
-import hashlib
 import logging
-import struct
 import time
-import warnings
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
 
-from pipeline.config import Paths, Params, PrepareConfig
-from pipeline.storage import atomic_path, sha256_file, tensors_to_dataset, write_json
+from pipeline.config import Params, Paths
+from pipeline.core.images import tensors_to_dataset
+from pipeline.core.entrypoint import stage_main
+from pipeline.core.io import atomic_path, write_json
+from pipeline.core.sources import READERS
+from pipeline.core.splits import make_splits
 
 log = logging.getLogger(__name__)
 
-IDX_FILES = {
-    "train_images": "train-images-idx3-ubyte.gz",
-    "train_labels": "train-labels-idx1-ubyte.gz",
-    "test_images": "t10k-images-idx3-ubyte.gz",
-    "test_labels": "t10k-labels-idx1-ubyte.gz",
-}
-FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-
-
-class DataError(ValueError):
-    """A dataset that cannot be used as it is; the message says what to do."""
-
-
-@dataclass
-class Source:
-    """A labeled source in memory: uint8 N,H,W,C images, int labels, class names."""
-    images: np.ndarray
-    labels: np.ndarray
-    class_names: list[str]
-    test_images: np.ndarray | None = None
-    test_labels: np.ndarray | None = None
-    fingerprint: str = ""
-    skipped: list[dict] = field(default_factory=list)  # unreadable files: path, reason
-
-
-# ---- readers -----------------------------------------------------------------------
-
-def read_idx(path: Path) -> np.ndarray:
-    """Read one (gzipped) IDX file; raise DataError on a truncated or foreign file."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as err:
-        raise DataError(f"{path}: cannot read IDX file ({err}). Re-download it.") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise DataError(f"{path}: not an unsigned-byte IDX file (bad magic number). Re-download it.")
-    ndim = raw[3]
-    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if data.size != int(np.prod(dims)):
-        raise DataError(f"{path}: truncated IDX file ({data.size} bytes of data, header says "
-                        f"{int(np.prod(dims))}). Re-download it.")
-    return data.reshape(dims)
-
-
-def read_fashion_mnist(cfg: PrepareConfig) -> Source:
-    root = Path(cfg.path)
-    missing = [n for n in IDX_FILES.values() if not (root / n).exists()]
-    if missing:
-        raise DataError(
-            f"{root}: missing Fashion-MNIST files {missing}. Run `make setup` (installs the Debian "
-            f"package dataset-fashion-mnist), or download the four IDX .gz files from the "
-            f"Fashion-MNIST project into a folder and set prepare.path to it.")
-    arrays = {k: read_idx(root / n) for k, n in IDX_FILES.items()}
-    for split in ("train", "test"):
-        if len(arrays[f"{split}_images"]) != len(arrays[f"{split}_labels"]):
-            raise DataError(f"{root}: {split} images and labels differ in count")
-    fp = hashlib.sha256("".join(sha256_file(root / n) for n in IDX_FILES.values()).encode()).hexdigest()
-    images = _fit_arrays(arrays["train_images"], cfg)
-    test = _fit_arrays(arrays["test_images"], cfg)
-    labels = arrays["train_labels"].astype(np.int64)
-    names = FASHION_MNIST_CLASSES[: int(labels.max()) + 1]
-    return Source(images, labels, names,
-                  test, arrays["test_labels"].astype(np.int64), fp)
-
-
-def _fit_arrays(gray: np.ndarray, cfg: PrepareConfig) -> np.ndarray:
-    """N,H,W uint8 grayscale -> N,S,S,C at the configured size and channels."""
-    if gray.shape[1:] != (cfg.image_size, cfg.image_size):
-        gray = np.stack([np.asarray(fit_image(Image.fromarray(g), cfg).convert("L")) for g in gray])
-    out = np.array(gray[..., None])  # IDX buffers are read-only
-    return np.repeat(out, 3, axis=-1) if cfg.channels == 3 else out
-
-
-def to_8bit(img: Image.Image) -> Image.Image:
-    """Bring any PIL mode to L, RGB or RGBA, 8 bits per channel."""
-    img = ImageOps.exif_transpose(img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img).astype(np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        if img.mode == "F":
-            top = max(float(arr.max()), 1.0) if arr.max() > 1 else 1.0
-        img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).round().astype(np.uint8))
-    if img.mode == "P":
-        img = img.convert("RGBA")
-    if img.mode in ("LA", "RGBA", "PA"):
-        rgba = img.convert("RGBA")
-        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        img = Image.alpha_composite(black, rgba).convert("RGB")
-    if img.mode not in ("L", "RGB"):
-        img = img.convert("RGB")
-    return img
-
-
-def fit_image(img: Image.Image, cfg: PrepareConfig) -> Image.Image:
-    """Any PIL image -> image_size x image_size in the configured channel count."""
-    img = to_8bit(img).convert("L" if cfg.channels == 1 else "RGB")
-    size = (cfg.image_size, cfg.image_size)
-    if img.size == size:
-        return img
-    if cfg.resize == "stretch":
-        return img.resize(size, Image.Resampling.BICUBIC)
-    return ImageOps.fit(img, size, Image.Resampling.BICUBIC)
-
-
-def load_image_file(path: Path, cfg: PrepareConfig) -> np.ndarray:
-    """Open, fully decode and fit one file; raise DataError with the reason when it cannot."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.draft("RGB" if cfg.channels == 3 else "L", (cfg.image_size * 2, cfg.image_size * 2))
-                img.load()
-                return np.asarray(fit_image(img, cfg), dtype=np.uint8).reshape(cfg.image_size, cfg.image_size, cfg.channels)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise DataError(f"{path}: image too large to decode safely ({err})") from None
-    except Exception as err:  # PIL raises many types for bad bytes
-        raise DataError(f"{path}: unreadable image ({type(err).__name__}: {err})") from None
-
-
-def read_imagefolder(cfg: PrepareConfig) -> Source:
-    root = Path(cfg.path)
-    if not root.is_dir():
-        raise DataError(f"{root}: image folder not found. Set prepare.path to a folder with one sub-folder per class.")
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not class_dirs:
-        raise DataError(f"{root}: no class sub-folders. Expected {root}/<class name>/<image files>.")
-    images, labels, skipped, h = [], [], [], hashlib.sha256()
-    for label, d in enumerate(class_dirs):
-        for f in sorted(p for p in d.rglob("*") if p.is_file() and not p.name.startswith(".")):
-            h.update(f"{f.relative_to(root)}:{sha256_file(f)}".encode())
-            try:
-                images.append(load_image_file(f, cfg))
-                labels.append(label)
-            except DataError as err:
-                if cfg.on_bad_image == "error":
-                    raise DataError(f"{err}. Remove or fix the file, or set prepare.on_bad_image: skip.") from None
-                log.warning("skipping %s", err)
-                skipped.append({"path": str(f.relative_to(root)), "reason": str(err).split(": ", 1)[-1]})
-    empty = [d.name for i, d in enumerate(class_dirs) if i not in set(labels)]
-    if empty:
-        raise DataError(f"{root}: class folder(s) {empty} hold no readable image. Add images or remove the folder.")
-    return Source(np.stack(images), np.asarray(labels, dtype=np.int64), [d.name for d in class_dirs],
-                  fingerprint=h.hexdigest(), skipped=skipped)
-
-
-def read_hf_disk(cfg: PrepareConfig) -> Source:
-    import datasets
-
-    root = Path(cfg.path)
-    if not root.exists():
-        raise DataError(f"{root}: saved dataset not found. Set prepare.path to a folder written by save_to_disk.")
-    ds = datasets.load_from_disk(str(root))
-    splits = ds if isinstance(ds, datasets.DatasetDict) else {"train": ds}
-    if "train" not in splits:
-        raise DataError(f"{root}: a DatasetDict needs a 'train' split (has {list(splits)})")
-    for name, split in splits.items():
-        for col in (cfg.image_column, cfg.label_column):
-            if col not in split.column_names:
-                raise DataError(f"{root}: split {name!r} has no column {col!r} (columns: {split.column_names}). "
-                                f"Set prepare.image_column / prepare.label_column.")
-    feat = splits["train"].features[cfg.label_column]
-    names = list(feat.names) if hasattr(feat, "names") else [str(v) for v in sorted(set(splits["train"][cfg.label_column]))]
-    to_index = (lambda v: int(v)) if hasattr(feat, "names") else (lambda v: names.index(str(v)))
-    skipped: list[dict] = []
-
-    def convert(split, name):
-        imgs, labs = [], []
-        for i, (im, lab) in enumerate(zip(split[cfg.image_column], split[cfg.label_column])):
-            try:
-                if im is None:
-                    raise DataError("missing image")
-                with warnings.catch_warnings():
-                    warnings.simplefilter("error", Image.DecompressionBombWarning)
-                    imgs.append(np.asarray(fit_image(im, cfg), dtype=np.uint8).reshape(cfg.image_size, cfg.image_size, cfg.channels))
-                labs.append(to_index(lab))
-            except Exception as err:
-                if cfg.on_bad_image == "error":
-                    raise DataError(f"{root}: {name}[{i}]: unreadable image ({err})") from None
-                skipped.append({"path": f"{name}[{i}]", "reason": str(err)})
-        return np.stack(imgs), np.asarray(labs, dtype=np.int64)
-
-    x, y = convert(splits["train"], "train")
-    tx, ty = convert(splits["test"], "test") if "test" in splits else (None, None)
-    fp = hashlib.sha256("".join(s._fingerprint for s in splits.values()).encode()).hexdigest()
-    return Source(x, y, names, tx, ty, fp, skipped)
-
-
-READERS = {"fashion-mnist": read_fashion_mnist, "imagefolder": read_imagefolder, "hf-disk": read_hf_disk}
-
-
-# ---- splitting (pure) ---------------------------------------------------------------
-
-def image_hashes(images: np.ndarray) -> np.ndarray:
-    return np.array([hashlib.sha1(im.tobytes()).hexdigest() for im in images])
-
-
-def make_splits(src: Source, cfg: PrepareConfig, seed: int) -> tuple[dict[str, np.ndarray], dict]:
-    """Indices of train / val / pool into ``src.images`` and of test into the test arrays
-    (or into ``src.images`` for a hold-out). Deterministic given ``seed``."""
-    rng = np.random.default_rng(seed)
-    n_classes = len(src.class_names)
-    candidates = np.arange(len(src.images))
-    notes: dict = {}
-    if src.test_images is None:  # stratified hold-out test split
-        test = []
-        for c in range(n_classes):
-            idx = rng.permutation(np.flatnonzero(src.labels == c))
-            test.extend(idx[: max(1, int(round(len(idx) * cfg.test_fraction)))] if len(idx) > 1 else [])
-        test = np.sort(np.asarray(test, dtype=np.int64))
-        candidates = np.setdiff1d(candidates, test)
-        test_hashes = set(image_hashes(src.images[test]))
-    else:
-        test = np.arange(len(src.test_images))
-        test_hashes = set(image_hashes(src.test_images))
-    cand_hashes = image_hashes(src.images[candidates])
-    dup = np.array([h in test_hashes for h in cand_hashes], dtype=bool)
-    notes["train_test_exact_duplicates"] = int(dup.sum())
-    candidates = candidates[~dup]  # an image that is also in test never enters training
-    train, val, rest = [], [], []
-    need = cfg.labeled_per_class + cfg.val_per_class
-    short = {}
-    for c in range(n_classes):
-        idx = rng.permutation(candidates[src.labels[candidates] == c])
-        if len(idx) < need:
-            short[src.class_names[c]] = int(len(idx))
-        train.extend(idx[: cfg.labeled_per_class])
-        val.extend(idx[cfg.labeled_per_class: need])
-        rest.extend(idx[need:])
-    if short:
-        raise DataError(
-            "classes with fewer usable images than labeled_per_class + val_per_class = "
-            f"{cfg.labeled_per_class} + {cfg.val_per_class} = {need}: "
-            + ", ".join(f"{k!r} has {v}" for k, v in short.items())
-            + ". Add images, or lower prepare.labeled_per_class / prepare.val_per_class.")
-    rest = rng.permutation(np.asarray(rest, dtype=np.int64))
-    pool = rest if cfg.unlabeled_pool == -1 else rest[: cfg.unlabeled_pool]
-    out = {k: np.sort(np.asarray(v, dtype=np.int64)) for k, v in
-           {"train": train, "val": val, "pool": pool, "test": test}.items()}
-    return out, notes
-
-
-# ---- stage --------------------------------------------------------------------------
 
 def run(params: Params, paths: Paths = Paths()) -> dict:
     cfg = params.prepare
@@ -315,7 +62,6 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from pipeline.cli import stage_main
     stage_main("prepare", run, argv)
 
 

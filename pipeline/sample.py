@@ -1,10 +1,9 @@
 """Stage 3, sample: class-conditional synthetic images from the trained generator.
 
-Any generator kind (pipeline/generators.py). Image ``i`` (global index, class-major:
+Any generator kind (pipeline/models/registry.py). Image ``i`` (global index, class-major:
 label = i // per_class) is made from its own seed ``image_seed(base.seed, i)`` (the
-initial noise of DDIM (eta 0) and DPM-Solver++, the latent of the GAN), so an image
-depends on its seed, not on the batch or shard it was made in (up to float rounding when
-batch compositions differ). Sampler, steps and guidance apply to the diffusion kinds.
+initial noise of DDIM (eta 0) and DPM-Solver++, the latent of the GAN); see
+pipeline/models/sampling.py. Sampler, steps and guidance apply to the diffusion kinds.
 
 Shards: shard k of n generates a contiguous range of indices into
 ``data/synthetic_shards/shard-kkk-of-nnn`` (skipped when already complete). The run that
@@ -20,36 +19,17 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from pipeline.config import Paths, Params, SampleConfig, resolve_device
-from pipeline.generators import Generator, load_generator
-from pipeline.storage import (atomic_path, dataset_to_tensors, make_grid_image, read_json, save_dataset,
-                              save_png, tensors_to_dataset, write_json)
+from pipeline.core.entrypoint import stage_main
+from pipeline.core.images import dataset_to_tensors, make_grid_image, tensors_to_dataset
+from pipeline.core.io import atomic_path, read_json, save_dataset, save_png, write_json
+from pipeline.core.seeding import SEED_STRIDE, image_seed
+from pipeline.models.registry import load_generator
+from pipeline.models.sampling import generate, shard_range
 
 log = logging.getLogger(__name__)
 AUTO_BATCH = {"cpu": 64, "cuda": 256}
-SEED_STRIDE = 1_000_000_007  # seeds of different base seeds never collide below this many images
-
-
-def image_seed(base_seed: int, index: int) -> int:
-    """The noise seed of global image ``index``."""
-    return base_seed * SEED_STRIDE + index
-
-
-def shard_range(n_images: int, shard_index: int, num_shards: int) -> range:
-    """Contiguous, balanced range of global indices of one shard (independent of batch size)."""
-    return range(shard_index * n_images // num_shards, (shard_index + 1) * n_images // num_shards)
-
-
-def batch_ranges(indices: range, batch_size: int) -> list[range]:
-    """Cut ``indices`` at global multiples of batch_size (a shard reuses the single-run batches)."""
-    out, start = [], indices.start
-    while start < indices.stop:
-        stop = min(indices.stop, (start // batch_size + 1) * batch_size)
-        out.append(range(start, stop))
-        start = stop
-    return out
 
 
 def shard_name(shard_index: int, num_shards: int) -> str:
@@ -58,24 +38,6 @@ def shard_name(shard_index: int, num_shards: int) -> str:
 
 def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower() or "class"
-
-
-def generate(generator: Generator, indices: range, cfg: SampleConfig, base_seed: int, batch_size: int,
-             progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """uint8 images (N,C,H,W), labels and seeds for the global ``indices``."""
-    meta = generator.meta
-    images, labels, seeds = [], [], []
-    with tqdm(total=len(indices), unit="img", desc="sample", disable=not progress) as bar:
-        for r in batch_ranges(indices, batch_size):
-            batch_seeds = [image_seed(base_seed, i) for i in r]
-            y = torch.tensor([i // cfg.per_class for i in r])
-            images.append(generator.sample(y, batch_seeds, cfg))
-            labels.append(y)
-            seeds.extend(batch_seeds)
-            bar.update(len(r))
-    empty = torch.zeros(0, meta["channels"], meta["image_size"], meta["image_size"], dtype=torch.uint8)
-    return (torch.cat(images) if images else empty,
-            torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long), seeds)
 
 
 def to_dataset(images: torch.Tensor, labels: torch.Tensor, seeds: list[int], cfg: SampleConfig, meta: dict):
@@ -173,7 +135,6 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from pipeline.cli import stage_main
     stage_main("sample", run, argv)
 
 

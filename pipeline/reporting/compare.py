@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.report import _plt, pct
-from pipeline.storage import atomic_path, save_figure, write_json
+from pipeline.core.io import atomic_path, save_figure, write_json
+from pipeline.core.plotting import pyplot
+from pipeline.reporting.tables import pct
 
 log = logging.getLogger(__name__)
 FILES = {"generator": "models/generator/generator.json", "sample": "data/synthetic/summary.json",
@@ -129,7 +130,7 @@ def to_markdown(df: pd.DataFrame) -> str:
 
 def figure(df: pd.DataFrame):
     """The trilemma: sampling speed vs quality (FD), marker size = coverage (recall), label = gain."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for r in df.itertuples():
         ax.scatter(r.images_per_second, r.fd_all, s=60 + 600 * r.recall_all, alpha=0.6)

@@ -1,58 +1,41 @@
-"""Diffusion backbones, schedulers and the guided denoising loop (kinds unet and dit).
+"""Diffusion backbones, schedulers and the generator folder as a diffusers pipeline (kinds unet, dit).
 
 The backbone is a class-conditional diffusers ``UNet2DModel`` (kind unet) or
 ``DiTTransformer2DModel`` (kind dit): class ids 0..K-1 are the classes and id K
 (``null_label``) is the "no class" label used for classifier-free guidance. Images are
 held in [-1, 1], padded (centered, with -1) to a side the backbone divides (UNet
-down-sampling, DiT patches), and cropped back after sampling.
+down-sampling, DiT patches), and cropped back after sampling. The guided denoising loop is
+``ClassConditionalPipeline.__call__`` (pipeline/models/class_conditional.py).
 """
 from __future__ import annotations
 
-import contextlib
+import json
 import math
+import shutil
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, DiTTransformer2DModel, DPMSolverMultistepScheduler, UNet2DModel
 from diffusers.models.embeddings import LabelEmbedding
 
-from pipeline.config import ConfigError, SampleConfig, TrainGeneratorConfig
-from pipeline.storage import read_json
+from pipeline.config import SampleConfig, TrainGeneratorConfig
+from pipeline.core.seeding import seeded_noise
+from pipeline.errors import ConfigError
+from pipeline.models import class_conditional
+from pipeline.models.class_conditional import ClassConditionalPipeline
 
 INFERENCE_SCHEDULERS = {"ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler}
-# kind -> (backbone class, sub-folder of the generator folder holding its weights)
+# kind -> (backbone class, pipeline component = sub-folder of the generator folder holding its weights)
 BACKBONES = {"unet": (UNet2DModel, "unet"), "dit": (DiTTransformer2DModel, "transformer")}
+PIPELINE_FILE = "synthaug_pipeline.py"  # the pipeline's code, copied into every generator folder
+# the scheduler keys that describe training (the noise schedule); samplers are built from these
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
 
 
 def padded_size(image_size: int, levels: int) -> int:
     """Smallest side >= image_size that 2**(levels-1) divides (28 with 3 levels stays 28)."""
     q = 2 ** (levels - 1)
     return int(math.ceil(image_size / q) * q)
-
-
-def pad_images(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Center-pad N,C,H,W images in [-1, 1] to size x size with -1 (black)."""
-    extra = size - x.shape[-1]
-    if extra == 0:
-        return x
-    lo = extra // 2
-    return F.pad(x, (lo, extra - lo, lo, extra - lo), value=-1.0)
-
-
-def crop_images(x: torch.Tensor, image_size: int) -> torch.Tensor:
-    lo = (x.shape[-1] - image_size) // 2
-    return x[..., lo:lo + image_size, lo:lo + image_size]
-
-
-def to_unit(x_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 -> float in [-1, 1]."""
-    return x_uint8.float() / 127.5 - 1.0
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """float in [-1, 1] -> uint8."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def build_unet(cfg: TrainGeneratorConfig, image_size: int, channels: int, num_classes: int) -> UNet2DModel:
@@ -98,19 +81,17 @@ def build_backbone(cfg: TrainGeneratorConfig, image_size: int, channels: int, nu
 
 def conditional_from_pretrained(path: str, image_size: int, channels: int, num_classes: int
                                 ) -> tuple[UNet2DModel, list[str]]:
-    """Load a local diffusers UNet2DModel folder as a conditional UNet with K+1 class ids.
-
-    An unconditional checkpoint (or one with another class count) gets a fresh class
-    embedding; returns the model and the names of the weights that were not in the file.
-    """
+    """A local diffusers UNet2DModel folder (or a generator folder) as a conditional UNet with K+1
+    class ids: ``from_pretrained`` with ``num_class_embeds`` set, so an unconditional checkpoint (or
+    one with another class count) gets a fresh class embedding. Returns the model and the names of
+    the weights that were not in the checkpoint."""
     folder = Path(path)
     if (folder / "unet" / "config.json").exists():
         folder = folder / "unet"  # a generator folder written by train_generator
     if not (folder / "config.json").exists():
         raise ConfigError(f"train_generator.init: {path!r} is neither scratch, pretrain nor a diffusers "
                           "UNet2DModel folder (no config.json found). Fix the path.")
-    source = UNet2DModel.from_pretrained(str(folder))
-    conf = dict(source.config)
+    conf = UNet2DModel.load_config(str(folder))
     levels = len(conf["block_out_channels"])
     side = conf["sample_size"] if isinstance(conf["sample_size"], int) else conf["sample_size"][0]
     if side != padded_size(image_size, levels):
@@ -120,13 +101,11 @@ def conditional_from_pretrained(path: str, image_size: int, channels: int, num_c
     if conf["in_channels"] != channels or conf["out_channels"] != channels:
         raise ConfigError(f"train_generator.init: the checkpoint {path!r} has {conf['in_channels']} channels "
                           f"but prepare.channels is {channels}. Use a matching checkpoint or change prepare.channels.")
-    conf["num_class_embeds"] = num_classes + 1
-    conf["class_embed_type"] = None
-    model = UNet2DModel.from_config({k: v for k, v in conf.items() if not k.startswith("_")})
-    state = {k: v for k, v in source.state_dict().items()
-             if k in model.state_dict() and model.state_dict()[k].shape == v.shape}
-    missing = sorted(model.load_state_dict(state, strict=False).missing_keys)
-    return model, missing
+    model, info = UNet2DModel.from_pretrained(
+        str(folder), num_class_embeds=num_classes + 1, class_embed_type=None, low_cpu_mem_usage=False,
+        ignore_mismatched_sizes=True, output_loading_info=True)
+    new = sorted({*info["missing_keys"], *(k for k, *_ in info["mismatched_keys"])})
+    return model, new
 
 
 def train_scheduler(cfg: TrainGeneratorConfig) -> DDPMScheduler:
@@ -145,84 +124,56 @@ def inference_scheduler(name: str, train_config: dict):
         extra.update(algorithm_type="dpmsolver++", solver_order=2, thresholding=True, sample_max_value=1.0)
     else:
         extra.update(clip_sample=True, clip_sample_range=1.0)
-    return INFERENCE_SCHEDULERS[name].from_config(dict(train_config), **extra)
-
-
-def autocast(device: torch.device | str):
-    """bf16 autocast on CUDA, nothing elsewhere."""
-    dev = torch.device(device)
-    return torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
-
-
-def guided_output(unet: UNet2DModel, x: torch.Tensor, t, labels: torch.Tensor, guidance: float,
-                  null_label: int) -> torch.Tensor:
-    """Classifier-free guided model output: out_u + w * (out_c - out_u).
-
-    w = 0 is the unconditional model, w = 1 the conditional one (one pass each); other
-    values run the conditional and unconditional halves in one forward of 2B.
-    """
-    if guidance == 1.0 or guidance == 0.0:
-        lab = labels if guidance == 1.0 else torch.full_like(labels, null_label)
-        return unet(x, _per_image(t, x), class_labels=lab).sample.float()
-    x2 = torch.cat([x, x])
-    both = unet(x2, _per_image(t, x2), class_labels=torch.cat([labels, torch.full_like(labels, null_label)])).sample
-    cond, uncond = both.float().chunk(2)
-    return uncond + guidance * (cond - uncond)
-
-
-def _per_image(t, x: torch.Tensor) -> torch.Tensor:
-    """One timestep per image (DiT, unlike the UNet, does not broadcast a scalar)."""
-    return torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
-
-
-@torch.no_grad()
-def denoise(unet: UNet2DModel, scheduler, noise: torch.Tensor, labels: torch.Tensor, guidance: float,
-            steps: int, null_label: int) -> torch.Tensor:
-    """Run the sampler from ``noise`` (N,C,S,S) to images in [-1, 1] (float, padded size)."""
-    scheduler.set_timesteps(steps, device=noise.device)
-    x = noise * scheduler.init_noise_sigma
-    with autocast(noise.device):
-        for t in scheduler.timesteps:
-            model_in = scheduler.scale_model_input(x, t)
-            if noise.device.type == "cuda":
-                model_in = model_in.contiguous(memory_format=torch.channels_last)
-            out = guided_output(unet, model_in, t, labels, guidance, null_label)
-            x = scheduler.step(out, t, x).prev_sample.float()
-    return x.clamp(-1, 1)
-
-
-def seeded_noise(seeds: list[int], shape: tuple[int, ...], device) -> torch.Tensor:
-    """One initial-noise tensor per image from its own CPU generator (device independent)."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s)))
-                        for s in seeds]).to(device)
+    schedule = {k: v for k, v in dict(train_config).items() if k in SCHEDULE_KEYS}
+    return INFERENCE_SCHEDULERS[name].from_config(schedule, **extra)
 
 
 class DiffusionGenerator:
-    """A trained diffusion backbone + its noise schedule, behind the sample stage's interface."""
+    """A diffusers ``ClassConditionalPipeline`` behind the sample stage's interface."""
 
-    def __init__(self, model, sched_conf: dict, meta: dict):
-        self.model, self.sched_conf, self.meta = model, sched_conf, meta
+    def __init__(self, pipe: ClassConditionalPipeline, meta: dict):
+        self.pipe, self.meta = pipe, meta
+        self.schedule = dict(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)  # the sample stage shows its own bar
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return self.pipe.backbone.device
 
     def sample(self, labels: torch.Tensor, seeds: list[int], cfg: SampleConfig) -> torch.Tensor:
         """uint8 images (N,C,H,W, CPU) of classes ``labels``, image i from noise seeded by seeds[i]."""
-        m, s = self.meta, self.model.config.sample_size
-        noise = seeded_noise(seeds, (m["channels"], s, s), self.device)
-        x = denoise(self.model, inference_scheduler(cfg.sampler, self.sched_conf), noise, labels.to(self.device),
-                    cfg.guidance_scale, cfg.num_inference_steps, m["null_label"])
-        return to_uint8(crop_images(x, m["image_size"])).cpu()
+        s, ch = self.pipe.backbone.config.sample_size, self.meta["channels"]
+        self.pipe.scheduler = inference_scheduler(cfg.sampler, self.schedule)
+        return self.pipe(labels, num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                         noise=seeded_noise(seeds, (ch, s, s), self.device), output_type="uint8").images.cpu()
 
 
-def load_backbone(folder: Path, kind: str, device: str):
+def save_pipeline(folder: Path, backbone, schedule: dict, class_names: list[str], image_size: int, kind: str) -> Path:
+    """Write a diffusers pipeline folder (``model_index.json``, backbone, DPM-Solver++ scheduler, the
+    pipeline's code); returns the backbone's weights file."""
+    sub = BACKBONES[kind][1]
+    pipe = ClassConditionalPipeline(scheduler=inference_scheduler("dpm++", schedule), class_names=class_names,
+                                    image_size=image_size, **{sub: backbone})
+    pipe.save_pretrained(folder, safe_serialization=True)
+    shutil.copy(class_conditional.__file__, folder / PIPELINE_FILE)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["_class_name"] = [Path(PIPELINE_FILE).stem, ClassConditionalPipeline.__name__]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return folder / sub / "diffusion_pytorch_model.safetensors"
+
+
+def load_pipeline(folder: Path, kind: str, device: str) -> ClassConditionalPipeline:
+    """The pipeline of a generator folder, built from its parts (no code is run from the folder)."""
     cls, sub = BACKBONES[kind]
-    model = cls.from_pretrained(str(folder / sub)).to(device).eval()
-    return model.to(memory_format=torch.channels_last) if torch.device(device).type == "cuda" else model
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+    model = cls.from_pretrained(str(Path(folder) / sub)).eval()
+    if torch.device(device).type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    pipe = ClassConditionalPipeline(scheduler=DPMSolverMultistepScheduler.from_pretrained(str(Path(folder) / "scheduler")),
+                                    class_names=index["class_names"], image_size=index["image_size"], **{sub: model})
+    return pipe.to(device)
 
 
 def load(folder: Path, meta: dict, device: str) -> DiffusionGenerator:
     """The generator written by train_generator for kind unet or dit."""
-    return DiffusionGenerator(load_backbone(folder, meta["kind"], device),
-                              read_json(folder / "scheduler" / "scheduler_config.json"), meta)
+    return DiffusionGenerator(load_pipeline(folder, meta["kind"], device), meta)

@@ -1,0 +1,1 @@
+"""Layer 5: feature spaces, set metrics, the judge, CLIP scores and the selection rule."""

@@ -1,0 +1,1 @@
+"""Layer 5: report tables, figures and the generator comparison across runs."""

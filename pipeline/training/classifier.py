@@ -1,0 +1,223 @@
+"""Classifier training on tensors: exactly ``steps`` AdamW steps, best-on-validation weights.
+
+Images are uint8 N,C,H,W tensors, labels int64; the network sees ``to_unit(x)`` =
+``(x/255 - 0.5)/0.5``. No file I/O here: the train_classifier stage and the filter's judge
+both call ``fit_classifier`` / ``predict_proba``.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import TrainClassifierConfig, VariantSpec
+from pipeline.core.images import to_unit
+from pipeline.core.tensors import autocast
+from pipeline.errors import ConfigError
+from pipeline.models.classifier import build_model
+
+log = logging.getLogger(__name__)
+
+AUGMENTS = ("standard", "classic")
+
+
+def crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int | None = None) -> torch.Tensor:
+    """Batched random crop with zero padding + horizontal flip, one draw per image."""
+    n, c, h, w = x.shape
+    pad = max(1, round(h / 8)) if pad is None else pad
+    dev = x.device
+    padded = F.pad(x, (pad, pad, pad, pad))
+    oy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(dev)
+    ox = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(dev)
+    flip = (torch.rand(n, generator=gen) < 0.5).to(dev)
+    rows = oy[:, None] + torch.arange(h, device=dev)
+    cols = ox[:, None] + torch.arange(w, device=dev)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    return padded[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
+                  rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def _trivial_augment(x: torch.Tensor) -> torch.Tensor:
+    """TrivialAugmentWide, one random op per image (uint8 in, uint8 out)."""
+    from torchvision.transforms import v2
+
+    t = v2.TrivialAugmentWide()
+    return torch.stack([t(im) for im in x])
+
+
+class _Stream:
+    """Endless reshuffled indices into a source of ``n`` items."""
+
+    def __init__(self, n: int, gen: torch.Generator):
+        self.n, self.gen, self.perm, self.pos = n, gen, torch.empty(0, dtype=torch.long), 0
+
+    def take(self, k: int) -> torch.Tensor:
+        out = []
+        while k > 0:
+            if self.pos >= len(self.perm):
+                self.perm, self.pos = torch.randperm(self.n, generator=self.gen), 0
+            part = self.perm[self.pos: self.pos + k]
+            self.pos += len(part)
+            k -= len(part)
+            out.append(part)
+        return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+
+def batch_composition(batch_size: int, synthetic_ratio: float, has_real: bool, has_synthetic: bool) -> tuple[int, int]:
+    """(real, synthetic) images per batch."""
+    if not has_synthetic:
+        return batch_size, 0
+    if not has_real:
+        return 0, batch_size
+    n_syn = int(round(batch_size * synthetic_ratio))
+    return batch_size - n_syn, n_syn
+
+
+def one_cycle(steps: int, warmup: float = 0.25, start: float = 1 / 25, end: float = 1e-4):
+    """LR multiplier of a one-cycle schedule (OneCycleLR's shape, cosine annealing) that also
+    works for a handful of steps: linear warm-up from ``start`` to 1, cosine down to ``end``."""
+    warm = max(1, round(warmup * steps))
+
+    def factor(i: int) -> float:
+        if i < warm:
+            return start + (1 - start) * i / warm
+        t = min(1.0, (i - warm) / max(1, steps - warm))
+        return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * t))
+    return factor
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, x: torch.Tensor, batch_size: int = 256, device: str = "cpu") -> torch.Tensor:
+    """Class probabilities (float32 N,K, on CPU) for uint8 N,C,H,W images."""
+    model.eval().to(device)
+    out = []
+    for i in range(0, len(x), batch_size):
+        with autocast(device):
+            logits = model(to_unit(x[i:i + batch_size].to(device, non_blocking=True)))
+        out.append(logits.float().softmax(-1).cpu())
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: str) -> float:
+    if len(x) == 0:
+        return float("nan")
+    return float((predict_proba(model, x, batch_size, device).argmax(1) == y.cpu()).float().mean())
+
+
+def fit_classifier(model: nn.Module, train_x: torch.Tensor | None, train_y: torch.Tensor | None,
+                   val_x: torch.Tensor, val_y: torch.Tensor, *, steps: int, batch_size: int, lr: float,
+                   weight_decay: float, seed: int, device: str = "cpu", augment: str = "standard",
+                   synthetic: tuple[torch.Tensor, torch.Tensor] | None = None, synthetic_ratio: float = 0.0,
+                   eval_every: int = 100, label_smoothing: float = 0.0, progress: bool = True
+                   ) -> tuple[nn.Module, dict]:
+    """Train ``model`` for exactly ``steps`` AdamW steps (one-cycle LR) and return the weights
+    with the best validation accuracy (checked every ``eval_every`` steps and at the end).
+
+    Each batch holds ``round(batch_size * synthetic_ratio)`` synthetic images and real ones
+    for the rest; with no real data (``train_x`` None or empty) batches are all synthetic.
+    ``augment``: standard = random crop + flip; classic = TrivialAugmentWide, then crop + flip.
+    """
+    if augment not in AUGMENTS:
+        raise ConfigError(f"augment must be one of {AUGMENTS}, got {augment!r}")
+    has_real = train_x is not None and len(train_x) > 0
+    has_syn = synthetic is not None and len(synthetic[0]) > 0 and (synthetic_ratio > 0 or not has_real)
+    if not has_real and not has_syn:
+        raise ValueError("fit_classifier: no training images (neither real nor synthetic)")
+    n_real, n_syn = batch_composition(batch_size, synthetic_ratio, has_real, has_syn)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # TrivialAugmentWide and dropout draw from the global generator
+    real_stream = _Stream(len(train_x), gen) if has_real else None
+    syn_stream = _Stream(len(synthetic[0]), gen) if has_syn else None
+
+    model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, one_cycle(steps))
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    hist = {"step": [], "val_acc": [], "train_loss": [], "lr": []}
+    best_acc, best_step, best_state = -1.0, 0, None
+    running, seen, t0 = 0.0, 0, time.time()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=steps, desc="classifier", leave=False, disable=None)  # off when not a terminal
+    for step in range(1, steps + 1):
+        xs, ys = [], []
+        if n_real:
+            idx = real_stream.take(n_real)
+            xs.append(train_x[idx]), ys.append(train_y[idx])
+        if n_syn:
+            idx = syn_stream.take(n_syn)
+            xs.append(synthetic[0][idx]), ys.append(synthetic[1][idx])
+        xb, yb = torch.cat(xs), torch.cat(ys)
+        if augment == "classic":
+            xb = _trivial_augment(xb)
+        xb = crop_flip(xb.to(device, non_blocking=True), gen)
+        yb = yb.to(device, non_blocking=True)
+        with autocast(device):
+            loss = loss_fn(model(to_unit(xb)).float(), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        running += float(loss.detach())
+        seen += 1
+        if bar is not None:
+            bar.update(1)
+        if step % eval_every == 0 or step == steps:
+            acc = accuracy(model, val_x, val_y, max(256, batch_size), device)
+            model.train()
+            hist["step"].append(step), hist["val_acc"].append(acc)
+            hist["train_loss"].append(running / seen), hist["lr"].append(sched.get_last_lr()[0])
+            running, seen = 0.0, 0
+            if best_state is None or (not math.isnan(acc) and acc >= best_acc):
+                best_acc, best_step = acc, step
+                best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+            if bar is not None:
+                bar.set_postfix(loss=f"{hist['train_loss'][-1]:.3f}", val=f"{acc:.3f}")
+            if progress:
+                log.info("step %d/%d: train loss %.4f, val acc %.4f", step, steps, hist["train_loss"][-1], acc)
+    if bar is not None:
+        bar.close()
+    model.load_state_dict(best_state)
+    model.eval()
+    hist.update(steps=steps, best_step=best_step, best_val_acc=best_acc, real_per_batch=n_real,
+                synthetic_per_batch=n_syn, augment=augment, seconds=time.time() - t0,
+                seconds_per_step=(time.time() - t0) / steps)
+    return model, hist
+
+
+def train_variant(cfg: TrainClassifierConfig, spec: VariantSpec, real: tuple[torch.Tensor, torch.Tensor],
+                  val: tuple[torch.Tensor, torch.Tensor], synthetic: tuple[torch.Tensor, torch.Tensor] | None,
+                  seeds: list[int], device: str, num_classes: int) -> tuple[list[tuple[nn.Module, dict]], float, dict | None]:
+    """One model per seed of a variant; returns them, the synthetic share used and the ratio sweep.
+
+    With ``cfg.ratio_sweep`` (and real + synthetic data) every candidate share is tried with the
+    first seed and the best on validation is used for all seeds (its first model is kept).
+    """
+    def one(seed: int, ratio: float):
+        torch.manual_seed(seed)
+        model = build_model(cfg.arch, num_classes, val[0].shape[1], cfg.pretrained)
+        return fit_classifier(model, *(real if spec.real else (None, None)), *val, steps=cfg.steps,
+                              batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay, seed=seed,
+                              device=device, augment=spec.augment, synthetic=synthetic, synthetic_ratio=ratio,
+                              eval_every=cfg.eval_every, label_smoothing=cfg.label_smoothing)
+
+    ratio = cfg.synthetic_ratio if spec.real else 1.0
+    if synthetic is None:
+        ratio = 0.0
+    sweep, first = None, None
+    if synthetic is not None and spec.real and cfg.ratio_sweep:
+        sweep = {}
+        for r in dict.fromkeys((cfg.synthetic_ratio, *cfg.ratio_sweep)):
+            result = one(seeds[0], r)
+            sweep[r] = result[1]["best_val_acc"]
+            if first is None or sweep[r] > sweep[ratio]:
+                ratio, first = r, result
+            log.info("ratio %.2f -> val acc %.4f", r, sweep[r])
+    results = [first if (i == 0 and first is not None) else one(seed, ratio) for i, seed in enumerate(seeds)]
+    return results, ratio, sweep

@@ -1,0 +1,75 @@
+"""What every generator family's training shares: its data, its result, its registry.
+
+``FITTERS`` maps ``train_generator.kind`` to the module whose ``fit(params, data,
+accelerator, ckpt_dir, chash) -> Fitted`` trains it; ``pipeline.models.registry`` maps the
+same kinds to their ``load``.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from pipeline.config import SampleConfig, TrainGeneratorConfig
+from pipeline.models.registry import Generator, check_kind
+
+FITTERS = {"unet": "pipeline.training.diffusion", "dit": "pipeline.training.diffusion",
+           "cgan": "pipeline.training.gan", "datasetgan": "pipeline.training.datasetgan"}
+# keys that do not change the weights a run ends with (left out of the checkpoint hash)
+NOT_HASHED = ("checkpoint_every", "log_every", "preview_per_class")
+PREVIEW = SampleConfig(sampler="dpm++", num_inference_steps=20, guidance_scale=2.0)
+
+
+@dataclass
+class TrainData:
+    """Training tensors (uint8 N,C,H,W on the training device) and their description."""
+    images: torch.Tensor
+    labels: torch.Tensor
+    num_classes: int
+    unlabeled: torch.Tensor | None = None  # train + pool images for unconditional pre-training
+    class_names: list[str] = field(default_factory=list)
+    val_images: torch.Tensor | None = None  # the val split (uint8, CPU), for kinds that score a labeler
+    val_labels: torch.Tensor | None = None
+
+    @property
+    def image_size(self) -> int:
+        return int(self.images.shape[-1])
+
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[1])
+
+
+@dataclass
+class Fitted:
+    """What a kind's fit() hands back to train_generator."""
+    generator: Generator  # the trained generator in eval mode (used for the preview grid)
+    save: Callable[[Path], Path]  # writes the weights into a generator folder; returns the main weights file
+    history: dict[str, list[float]]  # per-step columns of loss.csv; "loss" and "lr" first
+    seconds_per_step: float  # training time / steps, over every run that built the checkpoints
+    resumed_from: int  # step of the checkpoint the run resumed from (0 = fresh)
+    num_parameters: int
+    extra: dict = field(default_factory=dict)  # kind-specific facts for generator.json
+
+
+def fitter(kind: str) -> Callable[..., Fitted]:
+    return importlib.import_module(FITTERS[check_kind(kind)]).fit
+
+
+def hashed_config(cfg: TrainGeneratorConfig) -> dict:
+    return {k: v for k, v in cfg.model_dump(mode="json").items() if k not in NOT_HASHED}
+
+
+def generator_meta(cfg: TrainGeneratorConfig, data: TrainData) -> dict:
+    """The generator.json fields every kind has and its sample() relies on."""
+    return {"kind": cfg.kind, "num_classes": data.num_classes, "class_names": data.class_names,
+            "null_label": data.num_classes, "image_size": data.image_size, "channels": data.channels}
+
+
+def preview(generator: Generator, num_classes: int, per_class: int) -> torch.Tensor:
+    """uint8 images, rows = classes (diffusion kinds: DPM-Solver++, 20 steps, guidance 2)."""
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    return generator.sample(labels, list(range(len(labels))), PREVIEW)

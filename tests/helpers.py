@@ -1,0 +1,86 @@
+"""Shared test fixtures: tiny datasets and params (test modules import from here, not from each other)."""
+from __future__ import annotations
+
+import gzip
+import struct
+
+import datasets
+import numpy as np
+import torch
+
+from pipeline.config import Paths, params_from_dict
+from pipeline.core.images import tensors_to_dataset
+from pipeline.core.io import write_json
+from pipeline.models.diffusion import build_backbone
+from pipeline.training.generator import TrainData
+
+# ---- Fashion-MNIST-format sources -----------------------------------------------------------
+
+
+def write_idx(path, arr):
+    header = struct.pack(">BBBB", 0, 0, 8, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.astype(np.uint8).tobytes())
+
+
+def make_idx_dir(root, n_train=60, n_test=20, classes=3, size=8, seed=0):
+    """Random-pixel IDX files in Fashion-MNIST's layout (labels 0..classes-1 round robin)."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        y = np.arange(n) % classes
+        x = rng.integers(0, 256, size=(n, size, size))
+        write_idx(root / f"{split}-images-idx3-ubyte.gz", x)
+        write_idx(root / f"{split}-labels-idx1-ubyte.gz", y)
+    return root
+
+
+def prepare_params(source, path, **prep):
+    """micro-profile params for prepare on a tiny source."""
+    prep = {"source": source, "path": str(path), "image_size": 8, "labeled_per_class": 2,
+            "val_per_class": 1, "unlabeled_pool": -1, **prep}
+    return params_from_dict({"base": {"profile": "micro"}, "prepare": prep})
+
+
+# ---- a prepared toy dataset and tiny generators ---------------------------------------------
+
+SIZE = 8
+TINY = {"block_out_channels": (8, 16), "batch_size": 8, "warmup_steps": 2, "log_every": 2,
+        "checkpoint_every": 3, "preview_per_class": 1, "ema_decay": 0.9,
+        "dit": {"patch_size": 2, "num_layers": 2, "num_heads": 2, "head_dim": 8}}
+
+
+def toy_images(n_per_class: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class 0: bright top-left square, class 1: bright bottom-right square."""
+    x = torch.zeros(2 * n_per_class, 1, SIZE, SIZE, dtype=torch.uint8)
+    x[:n_per_class, :, :4, :4] = 255
+    x[n_per_class:, :, 4:, 4:] = 255
+    return x, torch.tensor([0] * n_per_class + [1] * n_per_class)
+
+
+def make_prepared(root, pool: bool = True) -> None:
+    """``data/prepared`` under ``root`` with the toy images in every split (+ a pool)."""
+    x, y = toy_images()
+    dd = {"train": tensors_to_dataset(x, y, ["left", "right"]), "val": tensors_to_dataset(x, y, ["left", "right"]),
+          "test": tensors_to_dataset(x, y, ["left", "right"])}
+    if pool:
+        dd["pool"] = tensors_to_dataset(torch.cat([x, x.flip(-1)]), None, None)
+    prepared = Paths(root=root).prepared
+    datasets.DatasetDict(dd).save_to_disk(str(prepared / "dataset"))
+    write_json(prepared / "summary.json", {"class_names": ["left", "right"], "num_classes": 2,
+                                           "image_size": SIZE, "channels": 1})
+
+
+def tiny_params(**train):
+    return params_from_dict({"base": {"profile": "micro", "device": "cpu", "seed": 3},
+                             "train_generator": {**TINY, **train}})
+
+
+def tiny_data() -> TrainData:
+    x, y = toy_images()
+    return TrainData(x, y, 2, class_names=["left", "right"])
+
+
+def fresh_backbone(cfg, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_backbone(cfg, SIZE, 1, 2)
