@@ -1,11 +1,11 @@
 """Classifier training and feature extraction throughput against plain PyTorch loops.
 
-train   ours  = ``pipeline.train_classifier.fit_classifier``: uint8 tensors, batched random crop +
+train   ours  = ``pipeline.training.classifier.fit_classifier``: uint8 tensors, batched random crop +
                 flip on the device, bf16 autocast on CUDA, AdamW + one-cycle, one final validation.
         plain = a torch DataLoader over the PIL images of the prepared HF dataset with torchvision
                 RandomCrop(padding) / RandomHorizontalFlip / ToTensor / Normalize, the same timm
                 model and initial weights, AdamW + OneCycleLR, fp32.
-features ours  = ``pipeline.features.FeatureSpace("efficientnet-lite0")``: uint8 batches resized on
+features ours  = ``pipeline.quality.features.FeatureSpace("efficientnet-lite0")``: uint8 batches resized on
                 the device (bilinear), channels_last.
         plain = a DataLoader over PIL images resized to 224 one by one (PIL bilinear) +
                 ToTensor / Normalize, the same EfficientNet-Lite0 weights, in batches.
@@ -74,9 +74,11 @@ def main(argv=None) -> dict:
     steps = args.steps or (300 if cuda else 30)
     n_feat = args.feature_images or (4096 if cuda else 128)
 
-    from pipeline.features import FeatureSpace
-    from pipeline.storage import dataset_to_tensors, load_dataset_dir
-    from pipeline.train_classifier import build_model, fit_classifier
+    from pipeline.core.images import dataset_to_tensors
+    from pipeline.core.io import load_dataset_dir
+    from pipeline.models.classifier import build_model
+    from pipeline.quality.features import FeatureSpace
+    from pipeline.training.classifier import fit_classifier
 
     dd = load_dataset_dir(Paths().prepared / "dataset", "prepared dataset")
     train_ds, val_ds = dd["train"], dd["val"].select(range(64))

@@ -8,15 +8,15 @@ import gc
 import json
 import os
 import platform
-import subprocess
 import threading
 import time
 from contextlib import contextmanager
-from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from pipeline.core.provenance import git_revision, package_versions
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,29 +56,13 @@ def device_name(device: str) -> str:
     return f"{platform.processor() or platform.machine()} ({os.cpu_count()} logical CPUs)"
 
 
-def git_rev() -> str | None:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                             text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return (rev + ("+dirty" if dirty else "")) or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def environment(device: str) -> dict:
-    versions = {}
-    for pkg in PACKAGES:
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
+    rev, dirty = git_revision(ROOT)
     env = {
         "device": device, "device_name": device_name(device),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "git_rev": git_rev(), "python": platform.python_version(), "platform": platform.platform(),
-        "packages": versions, "torch_threads": torch.get_num_threads(),
+        "git_rev": rev and rev + ("+dirty" if dirty else ""), "python": platform.python_version(),
+        "platform": platform.platform(), "packages": package_versions(PACKAGES), "torch_threads": torch.get_num_threads(),
         "cuda": torch.version.cuda if str(device).startswith("cuda") else None,
     }
     try:
@@ -211,11 +195,30 @@ def compile_if(model: torch.nn.Module, device: str, enabled: bool):
     return torch.compile(model) if enabled and str(device).startswith("cuda") else model
 
 
+def diffusion_generator(backbone: torch.nn.Module, schedule: dict, meta: dict):
+    """The sample stage's diffusion generator around ``backbone`` (UNet2DModel or DiT, possibly
+    compiled): a ``ClassConditionalPipeline`` with the DPM-Solver++ scheduler built from the
+    training ``schedule`` (as train_generator saves it) in a ``DiffusionGenerator``. ``meta`` needs
+    image_size, channels and null_label (= number of classes); class_names default to "0".."K-1"."""
+    from diffusers import UNet2DModel
+
+    from pipeline.models.class_conditional import ClassConditionalPipeline
+    from pipeline.models.diffusion import DiffusionGenerator, inference_scheduler
+
+    names = list(meta.get("class_names") or [str(i) for i in range(meta["null_label"])])
+    part = "unet" if isinstance(getattr(backbone, "_orig_mod", backbone), UNet2DModel) else "transformer"
+    pipe = ClassConditionalPipeline(scheduler=inference_scheduler("dpm++", schedule), class_names=names,
+                                    image_size=meta["image_size"], **{part: backbone})
+    if pipe.null_label != meta["null_label"]:
+        raise ValueError(f"meta null_label {meta['null_label']} but {len(names)} class names")
+    return DiffusionGenerator(pipe, meta)
+
+
 # ---- results ----------------------------------------------------------------------------
 
 def save(name: str, device: str, payload: dict, out_dir: Path = RESULTS_DIR) -> Path:
     """Write ``<out_dir>/<name>-<cpu|cuda>.json`` atomically and print it."""
-    from pipeline.storage import write_json
+    from pipeline.core.io import write_json
 
     tag = "cuda" if str(device).startswith("cuda") else "cpu"
     path = Path(out_dir) / f"{name}-{tag}.json"

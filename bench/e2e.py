@@ -23,7 +23,7 @@ from pipeline.config import Paths
 
 
 def _read(path: Path):
-    from pipeline.storage import read_json
+    from pipeline.core.io import read_json
     return read_json(path) if path.exists() else None
 
 

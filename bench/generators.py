@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from bench.common import alternate, parser, rate, ratio, save, section, setup
+from bench.common import alternate, diffusion_generator, parser, rate, ratio, save, section, setup
 from pipeline.config import params_from_dict
-from pipeline.diffusion import DiffusionGenerator, build_backbone, build_unet, pad_images, train_scheduler
+from pipeline.core.images import pad_images
+from pipeline.models.diffusion import build_backbone, build_unet, train_scheduler
 
 KINDS = ("unet", "dit", "cgan", "datasetgan")
 
@@ -20,17 +21,17 @@ KINDS = ("unet", "dit", "cgan", "datasetgan")
 def random_generator(kind: str, profile: str, device: str, image_size: int = 28, channels: int = 1,
                      num_classes: int = 10):
     """A randomly initialised generator of ``kind`` with the ``profile``'s architecture, and its size."""
-    from pipeline import datasetgan, gan
+    from pipeline.models import datasetgan, gan
 
     cfg = params_from_dict({"base": {"profile": profile}, "train_generator": {"kind": kind}}).train_generator
     meta = {"kind": kind, "num_classes": num_classes, "null_label": num_classes, "image_size": image_size,
-            "channels": channels, "label_tries": cfg.datasetgan.label_tries,
+            "channels": channels, "class_names": [str(c) for c in range(num_classes)], "label_tries": cfg.datasetgan.label_tries,
             "feature_timestep": cfg.datasetgan.feature_timestep}
     torch.manual_seed(0)
     sched = dict(train_scheduler(cfg).config)
     if kind in ("unet", "dit"):
         model = build_backbone(cfg, image_size, channels, num_classes).to(device).eval()
-        return DiffusionGenerator(model, sched, meta), sum(p.numel() for p in model.parameters())
+        return diffusion_generator(model, sched, meta), sum(p.numel() for p in model.parameters())
     if kind == "cgan":
         model = gan.CondGenerator(cfg.cgan.z_dim, num_classes, channels, image_size, cfg.cgan.g_channels)
         return gan.GanGenerator(model.to(device).eval(), meta), sum(p.numel() for p in model.parameters())
@@ -39,7 +40,8 @@ def random_generator(kind: str, profile: str, device: str, image_size: int = 28,
     dim = datasetgan.unet_features(unet, train_scheduler(cfg), probe, 10, [0], num_classes).shape[1]
     interpreter = datasetgan.Interpreter(dim, num_classes).to(device).eval()
     n = sum(p.numel() for p in unet.parameters()) + sum(p.numel() for p in interpreter.parameters())
-    return datasetgan.DatasetGanGenerator(unet, sched, interpreter, {**meta, "feature_dim": dim}), n
+    meta = {**meta, "feature_dim": dim}
+    return datasetgan.DatasetGanGenerator(diffusion_generator(unet, sched, meta), interpreter, meta), n
 
 
 def main(argv=None) -> dict:

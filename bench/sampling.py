@@ -1,8 +1,9 @@
 """Sampling throughput: the pipeline's sampler against the stock diffusers loop.
 
-ours  = ``pipeline.sample.generate`` -> ``pipeline.diffusion.denoise``: a batch of images per
-        forward, conditional and unconditional halves in one forward of 2B, bf16 autocast and
-        channels_last on CUDA (optionally torch.compile on CUDA).
+ours  = ``pipeline.models.sampling.generate`` -> ``pipeline.models.diffusion.DiffusionGenerator``
+        -> ``ClassConditionalPipeline.__call__`` (pipeline/models/class_conditional.py): a batch
+        of images per forward, conditional and unconditional halves in one forward of 2B, bf16
+        autocast and channels_last on CUDA (optionally torch.compile on CUDA).
 stock = the loop of diffusers' class-conditional pipelines (DiT / Stable Diffusion style):
         one image at a time, ``torch.cat([latents] * 2)`` with the class and the null label in
         one forward, fp32, ``DDIMScheduler.step``.
@@ -17,17 +18,21 @@ import copy
 
 import torch
 
-from bench.common import alternate, compile_if, memory_method, parser, rate, ratio, save, section, setup
+from bench.common import (alternate, compile_if, diffusion_generator, memory_method, parser, rate, ratio, save,
+                          section, setup)
 from pipeline.config import Paths, SampleConfig, params_from_dict
-from pipeline.diffusion import DiffusionGenerator, build_unet, crop_images, train_scheduler
-from pipeline.generators import load_generator
-from pipeline.sample import AUTO_BATCH, generate, image_seed
+from pipeline.core.images import crop_images
+from pipeline.core.seeding import image_seed
+from pipeline.models.diffusion import DiffusionGenerator, build_unet, inference_scheduler, train_scheduler
+from pipeline.models.registry import load_generator
+from pipeline.models.sampling import generate
+from pipeline.sample import AUTO_BATCH
 
 TARGETS = {"cuda": 3.0, "cpu": 1.3}
 
 
 def get_generator(device: str, arch: str):
-    """(unet, scheduler config, meta, description): the trained generator when there is one,
+    """(backbone, scheduler config, meta, description): the trained generator when there is one,
     else a randomly initialised UNet of the ``arch`` profile's architecture."""
     paths = Paths()
     if (paths.generator / "generator.json").exists():
@@ -35,14 +40,15 @@ def get_generator(device: str, arch: str):
         if not isinstance(gen, DiffusionGenerator):
             raise SystemExit(f"{paths.generator} holds a {gen.meta['kind']} generator; this benchmark "
                              "compares diffusion sampling loops (kinds unet, dit)")
-        unet, sched_conf, meta = gen.model, gen.sched_conf, gen.meta
+        unet, sched_conf, meta = gen.pipe.backbone, gen.schedule, gen.meta
         return unet, sched_conf, meta, f"trained generator {paths.generator} ({meta.get('fingerprint', '')[:12]})"
     cfg = params_from_dict({"base": {"profile": arch}}).train_generator
     torch.manual_seed(0)
     unet = build_unet(cfg, 28, 1, 10).to(device).eval()
     if device == "cuda":
         unet = unet.to(memory_format=torch.channels_last)
-    meta = {"null_label": 10, "image_size": 28, "channels": 1, "num_classes": 10}
+    meta = {"null_label": 10, "image_size": 28, "channels": 1, "num_classes": 10,
+            "class_names": [str(c) for c in range(10)]}
     desc = (f"randomly initialised UNet2DModel, {arch} profile architecture (block_out_channels "
             f"{tuple(cfg.block_out_channels)}, attention {cfg.attention}), 28x28x1, 10 classes; "
             f"no trained generator in {paths.generator}")
@@ -80,8 +86,6 @@ def stock_generate(unet, sched_conf: dict, meta: dict, indices: range, per_class
 def ddim_config(sched_conf: dict) -> dict:
     """The DDIM configuration the pipeline samples with (spacing, clipping, ...), so both sides
     run the same sampler."""
-    from pipeline.diffusion import inference_scheduler
-
     return dict(inference_scheduler("ddim", sched_conf).config)
 
 
@@ -117,13 +121,12 @@ def main(argv=None) -> dict:
     unet, sched_conf, meta, desc = get_generator(device, args.arch)
     per_class = max(1, n // meta.get("num_classes", 10))
     stock_unet = copy.deepcopy(unet).to(memory_format=torch.contiguous_format).float().eval()
-    ours_unet = compile_if(unet, device, args.compile)
+    ours_gen = diffusion_generator(compile_if(unet, device, args.compile), sched_conf, meta)
     cfg = SampleConfig(sampler="ddim", num_inference_steps=args.steps, guidance_scale=args.guidance,
                        per_class=per_class, batch_size=batch)
 
     def ours(indices=range(n), seed=0):
-        return generate(DiffusionGenerator(ours_unet, sched_conf, meta), indices, cfg, seed, batch,
-                        progress=False)[0]
+        return generate(ours_gen, indices, cfg, seed, batch, progress=False)[0]
 
     def stock():
         return stock_generate(stock_unet, sched_conf, meta, range(n_stock), per_class, args.steps,
@@ -143,10 +146,9 @@ def main(argv=None) -> dict:
         diff = (a - b).abs()
         other = ours(range(n_stock), seed=1)  # an independent set: the sampling-noise floor
         k = min(4, n_stock)  # ours one image per batch: isolates batch-composition rounding
-        single = generate(DiffusionGenerator(ours_unet, sched_conf, meta), range(k), cfg, 0, 1,
-                          progress=False)[0].to(torch.int16)
+        single = generate(ours_gen, range(k), cfg, 0, 1, progress=False)[0].to(torch.int16)
         diff_single = (single - b[:k]).abs()
-        from pipeline.features import FeatureSpace
+        from pipeline.quality.features import FeatureSpace
         space = FeatureSpace("efficientnet-lite0", device=device, resolution=args.fd_resolution)
         f_ours, f_stock, f_other = space(last["ours"][:n_stock]), space(last["stock"]), space(other)
         fd_pair, fd_floor = frechet(f_ours, f_stock), frechet(f_ours, f_other)
@@ -161,7 +163,7 @@ def main(argv=None) -> dict:
         "frechet_distance_ours_vs_ours_other_seeds": fd_floor,
         "fd_within_noise": bool(fd_pair <= fd_floor),
         "feature_space": f"efficientnet-lite0 (ImageNet) at {args.fd_resolution}px, pooled 1280-d "
-                         f"(pipeline.features.FeatureSpace); with {n_stock} images per set the Frechet "
+                         f"(pipeline.quality.features.FeatureSpace); with {n_stock} images per set the Frechet "
                          "distance is dominated by small-sample bias, so it is judged against the floor "
                          "(two independent sets of the same sampler, same N), not against zero",
     }

@@ -1,6 +1,6 @@
 """How sample + filter cost grows with the number of synthetic images.
 
-At each N: sample N images with a micro UNet (``pipeline.sample.generate``, DDIM, few steps),
+At each N: sample N images with a micro UNet (``pipeline.models.sampling.generate``, DDIM, few steps),
 then the filter's work on them, each piece timed on its own, all in-process and on tensors:
 judge scoring (``predict_proba``), features in the judge space (``FeatureSpace("judge")``),
 k-NN realism against a fixed real reference (``realism``), nearest labeled-train distance
@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from bench.common import parser, save, section, setup
+from bench.common import diffusion_generator, parser, save, section, setup
 from pipeline.config import Paths, SampleConfig, params_from_dict
 
 LINEAR_TOLERANCE = 1.5  # per-image cost at the largest N within this factor of the smallest N's
@@ -48,12 +48,15 @@ def main(argv=None) -> dict:
         p.error("--sizes: give at least two different sizes")
     batch = args.batch_size or (1024 if device == "cuda" else 256)
 
-    from pipeline.diffusion import DiffusionGenerator, build_unet, train_scheduler
-    from pipeline.features import FeatureSpace, nearest, realism, set_metrics
-    from pipeline.filter import duplicate_flags, judge_scores
-    from pipeline.sample import generate
-    from pipeline.storage import dataset_to_tensors, load_dataset_dir
-    from pipeline.train_classifier import build_model
+    from pipeline.core.images import dataset_to_tensors
+    from pipeline.core.io import load_dataset_dir
+    from pipeline.models.classifier import build_model
+    from pipeline.models.diffusion import build_unet, train_scheduler
+    from pipeline.models.sampling import generate
+    from pipeline.quality.features import FeatureSpace
+    from pipeline.quality.judge import judge_scores
+    from pipeline.quality.metrics import nearest, realism, set_metrics
+    from pipeline.quality.selection import duplicate_flags
 
     gcfg = params_from_dict({"base": {"profile": "micro"},
                              "train_generator": {"block_out_channels": tuple(args.blocks)}}).train_generator
@@ -68,7 +71,9 @@ def main(argv=None) -> dict:
     if device == "cuda":
         unet = unet.to(memory_format=torch.channels_last)
     sched_conf = dict(train_scheduler(gcfg).config)
-    meta = {"null_label": num_classes, "image_size": train_x.shape[-1], "channels": train_x.shape[1]}
+    meta = {"null_label": num_classes, "image_size": int(train_x.shape[-1]), "channels": int(train_x.shape[1]),
+            "class_names": list(dd["train"].features["label"].names)}
+    generator = diffusion_generator(unet, sched_conf, meta)
     judge = build_model(fcfg.judge_arch, num_classes, int(train_x.shape[1])).to(device).eval()
     space = FeatureSpace("judge", device=device, batch_size=fcfg.batch_size, judge=judge,
                          judge_in_chans=int(train_x.shape[1]))
@@ -87,7 +92,7 @@ def main(argv=None) -> dict:
                                per_class=per_class, batch_size=batch)
             t = {}
             t["sample"], (syn_x, _, _) = timed(
-                lambda: generate(DiffusionGenerator(unet, sched_conf, meta), range(n), cfg, 0, batch, progress=False), device)
+                lambda: generate(generator, range(n), cfg, 0, batch, progress=False), device)
             syn_y = torch.arange(n) // per_class
             t["judge_scores"], _ = timed(lambda: judge_scores(judge, syn_x, syn_y, fcfg.batch_size, device), device)
             t["features"], f_syn = timed(lambda: space(syn_x), device)

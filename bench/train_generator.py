@@ -1,6 +1,6 @@
 """Generator training throughput: the pipeline's loop against a diffusers-example style loop.
 
-pipeline = ``pipeline.train_generator.train`` as the stage runs it: the training set held as a
+pipeline = ``pipeline.training.diffusion.train`` as the stage runs it: the training set held as a
            uint8 tensor on the device, batches drawn and augmented there, accelerate with bf16
            autocast on CUDA, EMA, grad clipping (timed run includes its one final checkpoint).
 tuned    = the same building blocks (``draw_batch``, ``diffusion_loss``) with fused AdamW and
@@ -38,8 +38,9 @@ def bf16_peak(name: str) -> float | None:
 
 def load_real(device: str, n: int | None = None):
     """Prepared train split -> (TrainData on device, the HF dataset)."""
-    from pipeline.storage import dataset_to_tensors, load_dataset_dir, read_json
-    from pipeline.train_generator import TrainData
+    from pipeline.core.images import dataset_to_tensors
+    from pipeline.core.io import load_dataset_dir, read_json
+    from pipeline.training.generator import TrainData
 
     paths = Paths()
     ds = load_dataset_dir(paths.prepared / "dataset", "prepared dataset")["train"]
@@ -107,8 +108,10 @@ def tuned_loop(unet, cfg, data, steps: int, device: str, compile_model: bool) ->
     """The pipeline's batch drawing and loss with fused AdamW / foreach EMA on CUDA, optional compile."""
     from diffusers import UNet2DModel
     from diffusers.training_utils import EMAModel
-    from pipeline.diffusion import autocast, train_scheduler
-    from pipeline.train_generator import diffusion_loss, draw_batch, step_generator
+    from pipeline.core.seeding import step_rng
+    from pipeline.core.tensors import autocast
+    from pipeline.models.diffusion import train_scheduler
+    from pipeline.training.diffusion import diffusion_loss, draw_batch
 
     cuda = device == "cuda"
     scheduler = train_scheduler(cfg)
@@ -122,7 +125,7 @@ def tuned_loop(unet, cfg, data, steps: int, device: str, compile_model: bool) ->
     ema.to(device)
     losses = torch.zeros(steps, device=device)
     for step in range(steps):
-        gen = step_generator(0, 0, step, device)
+        gen = step_rng(0, 0, step, device)
         x0, labels = draw_batch(data, cfg, step, gen, unet.config.sample_size)
         with autocast(device):
             loss = diffusion_loss(model, scheduler, x0, labels, gen)
@@ -138,11 +141,13 @@ def tuned_loop(unet, cfg, data, steps: int, device: str, compile_model: bool) ->
 def flops_per_step(unet, cfg, data, device: str) -> float:
     """Forward + backward FLOPs of one training step (torch.utils.flop_counter)."""
     from torch.utils.flop_counter import FlopCounterMode
-    from pipeline.diffusion import autocast, train_scheduler
-    from pipeline.train_generator import diffusion_loss, draw_batch, step_generator
+    from pipeline.core.seeding import step_rng
+    from pipeline.core.tensors import autocast
+    from pipeline.models.diffusion import train_scheduler
+    from pipeline.training.diffusion import diffusion_loss, draw_batch
 
     model = copy.deepcopy(unet).to(device).train()
-    gen = step_generator(0, 0, 0, device)
+    gen = step_rng(0, 0, 0, device)
     x0, labels = draw_batch(data, cfg, 0, gen, model.config.sample_size)
     counter = FlopCounterMode(display=False)
     with counter:
@@ -175,8 +180,8 @@ def main(argv=None) -> dict:
     data, ds = load_real(device, 64 if args.quick else None)
 
     from accelerate import Accelerator
-    from pipeline.diffusion import build_unet
-    from pipeline.train_generator import train
+    from pipeline.models.diffusion import build_unet
+    from pipeline.training.diffusion import train
 
     torch.manual_seed(0)
     init = build_unet(cfg, data.image_size, data.channels, data.num_classes)

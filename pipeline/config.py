@@ -7,9 +7,8 @@ and wrong types are errors that name the key and the file.
 from __future__ import annotations
 
 import os
-import typing
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -24,7 +23,7 @@ class _Section(BaseModel):
 
 
 class BaseParams(_Section):
-    seed: int = 0  # master seed: splits, initialisation, sampling seeds, classifier seeds
+    seed: int = Field(0, ge=0)  # master seed: splits, initialisation, sampling seeds, classifier seeds
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
     profile: Literal["micro", "cpu", "gpu"] = "cpu"  # size preset, see PROFILES
 
@@ -272,35 +271,26 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+def _under_root(rel: str) -> property:
+    return property(lambda self: self.root / rel, doc=f"``{rel}`` under the project root")
+
+
 class Paths(BaseModel):
     """Every path the pipeline reads or writes, named once, relative to ``root``."""
 
     model_config = ConfigDict(frozen=True)
     root: Path = Path(".")
 
-    def _p(self, rel: str) -> Path:
-        return self.root / rel
-
-    @property
-    def prepared(self) -> Path: return self._p("data/prepared")
-    @property
-    def generator(self) -> Path: return self._p("models/generator")
-    @property
-    def generator_checkpoints(self) -> Path: return self._p("models/generator_checkpoints")
-    @property
-    def synthetic(self) -> Path: return self._p("data/synthetic")
-    @property
-    def synthetic_shards(self) -> Path: return self._p("data/synthetic_shards")
-    @property
-    def filtered(self) -> Path: return self._p("data/filtered")
-    @property
-    def feature_cache(self) -> Path: return self._p("data/cache")
-    @property
-    def classifier(self) -> Path: return self._p("models/classifier")
-    @property
-    def classifier_metrics(self) -> Path: return self._p("metrics/classifier")
-    @property
-    def reports(self) -> Path: return self._p("reports")
+    prepared = _under_root("data/prepared")
+    generator = _under_root("models/generator")
+    generator_checkpoints = _under_root("models/generator_checkpoints")
+    synthetic = _under_root("data/synthetic")
+    synthetic_shards = _under_root("data/synthetic_shards")
+    filtered = _under_root("data/filtered")
+    feature_cache = _under_root("data/cache")
+    classifier = _under_root("models/classifier")
+    classifier_metrics = _under_root("metrics/classifier")
+    reports = _under_root("reports")
 
 
 class Params(_Section):
@@ -321,8 +311,8 @@ def _allowed_keys(loc: tuple) -> list[str]:
     model, parts = Params, list(loc[:-1])
     while parts:
         model = model.model_fields[parts.pop(0)].annotation
-        if typing.get_origin(model) is dict:  # a named entry (a variant): its value's fields
-            model = typing.get_args(model)[1]
+        if get_origin(model) is dict:  # a named entry (a variant): its value's fields
+            model = get_args(model)[1]
             parts = parts[1:]
     return sorted(model.model_fields)
 

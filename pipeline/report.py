@@ -15,6 +15,7 @@ import pandas as pd
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from pipeline.config import Params, Paths, resolve_device
+from pipeline.core.curves import CURVES, read_curve
 from pipeline.core.entrypoint import stage_main
 from pipeline.core.io import atomic_path, load_dataset_dir, read_json, save_figure, write_json
 from pipeline.core.plotting import png_b64
@@ -62,9 +63,8 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
               for k, v in variants.items() if v.get("ratio_sweep")}
     if sweeps:
         figs["ratio_sweep"] = fig_ratio_sweep(sweeps)
-    loss_file = paths.generator / "loss.csv"
-    if loss_file.exists():
-        loss = pd.read_csv(loss_file)
+    if (paths.generator / CURVES).exists():
+        loss = read_curve(paths.generator / CURVES, "loss")
         figs["generator_loss"], csvs["generator_loss"] = fig_loss(loss), loss
     filt = read_json(paths.filtered / "summary.json") if (paths.filtered / "summary.json").exists() else {}
     scores = pd.read_parquet(paths.filtered / "scores.parquet") if (paths.filtered / "scores.parquet").exists() else None
@@ -114,7 +114,7 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
            "figs": {k: png_b64(f) for k, f in figs.items()}, "filter": filt,
            "quality": quality_rows(filt), "quality_names": QUALITY, "prepared": prepared, "meta": meta,
            "stage_times": stage_times, "params": params.resolved(), "pct": pct, "generator": generator}
-    env = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"), autoescape=select_autoescape(["html"]))
+    env = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"), autoescape=select_autoescape(["html.j2"]))
     paths.reports.mkdir(parents=True, exist_ok=True)
     with atomic_path(paths.reports / "figures", is_dir=True) as tmp:
         for k, f in figs.items():

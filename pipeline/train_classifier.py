@@ -4,7 +4,8 @@ A variant (``train_classifier.variants`` in params.yaml: real images or not, aug
 which synthetic set) trains ``seeds`` models for the same number of steps, each selected on
 the real validation split, then tested once on the real test split. Writes
 ``models/classifier/<variant>/seed<k>/`` (weights, metrics, config) and
-``metrics/classifier/<variant>.json`` (per-seed metrics, mean, std, 95% CI).
+``metrics/classifier/<variant>.json`` (per-seed metrics, mean, std, 95% CI) and
+``metrics/classifier/<variant>/`` (each seed's validation accuracy and training loss, DVCLive logs).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline.config import Params, Paths, resolve_device
+from pipeline.core.curves import write_curves
 from pipeline.core.entrypoint import stage_main
 from pipeline.core.images import class_names_of, dataset_to_tensors, image_hashes
 from pipeline.core.io import atomic_path, load_dataset_dir, write_json
@@ -121,6 +123,9 @@ def run(params: Params, paths: Paths = Paths(), variant: str | None = None) -> d
     summary["headline"] = (f"{variant}: test accuracy {acc['mean']:.2%} "
                            f"(95% CI {acc['low']:.2%} to {acc['high']:.2%}, {len(seeds)} seeds, {len(test_y)} test images)")
     summary["per_seed"] = per_seed
+    with atomic_path(paths.classifier_metrics / variant, is_dir=True) as tmp:  # curves for `dvc plots show`
+        write_curves(tmp, {f"seed{i}/{name}": (hist["step"], hist[name]) for i, (_, hist) in enumerate(results)
+                           for name in ("val_acc", "train_loss")})
     write_json(paths.classifier_metrics / f"{variant}.json", summary)
     log.info("train_classifier %s", summary["headline"])
     return summary

@@ -5,20 +5,21 @@ datasetgan; their training loops live in ``pipeline.training``. Reads ``data/pre
 (train; plus pool for ``init: pretrain`` and datasetgan) and writes ``models/generator/``:
 the weights of the kind (the diffusion kinds as a diffusers pipeline: ``model_index.json``,
 ``unet/`` or ``transformer/``, ``scheduler/``), ``generator.json`` (kind, what sample needs,
-fingerprint, params), ``loss.csv`` and a ``samples.png`` preview. Resumable checkpoints
+fingerprint, params), ``dvclive/`` (the loss and lr of every step, for ``dvc plots show``) and
+a ``samples.png`` preview. Resumable checkpoints
 live in ``models/generator_checkpoints/``, tied to the training config by a hash.
 
 Multi-GPU: ``accelerate launch -m pipeline.train_generator`` (batch_size is per process).
 """
 from __future__ import annotations
 
-import csv
 import logging
 from pathlib import Path
 
 import torch
 
 from pipeline.config import Params, Paths, resolve_device
+from pipeline.core.curves import CURVES, write_curves
 from pipeline.core.entrypoint import stage_main
 from pipeline.core.images import dataset_to_tensors, make_grid_image
 from pipeline.core.io import atomic_path, load_dataset_dir, read_json, save_png, sha256_file, write_json
@@ -70,12 +71,8 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
     if accelerator.is_main_process:
         with atomic_path(paths.generator, is_dir=True) as tmp:
             weights = fitted.save(tmp)
-            columns = list(fitted.history)
-            with open(tmp / "loss.csv", "w", newline="") as f:
-                w = csv.writer(f)
-                w.writerow(["step", *columns])
-                w.writerows([s + 1, *(f"{v:.6g}" for v in row)]
-                            for s, row in enumerate(zip(*(fitted.history[c] for c in columns))))
+            steps = list(range(1, len(fitted.history["loss"]) + 1))
+            write_curves(tmp / CURVES, {name: (steps, values) for name, values in fitted.history.items()})
             if cfg.preview_per_class:
                 grid = preview(fitted.generator, data.num_classes, cfg.preview_per_class)
                 save_png(make_grid_image(grid, nrow=cfg.preview_per_class), tmp / "samples.png")

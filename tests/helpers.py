@@ -84,3 +84,29 @@ def tiny_data() -> TrainData:
 def fresh_backbone(cfg, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return build_backbone(cfg, SIZE, 1, 2)
+
+
+# ---- a tiny local CLIP ----------------------------------------------------------------------
+
+
+def make_tiny_clip(path):
+    """A randomly initialised tiny CLIP + processor saved to ``path`` (no downloads)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz/-0123456789":
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    tok = CLIPTokenizer(vocab=vocab, merges=[])
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=64, projection_dim=8,
+                         bos_token_id=0, eos_token_id=1, pad_token_id=1),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=16, patch_size=8, projection_dim=8),
+        projection_dim=8)
+    torch.manual_seed(0)
+    CLIPModel(cfg).save_pretrained(path)
+    ip = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    CLIPProcessor(image_processor=ip, tokenizer=tok).save_pretrained(path)
+    return path

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from pipeline import compare
-from pipeline.storage import read_json, write_json
+from pipeline.core.io import read_json, write_json
+from pipeline.reporting import compare
 
 
 def fake_run(root, kind: str, fd: float, gain: float, helped: bool = False) -> None:
@@ -51,18 +51,22 @@ def test_missing_summaries_are_a_clear_error(tmp_path):
 def test_experiments_are_read_at_their_commits(tmp_path):
     """Two kinds committed on experiment refs (as dvc exp run leaves them) plus the workspace."""
     def git(*args):
-        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True).stdout.strip()
 
     git("init", "-q")
     git("config", "user.email", "t@example.com")
     git("config", "user.name", "t")
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=tmp_path, check=True)
+    git("commit", "-qm", "baseline")
+    base = git("rev-parse", "HEAD")
     for kind, fd in (("dit", 90.0), ("unet", 99.0)):
+        # dvc exp run: a commit on top of the baseline under refs/exps/<base[:2]>/<base[2:]>/<name>; HEAD stays
         fake_run(tmp_path, kind, fd=fd, gain=0.004)
         git("add", "-A")
         git("commit", "-qm", kind)
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
-        git("update-ref", f"refs/exps/ab/cdef/cpu-{kind}", sha)
+        git("update-ref", f"refs/exps/{base[:2]}/{base[2:]}/cpu-{kind}", git("rev-parse", "HEAD"))
+        git("reset", "-q", "--hard", base)
+    fake_run(tmp_path, "unet", fd=99.0, gain=0.004)  # the workspace holds the outputs of cpu-unet
     df = compare.collect(tmp_path)  # the workspace equals cpu-unet: one row for it
     assert sorted(zip(df.kind, df.fd_all)) == [("dit", 90.0), ("unet", 99.0)]
     assert list(compare.collect(tmp_path, ["cpu-dit"]).kind) == ["dit"]

@@ -79,6 +79,39 @@ def test_invalid_yaml(tmp_path):
         load_params(p)
 
 
+def test_variants_are_named_specs_with_required_data(tmp_path):
+    p = params_from_dict({"train_classifier": {"variants": {"mine": {"data": "filtered", "real": False}}}})
+    assert list(p.train_classifier.variants) == ["mine"]  # the dict replaces the default list, no merge
+    spec = p.train_classifier.variants["mine"]
+    assert spec.data == "filtered" and spec.real is False and spec.augment == "standard"
+    repo = load_params("params.yaml").train_classifier.variants
+    assert repo["real"].data == "prepared" and repo["real"].real and repo["real+classic"].augment == "classic"
+    assert repo["synthetic-only"].data == "filtered" and not repo["synthetic-only"].real
+    assert repo["real+synthetic-unfiltered"].data == "synthetic"
+
+
+def test_unknown_key_inside_a_variant_names_key_and_allowed(tmp_path):
+    p = write(tmp_path, {"train_classifier": {"variants": {"real": {"data": "prepared", "augmnt": "classic"}}}})
+    with pytest.raises(ConfigError) as e:
+        load_params(p)
+    msg = str(e.value)
+    assert str(p) in msg and "train_classifier.variants.real.augmnt" in msg
+    assert "augment" in msg and "data" in msg and "real" in msg
+
+
+@pytest.mark.parametrize("variants,match", [
+    ({"real": {"augment": "classic"}}, r"train_classifier\.variants\.real\.data.*required"),
+    ({"real": {"data": "augmented"}}, r"train_classifier\.variants\.real\.data.*'prepared', 'filtered' or 'synthetic'"),
+    ({}, r"train_classifier.*variants is empty"),
+    ({"cas": {"data": "prepared", "real": False}}, r"train_classifier\.variants\.cas.*real: false.*filtered or synthetic"),
+])
+def test_bad_variants_refused(tmp_path, variants, match):
+    with pytest.raises(ConfigError, match=match):
+        load_params(write(tmp_path, {"train_classifier": {"variants": variants}}))
+    with pytest.raises(ConfigError, match=match):  # also under a profile preset
+        params_from_dict({"base": {"profile": "micro"}, "train_classifier": {"variants": variants}})
+
+
 def test_paths_named_once(tmp_path):
     paths = Paths(root=tmp_path)
     assert paths.prepared == tmp_path / "data/prepared"

@@ -1,12 +1,17 @@
 """Feature spaces, k-NN realism and set metrics: known answers on tiny data."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from pipeline.config import ConfigError, params_from_dict
-from pipeline.features import (SPACES, FeatureSpace, RGBImages, cached_features, clip_scores, frechet_distance,
-                               load_clip, nearest, pixel_hashes, realism, set_metrics)
+from pipeline.config import params_from_dict
+from pipeline.core.images import image_hashes
+from pipeline.errors import ConfigError
+from pipeline.quality.clip import clip_scores, load_clip
+from pipeline.quality.features import SPACES, FeatureSpace, RGBImages, cached_features
+from pipeline.quality.metrics import frechet_distance, nearest, realism, set_metrics
+from tests.helpers import make_tiny_clip
 
 
 def _gauss(n, d=8, shift=0.0, seed=0):
@@ -15,7 +20,7 @@ def _gauss(n, d=8, shift=0.0, seed=0):
 
 
 def _tiny_judge(in_chans=1, classes=3):
-    from pipeline.train_classifier import build_model
+    from pipeline.models.classifier import build_model
     torch.manual_seed(0)
     return build_model("test_resnet", classes, in_chans).eval()
 
@@ -68,11 +73,12 @@ def test_nearest_and_realism_known_geometry():
     assert score[0] == pytest.approx(1 / 0.5 ** 0.5, rel=1e-5) and score[1] < 0.1 and score[2] > 1e6
 
 
-def test_pixel_hashes_find_exact_copies():
+def test_image_hashes_find_exact_copies():
     x = torch.randint(0, 255, (4, 1, 8, 8), dtype=torch.uint8)
     x[3] = x[1]
-    h = pixel_hashes(x)
+    h = image_hashes(x)
     assert h[3] == h[1] and len(set(h)) == 3
+    assert image_hashes(x.numpy()).tolist() == h.tolist()  # numpy arrays hash the same as tensors
 
 
 # ---- feature spaces ------------------------------------------------------------------
@@ -109,6 +115,28 @@ def test_efficientnet_lite0_loads_imagenet_weights_and_gives_1280_features():
     assert "ImageNet" in space.label and SPACES["efficientnet-lite0"][2] == space.label
 
 
+def test_efficientnet_lite0_frechet_distance_equals_torch_fidelity_end_to_end():
+    """Our Frechet distance on our features = torch-fidelity's own FID run on the same images.
+
+    40 images per set against 1280 feature dims: frechet_distance takes its small-space formula,
+    torch-fidelity its full d x d one (its DataLoader, its extractor, its statistics)."""
+    import torch_fidelity
+
+    rng = np.random.default_rng(0)
+    x1 = torch.from_numpy(rng.integers(0, 256, (40, 3, 32, 32), dtype=np.uint8))
+    x2 = torch.from_numpy(np.clip(rng.integers(0, 256, (40, 3, 32, 32)) * 0.7 + 40, 0, 255).astype(np.uint8))
+    space = FeatureSpace("efficientnet-lite0", resolution=64, batch_size=20)
+    f1, f2 = space(x1), space(x2)
+    assert f1.shape == (40, 1280) and len(f1) < f1.shape[1]  # the small-space branch
+    ours = frechet_distance(f1, f2)
+    lib = torch_fidelity.calculate_metrics(
+        input1=RGBImages(x1), input2=RGBImages(x2), fid=True, feature_extractor="efficientnet-lite0",
+        feature_extractor_resolution=64, cuda=False, cache=False, verbose=False, save_cpu_ram=True,
+        batch_size=20)["frechet_inception_distance"]
+    assert ours > 1e-3
+    assert ours == pytest.approx(lib, rel=1e-5)  # measured: 6e-7
+
+
 def test_feature_cache_is_reused(tmp_path):
     calls = []
 
@@ -140,29 +168,6 @@ def test_bad_feature_space_configs_are_clear():
 
 # ---- CLIP ------------------------------------------------------------------------------
 
-def make_tiny_clip(path):
-    """A randomly initialised tiny CLIP + processor saved to ``path`` (no downloads)."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in "abcdefghijklmnopqrstuvwxyz/-0123456789":
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    tok = CLIPTokenizer(vocab=vocab, merges=[])
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=64, projection_dim=8,
-                         bos_token_id=0, eos_token_id=1, pad_token_id=1),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=16, patch_size=8, projection_dim=8),
-        projection_dim=8)
-    torch.manual_seed(0)
-    CLIPModel(cfg).save_pretrained(path)
-    ip = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
-    CLIPProcessor(image_processor=ip, tokenizer=tok).save_pretrained(path)
-    return path
-
-
 def test_clip_score_from_a_local_tiny_clip(tmp_path):
     import torch.nn.functional as F
 
@@ -192,8 +197,6 @@ def test_clip_config_errors(tmp_path):
 
 
 def test_precision_recall_use_a_bounded_subset_of_synthetic_images():
-    from pipeline.features import set_metrics
-
     g = torch.Generator().manual_seed(0)
     real, syn = torch.randn(40, 4, generator=g), torch.randn(300, 4, generator=g)
     m = set_metrics(syn, real, "test", kid_subsets=2, prc_max=50)

@@ -8,9 +8,13 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.config import ConfigError, Paths, params_from_dict
-from pipeline.filter import REASONS, duplicate_flags, judge_scores, run, select, train_judge
-from pipeline.storage import tensors_to_dataset
+from pipeline.config import Paths, params_from_dict
+from pipeline.core.images import tensors_to_dataset
+from pipeline.errors import ConfigError
+from pipeline.filter import run
+from pipeline.quality.judge import judge_scores, train_judge
+from pipeline.quality.selection import REASONS, duplicate_flags, select
+from tests.helpers import make_tiny_clip
 
 NAMES = ["top", "bottom", "left"]
 
@@ -144,8 +148,6 @@ def test_stage_smoke(tmp_path):
 
 
 def test_stage_clip_threshold_and_missing_checkpoint(tmp_path):
-    from tests.test_features import make_tiny_clip
-
     paths, n = write_contract_data(tmp_path, with_pool=False)
     ckpt = str(make_tiny_clip(tmp_path / "clip"))
     summary = run(micro(min_confidence=0.0, require_realism=False, balance=False,

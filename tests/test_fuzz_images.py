@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from pipeline.config import params_from_dict
-from pipeline.prepare import DataError, load_image_file
+from pipeline.core.sources import load_image_file
+from pipeline.errors import DataError
 
 CFG = params_from_dict({"prepare": {"source": "imagefolder", "image_size": 8, "channels": 3}}).prepare
 

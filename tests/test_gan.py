@@ -4,12 +4,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline import gan
 from pipeline import train_generator as tg
 from pipeline.config import ConfigError, Paths, params_from_dict
-from pipeline.generators import load_generator
-from pipeline.storage import read_json, sha256_file
-from tests.test_train_generator import SIZE, make_prepared, tiny_data
+from pipeline.core.curves import CURVES, read_curve
+from pipeline.core.io import read_json, sha256_file
+from pipeline.models import gan
+from pipeline.models.registry import load_generator
+from pipeline.training import checkpoint
+from pipeline.training import gan as train_gan
+from tests.helpers import SIZE, make_prepared, tiny_data
 
 
 def gan_params(cgan: dict | None = None, **train):
@@ -20,7 +23,7 @@ def gan_params(cgan: dict | None = None, **train):
 
 def fit(params, ckpt_dir, init_seed: int = 0, **kw):
     torch.manual_seed(init_seed)  # what run() does before fit: the initial weights
-    return gan.fit(params, tiny_data(), None, ckpt_dir, "g" * 64, **kw)
+    return train_gan.fit(params, tiny_data(), None, ckpt_dir, "g" * 64, **kw)
 
 
 def ema_state(fitted) -> dict:
@@ -41,17 +44,17 @@ def test_learns_the_class_conditional_toy_data(tmp_path):
 def test_diffaugment_keeps_shape_is_deterministic_and_differentiable():
     x = (torch.rand(6, 3, 12, 12) * 2 - 1).requires_grad_()
     for policy in ("color", "translation", "cutout", "color,translation,cutout"):
-        a = gan.diff_augment(x, policy, torch.Generator().manual_seed(1))
-        b = gan.diff_augment(x, policy, torch.Generator().manual_seed(1))
-        c = gan.diff_augment(x, policy, torch.Generator().manual_seed(2))
+        a = train_gan.diff_augment(x, policy, torch.Generator().manual_seed(1))
+        b = train_gan.diff_augment(x, policy, torch.Generator().manual_seed(1))
+        c = train_gan.diff_augment(x, policy, torch.Generator().manual_seed(2))
         assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, c), policy
     a.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
-    assert gan.diff_augment(x, "", torch.Generator()) is x
-    cut = gan.diff_augment(torch.ones(4, 1, 12, 12), "cutout", torch.Generator().manual_seed(0))
+    assert train_gan.diff_augment(x, "", torch.Generator()) is x
+    cut = train_gan.diff_augment(torch.ones(4, 1, 12, 12), "cutout", torch.Generator().manual_seed(0))
     assert ((cut == 0).flatten(1).sum(1) > 0).all()  # every image lost a patch
     with pytest.raises(ConfigError, match="cgan.diffaugment"):
-        gan.parse_policy("color,zoom")
+        train_gan.parse_policy("color,zoom")
 
 
 def test_same_seed_gives_identical_weights(tmp_path):
@@ -72,7 +75,11 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert resumed.resumed_from == 4 and resumed.history == straight.history
     a, b = ema_state(straight), ema_state(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert len(list((tmp_path / "b").glob("ckpt-*.pt"))) == tg.KEEP_CHECKPOINTS
+    files = sorted((tmp_path / "b").glob("ckpt-*.pt"))
+    assert len(files) == checkpoint.KEEP_CHECKPOINTS
+    saved = torch.load(files[-1], weights_only=True)
+    assert set(saved) == {"config_hash", "step", "state", "losses", "seconds", "rng"} and saved["step"] == 6
+    assert set(saved["state"]) == {"g", "d", "ema", "opt_g", "opt_d"}
 
 
 def test_stage_save_load_round_trip(tmp_path):
@@ -80,8 +87,11 @@ def test_stage_save_load_round_trip(tmp_path):
     params = gan_params(steps=4)
     meta = tg.run(params, Paths(root=tmp_path))
     out = Paths(root=tmp_path).generator
-    assert {p.name for p in out.iterdir()} == {"gan", "generator.json", "loss.csv", "samples.png"}
-    assert (out / "loss.csv").read_text().splitlines()[0] == "step,loss,lr,g_loss"
+    assert {p.name for p in out.iterdir()} == {"gan", "generator.json", CURVES, "samples.png"}
+    assert {p.name for p in (out / "gan").iterdir()} == {"config.json", "generator.safetensors"}
+    for name in ("loss", "lr", "g_loss"):
+        curve = read_curve(out / CURVES, name)
+        assert list(curve.columns) == ["step", name] and curve["step"].tolist() == [1, 2, 3, 4]
     saved = read_json(out / "generator.json")
     assert saved["kind"] == "cgan" and saved["fingerprint"] == sha256_file(out / "gan" / "generator.safetensors")
     assert saved["z_dim"] == 8 and saved["image_size_padded"] == SIZE and saved["discriminator_parameters"] > 0

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_prepare import make_idx_dir
+from tests.helpers import make_idx_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -21,7 +21,8 @@ pytestmark = pytest.mark.slow
 
 
 def project_copy(dst: Path, data: Path) -> Path:
-    for name in ("pipeline", "flows", "dvc.yaml", "params.yaml", "prefect.yaml"):
+    # prefect.toml: the project's Prefect settings (read from the project root, where the flows run)
+    for name in ("pipeline", "flows", "dvc.yaml", "params.yaml", "prefect.yaml", "prefect.toml"):
         src = ROOT / name
         (shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__"))
          if src.is_dir() else shutil.copy(src, dst / name))

@@ -1,6 +1,5 @@
 import gzip
 import hashlib
-import struct
 
 import datasets
 import numpy as np
@@ -8,26 +7,13 @@ import pytest
 from PIL import Image
 
 from pipeline import prepare
-from pipeline.config import Paths, params_from_dict
-from pipeline.prepare import DataError, make_splits, read_idx
-from pipeline.storage import read_json
-
-
-def write_idx(path, arr):
-    header = struct.pack(">BBBB", 0, 0, 8, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + arr.astype(np.uint8).tobytes())
-
-
-def make_idx_dir(root, n_train=60, n_test=20, classes=3, size=8, seed=0):
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", n_train), ("t10k", n_test)):
-        y = np.arange(n) % classes
-        x = rng.integers(0, 256, size=(n, size, size))
-        write_idx(root / f"{split}-images-idx3-ubyte.gz", x)
-        write_idx(root / f"{split}-labels-idx1-ubyte.gz", y)
-    return root
+from pipeline.config import Paths
+from pipeline.core import sources
+from pipeline.core.io import read_json
+from pipeline.core.sources import read_idx
+from pipeline.core.splits import make_splits
+from pipeline.errors import DataError
+from tests.helpers import make_idx_dir, prepare_params
 
 
 def make_folder(root, counts=(6, 6), size=(12, 10), mode="RGB"):
@@ -49,16 +35,10 @@ def tree_hash(root):
     return h.hexdigest()
 
 
-def params(source, path, **prep):
-    prep = {"source": source, "path": str(path), "image_size": 8, "labeled_per_class": 2,
-            "val_per_class": 1, "unlabeled_pool": -1, **prep}
-    return params_from_dict({"base": {"profile": "micro"}, "prepare": prep})
-
-
 def test_fashion_mnist_idx_source(tmp_path):
     src = make_idx_dir(tmp_path / "fm")
     before = tree_hash(src)
-    summary = prepare.run(params("fashion-mnist", src), Paths(root=tmp_path))
+    summary = prepare.run(prepare_params("fashion-mnist", src), Paths(root=tmp_path))
     dd = datasets.load_from_disk(str(tmp_path / "data/prepared/dataset"))
     assert set(dd) == {"train", "val", "test", "pool"}
     assert summary["counts_per_class"]["train"] == [2, 2, 2]
@@ -71,14 +51,14 @@ def test_fashion_mnist_idx_source(tmp_path):
 
 def test_idx_rgb_and_resize(tmp_path):
     src = make_idx_dir(tmp_path / "fm")
-    prepare.run(params("fashion-mnist", src, image_size=16, channels=3), Paths(root=tmp_path))
+    prepare.run(prepare_params("fashion-mnist", src, image_size=16, channels=3), Paths(root=tmp_path))
     img = datasets.load_from_disk(str(tmp_path / "data/prepared/dataset"))["val"][0]["image"]
     assert img.size == (16, 16) and img.mode == "RGB"
 
 
 def test_missing_and_truncated_idx(tmp_path):
     with pytest.raises(DataError, match="missing Fashion-MNIST files.*make setup"):
-        prepare.run(params("fashion-mnist", tmp_path / "none"), Paths(root=tmp_path))
+        prepare.run(prepare_params("fashion-mnist", tmp_path / "none"), Paths(root=tmp_path))
     src = make_idx_dir(tmp_path / "fm")
     raw = gzip.open(src / "train-images-idx3-ubyte.gz").read()
     with gzip.open(src / "train-images-idx3-ubyte.gz", "wb") as f:
@@ -92,7 +72,7 @@ def test_missing_and_truncated_idx(tmp_path):
 
 def test_imagefolder_source_and_holdout(tmp_path):
     src = make_folder(tmp_path / "imgs", counts=(10, 10))
-    summary = prepare.run(params("imagefolder", src, channels=3), Paths(root=tmp_path))
+    summary = prepare.run(prepare_params("imagefolder", src, channels=3), Paths(root=tmp_path))
     dd = datasets.load_from_disk(str(tmp_path / "data/prepared/dataset"))
     assert summary["class_names"] == ["class_0", "class_1"]
     assert summary["counts_per_class"]["test"] == [2, 2]  # stratified 20% hold-out
@@ -105,17 +85,17 @@ def test_hf_disk_source_with_custom_columns(tmp_path):
     ds = datasets.Dataset.from_dict({"pic": imgs, "cls": ["cat", "dog"] * 8},
                                     features=datasets.Features({"pic": datasets.Image(), "cls": datasets.Value("string")}))
     ds.save_to_disk(str(tmp_path / "hf"))
-    summary = prepare.run(params("hf-disk", tmp_path / "hf", image_column="pic", label_column="cls"),
+    summary = prepare.run(prepare_params("hf-disk", tmp_path / "hf", image_column="pic", label_column="cls"),
                           Paths(root=tmp_path))
     assert summary["class_names"] == ["cat", "dog"] and summary["sizes"]["train"] == 4
     with pytest.raises(DataError, match="no column 'image'"):
-        prepare.run(params("hf-disk", tmp_path / "hf"), Paths(root=tmp_path))
+        prepare.run(prepare_params("hf-disk", tmp_path / "hf"), Paths(root=tmp_path))
 
 
 def test_splits_disjoint_stratified_deterministic(tmp_path):
     src = make_idx_dir(tmp_path / "fm", n_train=90)
-    source = prepare.read_fashion_mnist(params("fashion-mnist", src).prepare)
-    cfg = params("fashion-mnist", src, unlabeled_pool=10).prepare
+    source = sources.read_fashion_mnist(prepare_params("fashion-mnist", src).prepare)
+    cfg = prepare_params("fashion-mnist", src, unlabeled_pool=10).prepare
     a, _ = make_splits(source, cfg, seed=3)
     b, _ = make_splits(source, cfg, seed=3)
     c, _ = make_splits(source, cfg, seed=4)
@@ -129,9 +109,9 @@ def test_splits_disjoint_stratified_deterministic(tmp_path):
 
 def test_train_test_duplicates_detected_and_dropped(tmp_path):
     src = make_idx_dir(tmp_path / "fm")
-    source = prepare.read_fashion_mnist(params("fashion-mnist", src).prepare)
+    source = sources.read_fashion_mnist(prepare_params("fashion-mnist", src).prepare)
     source.images[:5] = source.test_images[:5]
-    splits, notes = make_splits(source, params("fashion-mnist", src).prepare, seed=0)
+    splits, notes = make_splits(source, prepare_params("fashion-mnist", src).prepare, seed=0)
     assert notes["train_test_exact_duplicates"] == 5
     assert not set(range(5)) & set(np.concatenate([splits["train"], splits["val"], splits["pool"]]).tolist())
 
@@ -139,18 +119,18 @@ def test_train_test_duplicates_detected_and_dropped(tmp_path):
 def test_class_too_small_names_class_and_count(tmp_path):
     src = make_folder(tmp_path / "imgs", counts=(8, 1))
     with pytest.raises(DataError, match=r"'class_1' has 1.*labeled_per_class"):
-        prepare.run(params("imagefolder", src), Paths(root=tmp_path))
+        prepare.run(prepare_params("imagefolder", src), Paths(root=tmp_path))
 
 
 def test_empty_folder_and_empty_class(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no class sub-folders"):
-        prepare.run(params("imagefolder", tmp_path / "empty"), Paths(root=tmp_path))
+        prepare.run(prepare_params("imagefolder", tmp_path / "empty"), Paths(root=tmp_path))
     src = make_folder(tmp_path / "imgs", counts=(8, 8))
     (src / "class_2").mkdir()
     (src / "class_2" / "notes.txt").write_text("hello")
     with pytest.raises(DataError, match=r"class_2.*no readable image"):
-        prepare.run(params("imagefolder", src), Paths(root=tmp_path))
+        prepare.run(prepare_params("imagefolder", src), Paths(root=tmp_path))
 
 
 def odd_images(d):
@@ -171,7 +151,7 @@ def test_bad_and_odd_images_skip_and_report(tmp_path):
     src = make_folder(tmp_path / "imgs", counts=(8, 8))
     bad = odd_images(src / "class_0")
     before = tree_hash(src)
-    summary = prepare.run(params("imagefolder", src, channels=3), Paths(root=tmp_path))
+    summary = prepare.run(prepare_params("imagefolder", src, channels=3), Paths(root=tmp_path))
     skipped = {s["path"].split("/")[-1] for s in summary["skipped_images"]}
     assert skipped == bad
     assert sum(summary["sizes"][k] for k in ("train", "val", "test", "pool")) == 16 + 5
@@ -182,7 +162,7 @@ def test_bad_image_fatal_when_asked(tmp_path):
     src = make_folder(tmp_path / "imgs", counts=(8, 8))
     (src / "class_1" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     with pytest.raises(DataError, match=r"broken\.png.*on_bad_image"):
-        prepare.run(params("imagefolder", src, on_bad_image="error"), Paths(root=tmp_path))
+        prepare.run(prepare_params("imagefolder", src, on_bad_image="error"), Paths(root=tmp_path))
 
 
 def test_huge_image_is_a_clear_error(tmp_path, monkeypatch):
@@ -190,11 +170,11 @@ def test_huge_image_is_a_clear_error(tmp_path, monkeypatch):
     path = tmp_path / "big.png"
     Image.new("L", (100, 100)).save(path)
     with pytest.raises(DataError, match="too large"):
-        prepare.load_image_file(path, params("imagefolder", tmp_path).prepare)
+        sources.load_image_file(path, prepare_params("imagefolder", tmp_path).prepare)
 
 
 def test_sixteen_bit_scaled_not_clipped(tmp_path):
     path = tmp_path / "deep.png"
     Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16)).save(path)
-    arr = prepare.load_image_file(path, params("imagefolder", tmp_path).prepare)
+    arr = sources.load_image_file(path, prepare_params("imagefolder", tmp_path).prepare)
     assert arr.max() == 255 and arr.shape == (8, 8, 1)

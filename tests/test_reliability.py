@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 
 from pipeline import prepare
 from pipeline.config import Paths
-from pipeline.storage import atomic_path, dataset_to_tensors, load_dataset_dir, write_json
-from tests.test_prepare import make_idx_dir, params as prep_params
-from tests.test_train_generator import TINY, make_prepared
+from pipeline.core.images import dataset_to_tensors
+from pipeline.core.io import atomic_path, load_dataset_dir, write_json
+from tests.helpers import TINY, make_idx_dir, make_prepared, prepare_params
 
 
 def test_crash_inside_atomic_write_keeps_the_old_file_and_leaves_no_partial(tmp_path):
@@ -73,7 +73,7 @@ def test_prepare_is_deterministic_given_the_seed(tmp_path):
     src = make_idx_dir(tmp_path / "fm", n_train=90)
     outs = []
     for root in ("a", "b"):
-        prepare.run(prep_params("fashion-mnist", src, unlabeled_pool=10), Paths(root=tmp_path / root))
+        prepare.run(prepare_params("fashion-mnist", src, unlabeled_pool=10), Paths(root=tmp_path / root))
         dd = load_dataset_dir(Paths(root=tmp_path / root).prepared / "dataset", "prepared")
         outs.append({s: dataset_to_tensors(dd[s], label_column="label" if s != "pool" else None) for s in dd})
     for split, (x, y) in outs[0].items():

@@ -10,7 +10,10 @@ import torch
 
 from pipeline import report
 from pipeline.config import Paths, params_from_dict
-from pipeline.storage import save_dataset, tensors_to_dataset, write_json
+from pipeline.core.curves import CURVES, write_curves
+from pipeline.core.images import tensors_to_dataset
+from pipeline.core.io import save_dataset, write_json
+from pipeline.reporting.tables import quality_rows, variant_table, verdict
 
 NAMES = ["a", "b"]
 
@@ -22,19 +25,19 @@ def variant(accs, per_class=None):
 
 
 def table(**variants):
-    return report.variant_table(variants)
+    return variant_table(variants)
 
 
 def test_verdict_says_helped_only_when_interval_above_zero():
     t = table(real=variant([0.80, 0.81, 0.82]), **{"real+synthetic": variant([0.85, 0.87, 0.86])})
-    v = report.verdict(t)
+    v = verdict(t)
     assert v["helped"] is True and v["text"].startswith("Yes") and "N=200" in v["text"] and "3 seeds" in v["text"]
     assert v["gain"] == pytest.approx(0.05)
     t = table(real=variant([0.80, 0.81, 0.82]), **{"real+synthetic": variant([0.79, 0.83, 0.815])})
-    assert report.verdict(t)["helped"] is False and "includes zero" in report.verdict(t)["text"]
+    assert verdict(t)["helped"] is False and "includes zero" in verdict(t)["text"]
     t = table(real=variant([0.80, 0.81, 0.82]), **{"real+synthetic": variant([0.70, 0.71, 0.73])},
               **{"real+classic": variant([0.83, 0.84, 0.85])})
-    text = report.verdict(t)["text"]
+    text = verdict(t)["text"]
     assert text.startswith("No, synthetic data did not help") and "does not score above" in text and "real+classic" in text
 
 
@@ -47,7 +50,7 @@ def test_paired_difference_in_table_matches_seedwise_mean():
 def test_quality_rows_read_filter_summary():
     fig = lambda v: {"value": v, "n_real": 10, "n_synthetic": 8, "feature_space": "x"}  # noqa: E731
     s = {"metrics": {"before": {"frechet_distance": fig(9.0), "kid": fig(0.1)}, "floor": {"frechet_distance": fig(1.0)}}}
-    rows = report.quality_rows(s)
+    rows = quality_rows(s)
     assert [r["set"] for r in rows] == ["real vs real (floor)", "synthetic, all"]
     assert rows[1]["frechet_distance"] == 9.0 and rows[0]["kid"] is None and rows[1]["n_other"] == 8
 
@@ -74,7 +77,7 @@ def fake_run(root):
                                                                 "rejected_by_first_reason": {"low_confidence": 1, "memorized": 1}},
                                                  "clip": {"used": False, "why": "filter.clip.checkpoint not set"}, "metrics": {}})
     paths.generator.mkdir(parents=True)
-    pd.DataFrame({"step": range(50), "loss": np.linspace(1, 0.1, 50)}).to_csv(paths.generator / "loss.csv", index=False)
+    write_curves(paths.generator / CURVES, {"loss": (list(range(1, 51)), list(np.linspace(1, 0.1, 50)))})
     write_json(paths.generator / "generator.json", {"kind": "datasetgan", "num_parameters": 1_234_000, "steps": 50,
                                                     "timing": {"seconds": 12.0}, "device": "cpu",
                                                     "interpreter_val_accuracy": 0.75, "interpreter_val_n": 8})
@@ -95,9 +98,28 @@ def test_report_stage_writes_everything(tmp_path):
     metrics = json.loads((paths.reports / "metrics.json").read_text())
     assert metrics["helped"] is True and metrics["variants"]["real"]["accuracy"] == pytest.approx(0.71)
     assert (paths.reports / "plots/per_class_gain.csv").exists() and (paths.reports / "figures/variants.png").exists()
+    assert (paths.reports / "figures/generator_loss.png").exists()  # the generator's DVCLive loss curve
+    assert len(pd.read_csv(paths.reports / "plots/generator_loss.csv")) == 50
     assert "| real+synthetic |" in (paths.reports / "report.md").read_text()
     assert "Kind <b>datasetgan</b>, 1.23M parameters, 50 training steps in 12 s" in html
     assert "interpreter accuracy on val 75.0% (N=8)" in html and metrics["generator_kind"] == "datasetgan"
+
+
+def test_report_reads_only_the_variants_named_in_params(tmp_path, caplog):
+    paths = fake_run(tmp_path)  # metrics of real, real+classic, real+synthetic on disk
+    named = {"real": {"data": "prepared"}, "real+synthetic": {"data": "filtered"},
+             "synthetic-only": {"data": "filtered", "real": False}}  # synthetic-only was not run
+    params = params_from_dict({"base": {"profile": "micro"}, "train_classifier": {"variants": named}})
+    with caplog.at_level("WARNING", logger="pipeline.report"):
+        out = report.run(params, paths)
+    metrics = json.loads((paths.reports / "metrics.json").read_text())
+    assert list(metrics["variants"]) == ["real", "real+synthetic"]  # real+classic is on disk but not named
+    assert "synthetic-only" in caplog.text and "left out" in caplog.text
+    assert out["headline"].startswith("Yes, synthetic data helped") and "real+classic" not in out["headline"]
+    assert "| real+classic |" not in (paths.reports / "report.md").read_text()
+    only_missing = params_from_dict({"train_classifier": {"variants": {"synthetic-only": named["synthetic-only"]}}})
+    with pytest.raises(FileNotFoundError, match="Run train_classifier first"):
+        report.run(only_missing, paths)
 
 
 def test_report_opens_in_headless_chromium(tmp_path):

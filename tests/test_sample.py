@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+from types import SimpleNamespace
 
 import datasets
 import pytest
@@ -10,10 +11,14 @@ import torch
 from pipeline import sample as sp
 from pipeline import train_generator as tg
 from pipeline.config import Paths, params_from_dict
-from pipeline.diffusion import (DiffusionGenerator, build_unet, denoise, guided_output, inference_scheduler,
-                                train_scheduler)
-from pipeline.generators import load_generator
-from pipeline.storage import dataset_to_tensors, read_json, tensors_to_dataset, write_json
+from pipeline.core.images import dataset_to_tensors, tensors_to_dataset
+from pipeline.core.io import read_json, write_json
+from pipeline.core.seeding import image_seed
+from pipeline.models.class_conditional import ClassConditionalPipeline
+from pipeline.models.diffusion import DiffusionGenerator, build_unet, inference_scheduler, train_scheduler
+from pipeline.models.registry import load_generator
+from pipeline.models.sampling import batch_ranges, generate, shard_range
+from tests.helpers import make_prepared
 
 SIZE = 8
 NAMES = ["left", "right/up"]
@@ -50,52 +55,69 @@ def tiny_model():
     return unet, dict(train_scheduler(cfg).config), meta
 
 
+def tiny_pipeline(unet, conf: dict, sampler: str = "dpm++") -> ClassConditionalPipeline:
+    pipe = ClassConditionalPipeline(scheduler=inference_scheduler(sampler, conf), class_names=NAMES,
+                                    image_size=SIZE, unet=unet)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def tiny_generator() -> DiffusionGenerator:
-    return DiffusionGenerator(*tiny_model())
+    unet, conf, meta = tiny_model()
+    return DiffusionGenerator(tiny_pipeline(unet, conf), meta)
+
+
+def denoise(pipe: ClassConditionalPipeline, noise: torch.Tensor, labels: torch.Tensor, guidance: float,
+            steps: int) -> torch.Tensor:
+    """The pipeline's guided loop from ``noise``, as images in [-1, 1] (N,C,H,W)."""
+    out = pipe(labels, num_inference_steps=steps, guidance_scale=guidance, noise=noise, output_type="pt")
+    return out.images * 2 - 1
 
 
 def test_guidance_batched_equals_separate_passes_and_changes_output():
-    unet, _, _ = tiny_model()
+    unet, conf, _ = tiny_model()
+    pipe = tiny_pipeline(unet, conf)
+    assert pipe.null_label == 2 and pipe.label_ids(["right/up", 0]).tolist() == [1, 0]
     x, t, y = torch.randn(3, 1, SIZE, SIZE), torch.tensor(500), torch.tensor([0, 1, 0])
     with torch.no_grad():
         cond = unet(x, t, class_labels=y).sample
         uncond = unet(x, t, class_labels=torch.full_like(y, 2)).sample
-        guided = guided_output(unet, x, t, y, 3.0, 2)
+        guided = pipe.guided_output(x, t, y, 3.0)
         assert torch.allclose(guided, uncond + 3.0 * (cond - uncond), atol=1e-5)
-        assert torch.equal(guided_output(unet, x, t, y, 1.0, 2), cond)
-        assert torch.equal(guided_output(unet, x, t, y, 0.0, 2), uncond)
+        assert torch.equal(pipe.guided_output(x, t, y, 1.0), cond)
+        assert torch.equal(pipe.guided_output(x, t, y, 0.0), uncond)
     for name in ("ddim", "dpm++"):
-        sched = inference_scheduler(name, tiny_model()[1])
+        pipe.scheduler = inference_scheduler(name, conf)
         noise = torch.randn(2, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
         lab = torch.tensor([0, 1])
-        a = denoise(unet, sched, noise, lab, 0.0, 3, 2)
-        b = denoise(unet, sched, noise, lab, 4.0, 3, 2)
+        a = denoise(pipe, noise, lab, 0.0, 3)
+        b = denoise(pipe, noise, lab, 4.0, 3)
         assert a.shape == noise.shape and (a - b).abs().max() > 1e-3
-        assert torch.equal(a, denoise(unet, sched, noise, lab, 0.0, 3, 2))  # deterministic given noise
+        assert torch.equal(a, denoise(pipe, noise, lab, 0.0, 3))  # deterministic given noise
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "dpm++"])
 def test_same_seed_same_image_whatever_the_batch(sampler):
     gen = tiny_generator()
     cfg = tiny_params(sampler=sampler).sample
-    full, labels, seeds = sp.generate(gen, range(0, 6), cfg, 5, batch_size=6, progress=False)
-    assert seeds == [sp.image_seed(5, i) for i in range(6)] and labels.tolist() == [0, 0, 0, 1, 1, 1]
-    small, _, _ = sp.generate(gen, range(0, 6), cfg, 5, batch_size=4, progress=False)
-    part, _, part_seeds = sp.generate(gen, range(2, 5), cfg, 5, batch_size=2, progress=False)
+    full, labels, seeds = generate(gen, range(0, 6), cfg, 5, batch_size=6, progress=False)
+    assert seeds == [image_seed(5, i) for i in range(6)] and labels.tolist() == [0, 0, 0, 1, 1, 1]
+    small, _, _ = generate(gen, range(0, 6), cfg, 5, batch_size=4, progress=False)
+    part, _, part_seeds = generate(gen, range(2, 5), cfg, 5, batch_size=2, progress=False)
     assert full.dtype == torch.uint8 and full.shape == (6, 1, SIZE, SIZE)
     # another batch composition changes only float rounding: at most one grey level
     assert (full.int() - small.int()).abs().max() <= 1
     assert (full[2:5].int() - part.int()).abs().max() <= 1 and part_seeds == seeds[2:5]
-    again, _, _ = sp.generate(gen, range(0, 6), cfg, 5, batch_size=6, progress=False)
+    again, _, _ = generate(gen, range(0, 6), cfg, 5, batch_size=6, progress=False)
     assert torch.equal(full, again)
-    other, _, _ = sp.generate(gen, range(0, 6), cfg, 6, batch_size=6, progress=False)
+    other, _, _ = generate(gen, range(0, 6), cfg, 6, batch_size=6, progress=False)
     assert not torch.equal(full, other)  # another base seed, other images
 
 
 def test_shards_and_batches_partition_the_indices():
-    ranges = [sp.shard_range(10, k, 3) for k in range(3)]
+    ranges = [shard_range(10, k, 3) for k in range(3)]
     assert [i for r in ranges for i in r] == list(range(10))
-    assert [list(r) for r in sp.batch_ranges(range(3, 10), 4)] == [[3], [4, 5, 6, 7], [8, 9]]
+    assert [list(r) for r in batch_ranges(range(3, 10), 4)] == [[3], [4, 5, 6, 7], [8, 9]]
     assert sp.safe_name("T-shirt/top") == "t-shirt-top"
 
 
@@ -118,7 +140,7 @@ def test_saved_generator_samples_and_two_shards_merge_to_one_shard_run(generator
         assert a[col] == b[col]
     assert torch.equal(dataset_to_tensors(a)[0], dataset_to_tensors(b)[0])
     meta = read_json(Paths(root=generator_root).generator / "generator.json")
-    assert set(a["generator"]) == {meta["fingerprint"]} and a["seed"] == [sp.image_seed(5, i) for i in range(6)]
+    assert set(a["generator"]) == {meta["fingerprint"]} and a["seed"] == [image_seed(5, i) for i in range(6)]
     out = Paths(root=roots["two"]).synthetic
     assert sorted(p.name for p in (out / "preview").iterdir()) == ["00_left.png", "01_right-up.png"]
     summary = read_json(out / "summary.json")
@@ -144,6 +166,8 @@ class OracleEps:
 
     def __init__(self, target: torch.Tensor, alphas_cumprod: torch.Tensor, error: float = 0.02):
         self.target, self.ab, self.error = target, alphas_cumprod, error
+        # what the pipeline reads of its backbone
+        self.config = SimpleNamespace(sample_size=target.shape[-1], in_channels=target.shape[1])
 
     def __call__(self, x, t, class_labels=None):
         ab = self.ab[t.long()].reshape(-1, 1, 1, 1)  # t: one timestep per image
@@ -158,15 +182,13 @@ def test_sampler_recovers_the_data_from_pure_noise(sampler):
     target = torch.linspace(-1, 1, SIZE * SIZE).reshape(1, 1, SIZE, SIZE)
     oracle = OracleEps(target, train_scheduler(tiny_params().train_generator).alphas_cumprod)
     noise = torch.randn(2, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
-    out = denoise(oracle, inference_scheduler(sampler, conf), noise, torch.tensor([0, 1]), 1.0, 10, 2)
+    out = denoise(tiny_pipeline(oracle, conf, sampler), noise, torch.tensor([0, 1]), 1.0, 10)
     assert (out - target).abs().max() < 0.1
 
 
 @pytest.mark.parametrize("kind", ["dit", "cgan", "datasetgan"])
 def test_every_kind_plugs_into_the_sample_stage(kind, tmp_path):
     """The same stage, no per-kind code: a merged dataset of per_class images per class, per-seed images."""
-    from tests.test_train_generator import make_prepared
-
     make_prepared(tmp_path)
     params = params_from_dict({
         "base": {"profile": "micro", "device": "cpu", "seed": 5},
@@ -181,5 +203,5 @@ def test_every_kind_plugs_into_the_sample_stage(kind, tmp_path):
     ds = datasets.load_from_disk(str(Paths(root=tmp_path).synthetic / "dataset"))
     x, y = dataset_to_tensors(ds)
     assert x.shape == (6, 1, 8, 8) and y.tolist() == [0, 0, 0, 1, 1, 1]
-    one = sp.generate(load_generator(Paths(root=tmp_path).generator), range(4, 5), params.sample, 5, 1, progress=False)
+    one = generate(load_generator(Paths(root=tmp_path).generator), range(4, 5), params.sample, 5, 1, progress=False)
     assert (one[0].int() - x[4:5].int()).abs().max() <= 1  # image 4 alone = image 4 in a batch of 4

@@ -5,8 +5,8 @@ import pytest
 import torch
 from scipy import stats
 
-from pipeline.stats import (classification_metrics, confusion_matrix, expected_calibration_error, macro_f1,
-                            mean_ci, paired_difference, per_class_accuracy)
+from pipeline.core.stats import (classification_metrics, confusion_matrix, expected_calibration_error, macro_f1,
+                                 mean_ci, paired_difference, per_class_accuracy, summarize_seeds)
 
 
 def test_mean_ci_matches_scipy_t_interval():
@@ -83,8 +83,6 @@ def test_classification_metrics_bundle():
 
 
 def test_summarize_seeds_flat_keys():
-    from pipeline.stats import summarize_seeds
-
     out = summarize_seeds([{"accuracy": 0.8, "ece": 0.1}, {"accuracy": 0.82, "ece": 0.05}], ["accuracy", "ece"])
     assert out["accuracy_mean"] == pytest.approx(0.81) and out["aggregate"]["ece"]["n"] == 2
     assert out["accuracy_ci95_low"] == pytest.approx(mean_ci([0.8, 0.82])["low"])

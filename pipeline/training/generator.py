@@ -48,7 +48,7 @@ class Fitted:
     """What a kind's fit() hands back to train_generator."""
     generator: Generator  # the trained generator in eval mode (used for the preview grid)
     save: Callable[[Path], Path]  # writes the weights into a generator folder; returns the main weights file
-    history: dict[str, list[float]]  # per-step columns of loss.csv; "loss" and "lr" first
+    history: dict[str, list[float]]  # per-step curves (DVCLive logs); "loss" and "lr" first
     seconds_per_step: float  # training time / steps, over every run that built the checkpoints
     resumed_from: int  # step of the checkpoint the run resumed from (0 = fresh)
     num_parameters: int
