@@ -80,7 +80,7 @@ def main(argv=None) -> dict:
     from pipeline.quality.features import FeatureSpace
     from pipeline.training.classifier import fit_classifier
 
-    dd = load_dataset_dir(Paths().prepared / "dataset", "prepared dataset")
+    dd = load_dataset_dir(Paths().prepared / "dataset", "prepare")
     train_ds, val_ds = dd["train"], dd["val"].select(range(64))
     feat_ds = dd["test"].select(range(min(n_feat, len(dd["test"]))))
     (tx, ty), (vx, vy) = dataset_to_tensors(train_ds), dataset_to_tensors(val_ds)

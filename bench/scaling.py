@@ -61,7 +61,7 @@ def main(argv=None) -> dict:
     gcfg = params_from_dict({"base": {"profile": "micro"},
                              "train_generator": {"block_out_channels": tuple(args.blocks)}}).train_generator
     fcfg = params_from_dict({"base": {"profile": "cpu"}}).filter
-    dd = load_dataset_dir(Paths().prepared / "dataset", "prepared dataset")
+    dd = load_dataset_dir(Paths().prepared / "dataset", "prepare")
     train_x, train_y = dataset_to_tensors(dd["train"])
     val_x, _ = dataset_to_tensors(dd["val"])
     test_x, _ = dataset_to_tensors(dd["test"])

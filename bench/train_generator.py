@@ -43,7 +43,7 @@ def load_real(device: str, n: int | None = None):
     from pipeline.training.generator import TrainData
 
     paths = Paths()
-    ds = load_dataset_dir(paths.prepared / "dataset", "prepared dataset")["train"]
+    ds = load_dataset_dir(paths.prepared / "dataset", "prepare")["train"]
     if n:
         ds = ds.select(range(min(n, len(ds))))
     x, y = dataset_to_tensors(ds)

@@ -72,7 +72,7 @@ def sample_fanout_flow(num_shards: int = 2, deployment: str = "sample/sample-sha
 
     def submit(i: int):
         return run_deployment(deployment, parameters={"params_file": params_file, "overrides": shard_overrides[i],
-                                                      "root": root}, timeout=0, as_subflow=True)
+                                                      "root": root, "shard_only": True}, timeout=0, as_subflow=True)
 
     pending = {i: submit(i) for i in range(num_shards)}
     tries = dict.fromkeys(pending, 0)

@@ -14,9 +14,11 @@ from typing import Any, Optional
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
+from prefect.states import Failed
 
 from pipeline import STAGE_ORDER
 from pipeline.config import Paths, load_params
+from pipeline.errors import USER_ERRORS
 
 
 def run_name() -> str:
@@ -31,11 +33,17 @@ def run_name() -> str:
     return "-".join([flow_run.flow_name, profile, *extra])
 
 
-def run_stage(stage: str, params_file: str, overrides: Optional[dict[str, Any]], root: str, **kwargs) -> dict:
+def run_stage(stage: str, params_file: str, overrides: Optional[dict[str, Any]], root: str, **kwargs):
+    """Run ``pipeline.<stage>.run``; a user mistake fails the flow run with its message (a Failed
+    state carrying the error, no traceback in the logs); a bug keeps its traceback."""
     logger = get_run_logger()
-    params = load_params(params_file, overrides)
-    logger.info("%s: profile %s, device %s, root %s", stage, params.base.profile, params.base.device, root)
-    summary = importlib.import_module(f"pipeline.{stage}").run(params, Paths(root=Path(root)), **kwargs)
+    try:
+        params = load_params(params_file, overrides)
+        logger.info("%s: profile %s, device %s, root %s", stage, params.base.profile, params.base.device, root)
+        summary = importlib.import_module(f"pipeline.{stage}").run(params, Paths(root=Path(root)), **kwargs)
+    except USER_ERRORS as err:
+        logger.error("%s", err)
+        return Failed(message=str(err), data=err)
     headline = (summary or {}).get("headline") or f"{stage} finished"
     create_markdown_artifact(key=f"synthaug-{stage.replace('_', '-')}", description=f"{stage} headline",
                              markdown=f"### {stage}{' ' + kwargs['variant'] if 'variant' in kwargs else ''}\n\n{headline}\n")
@@ -58,8 +66,10 @@ def train_generator_flow(params_file: str = "params.yaml", overrides: Optional[d
 
 
 @flow(name="sample", **_COMMON)
-def sample_flow(params_file: str = "params.yaml", overrides: Optional[dict[str, Any]] = None, root: str = ".") -> dict:
-    return run_stage("sample", params_file, overrides, root)
+def sample_flow(params_file: str = "params.yaml", overrides: Optional[dict[str, Any]] = None, root: str = ".",
+                shard_only: bool = False) -> dict:
+    """Every missing shard, then the merge; ``shard_only``: one fan-out worker's shard alone."""
+    return run_stage("sample", params_file, overrides, root, shard_only=shard_only)
 
 
 @flow(name="filter", **_COMMON)

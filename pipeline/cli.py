@@ -23,7 +23,10 @@ def _command(args) -> None:
         print(yaml.safe_dump(json.loads(json.dumps(params.resolved())), sort_keys=False))
         return
     for stage in (STAGE_ORDER if args.stage == "all" else [args.stage]):
-        importlib.import_module(f"pipeline.{stage}").run(params, Paths())
+        run = importlib.import_module(f"pipeline.{stage}").run
+        for kwargs in ([{"variant": v} for v in params.train_classifier.variants] if stage == "train_classifier"
+                       else [{}]):
+            run(params, Paths(), **kwargs)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,17 +1,17 @@
 """Typed configuration: one pydantic model per stage, read from ``params.yaml``.
 
 Resolution order for every stage field: the class default, then the preset of
-``base.profile`` (``PROFILES`` below), then what ``params.yaml`` says. Unknown keys
+``base.profile`` (``PROFILES``, from profiles.yaml), then what ``params.yaml`` says. Unknown keys
 and wrong types are errors that name the key and the file.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional, get_args, get_origin
+from typing import Annotated, Any, Literal, Optional, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.errors import ConfigError
 
@@ -19,7 +19,10 @@ PARAMS_FILE = "params.yaml"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
+
+
+Location = Annotated[str, AfterValidator(os.path.expanduser)]  # a file or folder; ``~`` is expanded
 
 
 class BaseParams(_Section):
@@ -32,7 +35,7 @@ class PrepareConfig(_Section):
     source: Literal["fashion-mnist", "imagefolder", "hf-disk"] = "fashion-mnist"
     # fashion-mnist: folder with the four IDX .gz files; imagefolder: root with one
     # sub-folder per class; hf-disk: a folder written by datasets' save_to_disk.
-    path: str = "/usr/share/datasets/fashion-mnist"
+    path: Location = "/usr/share/datasets/fashion-mnist"
     image_column: str = "image"  # hf-disk only
     label_column: str = "label"  # hf-disk only
     image_size: int = Field(28, ge=8, le=1024)  # square side after resizing
@@ -85,7 +88,7 @@ class TrainGeneratorConfig(_Section):
     kind: Literal["unet", "dit", "cgan", "datasetgan"] = "unet"
     # scratch | pretrain (unconditional on train + pool for pretrain_steps, then conditional
     # fine-tune on train for steps) | a local diffusers UNet2DModel folder to fine-tune
-    init: str = "scratch"
+    init: Location = "scratch"
     block_out_channels: tuple[int, ...] = (32, 64, 64)  # one entry per resolution level
     layers_per_block: int = Field(1, ge=1)  # resnet layers in each down/up block
     attention: bool = False  # self-attention in the lowest-resolution blocks
@@ -130,7 +133,7 @@ class SampleConfig(_Section):
 
 
 class ClipConfig(_Section):
-    checkpoint: Optional[str] = None  # local CLIPModel/CLIPProcessor folder; None = no CLIP score
+    checkpoint: Optional[Location] = None  # local CLIPModel/CLIPProcessor folder; None = no CLIP score
     prompt: str = "a photo of a {}"  # {} is the class name
     min_score: Optional[float] = None  # reject below this CLIP score, 100*cos in [0, 100] (None = score only)
 
@@ -147,7 +150,7 @@ class FilterConfig(_Section):
     # with published Inception FID) | inception (needs inception_weights) | judge (its penultimate layer)
     feature_space: Literal["efficientnet-lite0", "inception", "judge"] = "efficientnet-lite0"
     feature_resolution: int = Field(224, ge=32, le=1024)  # efficientnet-lite0 input side (224 = as trained)
-    inception_weights: Optional[str] = None  # local torch-fidelity Inception file
+    inception_weights: Optional[Location] = None  # local torch-fidelity Inception file
     clip: ClipConfig = ClipConfig()
     judge_arch: str = "resnet10t"  # timm model trained on real labeled + val data
     judge_steps: int = Field(300, ge=1)  # optimizer steps (best validation checkpoint kept)
@@ -201,7 +204,7 @@ class TrainClassifierConfig(_Section):
     }
     arch: str = "resnet10t"  # any timm model name (timm.list_models())
     # None = from scratch | efficientnet-lite0 (ImageNet, arch tf_efficientnet_lite0) | a local .safetensors
-    pretrained: Optional[str] = None
+    pretrained: Optional[Location] = None
     seeds: int = Field(3, ge=1)  # seeds per variant (seed k = base.seed * 1000 + k, paired across variants)
     steps: int = Field(1500, ge=1)  # optimizer steps, identical for every variant
     batch_size: int = Field(64, ge=1)
@@ -238,37 +241,6 @@ STAGES = {
     "report": ReportConfig,
 }
 
-# Size presets. Anything set in params.yaml wins over these.
-PROFILES: dict[str, dict[str, dict[str, Any]]] = {
-    "micro": {  # end-to-end smoke run in CI: minutes, meaningless numbers
-        "prepare": {"labeled_per_class": 10, "val_per_class": 5, "unlabeled_pool": 200},
-        "train_generator": {"block_out_channels": (16, 32), "steps": 20, "pretrain_steps": 0,
-                            "batch_size": 16, "warmup_steps": 2, "checkpoint_every": 10, "log_every": 5,
-                            "preview_per_class": 2, "dit": {"num_layers": 2, "num_heads": 2, "head_dim": 16},
-                            "cgan": {"z_dim": 16, "g_channels": 32, "d_channels": 16},
-                            "datasetgan": {"feature_draws": 1, "interpreter_steps": 20, "label_tries": 2}},
-        "sample": {"per_class": 4, "num_inference_steps": 4, "grid_per_class": 4},
-        "filter": {"judge_steps": 20, "max_real": 100, "feature_resolution": 64, "kid_subsets": 10,
-                   "min_confidence": 0.0},  # an untrained judge must not empty the set
-        "train_classifier": {"seeds": 2, "steps": 20, "batch_size": 16, "eval_every": 10},
-    },
-    "cpu": {  # about half an hour end to end on 2 cores
-        "train_generator": {"block_out_channels": (32, 64, 64), "steps": 1000, "batch_size": 64},
-        "sample": {"per_class": 100, "num_inference_steps": 20},
-        "train_classifier": {"seeds": 3, "steps": 300, "batch_size": 64},
-    },
-    "gpu": {  # one modern GPU
-        "prepare": {"unlabeled_pool": -1},
-        "train_generator": {"block_out_channels": (128, 256, 256, 256), "layers_per_block": 2,  # 35.7M, 28->32px
-                            "attention": True, "init": "pretrain", "pretrain_steps": 20000,
-                            "dit": {"patch_size": 2, "num_layers": 12, "num_heads": 6, "head_dim": 64},  # DiT-S/2
-                            "steps": 10000, "batch_size": 256, "lr": 2e-4, "ema_decay": 0.9999,
-                            "checkpoint_every": 1000},
-        "sample": {"per_class": 1000, "num_inference_steps": 25},
-        "filter": {"judge_steps": 1500, "max_real": 10000, "batch_size": 256},
-        "train_classifier": {"seeds": 5, "steps": 1500, "batch_size": 64},
-    },
-}
 
 
 def _under_root(rel: str) -> property:
@@ -290,6 +262,7 @@ class Paths(BaseModel):
     feature_cache = _under_root("data/cache")
     classifier = _under_root("models/classifier")
     classifier_metrics = _under_root("metrics/classifier")
+    stage_timing = _under_root("metrics/stages")  # run times kept out of the stage outputs they describe
     reports = _under_root("reports")
 
 
@@ -341,6 +314,31 @@ def _yaml_to_model_types(raw: dict) -> dict:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping (YAML itself keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+        dup = sorted({str(k) for k in keys if keys.count(k) > 1})
+        if dup:
+            raise ConfigError(f"{node.start_mark.name}, line {node.start_mark.line + 1}: key(s) {dup} given twice "
+                              "in one section. Keep one of each.")
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file with duplicated keys refused; a syntax error is a ConfigError naming the file."""
+    try:
+        with open(path) as f:
+            return yaml.load(f, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+
+
+PROFILES: dict[str, dict[str, dict[str, Any]]] = {
+    name: _yaml_to_model_types(preset) for name, preset in read_yaml(Path(__file__).with_name("profiles.yaml")).items()}
+
+
 def _deep_merge(base: dict, over: dict) -> dict:
     """``over`` wins, key by key, also inside nested sections (e.g. train_generator.dit)."""
     out = dict(base)
@@ -375,10 +373,7 @@ def load_params(path: str | os.PathLike = PARAMS_FILE, overrides: dict | None = 
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: params file not found. Run from the project root or pass --params.")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for dotted, value in (overrides or {}).items():

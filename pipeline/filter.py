@@ -22,9 +22,11 @@ import torch
 from pipeline.config import Params, Paths, resolve_device
 from pipeline.core.entrypoint import stage_main
 from pipeline.core.images import class_names_of, dataset_to_tensors
-from pipeline.core.io import atomic_path, load_dataset_dir, write_json
+from pipeline.core.io import (atomic_path, check_made_from, check_writable, fingerprint, load_dataset_dir, read_json,
+                              write_json)
 from pipeline.core.splits import stratified_subset
 from pipeline.errors import DataError
+from pipeline.models.classifier import check_input_size
 from pipeline.quality.clip import clip_column
 from pipeline.quality.features import FeatureSpace, cached_features, state_fingerprint
 from pipeline.quality.judge import judge_scores, load_or_train_judge
@@ -36,15 +38,20 @@ log = logging.getLogger(__name__)
 
 def run(params: Params, paths: Paths = Paths()) -> dict:
     cfg, seed, t0 = params.filter, params.base.seed, time.time()
+    check_writable(paths.filtered, paths.feature_cache)
     device = resolve_device(params.base)
-    prepared = load_dataset_dir(paths.prepared / "dataset", "prepared dataset")
-    synthetic = load_dataset_dir(paths.synthetic / "dataset", "synthetic dataset")
+    prepared_fp = read_json(paths.prepared / "summary.json", "prepare").get("fingerprint")
+    syn_summary = read_json(paths.synthetic / "summary.json", "sample")
+    check_made_from(paths.synthetic, syn_summary.get("prepared_fingerprint"), prepared_fp, "train_generator and sample")
+    prepared = load_dataset_dir(paths.prepared / "dataset", "prepare")
+    synthetic = load_dataset_dir(paths.synthetic / "dataset", "sample")
     class_names = class_names_of(prepared["train"])
     if class_names_of(synthetic) != class_names:
         raise DataError(f"{paths.synthetic}: synthetic class names {class_names_of(synthetic)} differ from the "
                         f"prepared ones {class_names}. Re-run train_generator and sample on this data.")
     K = len(class_names)
     train, val, test = (dataset_to_tensors(prepared[s]) for s in ("train", "val", "test"))
+    check_input_size(cfg.judge_arch, K, train[0].shape[1], train[0].shape[-1], key="filter.judge_arch")
     pool_x = dataset_to_tensors(prepared["pool"], label_column=None)[0] if "pool" in prepared else None
     syn_x, syn_y = dataset_to_tensors(synthetic)
     if len(syn_x) == 0:
@@ -105,7 +112,8 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
         "judge": {"arch": cfg.judge_arch, "val_accuracy": judge_hist.get("best_val_acc"),
                   "steps": cfg.judge_steps, "fingerprint": state_fingerprint(judge),
                   "synthetic_agreement": float((js["predicted"] == syn_y.numpy()).mean())},
-        "clip": clip_info, "metrics": metrics,
+        "clip": clip_info, "metrics": metrics, "prepared_fingerprint": prepared_fp,
+        "fingerprint": fingerprint(syn_summary.get("fingerprint"), scores["index"][scores["accepted"]].tolist()),
         "timing": {"seconds": time.time() - t0, "synthetic_features_per_second": len(syn_x) / max(syn_seconds, 1e-9)},
         "params": params.resolved(),
     }

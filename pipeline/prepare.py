@@ -9,12 +9,14 @@ from __future__ import annotations
 import logging
 import time
 
+import datasets
 import numpy as np
+import torch
 
 from pipeline.config import Params, Paths
 from pipeline.core.images import tensors_to_dataset
 from pipeline.core.entrypoint import stage_main
-from pipeline.core.io import atomic_path, write_json
+from pipeline.core.io import atomic_path, check_writable, fingerprint, sha256_tensor, write_json
 from pipeline.core.sources import READERS
 from pipeline.core.splits import make_splits
 
@@ -23,32 +25,32 @@ log = logging.getLogger(__name__)
 
 def run(params: Params, paths: Paths = Paths()) -> dict:
     cfg = params.prepare
+    check_writable(paths.prepared, paths.stage_timing)
     t0 = time.perf_counter()
     log.info("prepare: reading %s from %s", cfg.source, cfg.path)
     src = READERS[cfg.source](cfg)
     split_idx, notes = make_splits(src, cfg, params.base.seed)
     test_x, test_y = (src.test_images, src.test_labels) if src.test_images is not None else (src.images, src.labels)
-    import datasets
-    import torch
-
     def build(x, y):
         t = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)
         return tensors_to_dataset(t, y, src.class_names)
 
-    dd = {name: build(src.images[idx], src.labels[idx]) for name, idx in split_idx.items() if name in ("train", "val")}
-    dd["test"] = build(test_x[split_idx["test"]], test_y[split_idx["test"]])
+    arrays = {name: (src.images[idx], src.labels[idx]) for name, idx in split_idx.items() if name in ("train", "val")}
+    arrays["test"] = (test_x[split_idx["test"]], test_y[split_idx["test"]])
     if len(split_idx["pool"]):
-        dd["pool"] = build(src.images[split_idx["pool"]], None)
-    dd = datasets.DatasetDict(dd)
+        arrays["pool"] = (src.images[split_idx["pool"]], None)
+    dd = datasets.DatasetDict({name: build(x, y) for name, (x, y) in arrays.items()})
+    # what later stages record they were made from (the report refuses to mix runs)
+    data_fp = fingerprint({name: [sha256_tensor(x), None if y is None else sha256_tensor(y)]
+                           for name, (x, y) in arrays.items()}, src.class_names)
     counts = {name: np.bincount(np.asarray(ds["label"]), minlength=len(src.class_names)).tolist()
               for name, ds in dd.items() if "label" in ds.column_names}
     summary = {
         "source": cfg.source, "source_path": cfg.path, "source_fingerprint": src.fingerprint,
         "image_size": cfg.image_size, "channels": cfg.channels, "class_names": src.class_names,
-        "num_classes": len(src.class_names), "sizes": {k: len(v) for k, v in dd.items()},
+        "num_classes": len(src.class_names), "sizes": {k: len(v) for k, v in dd.items()}, "fingerprint": data_fp,
         "counts_per_class": counts, "skipped_images": src.skipped, **notes,
-        "seed": params.base.seed, "timing": {"seconds": round(time.perf_counter() - t0, 1)},
-        "params": params.resolved(),
+        "seed": params.base.seed, "params": params.resolved(),
     }
     summary["headline"] = (
         f"{cfg.source}: " + ", ".join(f"{k} {v}" for k, v in summary["sizes"].items())
@@ -57,6 +59,8 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
     with atomic_path(paths.prepared, is_dir=True) as tmp:
         dd.save_to_disk(str(tmp / "dataset"))
         write_json(tmp / "summary.json", summary)
+    # the run time goes beside, not into, data/prepared: identical data hash identically for DVC
+    write_json(paths.stage_timing / "prepare.json", {"seconds": round(time.perf_counter() - t0, 1)})
     log.info("prepare: wrote %s: %s", paths.prepared, summary["headline"])
     return summary
 

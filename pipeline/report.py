@@ -17,9 +17,10 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from pipeline.config import Params, Paths, resolve_device
 from pipeline.core.curves import CURVES, read_curve
 from pipeline.core.entrypoint import stage_main
-from pipeline.core.io import atomic_path, load_dataset_dir, read_json, save_figure, write_json
+from pipeline.core.io import atomic_path, check_writable, load_dataset_dir, read_json, save_figure, write_json
 from pipeline.core.plotting import png_b64
 from pipeline.core.provenance import run_metadata
+from pipeline.errors import DataError
 from pipeline.reporting.figures import (class_grids, fig_loss, fig_per_class_gain, fig_ratio_sweep, fig_scores,
                                         fig_variants)
 from pipeline.reporting.tables import QUALITY, pct, per_class_gain, quality_rows, variant_table, verdict
@@ -32,19 +33,34 @@ def generator_facts(paths: Paths) -> dict:
     f, s = paths.generator / "generator.json", paths.synthetic / "summary.json"
     if not f.exists():
         return {}
-    g = read_json(f)
+    g = read_json(f, "train_generator")
     facts = {"kind": g.get("kind", "unet"), "parameters_m": g.get("num_parameters", 0) / 1e6, "steps": g.get("steps"),
              "seconds": (g.get("timing") or {}).get("seconds"), "device": g.get("device"),
-             "images_per_second": read_json(s).get("images_per_second") if s.exists() else None}
+             "images_per_second": read_json(s, "sample").get("images_per_second") if s.exists() else None}
     if g.get("interpreter_val_accuracy") is not None:
         facts["interpreter"] = f"interpreter accuracy on val {100 * g['interpreter_val_accuracy']:.1f}% " \
                                f"(N={g.get('interpreter_val_n')})"
     return facts
 
 
+def check_one_run(variants: dict[str, dict], params: Params, paths: Paths, prepared_fp: str | None) -> None:
+    """Refuse to compare classifiers trained on different data: every variant must record the
+    current prepared data and, if it used synthetic images, the current synthetic set."""
+    syn = {source: read_json(getattr(paths, source) / "summary.json", stage).get("fingerprint")
+           for source, stage in (("filtered", "filter"), ("synthetic", "sample"))
+           if any(params.train_classifier.variants[v].data == source for v in variants)}
+    stale = [v for v, m in variants.items()
+             if m.get("inputs") != {"prepared": prepared_fp, "synthetic": syn.get(params.train_classifier.variants[v].data)}]
+    if stale:
+        raise DataError(f"{paths.classifier_metrics}: the metrics of {', '.join(stale)} come from another run (other "
+                        "prepared or synthetic data than the current ones), so comparing them would mislead. Re-run "
+                        "train_classifier for them (dvc repro, or python -m flows train_classifier --variant <name>).")
+
+
 def run(params: Params, paths: Paths = Paths()) -> dict:
     cfg = params.report
-    prepared = read_json(paths.prepared / "summary.json")
+    check_writable(paths.reports)
+    prepared = read_json(paths.prepared / "summary.json", "prepare")
     names = prepared["class_names"]
     files = {v: paths.classifier_metrics / f"{v}.json" for v in params.train_classifier.variants}
     missing = [v for v, f in files.items() if not f.exists()]
@@ -52,7 +68,8 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
         raise FileNotFoundError(f"{paths.classifier_metrics}: no classifier metrics. Run train_classifier first.")
     if missing:
         log.warning("report: no metrics for variant(s) %s (train_classifier not run for them); left out", missing)
-    variants = {v: read_json(f) for v, f in files.items() if v not in missing}
+    variants = {v: read_json(f, "train_classifier") for v, f in files.items() if v not in missing}
+    check_one_run(variants, params, paths, prepared.get("fingerprint"))
     table = variant_table(variants)
     answer = verdict(table)
     figs, csvs = {"variants": fig_variants(table)}, {}
@@ -66,7 +83,7 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
     if (paths.generator / CURVES).exists():
         loss = read_curve(paths.generator / CURVES, "loss")
         figs["generator_loss"], csvs["generator_loss"] = fig_loss(loss), loss
-    filt = read_json(paths.filtered / "summary.json") if (paths.filtered / "summary.json").exists() else {}
+    filt = read_json(paths.filtered / "summary.json", "filter") if (paths.filtered / "summary.json").exists() else {}
     scores = pd.read_parquet(paths.filtered / "scores.parquet") if (paths.filtered / "scores.parquet").exists() else None
     if scores is not None and len(scores):
         th = filt.get("thresholds", {})
@@ -76,11 +93,11 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
 
     # sample grids: real, accepted synthetic, rejected synthetic (with reasons)
     grids: dict[str, dict] = {}
-    real = load_dataset_dir(paths.prepared / "dataset", "prepared data")["train"]
+    real = load_dataset_dir(paths.prepared / "dataset", "prepare")["train"]
     grids["real"] = class_grids(real, np.asarray(real["label"]), cfg.grid_per_class, len(names))
     reasons: dict[int, str] = {}
     if scores is not None and (paths.synthetic / "dataset").exists():
-        syn = load_dataset_dir(paths.synthetic / "dataset", "synthetic data")
+        syn = load_dataset_dir(paths.synthetic / "dataset", "sample")
         for key, mask in (("accepted", scores["accepted"].to_numpy()), ("rejected", ~scores["accepted"].to_numpy())):
             sub = scores[mask]
             lab = np.full(len(syn), -1)
@@ -95,10 +112,11 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
     device = resolve_device(params.base)
     meta = run_metadata(paths.root, device)
     stage_times = {}
-    for stage, f in (("prepare", paths.prepared / "summary.json"), ("train_generator", paths.generator / "generator.json"),
+    for stage, f in (("prepare", paths.stage_timing / "prepare.json"), ("train_generator", paths.generator / "generator.json"),
                      ("sample", paths.synthetic / "summary.json"), ("filter", paths.filtered / "summary.json")):
         if f.exists():
-            stage_times[stage] = (read_json(f).get("timing") or {}).get("seconds")
+            facts = read_json(f)
+            stage_times[stage] = (facts.get("timing") or facts).get("seconds")
     stage_times["train_classifier"] = sum(r.get("seconds") or 0 for v in variants.values() for r in v["per_seed"]) or None
     metrics = {"headline": answer["text"], "helped": answer["helped"], "best_variant": answer["best_variant"],
                "generator_kind": generator.get("kind"),

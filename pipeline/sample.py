@@ -6,9 +6,10 @@ initial noise of DDIM (eta 0) and DPM-Solver++, the latent of the GAN); see
 pipeline/models/sampling.py. Sampler, steps and guidance apply to the diffusion kinds.
 
 Shards: shard k of n generates a contiguous range of indices into
-``data/synthetic_shards/shard-kkk-of-nnn`` (skipped when already complete). The run that
-finds all n shards complete merges them into ``data/synthetic/``: ``dataset/`` (sorted by
-global index), ``preview/NN_<class>.png`` and ``summary.json``.
+``data/synthetic_shards/shard-kkk-of-nnn`` (skipped when already complete). A run makes
+every missing shard and merges them into ``data/synthetic/``: ``dataset/`` (sorted by global
+index), ``preview/NN_<class>.png`` and ``summary.json``; a fan-out worker (``shard_only``)
+makes its own shard alone and never touches ``data/synthetic``.
 """
 from __future__ import annotations
 
@@ -18,12 +19,13 @@ import re
 import time
 from pathlib import Path
 
+import datasets
 import torch
 
 from pipeline.config import Paths, Params, SampleConfig, resolve_device
 from pipeline.core.entrypoint import stage_main
 from pipeline.core.images import dataset_to_tensors, make_grid_image, tensors_to_dataset
-from pipeline.core.io import atomic_path, read_json, save_dataset, save_png, write_json
+from pipeline.core.io import atomic_path, check_writable, fingerprint, read_json, save_dataset, save_png, write_json
 from pipeline.core.seeding import SEED_STRIDE, image_seed
 from pipeline.models.registry import load_generator
 from pipeline.models.sampling import generate, shard_range
@@ -49,8 +51,6 @@ def to_dataset(images: torch.Tensor, labels: torch.Tensor, seeds: list[int], cfg
 
 def shard_is_complete(path: Path, indices: range, cfg: SampleConfig, meta: dict, base_seed: int) -> bool:
     """A saved shard that holds exactly these images with these settings."""
-    import datasets
-
     if not path.exists():
         return False
     try:
@@ -74,40 +74,46 @@ def preview_grids(ds, num_classes: int, per_class: int, grid_per_class: int) -> 
     return [dataset_to_tensors(ds.select(range(c * per_class, c * per_class + k)))[0] for c in range(num_classes)]
 
 
-def run(params: Params, paths: Paths = Paths()) -> dict:
-    import datasets
+def make_shard(generator, k: int, cfg: SampleConfig, paths: Paths, seed: int, device: str, batch_size: int) -> None:
+    """Generate shard ``k`` of ``cfg.num_shards`` unless a complete one is already there."""
+    meta = generator.meta
+    indices = shard_range(meta["num_classes"] * cfg.per_class, k, cfg.num_shards)
+    shard_dir = paths.synthetic_shards / shard_name(k, cfg.num_shards)
+    if shard_is_complete(shard_dir, indices, cfg, meta, seed):
+        log.info("sample: %s already complete (%d images); skipped", shard_dir, len(indices))
+        return
+    log.info("sample: shard %d/%d, %d images (indices %d..%d), %s %d steps, guidance %.2f, batch %d on %s",
+             k, cfg.num_shards, len(indices), indices.start, indices.stop - 1, cfg.sampler,
+             cfg.num_inference_steps, cfg.guidance_scale, batch_size, device)
+    t0 = time.perf_counter()
+    images, labels, seeds = generate(generator, indices, cfg, seed, batch_size)
+    seconds = time.perf_counter() - t0
+    save_dataset(to_dataset(images, labels, seeds, cfg, meta), shard_dir)
+    write_json(shard_dir.with_name(shard_dir.name + ".json"), {
+        "images": len(indices), "seconds": round(seconds, 3), "device": device, "batch_size": batch_size,
+        "images_per_second": round(len(indices) / max(seconds, 1e-9), 3)})
+    log.info("sample: wrote %s (%.2f images/s)", shard_dir, len(indices) / max(seconds, 1e-9))
 
+
+def run(params: Params, paths: Paths = Paths(), shard_only: bool = False) -> dict:
+    """Generate every missing shard (``sample.shard_index``'s first) and merge them into
+    ``data/synthetic``. ``shard_only``: generate ``sample.shard_index`` alone (one worker of a
+    fan-out; the merge is a later run), leaving ``data/synthetic`` untouched."""
     cfg = params.sample
     seed = params.base.seed
+    check_writable(paths.synthetic, paths.synthetic_shards)
     device = resolve_device(params.base)
     generator = load_generator(paths.generator, device)
     meta = generator.meta
-    n_images = meta["num_classes"] * cfg.per_class
     batch_size = cfg.batch_size or AUTO_BATCH.get(device, 64)
-    indices = shard_range(n_images, cfg.shard_index, cfg.num_shards)
-    shard_dir = paths.synthetic_shards / shard_name(cfg.shard_index, cfg.num_shards)
-    if shard_is_complete(shard_dir, indices, cfg, meta, seed):
-        log.info("sample: %s already complete (%d images); skipped", shard_dir, len(indices))
-    else:
-        log.info("sample: shard %d/%d, %d images (indices %d..%d), %s %d steps, guidance %.2f, batch %d on %s",
-                 cfg.shard_index, cfg.num_shards, len(indices), indices.start, indices.stop - 1, cfg.sampler,
-                 cfg.num_inference_steps, cfg.guidance_scale, batch_size, device)
-        t0 = time.perf_counter()
-        images, labels, seeds = generate(generator, indices, cfg, seed, batch_size)
-        seconds = time.perf_counter() - t0
-        save_dataset(to_dataset(images, labels, seeds, cfg, meta), shard_dir)
-        write_json(shard_dir.with_name(shard_dir.name + ".json"), {
-            "images": len(indices), "seconds": round(seconds, 3), "device": device, "batch_size": batch_size,
-            "images_per_second": round(len(indices) / max(seconds, 1e-9), 3)})
-        log.info("sample: wrote %s (%.2f images/s)", shard_dir, len(indices) / max(seconds, 1e-9))
-
+    order = [cfg.shard_index] if shard_only else \
+        [cfg.shard_index, *(k for k in range(cfg.num_shards) if k != cfg.shard_index)]
+    for k in order:
+        make_shard(generator, k, cfg, paths, seed, device, batch_size)
+    if shard_only:
+        return {"complete": False, "shard": cfg.shard_index,
+                "headline": f"shard {cfg.shard_index} of {cfg.num_shards} done; merged by a run without shard_only"}
     dirs = [paths.synthetic_shards / shard_name(k, cfg.num_shards) for k in range(cfg.num_shards)]
-    ranges = [shard_range(n_images, k, cfg.num_shards) for k in range(cfg.num_shards)]
-    missing = [d.name for d, r in zip(dirs, ranges) if not shard_is_complete(d, r, cfg, meta, seed)]
-    if missing:
-        log.info("sample: %d of %d shards still missing (%s); merge when they are done",
-                 len(missing), cfg.num_shards, ", ".join(missing))
-        return {"complete": False, "shard": cfg.shard_index, "missing": missing}
     merged = datasets.concatenate_datasets([datasets.load_from_disk(str(d)) for d in dirs])
     timing = [read_json(d.with_name(d.name + ".json")) for d in dirs if d.with_name(d.name + ".json").exists()]
     seconds = sum(t["seconds"] for t in timing)
@@ -120,7 +126,9 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
         "device": device, "batch_size": batch_size, "sampler": cfg.sampler,
         "num_inference_steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale,
         "generator": meta["fingerprint"], "generator_kind": meta["kind"], "image_size": meta["image_size"],
-        "channels": meta["channels"],
+        "channels": meta["channels"], "prepared_fingerprint": meta.get("prepared_fingerprint"),
+        "fingerprint": fingerprint(meta["fingerprint"], list(merged["seed"]), list(merged["label"]), cfg.sampler,
+                                   cfg.num_inference_steps, cfg.guidance_scale),
         "seed_rule": f"seed = base.seed * {SEED_STRIDE} + global index", "params": params.resolved(),
     }
     grids = preview_grids(merged, meta["num_classes"], cfg.per_class, cfg.grid_per_class)

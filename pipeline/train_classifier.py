@@ -20,9 +20,10 @@ from pipeline.config import Params, Paths, resolve_device
 from pipeline.core.curves import write_curves
 from pipeline.core.entrypoint import stage_main
 from pipeline.core.images import class_names_of, dataset_to_tensors, image_hashes
-from pipeline.core.io import atomic_path, load_dataset_dir, write_json
+from pipeline.core.io import atomic_path, check_made_from, check_writable, load_dataset_dir, read_json, write_json
 from pipeline.core.stats import classification_metrics, summarize_seeds
 from pipeline.errors import ConfigError, DataError
+from pipeline.models.classifier import check_input_size
 from pipeline.training.classifier import predict_proba, train_variant
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ SUMMARY_METRICS = ("accuracy", "macro_f1", "ece")
 
 def load_split(paths, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """One labeled split of the prepared dataset as tensors (+ class names)."""
-    dd = load_dataset_dir(paths.prepared / "dataset", "prepared dataset")
+    dd = load_dataset_dir(paths.prepared / "dataset", "prepare")
     if split not in dd:
         raise DataError(f"{paths.prepared / 'dataset'}: no {split!r} split (has {list(dd)}). Run prepare again.")
     x, y = dataset_to_tensors(dd[split])
@@ -40,13 +41,18 @@ def load_split(paths, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]
     return x, y, class_names_of(dd[split])
 
 
-def load_synthetic(paths: Paths, source: str, class_names: list[str], like: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor, Path]:
-    """Synthetic images of ``source`` (filtered | synthetic) as tensors, checked against the real data."""
+def load_synthetic(paths: Paths, source: str, class_names: list[str], like: torch.Tensor, prepared_fp: str | None
+                   ) -> tuple[torch.Tensor, torch.Tensor, Path, str | None]:
+    """Synthetic images of ``source`` (filtered | synthetic) as tensors, checked against the real data;
+    also the set's fingerprint."""
+    stage = "filter" if source == "filtered" else "sample"
+    summary = read_json(getattr(paths, source) / "summary.json", stage)
+    check_made_from(getattr(paths, source), summary.get("prepared_fingerprint"), prepared_fp,
+                    "train_generator, sample and filter")
     where = getattr(paths, source) / "dataset"
     state = where / "state.json"  # datasets cannot load back a saved dataset with no rows
     empty = state.exists() and not json.loads(state.read_text()).get("_data_files")
-    ds = None if empty else load_dataset_dir(where, f"{source} synthetic dataset")
+    ds = None if empty else load_dataset_dir(where, stage)
     if ds is None or len(ds) == 0:
         raise DataError(f"{where}: the {source} dataset is empty, so variants that train on "
                           f"synthetic images have nothing to use. Loosen the filter (filter.min_confidence, "
@@ -59,25 +65,25 @@ def load_synthetic(paths: Paths, source: str, class_names: list[str], like: torc
     if x.shape[1:] != like.shape[1:]:
         raise DataError(f"{where}: images are {tuple(x.shape[1:])} (C,H,W) but the real ones are "
                           f"{tuple(like.shape[1:])}. Re-run sample with the generator trained on this data.")
-    return x, y, where
+    return x, y, where, summary.get("fingerprint")
 
 
-def run(params: Params, paths: Paths = Paths(), variant: str | None = None) -> dict:
-    """Train ``variant`` (default: every variant in train_classifier.variants) for each seed."""
+def run(params: Params, paths: Paths, variant: str) -> dict:
+    """Train ``variant`` (a name in train_classifier.variants) for each seed; test; write."""
     cfg = params.train_classifier
-    if variant is None:
-        out = {v: run(params, paths, v) for v in cfg.variants}
-        return {"headline": "; ".join(r["headline"] for r in out.values()), "variants": out}
     if variant not in cfg.variants:
         raise ConfigError(f"train_classifier variant {variant!r} is not in train_classifier.variants "
                           f"({', '.join(cfg.variants)}); add it to params.yaml or pick one of those")
     spec, device = cfg.variants[variant], resolve_device(params.base)
+    check_writable(paths.classifier / variant, paths.classifier_metrics / variant)
+    prepared_fp = read_json(paths.prepared / "summary.json", "prepare").get("fingerprint")
     train_x, train_y, class_names = load_split(paths, "train")
     val_x, val_y, _ = load_split(paths, "val")
     k = len(class_names)
-    synthetic, syn_path = None, None
+    check_input_size(cfg.arch, k, val_x.shape[1], val_x.shape[-1])
+    synthetic, syn_path, syn_fp = None, None, None
     if spec.uses_synthetic:
-        sx, sy, syn_path = load_synthetic(paths, spec.data, class_names, val_x)
+        sx, sy, syn_path, syn_fp = load_synthetic(paths, spec.data, class_names, val_x, prepared_fp)
         synthetic = (sx, sy)
     seeds = [params.base.seed * 1000 + i for i in range(cfg.seeds)]
     log.info("train_classifier %s: %s, %d real + %d synthetic training images, %d val, %d seeds x %d steps on %s",
@@ -108,7 +114,8 @@ def run(params: Params, paths: Paths = Paths(), variant: str | None = None) -> d
               "synthetic_ratio": ratio, "steps": cfg.steps, "batch_size": cfg.batch_size,
               "n_train_real": len(train_x) if spec.real else 0,
               "n_synthetic": len(synthetic[0]) if synthetic else 0, "n_val": len(val_x), "n_test": len(test_y),
-              "class_names": class_names}
+              "class_names": class_names,
+              "inputs": {"prepared": prepared_fp, "synthetic": syn_fp}}  # the report refuses to mix runs
     with atomic_path(paths.classifier / variant, is_dir=True) as tmp:
         for i, (model, m, hist) in enumerate(evaluated):
             d = tmp / f"seed{i}"
@@ -133,7 +140,7 @@ def run(params: Params, paths: Paths = Paths(), variant: str | None = None) -> d
 
 def main(argv: list[str] | None = None) -> None:
     stage_main("train_classifier", run, argv,
-               {"variant": {"default": None, "help": "a name in train_classifier.variants (default: all of them)"}})
+               {"variant": {"required": True, "help": "a name in train_classifier.variants"}})
 
 
 if __name__ == "__main__":

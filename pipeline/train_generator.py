@@ -22,7 +22,8 @@ from pipeline.config import Params, Paths, resolve_device
 from pipeline.core.curves import CURVES, write_curves
 from pipeline.core.entrypoint import stage_main
 from pipeline.core.images import dataset_to_tensors, make_grid_image
-from pipeline.core.io import atomic_path, load_dataset_dir, read_json, save_png, sha256_file, write_json
+from pipeline.core.io import (atomic_path, check_writable, load_dataset_dir, read_json, save_png, sha256_file,
+                              write_json)
 from pipeline.errors import ConfigError, DataError
 from pipeline.models.registry import GENERATOR_META
 from pipeline.training.checkpoint import config_hash
@@ -33,8 +34,8 @@ log = logging.getLogger(__name__)
 
 def load_train_data(params: Params, paths: Paths, device: str) -> TrainData:
     cfg = params.train_generator
-    summary = read_json(paths.prepared / "summary.json")
-    dd = load_dataset_dir(paths.prepared / "dataset", "prepared data")
+    summary = read_json(paths.prepared / "summary.json", "prepare")
+    dd = load_dataset_dir(paths.prepared / "dataset", "prepare")
     x, y = dataset_to_tensors(dd["train"])
     if y is None or len(x) == 0:
         raise DataError(f"{paths.prepared}: the train split has no labeled images. Re-run prepare.")
@@ -49,13 +50,14 @@ def load_train_data(params: Params, paths: Paths, device: str) -> TrainData:
         unlabeled = unlabeled.to(device)
     val_x, val_y = dataset_to_tensors(dd["val"]) if "val" in dd else (None, None)
     return TrainData(x.to(device), y.to(device), int(summary["num_classes"]), unlabeled,
-                     list(summary["class_names"]), val_x, val_y)
+                     list(summary["class_names"]), val_x, val_y, summary.get("fingerprint"))
 
 
 def run(params: Params, paths: Paths = Paths()) -> dict:
     from accelerate import Accelerator
 
     cfg = params.train_generator
+    check_writable(paths.generator, paths.generator_checkpoints)
     device = resolve_device(params.base)
     mp = "bf16" if cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device == "cuda") else "no"
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision=mp)

@@ -10,7 +10,8 @@ import torch
 
 from pipeline.config import Paths, params_from_dict
 from pipeline.core.images import tensors_to_dataset
-from pipeline.errors import ConfigError
+from pipeline.core.io import write_json
+from pipeline.errors import ConfigError, DataError
 from pipeline.filter import run
 from pipeline.quality.judge import judge_scores, train_judge
 from pipeline.quality.selection import REASONS, duplicate_flags, select
@@ -113,6 +114,8 @@ def write_contract_data(root, with_pool=True):
         "seed": list(range(100, 100 + n)), "guidance": [2.0] * n, "steps": [4] * n, "sampler": ["ddim"] * n,
         "generator": ["abc123"] * n})
     syn.save_to_disk(str(paths.synthetic / "dataset"))
+    write_json(paths.prepared / "summary.json", {"class_names": NAMES, "fingerprint": "p" * 64})
+    write_json(paths.synthetic / "summary.json", {"prepared_fingerprint": "p" * 64, "fingerprint": "s" * 64})
     return paths, n
 
 
@@ -157,3 +160,11 @@ def test_stage_clip_threshold_and_missing_checkpoint(tmp_path):
     assert not scores["accepted"].any() and (scores["reason"].iloc[1:7] == "low_clip_score").all()
     with pytest.raises(ConfigError, match="not found"):
         run(micro(clip={"checkpoint": str(tmp_path / "nope")}), paths)
+
+
+def test_stage_refuses_synthetic_images_made_from_other_data(tmp_path):
+    paths, _ = write_contract_data(tmp_path)
+    write_json(paths.synthetic / "summary.json", {"prepared_fingerprint": "o" * 64, "fingerprint": "s" * 64})
+    with pytest.raises(DataError, match=r"made from other data.*Re-run train_generator and sample"):
+        run(micro(), paths)
+    assert not paths.filtered.exists()

@@ -49,6 +49,7 @@ def test_dvc_deps_cover_every_module_the_stage_imports(stage):
     uncovered = sorted(f for f in imported_files(stage)
                        if not any(f == d or f.startswith(d.rstrip("/") + "/") for d in deps))
     assert not uncovered, f"dvc.yaml stage {stage} runs code it does not depend on: {uncovered}"
+    assert "pipeline/profiles.yaml" in deps  # the size presets pipeline/config.py reads
 
 
 def test_editing_the_judges_training_code_marks_filter_changed(tmp_path):
@@ -69,7 +70,8 @@ def test_editing_the_judges_training_code_marks_filter_changed(tmp_path):
                 "metrics/classifier/real/plots/metrics", "reports/figures", "reports/plots"):
         (tmp_path / out).mkdir(parents=True)
         (tmp_path / out / "x").write_text("x")
-    for out in ("metrics/classifier/real.json", "reports/report.html", "reports/report.md", "reports/metrics.json"):
+    for out in ("metrics/classifier/real.json", "metrics/stages/prepare.json", "reports/report.html",
+                "reports/report.md", "reports/metrics.json"):
         (tmp_path / out).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / out).write_text("{}")
 

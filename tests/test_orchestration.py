@@ -108,6 +108,11 @@ def test_dvc_repro_end_to_end_then_cached_then_partial(tmp_path, tiny_data, pref
 
     second = run(["dvc", "repro"], proj, env=e)
     assert ran_stages(second.stdout) == set(), second.stdout
+    # prepare run again on unchanged data writes identical bytes (its run time goes to metrics/stages/),
+    # so nothing downstream is stale
+    forced = run(["dvc", "repro", "-f", "prepare"], proj, env=e)
+    assert ran_stages(forced.stdout) == {"prepare"}, forced.stdout
+    assert ran_stages(run(["dvc", "repro", "--dry"], proj, env=e).stdout) == set()
 
     params = yaml.safe_load((proj / "params.yaml").read_text())
     params["train_classifier"]["lr"] = 0.002
@@ -140,3 +145,15 @@ def test_deployment_runs_through_process_worker(tmp_path, tiny_data, prefect_ser
     assert (proj / "reports/report.html").exists()  # ran in the deployed project, with its micro params
     assert (proj / "metrics/classifier/real.json").exists()
     assert json.loads((proj / "data/prepared/summary.json").read_text())["sizes"]["test"] == 30
+
+
+def test_user_mistake_under_dvc_repro_is_one_message(tmp_path, tiny_data, prefect_server):
+    """A bad param fails the stage's flow run with the message (exit 2), no Prefect traceback."""
+    proj = project_copy(tmp_path / "proj", tiny_data)
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["prepare"]["labeled_per_class"] = "many"
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run(["dvc", "repro", "prepare"], proj, check=False, env=env(**prefect_server))
+    text = out.stdout + out.stderr
+    assert out.returncode != 0 and "prepare.labeled_per_class: Input should be a valid integer" in text
+    assert "Traceback" not in text and "exited with 2" in text

@@ -74,7 +74,7 @@ def test_prepare_is_deterministic_given_the_seed(tmp_path):
     outs = []
     for root in ("a", "b"):
         prepare.run(prepare_params("fashion-mnist", src, unlabeled_pool=10), Paths(root=tmp_path / root))
-        dd = load_dataset_dir(Paths(root=tmp_path / root).prepared / "dataset", "prepared")
+        dd = load_dataset_dir(Paths(root=tmp_path / root).prepared / "dataset", "prepare")
         outs.append({s: dataset_to_tensors(dd[s], label_column="label" if s != "pool" else None) for s in dd})
     for split, (x, y) in outs[0].items():
         x2, y2 = outs[1][split]
@@ -85,5 +85,5 @@ def test_downstream_stage_without_its_input_says_what_to_run(tmp_path):
     from pipeline import sample
     from pipeline.config import params_from_dict
 
-    with pytest.raises(FileNotFoundError, match="train_generator first"):
+    with pytest.raises(FileNotFoundError, match="Run the train_generator stage first"):
         sample.run(params_from_dict({"base": {"profile": "micro"}}), Paths(root=tmp_path))

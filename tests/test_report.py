@@ -13,13 +13,15 @@ from pipeline.config import Paths, params_from_dict
 from pipeline.core.curves import CURVES, write_curves
 from pipeline.core.images import tensors_to_dataset
 from pipeline.core.io import save_dataset, write_json
+from pipeline.errors import DataError
 from pipeline.reporting.tables import quality_rows, variant_table, verdict
 
 NAMES = ["a", "b"]
+PREPARED_FP, FILTERED_FP = "p" * 64, "f" * 64
 
 
-def variant(accs, per_class=None):
-    return {"n_test": 200, "per_seed": [
+def variant(accs, per_class=None, synthetic=None):
+    return {"n_test": 200, "inputs": {"prepared": PREPARED_FP, "synthetic": synthetic}, "per_seed": [
         {"seed": s, "accuracy": a, "macro_f1": a - 0.01, "ece": 0.05, "seconds": 1.0,
          "per_class_accuracy": dict(zip(NAMES, per_class or [a, a]))} for s, a in enumerate(accs)]}
 
@@ -55,17 +57,18 @@ def test_quality_rows_read_filter_summary():
     assert rows[1]["frechet_distance"] == 9.0 and rows[0]["kid"] is None and rows[1]["n_other"] == 8
 
 
-def fake_run(root):
+def fake_run(root, names=NAMES):
     """Every input the report reads, tiny and made up."""
     paths = Paths(root=root)
     rng = np.random.default_rng(0)
     img = lambda n: torch.from_numpy(rng.integers(0, 255, (n, 1, 8, 8), dtype=np.uint8))  # noqa: E731
     labels = torch.tensor([0, 1] * 4)
-    dd = datasets.DatasetDict({s: tensors_to_dataset(img(8), labels, NAMES) for s in ("train", "val", "test")})
+    dd = datasets.DatasetDict({s: tensors_to_dataset(img(8), labels, names) for s in ("train", "val", "test")})
     save_dataset(dd, paths.prepared / "dataset")
-    write_json(paths.prepared / "summary.json", {"class_names": NAMES, "source": "test", "sizes": {"train": 8},
-                                                 "image_size": 8, "channels": 1, "source_fingerprint": "abc" * 8})
-    syn = tensors_to_dataset(img(6), [0, 0, 0, 1, 1, 1], NAMES, {"seed": list(range(6))})
+    write_json(paths.prepared / "summary.json", {"class_names": names, "source": "test", "sizes": {"train": 8},
+                                                 "image_size": 8, "channels": 1, "source_fingerprint": "abc" * 8,
+                                                 "fingerprint": PREPARED_FP})
+    syn = tensors_to_dataset(img(6), [0, 0, 0, 1, 1, 1], names, {"seed": list(range(6))})
     save_dataset(syn, paths.synthetic / "dataset")
     scores = pd.DataFrame({"index": range(6), "label": [0, 0, 0, 1, 1, 1], "confidence": rng.random(6),
                            "accepted": [True, False, True, True, False, True],
@@ -75,7 +78,8 @@ def fake_run(root):
     write_json(paths.filtered / "summary.json", {"feature_space": "judge", "note": "test", "thresholds": {"min_confidence": 0.5},
                                                  "acceptance": {"generated": 6, "accepted": 4, "per_class": {"a": {"generated": 3, "accepted": 2, "rate": 0.67}},
                                                                 "rejected_by_first_reason": {"low_confidence": 1, "memorized": 1}},
-                                                 "clip": {"used": False, "why": "filter.clip.checkpoint not set"}, "metrics": {}})
+                                                 "clip": {"used": False, "why": "filter.clip.checkpoint not set"}, "metrics": {},
+                                                 "fingerprint": FILTERED_FP})
     paths.generator.mkdir(parents=True)
     write_curves(paths.generator / CURVES, {"loss": (list(range(1, 51)), list(np.linspace(1, 0.1, 50)))})
     write_json(paths.generator / "generator.json", {"kind": "datasetgan", "num_parameters": 1_234_000, "steps": 50,
@@ -83,7 +87,8 @@ def fake_run(root):
                                                     "interpreter_val_accuracy": 0.75, "interpreter_val_n": 8})
     for name, accs in {"real": [0.7, 0.72, 0.71], "real+classic": [0.73, 0.74, 0.72],
                        "real+synthetic": [0.78, 0.79, 0.80]}.items():
-        write_json(paths.classifier_metrics / f"{name}.json", variant(accs, per_class=[accs[0], accs[1]]))
+        write_json(paths.classifier_metrics / f"{name}.json",
+                   variant(accs, per_class=[accs[0], accs[1]], synthetic=FILTERED_FP if "synthetic" in name else None))
     return paths
 
 
@@ -150,3 +155,43 @@ def test_report_opens_in_headless_chromium(tmp_path):
                                capture_output=True, text=True, timeout=120).stdout
     stats = json.loads(title_dom.split("<title>")[1].split("</title>")[0].replace("&quot;", '"'))
     assert stats["n"] >= 8 and stats["ok"] == stats["n"] and stats["h"].startswith("Yes")
+
+
+def test_report_refuses_metrics_of_another_run(tmp_path):
+    """Metrics trained on other prepared data (another dataset) or on another synthetic set are not
+    compared with the current ones: the report names the stale variants and what to re-run."""
+    paths = fake_run(tmp_path)
+    params = params_from_dict({"base": {"profile": "micro"}})
+    stale = variant([0.3, 0.31, 0.32])
+    stale["inputs"]["prepared"] = "o" * 64  # e.g. a 2-class dataset after switching prepare.source
+    write_json(paths.classifier_metrics / "real.json", stale)
+    with pytest.raises(DataError, match=r"metrics of real come from another run.*Re-run train_classifier"):
+        report.run(params, paths)
+    write_json(paths.classifier_metrics / "real.json", variant([0.7, 0.72, 0.71]))
+    write_json(paths.classifier_metrics / "real+synthetic.json", variant([0.9, 0.9, 0.9], synthetic="x" * 64))
+    with pytest.raises(DataError, match="metrics of real\\+synthetic come from another run"):
+        report.run(params, paths)
+    assert not (paths.reports / "metrics.json").exists()  # no verdict was written
+
+
+MARKUP = "<script>document.title='pwned'</script><b>bold</b>"
+
+
+def test_markup_in_title_and_class_names_is_shown_as_text(tmp_path):
+    paths = fake_run(tmp_path, names=[MARKUP, "b"])
+    report.run(params_from_dict({"base": {"profile": "micro"}, "report": {"title": MARKUP}}), paths)
+    html = (paths.reports / "report.html").read_text()
+    assert "<script>document.title" not in html and "<b>bold</b>" not in html
+    assert "&lt;script&gt;document.title=&#39;pwned&#39;&lt;/script&gt;&lt;b&gt;bold&lt;/b&gt;" in html
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not browser:
+        pytest.skip("Chromium is not installed (make test installs Debian's chromium where apt is usable)")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'chrome'}", "--virtual-time-budget=3000", "--dump-dom"]
+    dom = subprocess.run([browser, *flags, (paths.reports / "report.html").resolve().as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    title = dom.split("<title>")[1].split("</title>")[0]
+    assert title != "pwned" and title.startswith("&lt;script&gt;")  # the script never ran: its text is the title
+    h1 = dom.split("<h1>")[1].split("</h1>")[0]
+    assert h1 == "&lt;script&gt;document.title='pwned'&lt;/script&gt;&lt;b&gt;bold&lt;/b&gt;"  # text, not elements

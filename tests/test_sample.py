@@ -128,9 +128,12 @@ def test_saved_generator_samples_and_two_shards_merge_to_one_shard_run(generator
         shutil.copytree(Paths(root=generator_root).generator, Paths(root=roots[name]).generator)
     single = sp.run(tiny_params(), Paths(root=roots["one"]))
     assert single["complete"] and single["num_images"] == 6
-    first = sp.run(tiny_params(num_shards=2, shard_index=0), Paths(root=roots["two"]))
-    assert first == {"complete": False, "shard": 0, "missing": ["shard-001-of-002"]}
-    merged = sp.run(tiny_params(num_shards=2, shard_index=1), Paths(root=roots["two"]))
+    first = sp.run(tiny_params(num_shards=2, shard_index=0), Paths(root=roots["two"]), shard_only=True)
+    assert first["complete"] is False and first["shard"] == 0  # a fan-out worker: its shard alone
+    assert not Paths(root=roots["two"]).synthetic.exists()
+    merged = sp.run(tiny_params(num_shards=2, shard_index=1), Paths(root=roots["two"]), shard_only=True)
+    assert merged["complete"] is False
+    merged = sp.run(tiny_params(num_shards=2, shard_index=0), Paths(root=roots["two"]))  # both there: merged
     assert merged["complete"] and merged["counts_per_class"] == {"left": 3, "right/up": 3}
     a = datasets.load_from_disk(str(Paths(root=roots["one"]).synthetic / "dataset"))
     b = datasets.load_from_disk(str(Paths(root=roots["two"]).synthetic / "dataset"))
@@ -151,12 +154,12 @@ def test_complete_shard_is_skipped_and_stale_shard_redone(generator_root, tmp_pa
     root = tmp_path / "r"
     shutil.copytree(Paths(root=generator_root).generator, Paths(root=root).generator)
     params = tiny_params(num_shards=2, shard_index=0)
-    sp.run(params, Paths(root=root))
+    sp.run(params, Paths(root=root), shard_only=True)
     shard = Paths(root=root).synthetic_shards / "shard-000-of-002"
     stamp = (shard / "state.json").stat().st_mtime_ns
-    sp.run(params, Paths(root=root))
+    sp.run(params, Paths(root=root), shard_only=True)
     assert (shard / "state.json").stat().st_mtime_ns == stamp  # kept, not regenerated
-    sp.run(tiny_params(num_shards=2, shard_index=0, guidance_scale=3.0), Paths(root=root))
+    sp.run(tiny_params(num_shards=2, shard_index=0, guidance_scale=3.0), Paths(root=root), shard_only=True)
     assert datasets.load_from_disk(str(shard))["guidance"] == [3.0] * 3
     assert "other settings" in caplog.text
 

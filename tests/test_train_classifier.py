@@ -8,7 +8,7 @@ import pipeline.train_classifier as tc
 import pipeline.training.classifier as training
 from pipeline.config import Paths, TrainClassifierConfig, VariantSpec, params_from_dict
 from pipeline.core.images import tensors_to_dataset
-from pipeline.core.io import save_dataset
+from pipeline.core.io import save_dataset, write_json
 from pipeline.errors import ConfigError, DataError
 from pipeline.models.classifier import build_model, efficientnet_lite0_state
 from pipeline.training.classifier import crop_flip, fit_classifier, predict_proba
@@ -124,6 +124,7 @@ def write_project(root, n_filtered=24, test_leak=False):
     dd = datasets.DatasetDict({"train": tensors_to_dataset(x, y, CLASSES), "val": tensors_to_dataset(vx, vy, CLASSES),
                                "test": tensors_to_dataset(tx, ty, CLASSES)})
     save_dataset(dd, paths.prepared / "dataset")
+    write_json(paths.prepared / "summary.json", {"class_names": CLASSES, "fingerprint": "p" * 64})
     n = len(sy)
     extra = {"seed": list(range(n)), "guidance": [2.0] * n, "steps": [4] * n, "sampler": ["ddim"] * n,
              "generator": ["abc"] * n}
@@ -131,6 +132,8 @@ def write_project(root, n_filtered=24, test_leak=False):
     keep = slice(0, n_filtered)
     save_dataset(tensors_to_dataset(sx[keep], sy[keep], CLASSES, {k: v[keep] for k, v in extra.items()}),
                  paths.filtered / "dataset")
+    for out in (paths.synthetic, paths.filtered):  # made from the prepared data above
+        write_json(out / "summary.json", {"prepared_fingerprint": "p" * 64, "fingerprint": out.name * 8})
     return paths, {"train": x, "val": vx, "test": tx, "synthetic": sx}
 
 
@@ -243,3 +246,12 @@ def test_variant_table_matches_config():
         params_from_dict({"train_classifier": {"variants": {"x": {"data": "prepared", "real": False}}}})
     with pytest.raises(ConfigError, match="train_classifier.variants: Input should be a valid dictionary"):
         params_from_dict({"train_classifier": {"variants": ["real", "real+classic"]}})  # the old list form
+
+
+def test_stage_refuses_a_synthetic_set_made_from_other_data(tmp_path):
+    paths, _ = write_project(tmp_path)
+    write_json(paths.filtered / "summary.json", {"prepared_fingerprint": "o" * 64, "fingerprint": "f" * 64})
+    with pytest.raises(DataError, match=r"data/filtered: made from other data"):
+        tc.run(micro_params(), paths, variant="real+synthetic")
+    out = tc.run(micro_params(seeds=1), paths, variant="real")  # real-only variants do not read it
+    assert out["inputs"] == {"prepared": "p" * 64, "synthetic": None}

@@ -16,6 +16,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from pipeline.errors import ConfigError, DataError
+
 
 def _mkdtemp(path: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -51,10 +53,6 @@ def write_json(path: str | os.PathLike, obj) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
-def read_json(path: str | os.PathLike):
-    return json.loads(Path(path).read_text())
-
-
 def _json_default(o):
     if isinstance(o, (np.integer,)):
         return int(o)
@@ -78,13 +76,63 @@ def save_dataset(ds, path: str | os.PathLike) -> None:
         ds.save_to_disk(str(tmp))
 
 
-def load_dataset_dir(path: str | os.PathLike, what: str):
-    import datasets
-
+@contextmanager
+def reading(path: str | os.PathLike, stage: str) -> Iterator[Path]:
+    """Read an output of an earlier ``stage`` inside this block: a missing one says which stage to
+    run, a damaged one (truncated, garbage) names the file and the stage to re-run. Keep the
+    block to the read itself, so that a bug elsewhere keeps its traceback."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: {what} not found. Run the stage that writes it first (dvc repro).")
-    return datasets.load_from_disk(str(path))
+        raise FileNotFoundError(f"{path}: not found. Run the {stage} stage first (dvc repro).")
+    try:
+        yield path
+    except (DataError, ConfigError, FileNotFoundError):
+        raise
+    except Exception as err:  # pyarrow, json, safetensors, torch ... each raise their own types
+        why = (str(err).splitlines() or [""])[0][:200]
+        raise DataError(f"{path}: damaged or unreadable ({type(err).__name__}: {why}). Re-run the {stage} "
+                        f"stage (dvc repro -f {stage}).") from None
+
+
+def load_dataset_dir(path: str | os.PathLike, stage: str):
+    """A dataset saved by ``stage`` (``datasets.load_from_disk``), checked as in ``reading``."""
+    import datasets
+
+    with reading(path, stage) as p:
+        return datasets.load_from_disk(str(p))
+
+
+def read_json(path: str | os.PathLike, stage: str | None = None):
+    """A JSON file; with ``stage``, one written by that earlier stage (checked as in ``reading``)."""
+    if stage is None:
+        return json.loads(Path(path).read_text())
+    with reading(path, stage) as p:
+        return json.loads(p.read_text())
+
+
+def check_writable(*paths: str | os.PathLike) -> None:
+    """Fail before any work when an output cannot be written (its nearest existing ancestor is not
+    a writable folder), rather than after hours of training."""
+    for path in map(Path, paths):
+        probe = path.parent
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+            raise DataError(f"{path}: cannot be written ({probe} is not a writable folder). Make it writable, "
+                            "or run in a project folder you can write to (--root).")
+
+
+def check_made_from(output: str | os.PathLike, recorded: str | None, current: str | None, rerun: str) -> None:
+    """An earlier stage's ``output`` records the fingerprint of what it was made from; refuse to
+    combine it with other inputs (a stale output from another dataset or generator)."""
+    if recorded != current:
+        raise DataError(f"{output}: made from other data than the current inputs (fingerprint "
+                        f"{str(recorded)[:12]} there, {str(current)[:12]} now). Re-run {rerun} (dvc repro).")
+
+
+def fingerprint(*parts) -> str:
+    """sha256 of JSON-serialisable parts (settings, seeds, other fingerprints)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=_json_default).encode()).hexdigest()
 
 
 def save_png(img, path: str | os.PathLike) -> None:

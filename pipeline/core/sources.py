@@ -167,6 +167,16 @@ def read_imagefolder(cfg: PrepareConfig) -> Source:
                   fingerprint=h.hexdigest(), skipped=skipped)
 
 
+def _is_class_label(split, column: str) -> bool:
+    return hasattr(split.features[column], "names")
+
+
+def _class_names(split, column: str) -> list[str]:
+    """The ClassLabel names of a split, or its distinct label values as text."""
+    return list(split.features[column].names) if _is_class_label(split, column) else \
+        [str(v) for v in sorted(set(split[column]))]
+
+
 def read_hf_disk(cfg: PrepareConfig) -> Source:
     import datasets
 
@@ -182,12 +192,18 @@ def read_hf_disk(cfg: PrepareConfig) -> Source:
             if col not in split.column_names:
                 raise DataError(f"{root}: split {name!r} has no column {col!r} (columns: {split.column_names}). "
                                 f"Set prepare.image_column / prepare.label_column.")
-    feat = splits["train"].features[cfg.label_column]
-    names = list(feat.names) if hasattr(feat, "names") else [str(v) for v in sorted(set(splits["train"][cfg.label_column]))]
-    to_index = (lambda v: int(v)) if hasattr(feat, "names") else (lambda v: names.index(str(v)))
+    names = _class_names(splits["train"], cfg.label_column)
     skipped: list[dict] = []
 
     def convert(split, name):
+        """Images fitted to the config; labels matched to train's classes by name, not by index."""
+        own = _class_names(split, cfg.label_column)
+        unknown = sorted(set(own) - set(names))
+        if unknown:
+            raise DataError(f"{root}: split {name!r} has labels {unknown} that the train split does not have "
+                            f"(train's classes: {names}). Fix the dataset or drop those rows.")
+        to_index = {i: names.index(n) for i, n in enumerate(own)} if _is_class_label(split, cfg.label_column) \
+            else {v: names.index(str(v)) for v in set(split[cfg.label_column])}
         imgs, labs = [], []
         for i, (im, lab) in enumerate(zip(split[cfg.image_column], split[cfg.label_column])):
             try:
@@ -195,12 +211,14 @@ def read_hf_disk(cfg: PrepareConfig) -> Source:
                     raise DataError("missing image")
                 with warnings.catch_warnings():
                     warnings.simplefilter("error", Image.DecompressionBombWarning)
-                    imgs.append(np.asarray(fit_image(im, cfg), dtype=np.uint8).reshape(cfg.image_size, cfg.image_size, cfg.channels))
-                labs.append(to_index(lab))
+                    img = np.asarray(fit_image(im, cfg), dtype=np.uint8)
+                    imgs.append(img.reshape(cfg.image_size, cfg.image_size, cfg.channels))
             except Exception as err:
                 if cfg.on_bad_image == "error":
                     raise DataError(f"{root}: {name}[{i}]: unreadable image ({err})") from None
                 skipped.append({"path": f"{name}[{i}]", "reason": str(err)})
+                continue
+            labs.append(to_index[lab])
         return np.stack(imgs), np.asarray(labs, dtype=np.int64)
 
     x, y = convert(splits["train"], "train")

@@ -15,6 +15,9 @@ def make_splits(src: Source, cfg: PrepareConfig, seed: int) -> tuple[dict[str, n
     (or into ``src.images`` for a hold-out). Deterministic given ``seed``."""
     rng = np.random.default_rng(seed)
     n_classes = len(src.class_names)
+    if n_classes < 2:
+        raise DataError(f"the source has {n_classes} class(es) ({src.class_names}); a classifier needs at least two. "
+                        "Add a folder (imagefolder) or labels for another class.")
     candidates = np.arange(len(src.images))
     notes: dict = {}
     if src.test_images is None:  # stratified hold-out test split

@@ -55,3 +55,16 @@ def build_model(arch: str, num_classes: int, in_chans: int, pretrained: str | No
             raise
         raise ConfigError(f"train_classifier.pretrained: {pretrained} does not fit train_classifier.arch {arch!r} "
                           f"({str(err).splitlines()[0][:300]})") from None
+
+
+def check_input_size(arch: str, num_classes: int, in_chans: int, size: int, key: str = "train_classifier.arch") -> None:
+    """One forward pass of a dummy batch, so an architecture that cannot take these images fails
+    before any training (timm's own error is an assertion deep inside the model)."""
+    model = build_model(arch, num_classes, in_chans).eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(2, in_chans, size, size))
+    except Exception as err:  # AssertionError, RuntimeError (shapes) ... from inside the model
+        why = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        raise ConfigError(f"{key}: {arch} cannot take {size}x{size} images with {in_chans} channel(s) ({why}). "
+                          "Pick another timm model or change prepare.image_size.") from None

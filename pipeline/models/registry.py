@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 
 from pipeline.config import SampleConfig
-from pipeline.core.io import read_json
+from pipeline.core.io import read_json, reading
 from pipeline.errors import ConfigError
 
 GENERATOR_META = "generator.json"
@@ -44,9 +44,7 @@ def check_kind(kind: str) -> str:
 def load_generator(folder: str | Path, device: str = "cpu") -> Generator:
     """Read a train_generator output folder into a ready-to-sample generator."""
     folder = Path(folder)
-    meta_file = folder / GENERATOR_META
-    if not meta_file.exists():
-        raise FileNotFoundError(f"{meta_file}: generator not found. Run train_generator first (dvc repro).")
-    meta = read_json(meta_file)
-    meta.setdefault("kind", "unet")
-    return importlib.import_module(KINDS[check_kind(meta["kind"])]).load(folder, meta, device)
+    meta = read_json(folder / GENERATOR_META, "train_generator")
+    module = importlib.import_module(KINDS[check_kind(meta.get("kind", "unet"))])
+    with reading(folder, "train_generator"):  # truncated weights, a garbage config ...
+        return module.load(folder, {"kind": "unet", **meta}, device)

@@ -33,6 +33,7 @@ class TrainData:
     class_names: list[str] = field(default_factory=list)
     val_images: torch.Tensor | None = None  # the val split (uint8, CPU), for kinds that score a labeler
     val_labels: torch.Tensor | None = None
+    fingerprint: str | None = None  # of the prepared data (prepare's summary), recorded in generator.json
 
     @property
     def image_size(self) -> int:
@@ -66,7 +67,8 @@ def hashed_config(cfg: TrainGeneratorConfig) -> dict:
 def generator_meta(cfg: TrainGeneratorConfig, data: TrainData) -> dict:
     """The generator.json fields every kind has and its sample() relies on."""
     return {"kind": cfg.kind, "num_classes": data.num_classes, "class_names": data.class_names,
-            "null_label": data.num_classes, "image_size": data.image_size, "channels": data.channels}
+            "null_label": data.num_classes, "image_size": data.image_size, "channels": data.channels,
+            "prepared_fingerprint": data.fingerprint}
 
 
 def preview(generator: Generator, num_classes: int, per_class: int) -> torch.Tensor:

@@ -1,0 +1,210 @@
+"""User mistakes and damaged files: one clear message naming the key or file and what to do,
+whatever the entry point; never a library traceback, never a silently wrong result."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+import yaml
+
+from pipeline import prepare, sample, train_classifier, train_generator
+from pipeline.config import Paths, load_params, params_from_dict
+from pipeline.core.io import read_json
+from pipeline.errors import ConfigError, DataError
+from tests.helpers import TINY, make_idx_dir, make_prepared, prepare_params, tiny_params
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def write_params(path: Path, **sections) -> Path:
+    path.write_text(yaml.safe_dump({"base": {"profile": "micro", "device": "cpu"}, **sections}))
+    return path
+
+
+def call(cmd: list, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", PYTHONPATH=str(ROOT))
+    env.pop("PREFECT_API_URL", None)
+    return subprocess.run([str(c) for c in cmd], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def assert_one_clear_line(out: subprocess.CompletedProcess, *needles: str) -> None:
+    text = out.stdout + out.stderr
+    assert out.returncode == 2, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    for needle in needles:
+        assert needle in out.stderr, out.stderr[-3000:]
+
+
+# ---- every entry point, as a subprocess -------------------------------------------------------
+
+def test_python_m_stage_prints_the_message_and_exits_2(tmp_path):
+    p = write_params(tmp_path / "p.yaml", prepare={"path": str(tmp_path / "nowhere")})
+    out = call([BIN / "python", "-m", "pipeline.prepare", "--params", p, "--root", tmp_path], tmp_path)
+    assert_one_clear_line(out, "error: ", "missing Fashion-MNIST files", "prepare.path")
+
+
+def test_python_m_stage_names_a_missing_input_stage(tmp_path):
+    p = write_params(tmp_path / "p.yaml")
+    out = call([BIN / "python", "-m", "pipeline.sample", "--params", p, "--root", tmp_path], tmp_path)
+    assert_one_clear_line(out, "generator.json: not found. Run the train_generator stage first")
+
+
+def test_synthaug_cli_prints_the_message_and_exits_2(tmp_path):
+    p = write_params(tmp_path / "p.yaml", train_classifier={"steps": -1})
+    out = call([BIN / "synthaug", "run", "prepare", "--params", p], tmp_path)
+    assert_one_clear_line(out, "train_classifier.steps", "greater than or equal to 1")
+
+
+def test_prefect_flow_fails_with_the_message_and_no_traceback(tmp_path):
+    p = write_params(tmp_path / "p.yaml", prepare={"path": str(tmp_path / "nowhere")})
+    out = call([BIN / "python", "-m", "flows", "prepare", "--params", p, "--root", tmp_path], tmp_path)
+    assert_one_clear_line(out, "error: ", "missing Fashion-MNIST files")
+
+
+# ---- params that would fail late or silently ---------------------------------------------------
+
+@pytest.mark.parametrize("yaml_text, needle", [
+    ("base: {seed: -1}", "base.seed: Input should be greater than or equal to 0"),
+    ("sample: {guidance_scale: .inf}", "sample.guidance_scale: Input should be a finite number"),
+    ("train_generator: {lr: .nan}", "train_generator.lr: Input should be a finite number"),
+    ("train_classifier: {variants: {}}", "variants is empty"),
+    ("base: {seed: 1}\nsample: {per_class: 2}\nbase: {seed: 2}\n", "['base'] given twice"),
+    ("sample:\n  per_class: 2\n  per_class: 3\n", "['per_class'] given twice"),
+])
+def test_params_refused_up_front(tmp_path, yaml_text, needle):
+    (tmp_path / "p.yaml").write_text(yaml_text)
+    with pytest.raises(ConfigError) as err:
+        load_params(tmp_path / "p.yaml")
+    assert needle in str(err.value)
+
+
+def test_tilde_in_paths_is_expanded(tmp_path):
+    (tmp_path / "p.yaml").write_text("prepare: {path: ~/fmnist}\ntrain_classifier: {pretrained: ~/w.safetensors}\n")
+    p = load_params(tmp_path / "p.yaml")
+    assert p.prepare.path == os.path.expanduser("~/fmnist") and not p.prepare.path.startswith("~")
+    assert p.train_classifier.pretrained == os.path.expanduser("~/w.safetensors")
+
+
+def test_a_timm_arch_that_cannot_take_the_image_size_fails_before_training(tmp_path, monkeypatch):
+    root = tmp_path / "r"
+    prepare.run(prepare_params("fashion-mnist", make_idx_dir(tmp_path / "idx")), Paths(root=root))
+    called = []
+    monkeypatch.setattr("pipeline.training.classifier.fit_classifier", lambda *a, **k: called.append(1))
+    params = params_from_dict({"base": {"profile": "micro", "device": "cpu"},
+                               "train_classifier": {"arch": "vit_tiny_patch16_224"}})
+    with pytest.raises(ConfigError, match=r"train_classifier.arch: vit_tiny_patch16_224 cannot take 8x8 images"):
+        train_classifier.run(params, Paths(root=root), "real")
+    assert not called
+
+
+def test_a_single_class_dataset_is_refused(tmp_path):
+    src = make_idx_dir(tmp_path / "idx", classes=1)
+    with pytest.raises(DataError, match="at least two"):
+        prepare.run(prepare_params("fashion-mnist", src), Paths(root=tmp_path / "r"))
+
+
+# ---- outputs that cannot be written, outputs of earlier stages that are damaged ----------------
+
+def test_an_unwritable_output_fails_before_training(tmp_path):
+    make_prepared(tmp_path)
+    (tmp_path / "models").write_text("a file where the models folder should be")
+    with pytest.raises(DataError, match="models/generator: cannot be written"):
+        train_generator.run(tiny_params(steps=10_000), Paths(root=tmp_path))  # would take minutes if it trained
+
+
+def test_truncated_arrow_file_names_the_file_and_the_stage(tmp_path):
+    make_prepared(tmp_path)
+    arrow = next((Paths(root=tmp_path).prepared / "dataset" / "train").glob("*.arrow"))
+    arrow.write_bytes(arrow.read_bytes()[:100])
+    with pytest.raises(DataError, match=r"dataset: damaged or unreadable.*Re-run the prepare stage"):
+        train_generator.load_train_data(tiny_params(), Paths(root=tmp_path), "cpu")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    make_prepared(root)
+    train_generator.run(tiny_params(steps=2), Paths(root=root))
+    return root
+
+
+def sample_params(**over):
+    return params_from_dict({"base": {"profile": "micro", "device": "cpu", "seed": 3}, "train_generator": TINY,
+                             "sample": {"per_class": 2, "num_inference_steps": 2, **over}})
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda g: (g / "generator.json").write_text("{not json"), "generator.json: damaged or unreadable"),
+    (lambda g: (g / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\0" * 64),
+     "damaged or unreadable"),
+])
+def test_damaged_generator_names_the_file_and_the_stage(tmp_path, trained, damage, needle):
+    import shutil
+    shutil.copytree(trained, tmp_path / "r")
+    damage(Paths(root=tmp_path / "r").generator)
+    with pytest.raises(DataError, match=f"{needle}.*Re-run the train_generator stage"):
+        sample.run(sample_params(), Paths(root=tmp_path / "r"))
+
+
+# ---- shards -----------------------------------------------------------------------------------
+
+def test_a_single_run_with_shards_makes_every_shard_and_merges(tmp_path, trained):
+    import shutil
+    shutil.copytree(trained, tmp_path / "r")
+    paths = Paths(root=tmp_path / "r")
+    one = sample.run(sample_params(num_shards=2, shard_index=1, per_class=3), paths)
+    assert one["complete"] and one["num_images"] == 6
+    assert sorted(p.name for p in paths.synthetic_shards.iterdir() if p.is_dir()) == \
+        ["shard-000-of-002", "shard-001-of-002"]
+    before = read_json(paths.synthetic / "summary.json")
+    # a fan-out worker makes its own shard and leaves the merged set alone
+    worker = sample.run(sample_params(num_shards=3, shard_index=0, per_class=3), paths, shard_only=True)
+    assert worker["complete"] is False and read_json(paths.synthetic / "summary.json") == before
+
+
+# ---- hf-disk labels ---------------------------------------------------------------------------
+
+def hf_dataset(names_train, names_test, test_labels):
+    img = [torch.randint(0, 255, (8, 8), dtype=torch.uint8).numpy() for _ in range(12)]
+    from PIL import Image
+    pil = [Image.fromarray(a) for a in img]
+    train = datasets.Dataset.from_dict({"image": pil[:8], "label": [0, 1] * 4}, features=datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=names_train)}))
+    test = datasets.Dataset.from_dict({"image": pil[8:], "label": test_labels}, features=datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=names_test)}))
+    return datasets.DatasetDict({"train": train, "test": test})
+
+
+def test_hf_disk_test_labels_are_matched_by_name(tmp_path):
+    hf_dataset(["cat", "dog"], ["dog", "cat"], [0, 0, 1, 1]).save_to_disk(str(tmp_path / "ds"))
+    params = prepare_params("hf-disk", tmp_path / "ds", labeled_per_class=2, val_per_class=1)
+    prepare.run(params, Paths(root=tmp_path / "r"))
+    test = datasets.load_from_disk(str(Paths(root=tmp_path / "r").prepared / "dataset"))["test"]
+    names = test.features["label"].names
+    assert [names[i] for i in test["label"]] == ["dog", "dog", "cat", "cat"]  # not inverted
+
+
+def test_hf_disk_test_label_unknown_to_train_is_a_clear_error(tmp_path):
+    hf_dataset(["cat", "dog"], ["cat", "dog", "bird"], [0, 2, 1, 2]).save_to_disk(str(tmp_path / "ds"))
+    with pytest.raises(DataError, match=r"split 'test' has labels \['bird'\] that the train split does not have"):
+        prepare.run(prepare_params("hf-disk", tmp_path / "ds", labeled_per_class=2, val_per_class=1),
+                    Paths(root=tmp_path / "r"))
+
+
+# ---- deterministic outputs ---------------------------------------------------------------------
+
+def tree_bytes(root: Path) -> dict:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_prepare_twice_on_the_same_data_writes_identical_bytes(tmp_path):
+    src = make_idx_dir(tmp_path / "idx")
+    for r in ("a", "b"):
+        prepare.run(prepare_params("fashion-mnist", src), Paths(root=tmp_path / r))
+    a, b = (tree_bytes(Paths(root=tmp_path / r).prepared) for r in ("a", "b"))
+    assert a == b and "summary.json" in a
+    assert "seconds" in read_json(Paths(root=tmp_path / "a").stage_timing / "prepare.json")
