@@ -200,15 +200,10 @@ def diffusion_generator(backbone: torch.nn.Module, schedule: dict, meta: dict):
     compiled): a ``ClassConditionalPipeline`` with the DPM-Solver++ scheduler built from the
     training ``schedule`` (as train_generator saves it) in a ``DiffusionGenerator``. ``meta`` needs
     image_size, channels and null_label (= number of classes); class_names default to "0".."K-1"."""
-    from diffusers import UNet2DModel
-
-    from pipeline.models.class_conditional import ClassConditionalPipeline
-    from pipeline.models.diffusion import DiffusionGenerator, inference_scheduler
+    from pipeline.models.diffusion import DiffusionGenerator, make_pipeline
 
     names = list(meta.get("class_names") or [str(i) for i in range(meta["null_label"])])
-    part = "unet" if isinstance(getattr(backbone, "_orig_mod", backbone), UNet2DModel) else "transformer"
-    pipe = ClassConditionalPipeline(scheduler=inference_scheduler("dpm++", schedule), class_names=names,
-                                    image_size=meta["image_size"], **{part: backbone})
+    pipe = make_pipeline(backbone, schedule, names, meta["image_size"])
     if pipe.null_label != meta["null_label"]:
         raise ValueError(f"meta null_label {meta['null_label']} but {len(names)} class names")
     return DiffusionGenerator(pipe, meta)

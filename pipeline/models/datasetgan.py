@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from pipeline.config import SampleConfig
-from pipeline.core.images import pad_images
+from pipeline.core.images import pad_images, to_unit
 from pipeline.core.seeding import derived_seed, seeded_noise
 from pipeline.models.diffusion import DiffusionGenerator, load_pipeline
 
@@ -88,7 +88,7 @@ class DatasetGanGenerator:
         cand = [derived_seed(seed, k) for seed in seeds for k in range(tries)]
         null = torch.full((len(cand),), m["null_label"])
         x = self.diffusion.sample(null, cand, cfg.model_copy(update={"guidance_scale": 0.0})).to(device)
-        padded = pad_images(x.float() / 127.5 - 1, self.unet.config.sample_size)
+        padded = pad_images(to_unit(x), self.unet.config.sample_size)
         probs = self.interpreter(self.features(padded, cand)).softmax(1)
         want = labels.to(device).repeat_interleave(tries)
         score = probs.gather(1, want[:, None]).view(len(seeds), tries)

@@ -148,12 +148,18 @@ class DiffusionGenerator:
                          noise=seeded_noise(seeds, (ch, s, s), self.device), output_type="uint8").images.cpu()
 
 
-def save_pipeline(folder: Path, backbone, schedule: dict, class_names: list[str], image_size: int, kind: str) -> Path:
-    """Write a diffusers pipeline folder (``model_index.json``, backbone, DPM-Solver++ scheduler, the
-    pipeline's code); returns the backbone's weights file."""
-    sub = BACKBONES[kind][1]
-    pipe = ClassConditionalPipeline(scheduler=inference_scheduler("dpm++", schedule), class_names=class_names,
-                                    image_size=image_size, **{sub: backbone})
+def make_pipeline(backbone, schedule: dict, class_names: list[str], image_size: int) -> ClassConditionalPipeline:
+    """The pipeline of a trained backbone (UNet or DiT, also a compiled one), sampling with
+    DPM-Solver++ built from the training noise ``schedule``."""
+    part = "transformer" if isinstance(getattr(backbone, "_orig_mod", backbone), DiTTransformer2DModel) else "unet"
+    return ClassConditionalPipeline(scheduler=inference_scheduler("dpm++", schedule), class_names=list(class_names),
+                                    image_size=image_size, **{part: backbone})
+
+
+def save_pipeline(folder: Path, pipe: ClassConditionalPipeline) -> Path:
+    """Write a diffusers pipeline folder (``model_index.json``, backbone, scheduler, the pipeline's
+    code); returns the backbone's weights file."""
+    sub = "unet" if pipe.unet is not None else "transformer"
     pipe.save_pretrained(folder, safe_serialization=True)
     shutil.copy(class_conditional.__file__, folder / PIPELINE_FILE)
     index = json.loads((folder / "model_index.json").read_text())

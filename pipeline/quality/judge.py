@@ -19,11 +19,14 @@ from pipeline.models.classifier import build_model
 from pipeline.training.classifier import fit_classifier, predict_proba
 
 log = logging.getLogger(__name__)
+JUDGE_RECIPE = "r2"  # bump when training changes beyond the key's settings, so a cached judge is not reused
 
 
 def train_judge(cfg: FilterConfig, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
                 num_classes: int, seed: int, device: str) -> tuple[torch.nn.Module, dict]:
-    """A timm classifier (cfg.judge_arch) trained on the real labeled train split, selected on val."""
+    """A timm classifier (cfg.judge_arch) trained on the real labeled train split, selected on val.
+    Its initial weights come from ``seed`` too, whatever ran before in the process."""
+    torch.manual_seed(seed)
     model = build_model(cfg.judge_arch, num_classes, int(train[0].shape[1]))
     return fit_classifier(model, train[0], train[1], val[0], val[1], steps=cfg.judge_steps,
                           batch_size=cfg.judge_batch_size, lr=cfg.judge_lr, weight_decay=0.05, seed=seed,
@@ -47,7 +50,7 @@ def load_or_train_judge(cfg: FilterConfig, train: tuple[torch.Tensor, torch.Tens
     """The judge for this data and these settings: from ``cache_dir`` when trained before."""
     key = sha256_tensor(torch.cat([train[0].flatten(), val[0].flatten()]))[:12] + \
         f"-{sha256_tensor(torch.cat([train[1], val[1]]))[:8]}-{cfg.judge_arch}-s{cfg.judge_steps}" \
-        f"-lr{cfg.judge_lr}-b{cfg.judge_batch_size}-seed{seed}"
+        f"-lr{cfg.judge_lr}-b{cfg.judge_batch_size}-seed{seed}-{JUDGE_RECIPE}"
     path = cache_dir / f"judge-{key}.safetensors"
     if path.exists():
         model = build_model(cfg.judge_arch, num_classes, int(train[0].shape[1]))

@@ -13,10 +13,8 @@ from pipeline.config import Params
 from pipeline.core.images import pad_images, to_unit
 from pipeline.core.seeding import derived_seed
 from pipeline.core.tensors import num_parameters
-from pipeline.models.class_conditional import ClassConditionalPipeline
 from pipeline.models.datasetgan import INTERPRETER_FILE, DatasetGanGenerator, Interpreter, unet_features
-from pipeline.models.diffusion import (DiffusionGenerator, build_backbone, inference_scheduler, save_pipeline,
-                                       train_scheduler)
+from pipeline.models.diffusion import DiffusionGenerator, build_backbone, make_pipeline, save_pipeline, train_scheduler
 from pipeline.training.diffusion import train
 from pipeline.training.generator import Fitted, TrainData, generator_meta
 
@@ -72,9 +70,11 @@ def fit(params: Params, data: TrainData, accelerator, ckpt_dir: Path, chash: str
     log.info("datasetgan: interpreter on %d features (t=%d): train accuracy %.3f, val accuracy %s",
              train_f.shape[1], t, train_acc, "n/a" if val_acc is None else f"{val_acc:.3f}")
 
+    pipe = make_pipeline(ema, dict(sched.config), data.class_names, data.image_size)
+
     def save(folder: Path) -> Path:
         save_file({k: v.contiguous().cpu() for k, v in interpreter.state_dict().items()}, folder / INTERPRETER_FILE)
-        return save_pipeline(folder, ema, dict(sched.config), data.class_names, data.image_size, "unet")
+        return save_pipeline(folder, pipe)
 
     extra = {"feature_timestep": t, "label_tries": dcfg.label_tries, "feature_dim": int(train_f.shape[1]),
              "interpreter_train_accuracy": round(train_acc, 4),
@@ -82,8 +82,6 @@ def fit(params: Params, data: TrainData, accelerator, ckpt_dir: Path, chash: str
              "interpreter_val_n": 0 if data.val_images is None else len(data.val_images),
              "sample_size": size, "prediction_type": cfg.prediction_type}
     meta = {**generator_meta(cfg, data), **extra}
-    pipe = ClassConditionalPipeline(scheduler=inference_scheduler("dpm++", dict(sched.config)), unet=ema,
-                                    class_names=data.class_names, image_size=data.image_size)
     generator = DatasetGanGenerator(DiffusionGenerator(pipe, meta), interpreter, meta)
     return Fitted(generator, save, {"loss": res.losses, "lr": res.lrs}, res.seconds_per_step, res.resumed_from,
                   n_params + sum(p.numel() for p in interpreter.parameters()), extra)

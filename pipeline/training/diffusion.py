@@ -23,9 +23,8 @@ from pipeline.core.images import pad_images, to_unit
 from pipeline.core.seeding import step_rng
 from pipeline.core.tensors import num_parameters
 from pipeline.errors import ConfigError
-from pipeline.models.class_conditional import ClassConditionalPipeline
-from pipeline.models.diffusion import (BACKBONES, DiffusionGenerator, build_backbone, conditional_from_pretrained,
-                                       inference_scheduler, save_pipeline, train_scheduler)
+from pipeline.models.diffusion import (DiffusionGenerator, build_backbone, conditional_from_pretrained, make_pipeline,
+                                       save_pipeline, train_scheduler)
 from pipeline.training import checkpoint
 from pipeline.training.generator import Fitted, TrainData, generator_meta
 
@@ -178,10 +177,8 @@ def fit(params: Params, data: TrainData, accelerator, ckpt_dir: Path, chash: str
     schedule = dict(train_scheduler(cfg).config)
     meta = generator_meta(cfg, data)
     ema = res.ema_model.to(accelerator.device)
-    pipe = ClassConditionalPipeline(scheduler=inference_scheduler("dpm++", schedule), class_names=data.class_names,
-                                    image_size=data.image_size, **{BACKBONES[cfg.kind][1]: ema})
-    return Fitted(DiffusionGenerator(pipe, meta),
-                  lambda folder: save_pipeline(folder, ema, schedule, data.class_names, data.image_size, cfg.kind),
+    pipe = make_pipeline(ema, schedule, data.class_names, data.image_size)
+    return Fitted(DiffusionGenerator(pipe, meta), lambda folder: save_pipeline(folder, pipe),
                   {"loss": res.losses, "lr": res.lrs}, res.seconds_per_step, res.resumed_from, n_params,
                   {"sample_size": ema.config.sample_size, "prediction_type": cfg.prediction_type,
                    "init": cfg.init, "init_new_weights": missing})
