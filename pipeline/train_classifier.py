@@ -45,11 +45,10 @@ def load_synthetic(paths: Paths, source: str, class_names: list[str], like: torc
                    ) -> tuple[torch.Tensor, torch.Tensor, Path, str | None]:
     """Synthetic images of ``source`` (filtered | synthetic) as tensors, checked against the real data;
     also the set's fingerprint."""
-    stage = "filter" if source == "filtered" else "sample"
-    summary = read_json(getattr(paths, source) / "summary.json", stage)
-    check_made_from(getattr(paths, source), summary.get("prepared_fingerprint"), prepared_fp,
-                    "train_generator, sample and filter")
-    where = getattr(paths, source) / "dataset"
+    stage, out = ("filter" if source == "filtered" else "sample"), getattr(paths, source)
+    summary = read_json(out / "summary.json", stage)
+    check_made_from(out, summary.get("prepared_fingerprint"), prepared_fp, "train_generator, sample and filter")
+    where = out / "dataset"
     state = where / "state.json"  # datasets cannot load back a saved dataset with no rows
     empty = state.exists() and not json.loads(state.read_text()).get("_data_files")
     ds = None if empty else load_dataset_dir(where, stage)

@@ -40,8 +40,31 @@ SPACES = {
 }
 
 
-class EfficientNetLite0Extractor(FeatureExtractorBase):
+class _UInt8Extractor(FeatureExtractorBase):
+    """What torch-fidelity asks of an extractor that provides one feature layer of uint8 images."""
+    LAYER = ""  # the name of the one feature layer
+    DUMMY_SIDE = 224  # image side of the dummy input torch-fidelity would compile with
+
+    @classmethod
+    def get_provided_features_list(cls):
+        return (cls.LAYER,)
+
+    @classmethod
+    def get_default_feature_layer_for_metric(cls, metric):
+        return cls.LAYER
+
+    @staticmethod
+    def can_be_compiled():
+        return False
+
+    @classmethod
+    def get_dummy_input_for_compile(cls):
+        return torch.zeros(1, 3, cls.DUMMY_SIDE, cls.DUMMY_SIDE, dtype=torch.uint8)
+
+
+class EfficientNetLite0Extractor(_UInt8Extractor):
     """ImageNet EfficientNet-Lite0, pooled 1280-d features; input uint8 B,3,H,W (or B,1,H,W)."""
+    LAYER = "1280"
 
     def __init__(self, name, features_list, feature_extractor_resolution: int = 224, **kwargs):
         super().__init__(name, features_list)
@@ -50,34 +73,18 @@ class EfficientNetLite0Extractor(FeatureExtractorBase):
         self.requires_grad_(False)
         self.eval()
 
-    @staticmethod
-    def get_provided_features_list():
-        return ("1280",)
-
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric):
-        return "1280"
-
-    @staticmethod
-    def can_be_compiled():
-        return False
-
-    @staticmethod
-    def get_dummy_input_for_compile():
-        return torch.zeros(1, 3, 224, 224, dtype=torch.uint8)
-
     def forward(self, x):
         vassert(torch.is_tensor(x) and x.dtype == torch.uint8, "Expecting uint8 images")
         x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
         x = x.float()
         if x.shape[-1] != self.resolution or x.shape[-2] != self.resolution:
             x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False)
-        x = (x / 255.0 - 0.5) / 0.5
-        return (self.model(x.contiguous(memory_format=torch.channels_last)).float(),)
+        return (self.model(to_unit(x).contiguous(memory_format=torch.channels_last)).float(),)
 
 
-class JudgeExtractor(FeatureExtractorBase):
+class JudgeExtractor(_UInt8Extractor):
     """Penultimate (pre-logits) features of a trained timm classifier, passed as ``judge_model``."""
+    LAYER, DUMMY_SIDE = "penultimate", 28
 
     def __init__(self, name, features_list, judge_model=None, judge_in_chans: int = 3, **kwargs):
         super().__init__(name, features_list)
@@ -86,22 +93,6 @@ class JudgeExtractor(FeatureExtractorBase):
         self.in_chans = int(judge_in_chans)
         self.requires_grad_(False)
         self.eval()
-
-    @staticmethod
-    def get_provided_features_list():
-        return ("penultimate",)
-
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric):
-        return "penultimate"
-
-    @staticmethod
-    def can_be_compiled():
-        return False
-
-    @staticmethod
-    def get_dummy_input_for_compile():
-        return torch.zeros(1, 3, 28, 28, dtype=torch.uint8)
 
     def forward(self, x):
         vassert(torch.is_tensor(x) and x.dtype == torch.uint8, "Expecting uint8 images")
