@@ -59,6 +59,12 @@ def prepare_flow(params_file: str = "params.yaml", overrides: Optional[dict[str,
     return run_stage("prepare", params_file, overrides, root)
 
 
+@flow(name="pseudo-label", **_COMMON)
+def pseudo_label_flow(params_file: str = "params.yaml", overrides: Optional[dict[str, Any]] = None,
+                      root: str = ".") -> dict:
+    return run_stage("pseudo_label", params_file, overrides, root)
+
+
 @flow(name="train-generator", **_COMMON)
 def train_generator_flow(params_file: str = "params.yaml", overrides: Optional[dict[str, Any]] = None,
                          root: str = ".") -> dict:
@@ -88,7 +94,7 @@ def report_flow(params_file: str = "params.yaml", overrides: Optional[dict[str, 
     return run_stage("report", params_file, overrides, root)
 
 
-STAGE_FLOWS = {"prepare": prepare_flow, "train_generator": train_generator_flow, "sample": sample_flow,
+STAGE_FLOWS = {"prepare": prepare_flow, "pseudo_label": pseudo_label_flow, "train_generator": train_generator_flow, "sample": sample_flow,
                "filter": filter_flow, "train_classifier": train_classifier_flow, "report": report_flow}
 assert tuple(STAGE_FLOWS) == STAGE_ORDER
 

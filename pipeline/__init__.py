@@ -2,4 +2,4 @@
 
 __version__ = "0.1.0"
 
-STAGE_ORDER = ("prepare", "train_generator", "sample", "filter", "train_classifier", "report")
+STAGE_ORDER = ("prepare", "pseudo_label", "train_generator", "sample", "filter", "train_classifier", "report")

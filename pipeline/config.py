@@ -50,6 +50,18 @@ class PrepareConfig(_Section):
     on_bad_image: Literal["skip", "error"] = "skip"  # unreadable image: report and skip, or stop
 
 
+class PseudoLabelConfig(_Section):
+    """A classifier trained on the labeled set (best on val) labels the unlabeled pool (self-training, DPT)."""
+    arch: str = "resnet10t"  # timm model of the labeler
+    steps: int = Field(1500, ge=1)  # its optimizer steps (AdamW, one-cycle, best validation checkpoint kept)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    augment: Literal["standard", "classic"] = "classic"  # crop + flip | TrivialAugmentWide, then crop + flip
+    threshold: float = Field(0.9, ge=0, le=1)  # keep pool images whose top class has at least this probability
+    per_class_cap: int = Field(1000, ge=0)  # at most this many per class, the most confident first (0 = no cap)
+
+
 class DitConfig(_Section):
     """kind: dit (diffusers DiTTransformer2DModel, adaLN-zero class conditioning)."""
     patch_size: int = Field(4, ge=1)  # side of a patch token (the image is padded to a multiple)
@@ -86,6 +98,10 @@ class TrainGeneratorConfig(_Section):
     # generator family: unet | dit (class-conditional diffusion), cgan (conditional GAN),
     # datasetgan (unconditional diffusion + an interpreter that labels its samples)
     kind: Literal["unet", "dit", "cgan", "datasetgan"] = "unet"
+    # what the conditional kinds learn from: labeled = the labeled set only | pseudo = labeled +
+    # pseudo-labeled pool (data/pseudo) | auto = pseudo when pseudo_label kept any pool image
+    labels: Literal["auto", "labeled", "pseudo"] = "auto"
+    labeled_weight: float = Field(4.0, gt=0)  # a labeled image is drawn this many times as often as a pseudo-labeled one
     # scratch | pretrain (unconditional on train + pool for pretrain_steps, then conditional
     # fine-tune on train for steps) | a local diffusers UNet2DModel folder to fine-tune
     init: Location = "scratch"
@@ -177,6 +193,7 @@ class VariantSpec(_Section):
     # prepared = none beyond the real splits | filtered = accepted synthetic | synthetic = every sample, unfiltered
     data: Literal["prepared", "filtered", "synthetic"]
     real: bool = True  # the labeled real images (false: synthetic only, the Classification Accuracy Score)
+    pseudo: bool = False  # also the pseudo-labeled pool (data/pseudo), drawn with the labeled images
     augment: Literal["standard", "classic"] = "standard"  # crop + flip | TrivialAugmentWide, then crop + flip
 
     @property
@@ -185,8 +202,9 @@ class VariantSpec(_Section):
 
     @model_validator(mode="after")
     def _trains_on_something(self):
-        if not self.real and not self.uses_synthetic:
-            raise ValueError("a variant with real: false needs data: filtered or synthetic")
+        if not self.real and (self.pseudo or not self.uses_synthetic):
+            raise ValueError("a variant with real: false trains on synthetic images only: it needs data: filtered "
+                             "or synthetic and no pseudo: true")
         return self
 
 
@@ -198,9 +216,10 @@ class TrainClassifierConfig(_Section):
     # name -> what it trains on. params.yaml is the one list of variants: dvc.yaml runs one
     # train_classifier stage per entry, the report shows them in this order.
     variants: dict[str, VariantSpec] = {
-        "real": _v(), "real+classic": _v(augment="classic"),
-        "real+synthetic": _v("filtered"), "real+synthetic+classic": _v("filtered", augment="classic"),
-        "synthetic-only": _v("filtered", real=False), "real+synthetic-unfiltered": _v("synthetic"),
+        "real": _v(), "real+classic": _v(augment="classic"), "real+pseudo+classic": _v(pseudo=True, augment="classic"),
+        "real+synthetic+classic": _v("filtered", augment="classic"),
+        "real+pseudo+synthetic+classic": _v("filtered", pseudo=True, augment="classic"),
+        "synthetic-only": _v("filtered", real=False),
     }
     arch: str = "resnet10t"  # any timm model name (timm.list_models())
     # None = from scratch | efficientnet-lite0 (ImageNet, arch tf_efficientnet_lite0) | a local .safetensors
@@ -234,6 +253,7 @@ class ReportConfig(_Section):
 
 STAGES = {
     "prepare": PrepareConfig,
+    "pseudo_label": PseudoLabelConfig,
     "train_generator": TrainGeneratorConfig,
     "sample": SampleConfig,
     "filter": FilterConfig,
@@ -254,6 +274,7 @@ class Paths(BaseModel):
     root: Path = Path(".")
 
     prepared = _under_root("data/prepared")
+    pseudo = _under_root("data/pseudo")
     generator = _under_root("models/generator")
     generator_checkpoints = _under_root("models/generator_checkpoints")
     synthetic = _under_root("data/synthetic")
@@ -269,6 +290,7 @@ class Paths(BaseModel):
 class Params(_Section):
     base: BaseParams = BaseParams()
     prepare: PrepareConfig = PrepareConfig()
+    pseudo_label: PseudoLabelConfig = PseudoLabelConfig()
     train_generator: TrainGeneratorConfig = TrainGeneratorConfig()
     sample: SampleConfig = SampleConfig()
     filter: FilterConfig = FilterConfig()

@@ -1,7 +1,9 @@
 """Stage 1, prepare: read a labeled image source and write deterministic splits.
 
 Writes ``data/prepared/``: a ``DatasetDict`` (train = the small labeled set, val, test,
-and optionally pool = unlabeled images) and ``summary.json``. Readers live in
+and optionally pool = unlabeled images) and ``summary.json``. The pool keeps its source labels
+in a ``hidden_label`` column that no training step reads: pseudo_label uses it only to report how
+accurate its pseudo-labels are. Readers live in
 ``pipeline.core.sources``, the split rule in ``pipeline.core.splits``.
 """
 from __future__ import annotations
@@ -31,15 +33,17 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
     src = READERS[cfg.source](cfg)
     split_idx, notes = make_splits(src, cfg, params.base.seed)
     test_x, test_y = (src.test_images, src.test_labels) if src.test_images is not None else (src.images, src.labels)
-    def build(x, y):
+    def build(x, y, hidden=None):
         t = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)
-        return tensors_to_dataset(t, y, src.class_names)
+        return tensors_to_dataset(t, y, src.class_names, None if hidden is None else {"hidden_label": hidden})
 
     arrays = {name: (src.images[idx], src.labels[idx]) for name, idx in split_idx.items() if name in ("train", "val")}
     arrays["test"] = (test_x[split_idx["test"]], test_y[split_idx["test"]])
     if len(split_idx["pool"]):
         arrays["pool"] = (src.images[split_idx["pool"]], None)
     dd = datasets.DatasetDict({name: build(x, y) for name, (x, y) in arrays.items()})
+    if "pool" in dd:  # diagnostics only (pseudo-label accuracy); no training step reads this column
+        dd["pool"] = build(arrays["pool"][0], None, src.labels[split_idx["pool"]])
     # what later stages record they were made from (the report refuses to mix runs)
     data_fp = fingerprint({name: [sha256_tensor(x), None if y is None else sha256_tensor(y)]
                            for name, (x, y) in arrays.items()}, src.class_names)

@@ -1,6 +1,7 @@
 """Stage 6, report: did the synthetic data help? Answer first, then the evidence.
 
-Reads the classifier metrics of every variant in ``train_classifier.variants``, the filter
+Reads the classifier metrics of every variant in ``train_classifier.variants``, the pseudo-label
+summary, the filter
 summary and scores, the synthetic and real images and the generator's loss curve. Writes
 ``reports/``: ``report.html`` (self-contained), ``report.md``, ``metrics.json`` (for
 ``dvc metrics``), ``figures/*.png`` and ``plots/*.csv`` (for ``dvc plots``).
@@ -46,11 +47,15 @@ def generator_facts(paths: Paths) -> dict:
 def check_one_run(variants: dict[str, dict], params: Params, paths: Paths, prepared_fp: str | None) -> None:
     """Refuse to compare classifiers trained on different data: every variant must record the
     current prepared data and, if it used synthetic images, the current synthetic set."""
+    specs = params.train_classifier.variants
     syn = {source: read_json(getattr(paths, source) / "summary.json", stage).get("fingerprint")
            for source, stage in (("filtered", "filter"), ("synthetic", "sample"))
-           if any(params.train_classifier.variants[v].data == source for v in variants)}
+           if any(specs[v].data == source for v in variants)}
+    pseudo = read_json(paths.pseudo / "summary.json", "pseudo_label").get("fingerprint") \
+        if any(specs[v].pseudo for v in variants) else None
     stale = [v for v, m in variants.items()
-             if m.get("inputs") != {"prepared": prepared_fp, "synthetic": syn.get(params.train_classifier.variants[v].data)}]
+             if m.get("inputs") != {"prepared": prepared_fp, "synthetic": syn.get(specs[v].data),
+                                    "pseudo": pseudo if specs[v].pseudo else None}]
     if stale:
         raise DataError(f"{paths.classifier_metrics}: the metrics of {', '.join(stale)} come from another run (other "
                         "prepared or synthetic data than the current ones), so comparing them would mislead. Re-run "
@@ -71,7 +76,7 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
     variants = {v: read_json(f, "train_classifier") for v, f in files.items() if v not in missing}
     check_one_run(variants, params, paths, prepared.get("fingerprint"))
     table = variant_table(variants)
-    answer = verdict(table)
+    answer = verdict(table, variants, params.train_classifier.variants)
     figs, csvs = {"variants": fig_variants(table)}, {}
     if answer.get("synthetic_variant") and "real" in variants:
         gain = per_class_gain(variants, answer["synthetic_variant"], names)
@@ -111,8 +116,10 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
     generator = generator_facts(paths)
     device = resolve_device(params.base)
     meta = run_metadata(paths.root, device)
+    pseudo = read_json(paths.pseudo / "summary.json") if (paths.pseudo / "summary.json").exists() else {}
     stage_times = {}
-    for stage, f in (("prepare", paths.stage_timing / "prepare.json"), ("train_generator", paths.generator / "generator.json"),
+    for stage, f in (("prepare", paths.stage_timing / "prepare.json"), ("pseudo_label", paths.pseudo / "summary.json"),
+                     ("train_generator", paths.generator / "generator.json"),
                      ("sample", paths.synthetic / "summary.json"), ("filter", paths.filtered / "summary.json")):
         if f.exists():
             facts = read_json(f)
@@ -121,17 +128,21 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
     metrics = {"headline": answer["text"], "helped": answer["helped"], "best_variant": answer["best_variant"],
                "generator_kind": generator.get("kind"),
                "n_test": answer["n_test"], "seeds": answer["seeds"],
-               **({"gain": answer["gain"], "gain_ci95_low": answer["gain_low"], "gain_ci95_high": answer["gain_high"]}
-                  if "gain" in answer else {}),
+               **({"gain": answer["gain"], "gain_ci95_low": answer["gain_low"], "gain_ci95_high": answer["gain_high"],
+                   "detectable_difference": answer["detectable_difference"]} if "gain" in answer else {}),
+               "comparisons": answer["comparisons"], "stage_seconds": stage_times,
+               "pseudo_labels": {k: pseudo.get(k) for k in ("kept", "pool_size", "pseudo_label_accuracy", "threshold")},
                "variants": {v: {k: (None if pd.isna(x) else float(x)) for k, x in table.loc[v].items()
-                                if k in ("accuracy", "accuracy_low", "accuracy_high", "macro_f1", "ece", "diff", "p_value")}
+                                if k in ("accuracy", "accuracy_low", "accuracy_high", "val_accuracy", "macro_f1", "ece",
+                                         "diff", "p_value", "synthetic_ratio")}
                             for v in table.index}}
     rows = [{k: (None if isinstance(x, float) and np.isnan(x) else x) for k, x in r.items()}
             for r in table.reset_index().to_dict("records")]
     ctx = {"title": cfg.title, "answer": answer, "rows": rows, "names": names, "grids": grids, "reasons": reasons,
            "figs": {k: png_b64(f) for k, f in figs.items()}, "filter": filt,
            "quality": quality_rows(filt), "quality_names": QUALITY, "prepared": prepared, "meta": meta,
-           "stage_times": stage_times, "params": params.resolved(), "pct": pct, "generator": generator}
+           "stage_times": stage_times, "params": params.resolved(), "pct": pct, "generator": generator,
+           "pseudo": pseudo}
     env = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"), autoescape=select_autoescape(["html.j2"]))
     paths.reports.mkdir(parents=True, exist_ok=True)
     with atomic_path(paths.reports / "figures", is_dir=True) as tmp:

@@ -6,10 +6,10 @@ the real validation split, then tested once on the real test split. Writes
 ``models/classifier/<variant>/seed<k>/`` (weights, metrics, config) and
 ``metrics/classifier/<variant>.json`` (per-seed metrics, mean, std, 95% CI) and
 ``metrics/classifier/<variant>/`` (each seed's validation accuracy and training loss, DVCLive logs).
+A variant with ``pseudo: true`` adds the pseudo-labeled pool (``data/pseudo/``) to the labeled images.
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -49,9 +49,7 @@ def load_synthetic(paths: Paths, source: str, class_names: list[str], like: torc
     summary = read_json(out / "summary.json", stage)
     check_made_from(out, summary.get("prepared_fingerprint"), prepared_fp, "train_generator, sample and filter")
     where = out / "dataset"
-    state = where / "state.json"  # datasets cannot load back a saved dataset with no rows
-    empty = state.exists() and not json.loads(state.read_text()).get("_data_files")
-    ds = None if empty else load_dataset_dir(where, stage)
+    ds = load_dataset_dir(where, stage)
     if ds is None or len(ds) == 0:
         raise DataError(f"{where}: the {source} dataset is empty, so variants that train on "
                           f"synthetic images have nothing to use. Loosen the filter (filter.min_confidence, "
@@ -80,13 +78,25 @@ def run(params: Params, paths: Paths, variant: str) -> dict:
     val_x, val_y, _ = load_split(paths, "val")
     k = len(class_names)
     check_input_size(cfg.arch, k, val_x.shape[1], val_x.shape[-1])
+    pseudo_fp, n_pseudo = None, 0
+    if spec.pseudo:  # the pseudo-labeled pool joins the labeled images (self-training)
+        pseudo = read_json(paths.pseudo / "summary.json", "pseudo_label")
+        check_made_from(paths.pseudo, pseudo.get("prepared_fingerprint"), prepared_fp, "pseudo_label")
+        ds = load_dataset_dir(paths.pseudo / "dataset", "pseudo_label")
+        if ds is None:
+            raise DataError(f"{paths.pseudo}: pseudo_label kept no pool image ({pseudo.get('headline')}), so variant "
+                            f"{variant!r} (pseudo: true) has nothing to add. Give prepare a pool or drop the variant.")
+        px, py = dataset_to_tensors(ds)
+        train_x, train_y, pseudo_fp, n_pseudo = torch.cat([train_x, px]), torch.cat([train_y, py]), \
+            pseudo.get("fingerprint"), len(px)
     synthetic, syn_path, syn_fp = None, None, None
     if spec.uses_synthetic:
         sx, sy, syn_path, syn_fp = load_synthetic(paths, spec.data, class_names, val_x, prepared_fp)
         synthetic = (sx, sy)
     seeds = [params.base.seed * 1000 + i for i in range(cfg.seeds)]
-    log.info("train_classifier %s: %s, %d real + %d synthetic training images, %d val, %d seeds x %d steps on %s",
-             variant, cfg.arch, len(train_x) if spec.real else 0, len(synthetic[0]) if synthetic else 0,
+    log.info("train_classifier %s: %s, %d real (%d of them pseudo-labeled) + %d synthetic training images, %d val, "
+             "%d seeds x %d steps on %s", variant, cfg.arch, len(train_x) if spec.real else 0, n_pseudo,
+             len(synthetic[0]) if synthetic else 0,
              len(val_x), len(seeds), cfg.steps, device)
     results, ratio, sweep = train_variant(cfg, spec, (train_x, train_y), (val_x, val_y), synthetic, seeds, device, k)
 
@@ -111,10 +121,10 @@ def run(params: Params, paths: Paths, variant: str) -> dict:
     common = {"variant": variant, "arch": cfg.arch, "pretrained": cfg.pretrained, "augment": spec.augment,
               "trains_on_real": spec.real, "synthetic_source": str(syn_path) if syn_path else None,
               "synthetic_ratio": ratio, "steps": cfg.steps, "batch_size": cfg.batch_size,
-              "n_train_real": len(train_x) if spec.real else 0,
+              "n_train_real": len(train_x) if spec.real else 0, "n_pseudo_labeled": n_pseudo,
               "n_synthetic": len(synthetic[0]) if synthetic else 0, "n_val": len(val_x), "n_test": len(test_y),
               "class_names": class_names,
-              "inputs": {"prepared": prepared_fp, "synthetic": syn_fp}}  # the report refuses to mix runs
+              "inputs": {"prepared": prepared_fp, "synthetic": syn_fp, "pseudo": pseudo_fp}}  # the report refuses to mix runs
     with atomic_path(paths.classifier / variant, is_dir=True) as tmp:
         for i, (model, m, hist) in enumerate(evaluated):
             d = tmp / f"seed{i}"

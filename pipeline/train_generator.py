@@ -2,7 +2,8 @@
 
 Kinds (pipeline/models/registry.py): unet and dit (class-conditional diffusion), cgan,
 datasetgan; their training loops live in ``pipeline.training``. Reads ``data/prepared/``
-(train; plus pool for ``init: pretrain`` and datasetgan) and writes ``models/generator/``:
+(train; plus pool for ``init: pretrain`` and datasetgan) and ``data/pseudo/`` (the pseudo-labeled
+pool, learned with the labeled images: ``train_generator.labels``) and writes ``models/generator/``:
 the weights of the kind (the diffusion kinds as a diffusers pipeline: ``model_index.json``,
 ``unet/`` or ``transformer/``, ``scheduler/``), ``generator.json`` (kind, what sample needs,
 fingerprint, params), ``dvclive/`` (the loss and lr of every step, for ``dvc plots show``) and
@@ -22,8 +23,8 @@ from pipeline.config import Params, Paths, resolve_device
 from pipeline.core.curves import CURVES, write_curves
 from pipeline.core.entrypoint import stage_main
 from pipeline.core.images import dataset_to_tensors, make_grid_image
-from pipeline.core.io import (atomic_path, check_writable, load_dataset_dir, read_json, save_png, sha256_file,
-                              write_json)
+from pipeline.core.io import (atomic_path, check_made_from, check_writable, load_dataset_dir, read_json, save_png,
+                              sha256_file, write_json)
 from pipeline.errors import ConfigError, DataError
 from pipeline.models.registry import GENERATOR_META
 from pipeline.training.checkpoint import config_hash
@@ -49,8 +50,21 @@ def load_train_data(params: Params, paths: Paths, device: str) -> TrainData:
         unlabeled = torch.cat([x, dataset_to_tensors(dd["pool"], label_column=None)[0]])
         unlabeled = unlabeled.to(device)
     val_x, val_y = dataset_to_tensors(dd["val"]) if "val" in dd else (None, None)
+    weights, n_pseudo = None, 0
+    if cfg.labels != "labeled" and cfg.kind != "datasetgan":  # datasetgan labels its own samples
+        pseudo = read_json(paths.pseudo / "summary.json", "pseudo_label")
+        check_made_from(paths.pseudo, pseudo.get("prepared_fingerprint"), summary.get("fingerprint"), "pseudo_label")
+        ds = load_dataset_dir(paths.pseudo / "dataset", "pseudo_label")
+        if ds is None and cfg.labels == "pseudo":
+            raise DataError(f"{paths.pseudo}: train_generator.labels is pseudo but pseudo_label kept no pool image "
+                            f"({pseudo.get('headline', 'no pool')}). Set prepare.unlabeled_pool > 0 or labels: auto.")
+        if ds is not None:  # labeled + pseudo-labeled pool, the labeled drawn labeled_weight times as often
+            px, py = dataset_to_tensors(ds)
+            n_pseudo = len(px)
+            weights = torch.cat([torch.full((len(x),), cfg.labeled_weight), torch.ones(n_pseudo)]).to(device)
+            x, y = torch.cat([x, px]), torch.cat([y, py])
     return TrainData(x.to(device), y.to(device), int(summary["num_classes"]), unlabeled,
-                     list(summary["class_names"]), val_x, val_y, summary.get("fingerprint"))
+                     list(summary["class_names"]), val_x, val_y, summary.get("fingerprint"), weights, n_pseudo)
 
 
 def run(params: Params, paths: Paths = Paths()) -> dict:
@@ -67,7 +81,8 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
                  "checkpoint_format": 2}  # 2: training.checkpoint (named objects); older files are not resumed
     if cfg.init not in ("scratch", "pretrain") and Path(cfg.init).exists():  # a changed init checkpoint is a new run
         run_facts["init_files"] = [sha256_file(p) for p in sorted(Path(cfg.init).rglob("*")) if p.is_file()]
-    chash = config_hash(hashed_config(cfg), params.base.seed, [data.images, data.labels, data.unlabeled], run_facts)
+    chash = config_hash(hashed_config(cfg), params.base.seed, [data.images, data.labels, data.unlabeled, data.weights],
+                        run_facts)
     fitted = fitter(cfg.kind)(params, data, accelerator, paths.generator_checkpoints, chash)
     meta = {}
     if accelerator.is_main_process:

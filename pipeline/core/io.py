@@ -95,9 +95,13 @@ def reading(path: str | os.PathLike, stage: str) -> Iterator[Path]:
 
 
 def load_dataset_dir(path: str | os.PathLike, stage: str):
-    """A dataset saved by ``stage`` (``datasets.load_from_disk``), checked as in ``reading``."""
+    """A dataset saved by ``stage`` (``datasets.load_from_disk``), checked as in ``reading``;
+    None for a saved dataset with no rows (``datasets`` cannot load those back)."""
     import datasets
 
+    state = Path(path) / "state.json"
+    if state.exists() and not json.loads(state.read_text()).get("_data_files"):
+        return None
     with reading(path, stage) as p:
         return datasets.load_from_disk(str(p))
 

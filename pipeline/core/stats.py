@@ -59,6 +59,17 @@ def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float 
             "p_value": p, "n": int(a.size), "confidence": confidence}
 
 
+def detectable_difference(std_diff: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float | None:
+    """Smallest true mean difference a two-sided paired t-test at ``alpha`` finds with probability
+    ``power``, given ``n`` pairs whose differences have standard deviation ``std_diff``."""
+    from scipy import stats
+
+    if n < 2 or std_diff is None or not np.isfinite(std_diff):
+        return None
+    df = n - 1
+    return float((stats.t.ppf(1 - alpha / 2, df) + stats.t.ppf(power, df)) * std_diff / math.sqrt(n))
+
+
 def confusion_matrix(pred, labels, num_classes: int) -> np.ndarray:
     """K x K counts; row = true class, column = predicted class."""
     pred, labels = _np(pred).astype(np.int64).ravel(), _np(labels).astype(np.int64).ravel()

@@ -71,3 +71,15 @@ def acceptance_summary(df: pd.DataFrame, class_names: list[str]) -> dict:
             "per_class": per_class,
             "rejected_by_first_reason": {r: int(rejected.get(r, 0)) for r in REASONS},
             "classes_without_accepted": [n for n, v in per_class.items() if v["generated"] and not v["accepted"]]}
+
+
+def confident_per_class(proba: torch.Tensor, threshold: float, per_class_cap: int) -> torch.Tensor:
+    """Indices (ascending) of rows whose top probability is at least ``threshold``, at most
+    ``per_class_cap`` per predicted class (0 = no cap), the most confident kept first."""
+    conf, pred = proba.max(1)
+    keep = []
+    for c in range(proba.shape[1]):
+        idx = torch.nonzero((pred == c) & (conf >= threshold)).flatten()
+        idx = idx[conf[idx].argsort(descending=True, stable=True)]
+        keep.append(idx[:per_class_cap] if per_class_cap else idx)
+    return torch.cat(keep).sort().values if keep else torch.zeros(0, dtype=torch.long)

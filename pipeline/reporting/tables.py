@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pipeline.core.stats import mean_ci, paired_difference
+from pipeline.config import VariantSpec
+from pipeline.core.stats import detectable_difference, mean_ci, paired_difference
 
-SYNTHETIC_VARIANTS = ("real+synthetic", "real+synthetic+classic")  # the ones that answer the question
 METRICS = ("accuracy", "macro_f1", "ece")
 
 
@@ -20,7 +20,9 @@ def variant_table(variants: dict[str, dict], baseline: str = "real") -> pd.DataF
     rows = []
     base = variants.get(baseline)
     for name, v in variants.items():
-        row = {"variant": name, "seeds": len(v["per_seed"]), "n_test": v.get("n_test")}
+        row = {"variant": name, "seeds": len(v["per_seed"]), "n_test": v.get("n_test"),
+               "val_accuracy": float(np.mean(list(seed_values(v, "best_val_accuracy").values()))),
+               "synthetic_ratio": v.get("synthetic_ratio")}
         for m in METRICS:
             ci = mean_ci(list(seed_values(v, m).values()))
             row.update({f"{m}": ci["mean"], f"{m}_low": ci["low"], f"{m}_high": ci["high"]})
@@ -37,37 +39,86 @@ def pct(x) -> str:
     return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{100 * x:.1f}"
 
 
-def verdict(table: pd.DataFrame) -> dict:
-    """The answer in one sentence, said plainly when synthetic data did not help."""
+def paired(variants: dict[str, dict], a: str, b: str) -> dict:
+    """Accuracy of ``a`` minus ``b``, paired by seed: mean, 95% interval, p."""
+    va, vb = seed_values(variants[a], "accuracy"), seed_values(variants[b], "accuracy")
+    common = sorted(set(va) & set(vb))
+    d = paired_difference([va[s] for s in common], [vb[s] for s in common])
+    return {"a": a, "b": b, "diff": d["mean_diff"], "low": d["low"], "high": d["high"], "p_value": d["p_value"],
+            "std_diff": d["std_diff"], "n": d["n"]}
+
+
+def _said(c: dict) -> str:
+    p = "n/a" if c["p_value"] is None else f"{c['p_value']:.2g}"
+    return (f"{c['a']} vs {c['b']}: {100 * c['diff']:+.1f} points [{100 * c['low']:+.1f}, {100 * c['high']:+.1f}], "
+            f"p={p}")
+
+
+def _find(specs: dict[str, VariantSpec], table: pd.DataFrame, *, synthetic: bool, pseudo: bool,
+          augment: str | None = None) -> str | None:
+    """The variant trained on real images with (or without) synthetic and pseudo-labeled ones;
+    of several, the same augmentation first, then the best on validation."""
+    names = [v for v, s in specs.items() if v in table.index and s.real and s.uses_synthetic == synthetic
+             and s.pseudo == pseudo]
+    names.sort(key=lambda v: (specs[v].augment != augment, -table.loc[v, "val_accuracy"]))
+    return names[0] if names else None
+
+
+def verdict(table: pd.DataFrame, variants: dict[str, dict], specs: dict[str, VariantSpec],
+            baseline: str = "real") -> dict:
+    """The answers in plain words, each with its paired interval: did synthetic data beat real
+    and classic augmentation, and did the generator add anything beyond using the pool directly.
+    The synthetic variant that answers is the best on validation, never chosen on test."""
     n_test = int(table["n_test"].dropna().iloc[0]) if table["n_test"].notna().any() else None
     seeds = int(table["seeds"].min())
-    best = str(table["accuracy"].idxmax())
-    candidates = [v for v in SYNTHETIC_VARIANTS if v in table.index and "diff" in table and pd.notna(table.loc[v, "diff"])]
-    out = {"best_variant": best, "n_test": n_test, "seeds": seeds, "helped": None}
-    if not candidates:
-        out["text"] = (f"No synthetic variant was trained, so this run cannot say whether synthetic data helps. "
-                       f"Best variant: {best} ({pct(table.loc[best, 'accuracy'])}% accuracy).")
+    best = str(table["val_accuracy"].idxmax())
+    out = {"best_variant": best, "n_test": n_test, "seeds": seeds, "helped": None, "comparisons": []}
+    tail = (f"Best variant on validation: {best} ({pct(table.loc[best, 'accuracy'])}% test accuracy; "
+            f"{seeds} seeds, N={n_test} real test images).")
+    syn = max((v for v, s in specs.items() if v in table.index and s.real and s.uses_synthetic),
+              key=lambda v: table.loc[v, "val_accuracy"], default=None)
+    if syn is None or baseline not in table.index:
+        out["text"] = f"No synthetic variant was compared with {baseline}, so this run cannot say whether synthetic data helps. {tail}"
         return out
-    syn = max(candidates, key=lambda v: table.loc[v, "diff"])
-    r = table.loc[syn]
-    helped = bool(r["diff_low"] > 0)
-    p = "n/a" if pd.isna(r["p_value"]) else f"{r['p_value']:.3g}"
-    gain = (f"{syn} vs real: {100 * r['diff']:+.1f} points accuracy (95% CI [{100 * r['diff_low']:+.1f}, "
-            f"{100 * r['diff_high']:+.1f}], paired t-test p={p}; {seeds} seeds, N={n_test} real test images)")
+    aug = specs[syn].augment
+    classic = _find(specs, table, synthetic=False, pseudo=False, augment="classic")
+    classic = classic if classic and specs[classic].augment == "classic" else None
+    pool = _find(specs, table, synthetic=False, pseudo=True, augment=aug)
+    pool_syn = _find(specs, table, synthetic=True, pseudo=True, augment=aug)
+    pairs = [(syn, baseline), (syn, classic), (classic, baseline), (syn, pool), (pool_syn, pool)]
+    cmp = {(a, b): paired(variants, a, b) for a, b in pairs if a and b and a != b}
+    r = cmp[(syn, baseline)]
+    above = {b: c["low"] > 0 for (a, b), c in cmp.items() if a == syn}
+    helped = bool(above[baseline] and above.get(classic, True))
+    what = f"real and classic augmentation ({classic})" if classic else "real"
     if helped:
-        text = f"Yes, synthetic data helped. {gain}."
-    elif r["diff"] > 0:
-        text = f"Not shown: synthetic data did not significantly help. {gain}; the interval includes zero."
+        text = f"Yes: synthetic data beat {what}. "
+    elif above[baseline]:
+        text = f"Partly: synthetic data beat real but not {classic}. "
     else:
-        text = f"No, synthetic data did not help. {gain}."
-    if "real+classic" in table.index:
-        classic = table.loc["real+classic", "accuracy"]
-        beats = table.loc[syn, "accuracy"] > classic
-        text += (f" Classic augmentation alone (real+classic) reaches {pct(classic)}%; the best synthetic variant "
-                 f"{'scores above' if beats else 'does not score above'} it (not tested for significance).")
-    text += f" Best variant overall: {best} ({pct(table.loc[best, 'accuracy'])}%)."
-    out.update({"helped": helped, "synthetic_variant": syn, "gain": float(r["diff"]),
-                "gain_low": float(r["diff_low"]), "gain_high": float(r["diff_high"]), "text": text})
+        text = f"No: synthetic data did not beat {what}{'; the interval includes zero' if r['diff'] > 0 else ''}. "
+    text += "; ".join(_said(cmp[k]) for k in ((syn, baseline), (syn, classic)) if k in cmp) + "."
+    if pool and (syn, pool) in cmp:
+        beyond = cmp.get((pool_syn, pool), cmp[(syn, pool)])
+        text += (f" Beyond using the pool directly (self-training, {pool}): the generator "
+                 f"{'added accuracy' if beyond['low'] > 0 else 'added nothing significant'}; "
+                 + "; ".join(_said(cmp[k]) for k in ((syn, pool), (pool_syn, pool)) if k in cmp and k[0] != k[1]) + ".")
+    if (classic, baseline) in cmp:
+        text += f" Classic augmentation alone: {_said(cmp[(classic, baseline)])}."
+    zero = [v for v, s in specs.items() if v in table.index and s.real and s.uses_synthetic
+            and table.loc[v, "synthetic_ratio"] == 0]
+    if zero:
+        text += (f" Validation chose no synthetic data for {', '.join(zero)}: "
+                 "those rows are the result without synthetic images.")
+    sds = [c["std_diff"] for c in cmp.values() if c["std_diff"] is not None]
+    mde = detectable_difference(float(np.sqrt(np.mean(np.square(sds)))), seeds) if sds else None
+    if mde is not None:
+        text += (f" Smallest difference this run can detect: {100 * mde:.1f} points (80% power, paired t-test at "
+                 f"5%, {seeds} seeds).")
+    text += f" {syn} is the synthetic variant best on validation. {tail}"
+    out.update({"helped": helped, "synthetic_variant": syn, "gain": float(r["diff"]), "gain_low": float(r["low"]),
+                "gain_high": float(r["high"]), "detectable_difference": mde, "text": text,
+                "comparisons": [{k: c[k] for k in ("a", "b", "diff", "low", "high", "p_value")} for c in cmp.values()]})
     return out
 
 

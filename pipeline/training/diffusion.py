@@ -65,9 +65,11 @@ def draw_batch(data: TrainData, cfg: TrainGeneratorConfig, step: int, rng: torch
     dev = data.images.device
     null = data.num_classes
     pretraining = cfg.init == "pretrain" and step < cfg.pretrain_steps
-    source = data.unlabeled if pretraining else data.images
-    idx = torch.randint(len(source), (cfg.batch_size,), generator=rng, device=dev)
-    x = to_unit(source[idx])
+    if pretraining:
+        idx = torch.randint(len(data.unlabeled), (cfg.batch_size,), generator=rng, device=dev)
+    else:
+        idx = data.draw(cfg.batch_size, rng)
+    x = to_unit((data.unlabeled if pretraining else data.images)[idx])
     if pretraining:
         labels = torch.full((cfg.batch_size,), null, dtype=torch.long, device=dev)
     else:

@@ -92,7 +92,7 @@ def diff_augment(x: torch.Tensor, policy: str, rng: torch.Generator) -> torch.Te
 
 def draw_real(data: TrainData, batch_size: int, hflip: bool, rng: torch.Generator):
     dev = data.images.device
-    idx = torch.randint(len(data.images), (batch_size,), generator=rng, device=dev)
+    idx = data.draw(batch_size, rng)
     x = to_unit(data.images[idx])
     if hflip:
         x = torch.where((torch.rand(batch_size, generator=rng, device=dev) < 0.5)[:, None, None, None], x.flip(-1), x)

@@ -34,6 +34,14 @@ class TrainData:
     val_images: torch.Tensor | None = None  # the val split (uint8, CPU), for kinds that score a labeler
     val_labels: torch.Tensor | None = None
     fingerprint: str | None = None  # of the prepared data (prepare's summary), recorded in generator.json
+    weights: torch.Tensor | None = None  # relative draw probability of each labeled image (None = uniform)
+    num_pseudo: int = 0  # how many of the labeled images are pseudo-labeled pool images (the last ones)
+
+    def draw(self, n: int, rng: torch.Generator) -> torch.Tensor:
+        """Indices of ``n`` labeled images, with replacement, by ``weights``."""
+        if self.weights is None:
+            return torch.randint(len(self.images), (n,), generator=rng, device=self.images.device)
+        return torch.multinomial(self.weights, n, replacement=True, generator=rng)
 
     @property
     def image_size(self) -> int:
@@ -68,7 +76,8 @@ def generator_meta(cfg: TrainGeneratorConfig, data: TrainData) -> dict:
     """The generator.json fields every kind has and its sample() relies on."""
     return {"kind": cfg.kind, "num_classes": data.num_classes, "class_names": data.class_names,
             "null_label": data.num_classes, "image_size": data.image_size, "channels": data.channels,
-            "prepared_fingerprint": data.fingerprint}
+            "prepared_fingerprint": data.fingerprint, "labels": "pseudo" if data.num_pseudo else "labeled",
+            "num_labeled": len(data.images) - data.num_pseudo, "num_pseudo_labeled": data.num_pseudo}
 
 
 def preview(generator: Generator, num_classes: int, per_class: int) -> torch.Tensor:

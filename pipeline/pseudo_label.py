@@ -1,0 +1,105 @@
+"""Stage 2, pseudo_label: label the unlabeled pool with a classifier of the labeled set (self-training).
+
+A timm classifier (``pseudo_label.arch``) trains on the labeled train split, is selected on val,
+and predicts every pool image; the confident ones (``threshold``), at most ``per_class_cap`` per
+class, keep their predicted class as a pseudo-label (DPT, You et al. 2023, step one). Writes
+``data/pseudo/``: ``dataset`` (image, label = pseudo-label, confidence), ``labeler.safetensors``
+and ``summary.json`` (kept per class and, where the pool's source labels are known, how many
+pseudo-labels are right: a diagnostic only, no stage trains on those labels). With no pool the
+dataset is empty and the generators learn from the labeled set alone.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from pipeline.config import Params, Paths, resolve_device
+from pipeline.core.entrypoint import stage_main
+from pipeline.core.images import class_names_of, dataset_to_tensors, tensors_to_dataset
+from pipeline.core.io import atomic_path, check_writable, fingerprint, load_dataset_dir, read_json, sha256_tensor, \
+    write_json
+from pipeline.errors import DataError
+from pipeline.models.classifier import build_model, check_input_size
+from pipeline.quality.selection import confident_per_class
+from pipeline.training.classifier import fit_classifier, predict_proba
+
+log = logging.getLogger(__name__)
+
+
+def run(params: Params, paths: Paths = Paths()) -> dict:
+    cfg, seed, t0 = params.pseudo_label, params.base.seed, time.time()
+    check_writable(paths.pseudo)
+    device = resolve_device(params.base)
+    prepared_fp = read_json(paths.prepared / "summary.json", "prepare").get("fingerprint")
+    dd = load_dataset_dir(paths.prepared / "dataset", "prepare")
+    class_names = class_names_of(dd["train"])
+    k = len(class_names)
+    (tx, ty), (vx, vy) = dataset_to_tensors(dd["train"]), dataset_to_tensors(dd["val"])
+    if "pool" in dd:
+        pool_x, hidden = dataset_to_tensors(dd["pool"], label_column="hidden_label")
+    else:
+        pool_x, hidden = torch.zeros(0, *tx.shape[1:], dtype=torch.uint8), None
+    summary = {"prepared_fingerprint": prepared_fp, "pool_size": len(pool_x), "threshold": cfg.threshold,
+               "per_class_cap": cfg.per_class_cap, "class_names": class_names}
+    keep = torch.zeros(0, dtype=torch.long)
+    proba = torch.zeros(0, k)
+    model = None
+    if len(pool_x):
+        check_input_size(cfg.arch, k, tx.shape[1], tx.shape[-1], key="pseudo_label.arch")
+        log.info("pseudo_label: training %s on %d labeled images (%d steps, %s), then labeling %d pool images",
+                 cfg.arch, len(tx), cfg.steps, cfg.augment, len(pool_x))
+        torch.manual_seed(seed)
+        model, hist = fit_classifier(build_model(cfg.arch, k, tx.shape[1]), tx, ty, vx, vy, steps=cfg.steps,
+                                     batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay, seed=seed,
+                                     device=device, augment=cfg.augment, eval_every=max(1, cfg.steps // 10))
+        proba = predict_proba(model, pool_x, 512, device)
+        keep = confident_per_class(proba, cfg.threshold, cfg.per_class_cap)
+        summary["labeler"] = {"arch": cfg.arch, "val_accuracy": hist["best_val_acc"], "best_step": hist["best_step"],
+                              "n_val": len(vy), "seconds": round(hist["seconds"], 1)}
+    else:
+        log.warning("pseudo_label: the prepared data has no pool split (prepare.unlabeled_pool = 0): no pseudo-labels")
+    conf, pred = (proba.max(1) if len(proba) else (torch.zeros(0), torch.zeros(0, dtype=torch.long)))
+    labels = pred[keep]
+    kept = np.bincount(labels.numpy(), minlength=k)
+    predicted = np.bincount(pred.numpy(), minlength=k)
+    summary.update(kept=int(len(keep)), kept_per_class=dict(zip(class_names, kept.tolist())),
+                   coverage_per_class={c: round(float(kept[i] / predicted[i]), 4) if predicted[i] else None
+                                       for i, c in enumerate(class_names)})
+    if hidden is not None and len(keep):  # how right the kept pseudo-labels are (diagnostic only)
+        right = (labels == hidden[keep]).numpy()
+        summary["pseudo_label_accuracy"] = round(float(right.mean()), 4)
+        summary["pseudo_label_accuracy_per_class"] = {
+            c: round(float(right[labels.numpy() == i].mean()), 4) if kept[i] else None for i, c in enumerate(class_names)}
+        summary["pool_accuracy_all"] = round(float((pred == hidden).float().mean()), 4)
+    if len(keep) == 0 and len(pool_x):
+        raise DataError(f"pseudo_label: no pool image reached confidence {cfg.threshold}; lower "
+                        "pseudo_label.threshold or train the labeler longer (pseudo_label.steps)")
+    x = pool_x[keep]
+    summary["fingerprint"] = fingerprint(prepared_fp, sha256_tensor(x), sha256_tensor(labels))
+    summary["seconds"] = round(time.time() - t0, 1)
+    summary["params"] = params.resolved()
+    summary["headline"] = (f"pseudo_label: kept {len(keep)} of {len(pool_x)} pool images at confidence >= "
+                           f"{cfg.threshold}" + (f", {summary['pseudo_label_accuracy']:.1%} of them labeled right "
+                                                 "(source labels, diagnostic)" if "pseudo_label_accuracy" in summary
+                                                 else ""))
+    with atomic_path(paths.pseudo, is_dir=True) as tmp:
+        tensors_to_dataset(x, labels, class_names, {"confidence": conf[keep].double()}).save_to_disk(
+            str(tmp / "dataset"))
+        if model is not None:
+            save_file({n: v.detach().cpu().contiguous() for n, v in model.state_dict().items()},
+                      str(tmp / "labeler.safetensors"), metadata={"arch": cfg.arch, "num_classes": str(k)})
+        write_json(tmp / "summary.json", summary)
+    log.info(summary["headline"])
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    stage_main("pseudo_label", run, argv)
+
+
+if __name__ == "__main__":
+    main()
