@@ -1,9 +1,6 @@
-"""Typed configuration: one pydantic model per stage, read from ``params.yaml``.
-
-Resolution order for every stage field: the class default, then the preset of
-``base.profile`` (``PROFILES``, from profiles.yaml), then what ``params.yaml`` says. Unknown keys
-and wrong types are errors that name the key and the file.
-"""
+"""Typed configuration: one pydantic model per stage, read from ``params.yaml``. Each field resolves to
+the class default, then the ``base.profile`` preset (profiles.yaml), then what params.yaml says; unknown
+keys and wrong types are errors that name the key and the file."""
 from __future__ import annotations
 
 import os
@@ -71,13 +68,9 @@ class DitConfig(_Section):
 
 
 class CganConfig(_Section):
-    """kind: cgan (DCGAN generator, projection discriminator with spectral norm, hinge loss).
-
-    Shared train_generator keys that apply: steps, batch_size, ema_decay (EMA of the
-    generator, the saved one), hflip, checkpoint_every, log_every, preview_per_class. The
-    diffusion keys (lr, lr_schedule, warmup_steps, weight_decay, grad_clip, init,
-    mixed_precision, ...) are ignored: learning rates are constant and set here.
-    """
+    """kind: cgan (DCGAN generator, projection discriminator with spectral norm, hinge loss). Shared keys
+    that apply: steps, batch_size, ema_decay, hflip, checkpoint_every, log_every, preview_per_class, labels;
+    the diffusion keys (lr, lr_schedule, warmup_steps, init, ...) are ignored: learning rates are set here."""
     z_dim: int = Field(64, ge=1)  # latent size
     g_channels: int = Field(64, ge=8)  # generator width at the lowest resolution (halved at each 2x upsampling)
     d_channels: int = Field(32, ge=8)  # discriminator width at half resolution (x2, x4 deeper)
@@ -123,7 +116,7 @@ class TrainGeneratorConfig(_Section):
     ema_decay: float = Field(0.999, ge=0, lt=1)  # EMA of weights (the saved, sampled weights)
     hflip: bool = False  # random horizontal flips (off: Fashion-MNIST shoes all face one way)
     checkpoint_every: int = Field(200, ge=1)  # steps between resumable checkpoints
-    mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # auto = bf16 on cuda
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # auto = bf16 on cuda and on CPUs with AMX / AVX512-BF16
     log_every: int = Field(25, ge=1)  # steps between progress log lines
     preview_per_class: int = Field(8, ge=0)  # images per class in samples.png (0 = none)
     dit: DitConfig = DitConfig()
@@ -208,19 +201,15 @@ class VariantSpec(_Section):
         return self
 
 
-def _v(data: str = "prepared", **kw) -> VariantSpec:
-    return VariantSpec(data=data, **kw)
-
-
 class TrainClassifierConfig(_Section):
     # name -> what it trains on. params.yaml is the one list of variants: dvc.yaml runs one
     # train_classifier stage per entry, the report shows them in this order.
-    variants: dict[str, VariantSpec] = {
-        "real": _v(), "real+classic": _v(augment="classic"), "real+pseudo+classic": _v(pseudo=True, augment="classic"),
-        "real+synthetic+classic": _v("filtered", augment="classic"),
-        "real+pseudo+synthetic+classic": _v("filtered", pseudo=True, augment="classic"),
-        "synthetic-only": _v("filtered", real=False),
-    }
+    variants: dict[str, VariantSpec] = {name: VariantSpec(data=data, **kw) for name, data, kw in (
+        ("real", "prepared", {}), ("real+classic", "prepared", {"augment": "classic"}),
+        ("real+pseudo+classic", "prepared", {"pseudo": True, "augment": "classic"}),
+        ("real+synthetic+classic", "filtered", {"augment": "classic"}),
+        ("real+pseudo+synthetic+classic", "filtered", {"pseudo": True, "augment": "classic"}),
+        ("synthetic-only", "filtered", {"real": False}))}
     arch: str = "resnet10t"  # any timm model name (timm.list_models())
     # None = from scratch | efficientnet-lite0 (ImageNet, arch tf_efficientnet_lite0) | a local .safetensors
     pretrained: Optional[Location] = None
@@ -251,15 +240,6 @@ class ReportConfig(_Section):
     grid_per_class: int = Field(8, ge=1)  # images per class in the report's grids
 
 
-STAGES = {
-    "prepare": PrepareConfig,
-    "pseudo_label": PseudoLabelConfig,
-    "train_generator": TrainGeneratorConfig,
-    "sample": SampleConfig,
-    "filter": FilterConfig,
-    "train_classifier": TrainClassifierConfig,
-    "report": ReportConfig,
-}
 
 
 
@@ -300,6 +280,9 @@ class Params(_Section):
     def resolved(self) -> dict:
         """Plain dict of every value in force (saved beside each output)."""
         return self.model_dump(mode="json")
+
+
+STAGES = {name: f.annotation for name, f in Params.model_fields.items() if name != "base"}  # stage -> its config
 
 
 def _allowed_keys(loc: tuple) -> list[str]:
@@ -370,9 +353,9 @@ def _deep_merge(base: dict, over: dict) -> dict:
 
 
 def params_from_dict(raw: dict | None, source: str = "<params>") -> Params:
-    raw = dict(raw or {})
-    if not isinstance(raw, dict):
+    if not isinstance(raw or {}, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    raw = dict(raw or {})
     base_raw = raw.get("base") or {}
     profile = base_raw.get("profile", BaseParams().profile) if isinstance(base_raw, dict) else "cpu"
     if profile not in PROFILES:

@@ -41,8 +41,8 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
     arrays["test"] = (test_x[split_idx["test"]], test_y[split_idx["test"]])
     if len(split_idx["pool"]):
         arrays["pool"] = (src.images[split_idx["pool"]], None)
-    dd = datasets.DatasetDict({name: build(x, y) for name, (x, y) in arrays.items()})
-    if "pool" in dd:  # diagnostics only (pseudo-label accuracy); no training step reads this column
+    dd = datasets.DatasetDict({name: build(x, y) for name, (x, y) in arrays.items() if name != "pool"})
+    if "pool" in arrays:  # its labels only for a diagnostic (pseudo-label accuracy); no training step reads them
         dd["pool"] = build(arrays["pool"][0], None, src.labels[split_idx["pool"]])
     # what later stages record they were made from (the report refuses to mix runs)
     data_fp = fingerprint({name: [sha256_tensor(x), None if y is None else sha256_tensor(y)]

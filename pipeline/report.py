@@ -126,6 +126,7 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
             stage_times[stage] = (facts.get("timing") or facts).get("seconds")
     stage_times["train_classifier"] = sum(r.get("seconds") or 0 for v in variants.values() for r in v["per_seed"]) or None
     metrics = {"headline": answer["text"], "helped": answer["helped"], "best_variant": answer["best_variant"],
+               "synthetic_variant": answer.get("synthetic_variant"),
                "generator_kind": generator.get("kind"),
                "n_test": answer["n_test"], "seeds": answer["seeds"],
                **({"gain": answer["gain"], "gain_ci95_low": answer["gain_low"], "gain_ci95_high": answer["gain_high"],

@@ -27,6 +27,7 @@ from pipeline.core.entrypoint import stage_main
 from pipeline.core.images import dataset_to_tensors, make_grid_image, tensors_to_dataset
 from pipeline.core.io import atomic_path, check_writable, fingerprint, read_json, save_dataset, save_png, write_json
 from pipeline.core.seeding import SEED_STRIDE, image_seed
+from pipeline.models.class_conditional import bf16_is_fast
 from pipeline.models.registry import load_generator
 from pipeline.models.sampling import generate, shard_range
 
@@ -124,6 +125,7 @@ def run(params: Params, paths: Paths = Paths(), shard_only: bool = False) -> dic
         "images_per_second": round(sum(t["images"] for t in timing) / seconds, 3) if seconds else None,
         "generation_seconds": round(seconds, 2), "timing": {"seconds": round(seconds, 1)}, "shards": timing, "num_shards": cfg.num_shards,
         "device": device, "batch_size": batch_size, "sampler": cfg.sampler,
+        "precision": "bf16 autocast" if bf16_is_fast(device) and meta["kind"] in ("unet", "dit") else "fp32",
         "num_inference_steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale,
         "generator": meta["fingerprint"], "generator_kind": meta["kind"], "image_size": meta["image_size"],
         "channels": meta["channels"], "prepared_fingerprint": meta.get("prepared_fingerprint"),

@@ -26,6 +26,7 @@ from pipeline.core.images import dataset_to_tensors, make_grid_image
 from pipeline.core.io import (atomic_path, check_made_from, check_writable, load_dataset_dir, read_json, save_png,
                               sha256_file, write_json)
 from pipeline.errors import ConfigError, DataError
+from pipeline.models.class_conditional import bf16_is_fast
 from pipeline.models.registry import GENERATOR_META
 from pipeline.training.checkpoint import config_hash
 from pipeline.training.generator import TrainData, fitter, generator_meta, hashed_config, preview
@@ -51,7 +52,10 @@ def load_train_data(params: Params, paths: Paths, device: str) -> TrainData:
         unlabeled = unlabeled.to(device)
     val_x, val_y = dataset_to_tensors(dd["val"]) if "val" in dd else (None, None)
     weights, n_pseudo = None, 0
-    if cfg.labels != "labeled" and cfg.kind != "datasetgan":  # datasetgan labels its own samples
+    if cfg.kind == "datasetgan" and cfg.labels == "pseudo":
+        raise ConfigError("train_generator.labels: pseudo does not apply to kind datasetgan (its interpreter labels "
+                          "its own samples); use labels: auto or labeled")
+    if cfg.labels != "labeled" and cfg.kind != "datasetgan":
         pseudo = read_json(paths.pseudo / "summary.json", "pseudo_label")
         check_made_from(paths.pseudo, pseudo.get("prepared_fingerprint"), summary.get("fingerprint"), "pseudo_label")
         ds = load_dataset_dir(paths.pseudo / "dataset", "pseudo_label")
@@ -73,7 +77,7 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
     cfg = params.train_generator
     check_writable(paths.generator, paths.generator_checkpoints)
     device = resolve_device(params.base)
-    mp = "bf16" if cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device == "cuda") else "no"
+    mp = "bf16" if cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and bf16_is_fast(device)) else "no"
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision=mp)
     data = load_train_data(params, paths, str(accelerator.device))
     torch.manual_seed(params.base.seed)  # the initial weights, so the same seed gives the same run

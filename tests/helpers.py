@@ -58,17 +58,35 @@ def toy_images(n_per_class: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.tensor([0] * n_per_class + [1] * n_per_class)
 
 
-def make_prepared(root, pool: bool = True) -> None:
-    """``data/prepared`` under ``root`` with the toy images in every split (+ a pool)."""
+def make_prepared(root, pool: bool = True, hidden: bool = False, pseudo: bool = True) -> None:
+    """``data/prepared`` under ``root`` with the toy images in every split (+ a pool: the toy images
+    and their mirror images; ``hidden``: with their source labels in ``hidden_label``, as prepare
+    writes it) and, with ``pseudo``, an empty ``data/pseudo`` (no pseudo-labels: the generators
+    learn from the labeled images alone)."""
     x, y = toy_images()
     dd = {"train": tensors_to_dataset(x, y, ["left", "right"]), "val": tensors_to_dataset(x, y, ["left", "right"]),
           "test": tensors_to_dataset(x, y, ["left", "right"])}
     if pool:
-        dd["pool"] = tensors_to_dataset(torch.cat([x, x.flip(-1)]), None, None)
+        dd["pool"] = tensors_to_dataset(torch.cat([x, x.flip(-1)]), None, None,
+                                        {"hidden_label": torch.cat([y, y])} if hidden else None)
     prepared = Paths(root=root).prepared
     datasets.DatasetDict(dd).save_to_disk(str(prepared / "dataset"))
     write_json(prepared / "summary.json", {"class_names": ["left", "right"], "num_classes": 2,
                                            "image_size": SIZE, "channels": 1})
+    if pseudo:
+        make_pseudo(root)
+
+
+def make_pseudo(root, x: torch.Tensor | None = None, y: torch.Tensor | None = None,
+                prepared_fingerprint: str | None = None, class_names=("left", "right")) -> None:
+    """``data/pseudo`` under ``root`` as pseudo_label writes it: pool images ``x`` with pseudo-labels
+    ``y`` (none by default), made from the prepared data of ``prepared_fingerprint`` (make_prepared's: None)."""
+    if x is None:
+        x, y = torch.zeros(0, 1, SIZE, SIZE, dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
+    pseudo = Paths(root=root).pseudo
+    tensors_to_dataset(x, y, list(class_names), {"confidence": [0.99] * len(x)}).save_to_disk(str(pseudo / "dataset"))
+    write_json(pseudo / "summary.json", {"prepared_fingerprint": prepared_fingerprint, "fingerprint": f"pseudo{len(x)}",
+                                         "kept": len(x), "headline": f"pseudo_label: kept {len(x)} pool images"})
 
 
 def tiny_params(**train):

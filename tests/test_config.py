@@ -39,6 +39,8 @@ def test_wrong_type_names_key(tmp_path):
 @pytest.mark.parametrize("key,value", [
     ("sample.per_class", -1), ("sample.guidance_scale", -0.5), ("prepare.labeled_per_class", 0),
     ("base.device", "tpu"), ("prepare.channels", 2), ("base.profile", "huge"), ("sample.shard_index", 1),
+    ("pseudo_label.threshold", 1.5), ("pseudo_label.per_class_cap", -1), ("train_generator.labels", "pool"),
+    ("train_generator.labeled_weight", 0),
 ])
 def test_out_of_range_values_rejected(tmp_path, key, value):
     section, leaf = key.split(".")
@@ -87,7 +89,9 @@ def test_variants_are_named_specs_with_required_data(tmp_path):
     repo = load_params("params.yaml").train_classifier.variants
     assert repo["real"].data == "prepared" and repo["real"].real and repo["real+classic"].augment == "classic"
     assert repo["synthetic-only"].data == "filtered" and not repo["synthetic-only"].real
-    assert repo["real+synthetic-unfiltered"].data == "synthetic"
+    assert not repo["real"].pseudo and not repo["synthetic-only"].pseudo
+    assert repo["real+pseudo+classic"].pseudo and repo["real+pseudo+classic"].data == "prepared"
+    assert repo["real+pseudo+synthetic+classic"].pseudo and repo["real+pseudo+synthetic+classic"].uses_synthetic
 
 
 def test_unknown_key_inside_a_variant_names_key_and_allowed(tmp_path):
@@ -104,6 +108,9 @@ def test_unknown_key_inside_a_variant_names_key_and_allowed(tmp_path):
     ({"real": {"data": "augmented"}}, r"train_classifier\.variants\.real\.data.*'prepared', 'filtered' or 'synthetic'"),
     ({}, r"train_classifier.*variants is empty"),
     ({"cas": {"data": "prepared", "real": False}}, r"train_classifier\.variants\.cas.*real: false.*filtered or synthetic"),
+    # pseudo-labeled pool images are real images: a synthetic-only variant cannot add them
+    ({"cas": {"data": "filtered", "real": False, "pseudo": True}},
+     r"train_classifier\.variants\.cas.*real: false.*no pseudo: true"),
 ])
 def test_bad_variants_refused(tmp_path, variants, match):
     with pytest.raises(ConfigError, match=match):

@@ -9,9 +9,18 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline import STAGE_ORDER
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-STAGES = ("prepare", "train_generator", "sample", "filter", "train_classifier", "report")
+STAGES = ("prepare", "pseudo_label", "train_generator", "sample", "filter", "train_classifier", "report")
+
+
+def test_every_stage_is_checked_and_dvc_runs_them_in_order():
+    assert STAGES == STAGE_ORDER
+    names = list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
+    assert [n for n in names if n in STAGES] == list(STAGES)
+    assert "data/pseudo" in stage_deps("train_generator")  # the generator learns from the pseudo-labels
 
 
 def test_import_layers_contract_is_kept():
@@ -54,7 +63,8 @@ def test_dvc_deps_cover_every_module_the_stage_imports(stage):
 
 def test_editing_the_judges_training_code_marks_filter_changed(tmp_path):
     """After a run is recorded (dvc commit), an edit to classifier fitting (which trains the
-    filter's judge) makes dvc re-run filter and the classifiers, not the stages before them."""
+    pseudo-labeler and the filter's judge) makes dvc re-run pseudo_label, filter and the
+    classifiers, not prepare, sample or report."""
     for name in ("pipeline", "flows", "dvc.yaml", "prefect.toml"):
         src = ROOT / name
         (shutil.copytree(src, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
@@ -65,7 +75,7 @@ def test_editing_the_judges_training_code_marks_filter_changed(tmp_path):
     params["prepare"]["path"] = "source"
     params["train_classifier"]["variants"] = {"real": {"data": "prepared"}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    for out in ("data/prepared", "models/generator", "models/generator_checkpoints", "data/synthetic",
+    for out in ("data/prepared", "data/pseudo", "models/generator", "models/generator_checkpoints", "data/synthetic",
                 "data/synthetic_shards", "data/filtered", "data/cache", "models/classifier/real",
                 "metrics/classifier/real/plots/metrics", "reports/figures", "reports/plots"):
         (tmp_path / out).mkdir(parents=True)
@@ -86,5 +96,5 @@ def test_editing_the_judges_training_code_marks_filter_changed(tmp_path):
     with open(tmp_path / "pipeline" / "training" / "classifier.py", "a") as f:
         f.write("\n# an edit to classifier fitting\n")
     changed = set(json.loads(dvc("status", "--json").stdout))
-    assert {"filter", "train_classifier@real"} <= changed
+    assert {"pseudo_label", "filter", "train_classifier@real"} <= changed
     assert not changed & {"prepare", "sample", "report"}, changed

@@ -98,7 +98,7 @@ def test_dvc_repro_end_to_end_then_cached_then_partial(tmp_path, tiny_data, pref
     e = env(**prefect_server)
     first = run(["dvc", "repro"], proj, env=e)
     stages = ran_stages(first.stdout)
-    assert {"prepare", "train_generator", "sample", "filter", "report", "train_classifier@real"} <= stages
+    assert {"prepare", "pseudo_label", "train_generator", "sample", "filter", "report", "train_classifier@real"} <= stages
     html = (proj / "reports/report.html").read_text()
     assert "synthetic data" in html and "data:image/png;base64," in html
     metrics = json.loads((proj / "reports/metrics.json").read_text())

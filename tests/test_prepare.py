@@ -178,3 +178,22 @@ def test_sixteen_bit_scaled_not_clipped(tmp_path):
     Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16)).save(path)
     arr = sources.load_image_file(path, prepare_params("imagefolder", tmp_path).prepare)
     assert arr.max() == 255 and arr.shape == (8, 8, 1)
+
+
+def test_pool_keeps_its_source_labels_in_hidden_label_only(tmp_path):
+    """The pool is unlabeled for training; its source labels ride along in ``hidden_label`` (for
+    pseudo_label's accuracy diagnostic), and no labeled split has that column."""
+    src = make_idx_dir(tmp_path / "fm", n_train=90)
+    prepare.run(prepare_params("fashion-mnist", src, unlabeled_pool=30), Paths(root=tmp_path))
+    dd = datasets.load_from_disk(str(tmp_path / "data/prepared/dataset"))
+    assert dd["pool"].column_names == ["image", "hidden_label"]  # no "label": nothing trains on it
+    assert all("hidden_label" not in dd[s].column_names for s in ("train", "val", "test"))
+    source = sources.read_fashion_mnist(prepare_params("fashion-mnist", src).prepare)
+    label_of = {source.images[i].tobytes(): int(source.labels[i]) for i in range(len(source.images))}
+    pool = [np.asarray(im).tobytes() for im in dd["pool"]["image"]]
+    assert len(pool) == 30 and all(b in label_of for b in pool)
+    assert dd["pool"]["hidden_label"] == [label_of[b] for b in pool]
+    assert len(set(dd["pool"]["hidden_label"])) == 3  # every class, not a constant
+    # the same pool rows make_splits picks, in the same order
+    split, _ = make_splits(source, prepare_params("fashion-mnist", src, unlabeled_pool=30).prepare, seed=0)
+    assert dd["pool"]["hidden_label"] == source.labels[split["pool"]].tolist()

@@ -75,10 +75,29 @@ def test_prepare_is_deterministic_given_the_seed(tmp_path):
     for root in ("a", "b"):
         prepare.run(prepare_params("fashion-mnist", src, unlabeled_pool=10), Paths(root=tmp_path / root))
         dd = load_dataset_dir(Paths(root=tmp_path / root).prepared / "dataset", "prepare")
-        outs.append({s: dataset_to_tensors(dd[s], label_column="label" if s != "pool" else None) for s in dd})
+        outs.append({s: dataset_to_tensors(dd[s], label_column="label" if s != "pool" else "hidden_label") for s in dd})
+    assert set(outs[0]) == {"train", "val", "test", "pool"}
     for split, (x, y) in outs[0].items():
         x2, y2 = outs[1][split]
-        assert torch.equal(x, x2) and (y is None or torch.equal(y, y2))
+        assert torch.equal(x, x2) and torch.equal(y, y2)  # the pool's hidden labels too
+
+
+def test_pseudo_label_is_deterministic_given_the_seed(tmp_path):
+    from pipeline import pseudo_label
+    from pipeline.config import params_from_dict
+
+    params = params_from_dict({"base": {"profile": "micro", "device": "cpu", "seed": 2},
+                               "pseudo_label": {"steps": 3, "batch_size": 8, "per_class_cap": 6}})
+    outs = []
+    for root in ("a", "b"):
+        make_prepared(tmp_path / root, hidden=True, pseudo=False)
+        paths = Paths(root=tmp_path / root)
+        summary = pseudo_label.run(params, paths)
+        x, y = dataset_to_tensors(load_dataset_dir(paths.pseudo / "dataset", "pseudo_label"))
+        outs.append((summary, x, y, load_file(str(paths.pseudo / "labeler.safetensors"))))
+    (s1, x1, y1, w1), (s2, x2, y2, w2) = outs
+    assert s1["kept"] > 0 and s1["fingerprint"] == s2["fingerprint"]
+    assert torch.equal(x1, x2) and torch.equal(y1, y2) and all(torch.equal(w1[k], w2[k]) for k in w1)
 
 
 def test_downstream_stage_without_its_input_says_what_to_run(tmp_path):

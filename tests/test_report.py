@@ -9,38 +9,143 @@ import pytest
 import torch
 
 from pipeline import report
-from pipeline.config import Paths, params_from_dict
+from pipeline.config import Paths, TrainClassifierConfig, VariantSpec, params_from_dict
 from pipeline.core.curves import CURVES, write_curves
 from pipeline.core.images import tensors_to_dataset
 from pipeline.core.io import save_dataset, write_json
+from pipeline.core.stats import detectable_difference
 from pipeline.errors import DataError
 from pipeline.reporting.tables import quality_rows, variant_table, verdict
 
 NAMES = ["a", "b"]
-PREPARED_FP, FILTERED_FP = "p" * 64, "f" * 64
+PREPARED_FP, FILTERED_FP, PSEUDO_FP = "p" * 64, "f" * 64, "s" * 64
+# the default variants (real, real+classic, real+pseudo+classic, real+synthetic+classic,
+# real+pseudo+synthetic+classic, synthetic-only) and one synthetic variant without classic augmentation
+SPECS = {**TrainClassifierConfig().variants, "real+synthetic": VariantSpec(data="filtered")}
 
 
-def variant(accs, per_class=None, synthetic=None):
-    return {"n_test": 200, "inputs": {"prepared": PREPARED_FP, "synthetic": synthetic}, "per_seed": [
-        {"seed": s, "accuracy": a, "macro_f1": a - 0.01, "ece": 0.05, "seconds": 1.0,
-         "per_class_accuracy": dict(zip(NAMES, per_class or [a, a]))} for s, a in enumerate(accs)]}
+def variant(accs, per_class=None, synthetic=None, val=None, ratio=None, pseudo=None, names=NAMES):
+    """Metrics as train_classifier writes them; ``val`` = each seed's best validation accuracy
+    (default: the test accuracy), ``ratio`` = the synthetic share chosen on validation."""
+    val = val or accs
+    return {"n_test": 200, "synthetic_ratio": (0.25 if synthetic else 0.0) if ratio is None else ratio,
+            "inputs": {"prepared": PREPARED_FP, "synthetic": synthetic, "pseudo": pseudo}, "per_seed": [
+                {"seed": s, "accuracy": a, "best_val_accuracy": v, "macro_f1": a - 0.01, "ece": 0.05, "seconds": 1.0,
+                 "per_class_accuracy": dict(zip(names, per_class or [a, a]))} for s, (a, v) in enumerate(zip(accs, val))]}
+
+
+def syn(accs, **kw):
+    """A variant trained with the filtered synthetic set (share 0.25 unless ``ratio`` says otherwise)."""
+    return variant(accs, synthetic=FILTERED_FP, **kw)
 
 
 def table(**variants):
     return variant_table(variants)
 
 
-def test_verdict_says_helped_only_when_interval_above_zero():
-    t = table(real=variant([0.80, 0.81, 0.82]), **{"real+synthetic": variant([0.85, 0.87, 0.86])})
-    v = verdict(t)
-    assert v["helped"] is True and v["text"].startswith("Yes") and "N=200" in v["text"] and "3 seeds" in v["text"]
-    assert v["gain"] == pytest.approx(0.05)
-    t = table(real=variant([0.80, 0.81, 0.82]), **{"real+synthetic": variant([0.79, 0.83, 0.815])})
-    assert verdict(t)["helped"] is False and "includes zero" in verdict(t)["text"]
-    t = table(real=variant([0.80, 0.81, 0.82]), **{"real+synthetic": variant([0.70, 0.71, 0.73])},
-              **{"real+classic": variant([0.83, 0.84, 0.85])})
-    text = verdict(t)["text"]
-    assert text.startswith("No, synthetic data did not help") and "does not score above" in text and "real+classic" in text
+def judge(**variants):
+    return verdict(variant_table(variants), variants, SPECS)
+
+
+REAL, CLASSIC = [0.80, 0.81, 0.82], [0.81, 0.82, 0.83]
+
+
+def test_verdict_says_helped_only_when_it_beats_real_and_classic_with_intervals_above_zero():
+    v = judge(real=variant(REAL), **{"real+classic": variant(CLASSIC),
+                                     "real+synthetic+classic": syn([0.85, 0.87, 0.86])})
+    assert v["helped"] is True and v["synthetic_variant"] == "real+synthetic+classic"
+    assert v["text"].startswith("Yes: real+synthetic+classic (the synthetic variant best on validation) beat real and classic augmentation (real+classic)")
+    assert "N=200" in v["text"] and "3 seeds" in v["text"]
+    assert v["gain"] == pytest.approx(0.05) and v["gain_low"] > 0
+    pairs = {(c["a"], c["b"]): c for c in v["comparisons"]}
+    assert set(pairs) == {("real+synthetic+classic", "real"), ("real+synthetic+classic", "real+classic"),
+                          ("real+classic", "real")}
+    assert pairs[("real+synthetic+classic", "real+classic")]["diff"] == pytest.approx(0.04)
+    assert pairs[("real+classic", "real")]["diff"] == pytest.approx(0.01)
+    assert "Classic augmentation alone: real+classic vs real: +1.0 points" in v["text"]
+    assert "Validation chose no synthetic data" not in v["text"]  # it chose a share of 0.25
+    # above real (interval > 0) but not above classic augmentation: not a yes
+    v = judge(real=variant(REAL), **{"real+classic": variant([0.84, 0.86, 0.85]),
+                                     "real+synthetic+classic": syn([0.85, 0.86, 0.86])})
+    assert v["gain_low"] > 0 and v["helped"] is False
+    assert v["text"].startswith("Partly: real+synthetic+classic (the synthetic variant best on validation) beat real but not real+classic")
+    # the interval against real includes zero
+    v = judge(real=variant(REAL), **{"real+classic": variant(CLASSIC),
+                                     "real+synthetic+classic": syn([0.79, 0.83, 0.815])})
+    assert v["helped"] is False and v["gain"] > 0 and v["gain_low"] < 0
+    assert v["text"].startswith("No: real+synthetic+classic (the synthetic variant best on validation) did not beat real and classic") and "includes zero" in v["text"]
+    v = judge(real=variant(REAL), **{"real+classic": variant(CLASSIC),
+                                     "real+synthetic+classic": syn([0.70, 0.71, 0.73])})
+    assert v["helped"] is False and "includes zero" not in v["text"] and v["text"].startswith("No:")
+    # without a classic variant the question is real alone
+    v = judge(real=variant(REAL), **{"real+synthetic+classic": syn([0.85, 0.87, 0.86])})
+    assert v["helped"] is True and v["text"].startswith("Yes: real+synthetic+classic (the synthetic variant best on validation) beat real. ")
+    assert "Classic augmentation alone" not in v["text"]
+
+
+def test_verdict_answers_with_the_synthetic_variant_best_on_validation_not_on_test():
+    # real+synthetic is best on test but worse on validation: real+synthetic+classic answers (and did not help)
+    v = judge(real=variant(REAL), **{"real+classic": variant(CLASSIC),
+                                     "real+synthetic": syn([0.90, 0.91, 0.92], val=[0.70, 0.70, 0.70]),
+                                     "real+synthetic+classic": syn([0.80, 0.815, 0.82], val=[0.9, 0.9, 0.9])})
+    assert v["synthetic_variant"] == "real+synthetic+classic" and v["helped"] is False
+    assert v["best_variant"] == "real+synthetic+classic"  # best on validation, not real+synthetic (best on test)
+    assert v["text"].startswith("No: real+synthetic+classic (the synthetic variant best on validation)")
+    t = variant_table({"real+synthetic": syn([0.9, 0.8], val=[0.6, 0.7])})
+    assert t.loc["real+synthetic", "val_accuracy"] == pytest.approx(0.65)  # mean of the seeds' best val accuracy
+
+
+def test_verdict_says_what_the_generator_adds_beyond_the_pool():
+    base = {"real": variant(REAL), "real+classic": variant(CLASSIC),
+            "real+pseudo+classic": variant([0.84, 0.85, 0.86]), "real+synthetic+classic": syn([0.85, 0.86, 0.85])}
+    better = judge(**base, **{"real+pseudo+synthetic+classic": syn([0.88, 0.89, 0.89], val=[0.95] * 3)})
+    assert better["synthetic_variant"] == "real+pseudo+synthetic+classic" and better["generator_beyond_pool"] is True
+    assert better["text"].startswith("Yes: real+pseudo+synthetic+classic (the synthetic variant best on validation; "
+                                     "it also uses the pseudo-labeled pool) beat")
+    assert better["text"].count("real+pseudo+synthetic+classic vs real+pseudo+classic") == 1  # said once
+    assert "Beyond using the pool directly (self-training, real+pseudo+classic): the generator added accuracy" \
+        in better["text"]
+    pairs = {(c["a"], c["b"]): c for c in better["comparisons"]}
+    assert pairs[("real+pseudo+synthetic+classic", "real+pseudo+classic")]["diff"] == pytest.approx(0.0367, abs=1e-4)
+    assert pairs[("real+pseudo+synthetic+classic", "real+pseudo+classic")]["low"] > 0
+    same = judge(**base, **{"real+pseudo+synthetic+classic": syn([0.84, 0.86, 0.85], val=[0.95] * 3)})
+    assert "the generator added nothing significant" in same["text"] and same["generator_beyond_pool"] is False
+    # the synthetic variant without pseudo-labels is still compared with the pool (and the pool + generator)
+    plain = judge(**base, **{"real+pseudo+synthetic+classic": syn([0.88, 0.89, 0.89], val=[0.5] * 3)})
+    assert plain["synthetic_variant"] == "real+synthetic+classic"
+    pairs = {(c["a"], c["b"]) for c in plain["comparisons"]}
+    assert {("real+synthetic+classic", "real+pseudo+classic"),
+            ("real+pseudo+synthetic+classic", "real+pseudo+classic")} <= pairs
+    assert "the generator added accuracy" in plain["text"]  # the pool + generator row answers "beyond"
+    assert "Beyond using the pool" not in judge(**{k: base[k] for k in ("real", "real+classic",
+                                                                         "real+synthetic+classic")})["text"]
+
+
+def test_verdict_says_when_validation_chose_no_synthetic_data():
+    v = judge(real=variant(REAL), **{"real+classic": variant(CLASSIC),
+                                     "real+synthetic+classic": syn([0.82, 0.83, 0.84], ratio=0.0)})
+    assert "Validation chose no synthetic data for real+synthetic+classic" in v["text"]
+    assert variant_table({"real+synthetic+classic": syn([0.8], ratio=0.0)}).loc["real+synthetic+classic",
+                                                                                  "synthetic_ratio"] == 0.0
+    v = judge(real=variant(REAL), **{"real+classic": variant(CLASSIC),
+                                     "real+synthetic+classic": syn([0.82, 0.83, 0.84], ratio=0.5)})
+    assert "Validation chose no synthetic data" not in v["text"]
+
+
+def test_verdict_smallest_detectable_difference_pools_the_comparisons():
+    v = judge(real=variant(REAL), **{"real+classic": variant([0.81, 0.83, 0.83]),
+                                     "real+synthetic+classic": syn([0.85, 0.87, 0.86])})
+    sds = [np.std(np.subtract(a, b), ddof=1) for a, b in (([0.85, 0.87, 0.86], REAL), ([0.85, 0.87, 0.86], [0.81, 0.83, 0.83]),
+                                                          ([0.81, 0.83, 0.83], REAL))]
+    expected = detectable_difference(float(np.sqrt(np.mean(np.square(sds)))), 3)
+    assert v["detectable_difference"] == pytest.approx(expected) and expected > 0
+    assert f"Smallest difference this run can detect: {100 * expected:.1f} points" in v["text"]
+
+
+def test_verdict_without_a_synthetic_variant_cannot_answer():
+    v = judge(real=variant(REAL), **{"real+classic": variant(CLASSIC, val=[0.9] * 3)})
+    assert v["helped"] is None and v["comparisons"] == [] and "gain" not in v
+    assert v["text"].startswith("No synthetic variant was compared with real") and v["best_variant"] == "real+classic"
 
 
 def test_paired_difference_in_table_matches_seedwise_mean():
@@ -85,10 +190,17 @@ def fake_run(root, names=NAMES):
     write_json(paths.generator / "generator.json", {"kind": "datasetgan", "num_parameters": 1_234_000, "steps": 50,
                                                     "timing": {"seconds": 12.0}, "device": "cpu",
                                                     "interpreter_val_accuracy": 0.75, "interpreter_val_n": 8})
+    write_json(paths.pseudo / "summary.json", {
+        "fingerprint": PSEUDO_FP, "prepared_fingerprint": PREPARED_FP, "pool_size": 20, "threshold": 0.9, "kept": 12,
+        "kept_per_class": dict(zip(names, [7, 5])), "coverage_per_class": dict(zip(names, [0.7, 0.5])),
+        "pseudo_label_accuracy": 0.75, "pseudo_label_accuracy_per_class": dict(zip(names, [0.8571, 0.6])),
+        "labeler": {"arch": "test_resnet", "val_accuracy": 0.6, "best_step": 10, "n_val": 8, "seconds": 2.0},
+        "headline": "pseudo_label: kept 12 of 20 pool images at confidence >= 0.9", "seconds": 3.0})
     for name, accs in {"real": [0.7, 0.72, 0.71], "real+classic": [0.73, 0.74, 0.72],
-                       "real+synthetic": [0.78, 0.79, 0.80]}.items():
+                       "real+pseudo+classic": [0.74, 0.75, 0.74], "real+synthetic+classic": [0.78, 0.79, 0.80]}.items():
         write_json(paths.classifier_metrics / f"{name}.json",
-                   variant(accs, per_class=[accs[0], accs[1]], synthetic=FILTERED_FP if "synthetic" in name else None))
+                   variant(accs, per_class=[accs[0], accs[1]], synthetic=FILTERED_FP if "synthetic" in name else None,
+                           pseudo=PSEUDO_FP if "pseudo" in name else None, names=names))
     return paths
 
 
@@ -96,8 +208,9 @@ def test_report_stage_writes_everything(tmp_path):
     paths = fake_run(tmp_path)
     out = report.run(params_from_dict({"base": {"profile": "micro"}}), paths)
     html = (paths.reports / "report.html").read_text()
-    assert out["headline"].startswith("Yes, synthetic data helped")
-    assert out["headline"] in html.replace("&#39;", "'") or "Yes, synthetic data helped" in html
+    assert out["headline"].startswith("Yes: real+synthetic+classic (the synthetic variant best on validation) beat real and classic augmentation (real+classic)")
+    assert "Beyond using the pool directly (self-training, real+pseudo+classic)" in out["headline"]
+    assert out["headline"] in html.replace("&#39;", "'").replace("&gt;", ">") or "beat real and classic augmentation" in html
     assert html.count("data:image/png;base64,") >= 8 and "http://" not in html and "https://" not in html
     assert "low_confidence x1" in html and "not used" in html
     metrics = json.loads((paths.reports / "metrics.json").read_text())
@@ -105,22 +218,35 @@ def test_report_stage_writes_everything(tmp_path):
     assert (paths.reports / "plots/per_class_gain.csv").exists() and (paths.reports / "figures/variants.png").exists()
     assert (paths.reports / "figures/generator_loss.png").exists()  # the generator's DVCLive loss curve
     assert len(pd.read_csv(paths.reports / "plots/generator_loss.csv")) == 50
-    assert "| real+synthetic |" in (paths.reports / "report.md").read_text()
+    md = (paths.reports / "report.md").read_text()
+    assert "| real+synthetic+classic |" in md and "| real+synthetic+classic vs real+classic |" in md
+    assert metrics["synthetic_variant"] == "real+synthetic+classic" and metrics["detectable_difference"] > 0
+    assert {(c["a"], c["b"]) for c in metrics["comparisons"]} == {
+        ("real+synthetic+classic", "real"), ("real+synthetic+classic", "real+classic"), ("real+classic", "real"),
+        ("real+synthetic+classic", "real+pseudo+classic")}
+    assert metrics["variants"]["real+synthetic+classic"]["synthetic_ratio"] == 0.25
+    assert metrics["variants"]["real"]["val_accuracy"] == pytest.approx(0.71)
+    # the pseudo-label section: its headline, the labeler, kept and right per class
+    assert metrics["pseudo_labels"] == {"kept": 12, "pool_size": 20, "pseudo_label_accuracy": 0.75, "threshold": 0.9}
+    assert "## Pseudo-labels" in md and "kept 12 of 20 pool images" in md and "a 7 (85.7% right)" in md
+    assert 'id="pseudo-per-class"' in html and "Labeler: test_resnet, 60.0% on val (N=8)" in html
+    assert metrics["stage_seconds"]["pseudo_label"] == 3.0
     assert "Kind <b>datasetgan</b>, 1.23M parameters, 50 training steps in 12 s" in html
     assert "interpreter accuracy on val 75.0% (N=8)" in html and metrics["generator_kind"] == "datasetgan"
 
 
 def test_report_reads_only_the_variants_named_in_params(tmp_path, caplog):
     paths = fake_run(tmp_path)  # metrics of real, real+classic, real+synthetic on disk
-    named = {"real": {"data": "prepared"}, "real+synthetic": {"data": "filtered"},
+    named = {"real": {"data": "prepared"}, "real+synthetic+classic": {"data": "filtered", "augment": "classic"},
              "synthetic-only": {"data": "filtered", "real": False}}  # synthetic-only was not run
     params = params_from_dict({"base": {"profile": "micro"}, "train_classifier": {"variants": named}})
     with caplog.at_level("WARNING", logger="pipeline.report"):
         out = report.run(params, paths)
     metrics = json.loads((paths.reports / "metrics.json").read_text())
-    assert list(metrics["variants"]) == ["real", "real+synthetic"]  # real+classic is on disk but not named
+    assert list(metrics["variants"]) == ["real", "real+synthetic+classic"]  # real+classic is on disk but not named
     assert "synthetic-only" in caplog.text and "left out" in caplog.text
-    assert out["headline"].startswith("Yes, synthetic data helped") and "real+classic" not in out["headline"]
+    assert out["headline"].startswith("Yes: real+synthetic+classic (the synthetic variant best on validation) beat real. ") and "real+classic" not in out["headline"]
+    assert "pseudo" not in out["headline"]  # no pseudo variant named: no "beyond the pool" sentence
     assert "| real+classic |" not in (paths.reports / "report.md").read_text()
     only_missing = params_from_dict({"train_classifier": {"variants": {"synthetic-only": named["synthetic-only"]}}})
     with pytest.raises(FileNotFoundError, match="Run train_classifier first"):
@@ -142,7 +268,7 @@ def test_report_opens_in_headless_chromium(tmp_path):
           "ok:im.filter(i=>i.complete&&i.naturalWidth>0).length,h:document.getElementById('headline').innerText})})()")
     dom = subprocess.run([browser, *flags, "--virtual-time-budget=5000", "--dump-dom", url],
                          capture_output=True, text=True, timeout=120).stdout
-    assert "Yes, synthetic data helped" in dom
+    assert "beat real and classic augmentation" in dom
     shot = paths.reports / "screenshot.png"
     subprocess.run([browser, *flags, f"--screenshot={shot}", "--window-size=1280,1600", url],
                    capture_output=True, timeout=120)
@@ -168,10 +294,17 @@ def test_report_refuses_metrics_of_another_run(tmp_path):
     with pytest.raises(DataError, match=r"metrics of real come from another run.*Re-run train_classifier"):
         report.run(params, paths)
     write_json(paths.classifier_metrics / "real.json", variant([0.7, 0.72, 0.71]))
-    write_json(paths.classifier_metrics / "real+synthetic.json", variant([0.9, 0.9, 0.9], synthetic="x" * 64))
-    with pytest.raises(DataError, match="metrics of real\\+synthetic come from another run"):
+    write_json(paths.classifier_metrics / "real+synthetic+classic.json", variant([0.9, 0.9, 0.9], synthetic="x" * 64))
+    with pytest.raises(DataError, match="metrics of real\\+synthetic\\+classic come from another run"):
+        report.run(params, paths)
+    write_json(paths.classifier_metrics / "real+synthetic+classic.json", variant([0.9, 0.9, 0.9], synthetic=FILTERED_FP))
+    # a pseudo variant trained on other pseudo-labels (pseudo_label re-ran since)
+    write_json(paths.classifier_metrics / "real+pseudo+classic.json", variant([0.8, 0.8, 0.8], pseudo="o" * 64))
+    with pytest.raises(DataError, match=r"metrics of real\+pseudo\+classic come from another run"):
         report.run(params, paths)
     assert not (paths.reports / "metrics.json").exists()  # no verdict was written
+    write_json(paths.classifier_metrics / "real+pseudo+classic.json", variant([0.8, 0.8, 0.8], pseudo=PSEUDO_FP))
+    assert report.run(params, paths)["headline"]  # every input current again: the report is written
 
 
 MARKUP = "<script>document.title='pwned'</script><b>bold</b>"

@@ -18,7 +18,7 @@ from pipeline.models.class_conditional import ClassConditionalPipeline
 from pipeline.models.diffusion import DiffusionGenerator, build_unet, inference_scheduler, train_scheduler
 from pipeline.models.registry import load_generator
 from pipeline.models.sampling import batch_ranges, generate, shard_range
-from tests.helpers import make_prepared
+from tests.helpers import make_prepared, make_pseudo
 
 SIZE = 8
 NAMES = ["left", "right/up"]
@@ -43,6 +43,7 @@ def generator_root(tmp_path_factory):
     datasets.DatasetDict({"train": ds, "val": ds, "test": ds}).save_to_disk(str(Paths(root=root).prepared / "dataset"))
     write_json(Paths(root=root).prepared / "summary.json",
                {"class_names": NAMES, "num_classes": 2, "image_size": SIZE, "channels": 1})
+    make_pseudo(root, class_names=NAMES)  # no pool: pseudo_label kept nothing, the generator learns the labeled set
     tg.run(tiny_params(), Paths(root=root))
     return root
 

@@ -5,8 +5,9 @@ import pytest
 import torch
 from scipy import stats
 
-from pipeline.core.stats import (classification_metrics, confusion_matrix, expected_calibration_error, macro_f1,
-                                 mean_ci, paired_difference, per_class_accuracy, summarize_seeds)
+from pipeline.core.stats import (classification_metrics, confusion_matrix, detectable_difference,
+                                 expected_calibration_error, macro_f1, mean_ci, paired_difference, per_class_accuracy,
+                                 summarize_seeds)
 
 
 def test_mean_ci_matches_scipy_t_interval():
@@ -87,3 +88,25 @@ def test_summarize_seeds_flat_keys():
     assert out["accuracy_mean"] == pytest.approx(0.81) and out["aggregate"]["ece"]["n"] == 2
     assert out["accuracy_ci95_low"] == pytest.approx(mean_ci([0.8, 0.82])["low"])
     assert out["ece_ci95_high"] > out["ece_mean"]
+
+
+def test_detectable_difference_matches_hand_computation():
+    # (t(1 - alpha/2, n-1) + t(power, n-1)) * sd / sqrt(n), with scipy's t quantiles
+    sd, n = 0.012, 5
+    hand = (stats.t.ppf(0.975, 4) + stats.t.ppf(0.8, 4)) * sd / math.sqrt(5)
+    assert detectable_difference(sd, n) == pytest.approx(hand)
+    assert detectable_difference(sd, n) == pytest.approx((2.7764451051977934 + 0.9409645772351816) * 0.012 / math.sqrt(5))
+    assert detectable_difference(sd, 10, alpha=0.01, power=0.9) == pytest.approx(
+        (stats.t.ppf(0.995, 9) + stats.t.ppf(0.9, 9)) * sd / math.sqrt(10))
+    # more seeds detect smaller differences; a noisier difference needs a larger one
+    assert detectable_difference(sd, 10) < detectable_difference(sd, 5) < detectable_difference(2 * sd, 5)
+    # and the paired t-test finds that difference about 80% of the time (noncentral t, n = 30)
+    df, crit = 29, stats.t.ppf(0.975, 29)
+    nc = detectable_difference(sd, 30) * math.sqrt(30) / sd
+    assert 1 - stats.nct.cdf(crit, df, nc) + stats.nct.cdf(-crit, df, nc) == pytest.approx(0.8, abs=0.01)
+
+
+def test_detectable_difference_needs_two_pairs_and_a_finite_spread():
+    assert detectable_difference(0.01, 1) is None and detectable_difference(0.01, 0) is None
+    assert detectable_difference(float("nan"), 5) is None and detectable_difference(float("inf"), 5) is None
+    assert detectable_difference(0.0, 5) == 0.0  # identical differences on every seed

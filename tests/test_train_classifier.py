@@ -137,10 +137,24 @@ def write_project(root, n_filtered=24, test_leak=False):
     return paths, {"train": x, "val": vx, "test": tx, "synthetic": sx}
 
 
+# the default variants and two more: synthetic images without classic augmentation, and unfiltered
+VARIANTS = {**{k: v.model_dump() for k, v in TrainClassifierConfig().variants.items()},
+            "real+synthetic": {"data": "filtered"}, "real+synthetic-unfiltered": {"data": "synthetic"}}
+
+
 def micro_params(**tc_over):
     return params_from_dict({"base": {"profile": "micro", "device": "cpu", "seed": 3},
                              "train_classifier": {"arch": ARCH, "steps": 6, "batch_size": 8, "eval_every": 3, "seeds": 2,
-                                                  "eval_batch_size": 16, **tc_over}})
+                                                  "eval_batch_size": 16, "variants": VARIANTS, **tc_over}})
+
+
+def write_pseudo(paths, n=12, prepared_fp="p" * 64):
+    """``data/pseudo`` as pseudo_label writes it: n pool images with pseudo-labels (0 = none kept)."""
+    x, y = toy(n, 5) if n else (torch.zeros(0, 1, 8, 8, dtype=torch.uint8), torch.zeros(0, dtype=torch.long))
+    save_dataset(tensors_to_dataset(x, y, CLASSES, {"confidence": [0.95] * n}), paths.pseudo / "dataset")
+    write_json(paths.pseudo / "summary.json", {"prepared_fingerprint": prepared_fp, "fingerprint": "q" * 64,
+                                               "kept": n, "headline": f"pseudo_label: kept {n} of 30 pool images"})
+    return x
 
 
 def test_stage_writes_models_and_metrics(tmp_path, monkeypatch):
@@ -223,16 +237,18 @@ def test_cli_variant_flag(tmp_path, monkeypatch):
 
 
 def test_variant_table_matches_config():
-    """The variants are params: a dict name -> {data (required), real, augment}; the defaults keep the six."""
+    """The variants are params: a dict name -> {data (required), real, pseudo, augment}; the defaults keep the six."""
     default = TrainClassifierConfig().variants
-    assert list(default) == ["real", "real+classic", "real+synthetic", "real+synthetic+classic", "synthetic-only",
-                             "real+synthetic-unfiltered"]
-    assert {k: (v.data, v.real, v.augment) for k, v in default.items()} == {
-        "real": ("prepared", True, "standard"), "real+classic": ("prepared", True, "classic"),
-        "real+synthetic": ("filtered", True, "standard"), "real+synthetic+classic": ("filtered", True, "classic"),
-        "synthetic-only": ("filtered", False, "standard"), "real+synthetic-unfiltered": ("synthetic", True, "standard")}
+    assert list(default) == ["real", "real+classic", "real+pseudo+classic", "real+synthetic+classic",
+                             "real+pseudo+synthetic+classic", "synthetic-only"]
+    assert {k: (v.data, v.real, v.pseudo, v.augment) for k, v in default.items()} == {
+        "real": ("prepared", True, False, "standard"), "real+classic": ("prepared", True, False, "classic"),
+        "real+pseudo+classic": ("prepared", True, True, "classic"),
+        "real+synthetic+classic": ("filtered", True, False, "classic"),
+        "real+pseudo+synthetic+classic": ("filtered", True, True, "classic"),
+        "synthetic-only": ("filtered", False, False, "standard")}
     assert [k for k, v in default.items() if v.uses_synthetic] == [
-        "real+synthetic", "real+synthetic+classic", "synthetic-only", "real+synthetic-unfiltered"]
+        "real+synthetic+classic", "real+pseudo+synthetic+classic", "synthetic-only"]
     assert micro_params().train_classifier.steps == 6
     mine = params_from_dict({"train_classifier": {"variants": {"real": {"data": "prepared"},
                                                                "mine": {"data": "synthetic", "augment": "classic"}}}})
@@ -242,8 +258,13 @@ def test_variant_table_matches_config():
         params_from_dict({"train_classifier": {"variants": {"real": {"data": "prepared"}, "real+gan": {"data": "gan"}}}})
     with pytest.raises(ConfigError, match="train_classifier.variants.real.data: Field required"):
         params_from_dict({"train_classifier": {"variants": {"real": {}}}})
-    with pytest.raises(ConfigError, match="real: false needs data: filtered or synthetic"):
+    with pytest.raises(ConfigError, match="real: false trains on synthetic images only: it needs data: filtered"):
         params_from_dict({"train_classifier": {"variants": {"x": {"data": "prepared", "real": False}}}})
+    with pytest.raises(ConfigError, match=r"variants\.x.*real: false.*no pseudo: true"):  # pool images are real ones
+        params_from_dict({"train_classifier": {"variants": {"x": {"data": "filtered", "real": False, "pseudo": True}}}})
+    with pytest.raises(ValueError, match=r"real: false.*no pseudo: true"):  # pydantic's ValidationError
+        VariantSpec(data="synthetic", real=False, pseudo=True)
+    assert VariantSpec(data="filtered", pseudo=True).uses_synthetic  # real + pseudo + synthetic is fine
     with pytest.raises(ConfigError, match="train_classifier.variants: Input should be a valid dictionary"):
         params_from_dict({"train_classifier": {"variants": ["real", "real+classic"]}})  # the old list form
 
@@ -254,4 +275,42 @@ def test_stage_refuses_a_synthetic_set_made_from_other_data(tmp_path):
     with pytest.raises(DataError, match=r"data/filtered: made from other data"):
         tc.run(micro_params(), paths, variant="real+synthetic")
     out = tc.run(micro_params(seeds=1), paths, variant="real")  # real-only variants do not read it
-    assert out["inputs"] == {"prepared": "p" * 64, "synthetic": None}
+    assert out["inputs"] == {"prepared": "p" * 64, "synthetic": None, "pseudo": None}
+    assert out["n_pseudo_labeled"] == 0
+
+
+def test_pseudo_variant_adds_the_pseudo_labeled_pool_and_records_it(tmp_path, monkeypatch):
+    paths, images = write_project(tmp_path)
+    pseudo_x = write_pseudo(paths, n=12)
+    trained_on = []
+    real_fit = training.fit_classifier
+
+    def fit(model, x, y, vx, vy, **kw):
+        trained_on.append((x, y))
+        return real_fit(model, x, y, vx, vy, **{**kw, "progress": False})
+
+    monkeypatch.setattr(training, "fit_classifier", fit)
+    out = tc.run(micro_params(seeds=1), paths, variant="real+pseudo+classic")
+    assert out["n_pseudo_labeled"] == 12 and out["n_train_real"] == 40 + 12
+    assert out["inputs"] == {"prepared": "p" * 64, "synthetic": None, "pseudo": "q" * 64}
+    x, y = trained_on[0]
+    assert torch.equal(x[:40], images["train"]) and torch.equal(x[40:], pseudo_x)  # labeled first, then the pool
+    assert torch.equal(y[40:], toy(12, 5)[1])  # with their pseudo-labels
+    on_disk = json.loads((paths.classifier_metrics / "real+pseudo+classic.json").read_text())
+    assert on_disk["n_pseudo_labeled"] == 12 and on_disk["inputs"]["pseudo"] == "q" * 64
+    # with synthetic images too: both recorded
+    both = tc.run(micro_params(seeds=1, ratio_sweep=()), paths, variant="real+pseudo+synthetic+classic")
+    assert both["inputs"] == {"prepared": "p" * 64, "synthetic": "filtered" * 8, "pseudo": "q" * 64}
+    assert both["n_pseudo_labeled"] == 12 and both["n_synthetic"] == 24
+
+
+def test_pseudo_variant_refuses_stale_or_empty_pseudo_labels(tmp_path):
+    paths, _ = write_project(tmp_path)
+    with pytest.raises(FileNotFoundError, match="Run the pseudo_label stage first"):
+        tc.run(micro_params(seeds=1), paths, variant="real+pseudo+classic")
+    write_pseudo(paths, n=12, prepared_fp="o" * 64)
+    with pytest.raises(DataError, match=r"data/pseudo: made from other data.*Re-run pseudo_label"):
+        tc.run(micro_params(seeds=1), paths, variant="real+pseudo+classic")
+    write_pseudo(paths, n=0)
+    with pytest.raises(DataError, match=r"kept no pool image \(pseudo_label: kept 0 of 30.*real\+pseudo\+classic"):
+        tc.run(micro_params(seeds=1), paths, variant="real+pseudo+classic")

@@ -19,8 +19,9 @@ from pipeline.models.diffusion import (PIPELINE_FILE, DiffusionGenerator, build_
                                        padded_size, train_scheduler)
 from pipeline.training import checkpoint
 from pipeline.training import diffusion as td
-from pipeline.training.generator import TrainData, hashed_config, preview
-from tests.helpers import SIZE, fresh_backbone, make_prepared, tiny_data, tiny_params
+from pipeline.training.gan import draw_real
+from pipeline.training.generator import TrainData, generator_meta, hashed_config, preview
+from tests.helpers import SIZE, fresh_backbone, make_prepared, make_pseudo, tiny_data, tiny_params, toy_images
 
 
 def test_padded_size_and_lr_schedule():
@@ -178,3 +179,92 @@ def test_odd_sizes_are_padded_for_the_unet_and_cropped_back(tmp_path):
                                     class_names=["a", "b"], image_size=6, unet=res.ema_model)
     grid = preview(DiffusionGenerator(pipe, meta), 2, 1)
     assert grid.shape == (2, 1, 6, 6) and grid.dtype == torch.uint8
+
+
+# ---- labeled + pseudo-labeled images ----------------------------------------------------------
+
+def test_draw_follows_the_weights():
+    x, y = toy_images()  # 16 images: say the first 4 labeled, the other 12 pseudo-labeled
+    heavy = TrainData(x, y, 2, weights=torch.tensor([100.0] * 4 + [1.0] * 12), num_pseudo=12)
+    idx = heavy.draw(4000, torch.Generator().manual_seed(0))
+    assert idx.shape == (4000,) and idx.dtype == torch.long and 0 <= idx.min() and idx.max() < 16
+    share = (idx < 4).float().mean().item()
+    assert share == pytest.approx(400 / 412, abs=0.02)  # labeled drawn 100x as often: they dominate
+    assert torch.equal(idx, heavy.draw(4000, torch.Generator().manual_seed(0)))  # the generator decides
+    even = TrainData(x, y, 2, weights=torch.tensor([1.0] * 4 + [1.0] * 12)).draw(4000, torch.Generator().manual_seed(0))
+    assert (even < 4).float().mean().item() == pytest.approx(4 / 16, abs=0.03)
+    uniform = TrainData(x, y, 2).draw(4000, torch.Generator().manual_seed(0))  # no weights: every image alike
+    assert (uniform < 4).float().mean().item() == pytest.approx(4 / 16, abs=0.03)
+    assert set(uniform.tolist()) == set(range(16))
+    only = TrainData(x, y, 2, weights=torch.tensor([0.0] * 15 + [1.0])).draw(50, torch.Generator().manual_seed(1))
+    assert set(only.tolist()) == {15}
+    # the diffusion and GAN training batches come from draw: class 0 with weight 0 never appears
+    right_only = TrainData(x, y, 2, weights=(y == 1).float())
+    cfg = tiny_params(batch_size=64, p_uncond=0.0).train_generator
+    _, labels = td.draw_batch(right_only, cfg, 0, torch.Generator().manual_seed(0), SIZE)
+    assert labels.tolist() == [1] * 64
+    assert draw_real(right_only, 64, True, torch.Generator().manual_seed(0))[1].tolist() == [1] * 64
+
+
+def test_weighted_draws_resume_exactly_and_are_part_of_the_config_hash(tmp_path):
+    cfg = tiny_params(steps=6).train_generator
+    x, y = toy_images()
+    data = TrainData(x, y, 2, weights=torch.tensor([4.0] * 4 + [1.0] * 12), num_pseudo=12)
+    straight = td.train(fresh_backbone(cfg), cfg, data, seed=1, ckpt_dir=tmp_path / "a", chash="w" * 64)
+    td.train(fresh_backbone(cfg), cfg, data, seed=1, ckpt_dir=tmp_path / "b", chash="w" * 64, stop_at=4)
+    resumed = td.train(fresh_backbone(cfg, seed=99), cfg, data, seed=1, ckpt_dir=tmp_path / "b", chash="w" * 64)
+    assert resumed.resumed_from == 4 and resumed.losses == straight.losses
+    uniform = td.train(fresh_backbone(cfg), cfg, tiny_data(), seed=1, ckpt_dir=tmp_path / "c", chash="u" * 64)
+    assert uniform.losses != straight.losses  # the weights change which images each step sees
+
+    def chash(weights):
+        return checkpoint.config_hash(hashed_config(cfg), 1, [x, y, None, weights], {})
+
+    assert chash(None) != chash(data.weights) != chash(data.weights * 2)  # other weights: a new run, not resumed
+
+
+def test_load_train_data_adds_the_pseudo_labeled_pool_after_the_labeled_images(tmp_path):
+    make_prepared(tmp_path)
+    px, py = toy_images(3)
+    make_pseudo(tmp_path, px.flip(-1), py)
+    paths = Paths(root=tmp_path)
+    data = tg.load_train_data(tiny_params(labels="auto", labeled_weight=4.0), paths, "cpu")
+    labeled_x, labeled_y = toy_images()
+    assert data.num_pseudo == 6 and len(data.images) == 16 + 6
+    assert torch.equal(data.images[:16], labeled_x) and torch.equal(data.images[16:], px.flip(-1))
+    assert torch.equal(data.labels, torch.cat([labeled_y, py]))
+    assert data.weights.tolist() == [4.0] * 16 + [1.0] * 6
+    meta = generator_meta(tiny_params().train_generator, data)
+    assert (meta["labels"], meta["num_labeled"], meta["num_pseudo_labeled"]) == ("pseudo", 16, 6)
+    assert tg.load_train_data(tiny_params(labels="pseudo"), paths, "cpu").num_pseudo == 6
+    labeled = tg.load_train_data(tiny_params(labels="labeled"), paths, "cpu")
+    assert labeled.num_pseudo == 0 and labeled.weights is None and torch.equal(labeled.images, labeled_x)
+    # datasetgan labels its own samples: it never reads the pseudo-labels
+    assert tg.load_train_data(tiny_params(kind="datasetgan"), paths, "cpu").num_pseudo == 0
+
+
+def test_labels_pseudo_needs_pseudo_labels_of_this_prepared_data(tmp_path):
+    make_prepared(tmp_path)  # and an empty data/pseudo: pseudo_label had no pool image to keep
+    paths = Paths(root=tmp_path)
+    auto = tg.load_train_data(tiny_params(labels="auto"), paths, "cpu")
+    assert auto.num_pseudo == 0 and auto.weights is None and len(auto.images) == 16  # the labeled set alone
+    with pytest.raises(DataError, match=r"data/pseudo: train_generator.labels is pseudo but pseudo_label kept no"):
+        tg.load_train_data(tiny_params(labels="pseudo"), paths, "cpu")
+    px, py = toy_images(2)
+    make_pseudo(tmp_path, px, py, prepared_fingerprint="o" * 64)  # pseudo-labels of another prepared dataset
+    with pytest.raises(DataError, match=r"data/pseudo: made from other data.*Re-run pseudo_label"):
+        tg.load_train_data(tiny_params(labels="auto"), paths, "cpu")
+    assert tg.load_train_data(tiny_params(labels="labeled"), paths, "cpu").num_pseudo == 0  # not read at all
+
+
+def test_stage_with_pseudo_labels_records_them_in_generator_json(tmp_path):
+    make_prepared(tmp_path)
+    px, py = toy_images(2)
+    make_pseudo(tmp_path, px.flip(-1), py)
+    meta = tg.run(tiny_params(labels="pseudo", steps=2), Paths(root=tmp_path))
+    saved = read_json(Paths(root=tmp_path).generator / "generator.json")
+    assert (saved["labels"], saved["num_labeled"], saved["num_pseudo_labeled"]) == ("pseudo", 16, 4)
+    assert saved["params"]["train_generator"]["labels"] == "pseudo" and meta["num_pseudo_labeled"] == 4
+    make_pseudo(tmp_path)  # pseudo_label re-ran and kept nothing: auto learns from the labeled set
+    saved = tg.run(tiny_params(labels="auto", steps=2), Paths(root=tmp_path))
+    assert (saved["labels"], saved["num_labeled"], saved["num_pseudo_labeled"]) == ("labeled", 16, 0)

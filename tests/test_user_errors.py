@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline import prepare, sample, train_classifier, train_generator
+from pipeline import prepare, pseudo_label, sample, train_classifier, train_generator
 from pipeline.config import Paths, load_params, params_from_dict
 from pipeline.core.io import read_json
 from pipeline.errors import ConfigError, DataError
@@ -99,6 +99,22 @@ def test_a_timm_arch_that_cannot_take_the_image_size_fails_before_training(tmp_p
     with pytest.raises(ConfigError, match=r"train_classifier.arch: vit_tiny_patch16_224 cannot take 8x8 images"):
         train_classifier.run(params, Paths(root=root), "real")
     assert not called
+    monkeypatch.setattr("pipeline.pseudo_label.fit_classifier", lambda *a, **k: called.append(1))
+    params = params_from_dict({"base": {"profile": "micro", "device": "cpu"},
+                               "pseudo_label": {"arch": "vit_tiny_patch16_224"}})
+    with pytest.raises(ConfigError, match=r"pseudo_label.arch: vit_tiny_patch16_224 cannot take 8x8 images"):
+        pseudo_label.run(params, Paths(root=root))  # the labeler's own key, not train_classifier's
+    assert not called
+
+
+def test_train_generator_before_pseudo_label_says_what_to_run(tmp_path):
+    make_prepared(tmp_path, pseudo=False)
+    with pytest.raises(FileNotFoundError, match=r"data/pseudo/summary.json: not found. Run the pseudo_label stage"):
+        train_generator.run(tiny_params(steps=10_000), Paths(root=tmp_path))
+    with pytest.raises(FileNotFoundError, match="Run the pseudo_label stage first"):
+        train_generator.load_train_data(tiny_params(labels="pseudo"), Paths(root=tmp_path), "cpu")
+    # labels: labeled never reads data/pseudo
+    assert train_generator.load_train_data(tiny_params(labels="labeled"), Paths(root=tmp_path), "cpu").num_pseudo == 0
 
 
 def test_a_single_class_dataset_is_refused(tmp_path):

@@ -41,10 +41,11 @@ def pretrained_overlay(arch: str, pretrained: str) -> dict:
                       f"'efficientnet-lite0' nor a path to a .safetensors file")
 
 
-def build_model(arch: str, num_classes: int, in_chans: int, pretrained: str | None = None) -> nn.Module:
+def build_model(arch: str, num_classes: int, in_chans: int, pretrained: str | None = None,
+                key: str = "train_classifier.arch") -> nn.Module:
     """A timm model by name; ``pretrained`` = None, "efficientnet-lite0" or a .safetensors file."""
     if not timm.is_model(arch):
-        raise ConfigError(f"train_classifier.arch: unknown timm model {arch!r}. "
+        raise ConfigError(f"{key}: unknown timm model {arch!r}. "
                           f"List names with timm.list_models('*resnet*') and pick one.")
     overlay = pretrained_overlay(arch, pretrained) if pretrained is not None else None
     try:
@@ -60,7 +61,7 @@ def build_model(arch: str, num_classes: int, in_chans: int, pretrained: str | No
 def check_input_size(arch: str, num_classes: int, in_chans: int, size: int, key: str = "train_classifier.arch") -> None:
     """One forward pass of a dummy batch, so an architecture that cannot take these images fails
     before any training (timm's own error is an assertion deep inside the model)."""
-    model = build_model(arch, num_classes, in_chans).eval()
+    model = build_model(arch, num_classes, in_chans, key=key).eval()
     try:
         with torch.no_grad():
             model(torch.zeros(2, in_chans, size, size))

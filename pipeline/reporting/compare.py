@@ -62,7 +62,7 @@ def row(name: str, run: dict) -> dict:
     """One table row: speed, quality and usefulness of one run's generator."""
     g, s, f, r = run["generator"], run["sample"], run["filter"], run["report"]
     m = f["metrics"]
-    syn = r["variants"].get("real+synthetic", {})
+    syn = r["variants"].get(r.get("synthetic_variant") or "real+synthetic", {})
     cas = r["variants"].get("synthetic-only", {})
     return {
         "kind": g.get("kind", "unet"), "run": name, "parameters_m": round(g["num_parameters"] / 1e6, 2),
@@ -73,7 +73,7 @@ def row(name: str, run: dict) -> dict:
         "n_accepted": f["n"]["accepted"], "fd_accepted": (m.get("after") or {}).get("frechet_distance", {}).get("value"),
         "fd_floor": m["floor"]["frechet_distance"]["value"], "n_reference": f["n"]["metric_reference"],
         "feature_space": f["feature_space"], "acceptance": f["acceptance"]["rate"],
-        "gain": syn.get("diff"), "gain_low": r.get("gain_ci95_low"), "gain_high": r.get("gain_ci95_high"),
+        "synthetic_variant": r.get("synthetic_variant"), "gain": syn.get("diff"), "gain_low": r.get("gain_ci95_low"), "gain_high": r.get("gain_ci95_high"),
         "gain_p": syn.get("p_value"), "real_accuracy": r["variants"]["real"]["accuracy"],
         "synthetic_only_accuracy": cas.get("accuracy"), "helped": r["helped"], "seeds": r["seeds"],
         "n_test": r["n_test"], "fingerprint": g["fingerprint"],
@@ -105,7 +105,8 @@ def to_markdown(df: pd.DataFrame) -> str:
         "",
         f"Each row is one full pipeline run (`dvc exp run -S train_generator.kind=...`). Quality: "
         f"{first.feature_space} features against {first.n_reference} real test images "
-        "(lower FD is better; precision = realism, recall = coverage). Accuracy: real+synthetic minus real, "
+        "(lower FD is better; precision = realism, recall = coverage). Accuracy: the synthetic variant best on "
+        "validation minus real, "
         f"paired by seed ({first.seeds} seeds, N={first.n_test} real test images, 95% CI). Speeds are wall-clock "
         "on the device named, under whatever else ran on it.",
         "",

@@ -91,18 +91,19 @@ def verdict(table: pd.DataFrame, variants: dict[str, dict], specs: dict[str, Var
     above = {b: c["low"] > 0 for (a, b), c in cmp.items() if a == syn}
     helped = bool(above[baseline] and above.get(classic, True))
     what = f"real and classic augmentation ({classic})" if classic else "real"
+    who = f"{syn} (the synthetic variant best on validation{'; it also uses the pseudo-labeled pool' if specs[syn].pseudo else ''})"
     if helped:
-        text = f"Yes: synthetic data beat {what}. "
+        text = f"Yes: {who} beat {what}. "
     elif above[baseline]:
-        text = f"Partly: synthetic data beat real but not {classic}. "
+        text = f"Partly: {who} beat real but not {classic}. "
     else:
-        text = f"No: synthetic data did not beat {what}{'; the interval includes zero' if r['diff'] > 0 else ''}. "
+        text = f"No: {who} did not beat {what}{'; the interval includes zero' if r['diff'] > 0 else ''}. "
     text += "; ".join(_said(cmp[k]) for k in ((syn, baseline), (syn, classic)) if k in cmp) + "."
-    if pool and (syn, pool) in cmp:
-        beyond = cmp.get((pool_syn, pool), cmp[(syn, pool)])
+    beyond = cmp.get((pool_syn, pool)) or cmp.get((syn, pool))
+    if beyond:
         text += (f" Beyond using the pool directly (self-training, {pool}): the generator "
                  f"{'added accuracy' if beyond['low'] > 0 else 'added nothing significant'}; "
-                 + "; ".join(_said(cmp[k]) for k in ((syn, pool), (pool_syn, pool)) if k in cmp and k[0] != k[1]) + ".")
+                 + "; ".join(_said(cmp[k]) for k in dict.fromkeys(((syn, pool), (pool_syn, pool))) if k in cmp) + ".")
     if (classic, baseline) in cmp:
         text += f" Classic augmentation alone: {_said(cmp[(classic, baseline)])}."
     zero = [v for v, s in specs.items() if v in table.index and s.real and s.uses_synthetic
@@ -115,8 +116,10 @@ def verdict(table: pd.DataFrame, variants: dict[str, dict], specs: dict[str, Var
     if mde is not None:
         text += (f" Smallest difference this run can detect: {100 * mde:.1f} points (80% power, paired t-test at "
                  f"5%, {seeds} seeds).")
-    text += f" {syn} is the synthetic variant best on validation. {tail}"
-    out.update({"helped": helped, "synthetic_variant": syn, "gain": float(r["diff"]), "gain_low": float(r["low"]),
+    text += f" {tail}"
+    out.update({"helped": helped, "synthetic_variant": syn,
+                "generator_beyond_pool": None if beyond is None else bool(beyond["low"] > 0),
+                "gain": float(r["diff"]), "gain_low": float(r["low"]),
                 "gain_high": float(r["high"]), "detectable_difference": mde, "text": text,
                 "comparisons": [{k: c[k] for k in ("a", "b", "diff", "low", "high", "p_value")} for c in cmp.values()]})
     return out
