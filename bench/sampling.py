@@ -3,7 +3,8 @@
 ours  = ``pipeline.models.sampling.generate`` -> ``pipeline.models.diffusion.DiffusionGenerator``
         -> ``ClassConditionalPipeline.__call__`` (pipeline/models/class_conditional.py): a batch
         of images per forward, conditional and unconditional halves in one forward of 2B, bf16
-        autocast and channels_last on CUDA (optionally torch.compile on CUDA).
+        autocast (on CUDA and on CPUs with AMX / AVX512-BF16), channels_last on CUDA (optionally
+        torch.compile on CUDA).
 stock = the loop of diffusers' class-conditional pipelines (DiT / Stable Diffusion style):
         one image at a time, ``torch.cat([latents] * 2)`` with the class and the null label in
         one forward, fp32, ``DDIMScheduler.step``.
@@ -23,6 +24,7 @@ from bench.common import (alternate, compile_if, diffusion_generator, memory_met
 from pipeline.config import Paths, SampleConfig, params_from_dict
 from pipeline.core.images import crop_images
 from pipeline.core.seeding import image_seed
+from pipeline.models.class_conditional import bf16_is_fast
 from pipeline.models.diffusion import DiffusionGenerator, build_unet, inference_scheduler, train_scheduler
 from pipeline.models.registry import load_generator
 from pipeline.models.sampling import generate
@@ -176,7 +178,8 @@ def main(argv=None) -> dict:
                                                    "prediction_type", "beta_schedule", "set_alpha_to_one",
                                                    "num_train_timesteps")}, "steps": args.steps,
                      "guidance_scale": args.guidance, "repeats": args.repeats, "order": "alternated",
-                     "ours_precision": "bf16 autocast + channels_last" if cuda else "fp32",
+                     "ours_precision": "bf16 autocast + channels_last" if cuda else
+                     ("bf16 autocast" if bf16_is_fast(device) else "fp32"),
                      "stock_precision": "fp32", "compile": bool(args.compile and cuda), "quick": args.quick,
                      "generator": desc},
         "ours": {**r_ours, "images_per_second": r_ours["per_second_best"], "peak_memory_mib": max(mem["ours"])},
