@@ -17,9 +17,12 @@ def test_sampling_quick_writes_ratios_and_agreement(tmp_path, monkeypatch):
     assert doc["ours"]["images_per_second"] > 0 and doc["stock"]["images_per_second"] > 0
     assert doc["ratio_images_per_second"]["best"] == pytest.approx(
         doc["ours"]["images_per_second"] / doc["stock"]["images_per_second"])
-    # same seeds, same fp32 weights: only float rounding of the batch size may differ
-    assert res["agreement"]["mean_abs_pixel_difference_uint8"] < 1.0
-    assert res["agreement"]["fraction_pixels_equal"] > 0.9
+    if doc["settings"]["ours_precision"] == "fp32":  # same seeds, same fp32 weights: only batch-size rounding differs
+        assert res["agreement"]["mean_abs_pixel_difference_uint8"] < 1.0
+        assert res["agreement"]["fraction_pixels_equal"] > 0.9
+    else:  # bf16 autocast on a CPU with AMX / AVX512-BF16 (the stock loop is fp32): the same images up to bf16 rounding
+        assert doc["settings"]["ours_precision"] == "bf16 autocast"
+        assert res["agreement"]["mean_abs_pixel_difference_uint8"] < 8
     assert res["agreement"]["fd_within_noise"]
 
 

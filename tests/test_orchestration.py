@@ -100,8 +100,9 @@ def test_dvc_repro_end_to_end_then_cached_then_partial(tmp_path, tiny_data, pref
     stages = ran_stages(first.stdout)
     assert {"prepare", "pseudo_label", "train_generator", "sample", "filter", "report", "train_classifier@real"} <= stages
     html = (proj / "reports/report.html").read_text()
-    assert "synthetic data" in html and "data:image/png;base64," in html
     metrics = json.loads((proj / "reports/metrics.json").read_text())
+    assert metrics["synthetic_variant"] in html and "data:image/png;base64," in html
+    assert "the synthetic variant best on validation" in metrics["headline"]
     assert metrics["n_test"] == 30 and metrics["seeds"] == 2
     shown = run(["dvc", "metrics", "show", "--json"], proj, env=e).stdout
     assert "accuracy_mean" in shown
