@@ -16,18 +16,9 @@ from pipeline.errors import DataError
 from pipeline.models.classifier import build_model
 from pipeline.quality.selection import confident_per_class
 from pipeline.training.classifier import predict_proba
-from tests.helpers import make_prepared, tiny_params, toy_images
+from tests.helpers import make_prepared, one_thread, tiny_params, toy_images  # noqa: F401 (autouse fixture)
 
 PREPARED_FP = "p" * 64
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def pl_params(**over):

@@ -12,18 +12,10 @@ from pipeline.core.io import save_dataset, write_json
 from pipeline.errors import ConfigError, DataError
 from pipeline.models.classifier import build_model, efficientnet_lite0_state
 from pipeline.training.classifier import crop_flip, fit_classifier, predict_proba
+from tests.helpers import one_thread  # noqa: F401 (autouse fixture)
 
 CLASSES = ["top", "upper", "lower", "bottom"]
 ARCH = "test_resnet"  # timm's tiny test network: same code paths as resnet10t, a fraction of the cost
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def toy(n: int, seed: int, size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
