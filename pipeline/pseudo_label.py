@@ -62,7 +62,7 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
                               "n_val": len(vy), "seconds": round(hist["seconds"], 1)}
     else:
         log.warning("pseudo_label: the prepared data has no pool split (prepare.unlabeled_pool = 0): no pseudo-labels")
-    conf, pred = (proba.max(1) if len(proba) else (torch.zeros(0), torch.zeros(0, dtype=torch.long)))
+    conf, pred = proba.max(1)
     labels = pred[keep]
     kept = np.bincount(labels.numpy(), minlength=k)
     predicted = np.bincount(pred.numpy(), minlength=k)

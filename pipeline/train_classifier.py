@@ -20,7 +20,8 @@ from pipeline.config import Params, Paths, resolve_device
 from pipeline.core.curves import write_curves
 from pipeline.core.entrypoint import stage_main
 from pipeline.core.images import class_names_of, dataset_to_tensors, image_hashes
-from pipeline.core.io import atomic_path, check_made_from, check_writable, load_dataset_dir, read_json, write_json
+from pipeline.core.io import (atomic_path, check_made_from, check_writable, load_dataset_dir, load_pseudo_labels,
+                              read_json, write_json)
 from pipeline.core.stats import classification_metrics, summarize_seeds
 from pipeline.errors import ConfigError, DataError
 from pipeline.models.classifier import check_input_size
@@ -80,13 +81,11 @@ def run(params: Params, paths: Paths, variant: str) -> dict:
     check_input_size(cfg.arch, k, val_x.shape[1], val_x.shape[-1])
     pseudo_fp, n_pseudo = None, 0
     if spec.pseudo:  # the pseudo-labeled pool joins the labeled images (self-training)
-        pseudo = read_json(paths.pseudo / "summary.json", "pseudo_label")
-        check_made_from(paths.pseudo, pseudo.get("prepared_fingerprint"), prepared_fp, "pseudo_label")
-        ds = load_dataset_dir(paths.pseudo / "dataset", "pseudo_label")
-        if ds is None:
+        pseudo, kept = load_pseudo_labels(paths.pseudo, prepared_fp)
+        if kept is None:
             raise DataError(f"{paths.pseudo}: pseudo_label kept no pool image ({pseudo.get('headline')}), so variant "
                             f"{variant!r} (pseudo: true) has nothing to add. Give prepare a pool or drop the variant.")
-        px, py = dataset_to_tensors(ds)
+        px, py = kept
         train_x, train_y, pseudo_fp, n_pseudo = torch.cat([train_x, px]), torch.cat([train_y, py]), \
             pseudo.get("fingerprint"), len(px)
     synthetic, syn_path, syn_fp = None, None, None

@@ -23,7 +23,7 @@ from pipeline.config import Params, Paths, resolve_device
 from pipeline.core.curves import CURVES, write_curves
 from pipeline.core.entrypoint import stage_main
 from pipeline.core.images import dataset_to_tensors, make_grid_image
-from pipeline.core.io import (atomic_path, check_made_from, check_writable, load_dataset_dir, read_json, save_png,
+from pipeline.core.io import (atomic_path, check_writable, load_dataset_dir, load_pseudo_labels, read_json, save_png,
                               sha256_file, write_json)
 from pipeline.errors import ConfigError, DataError
 from pipeline.models.class_conditional import bf16_is_fast
@@ -56,14 +56,12 @@ def load_train_data(params: Params, paths: Paths, device: str) -> TrainData:
         raise ConfigError("train_generator.labels: pseudo does not apply to kind datasetgan (its interpreter labels "
                           "its own samples); use labels: auto or labeled")
     if cfg.labels != "labeled" and cfg.kind != "datasetgan":
-        pseudo = read_json(paths.pseudo / "summary.json", "pseudo_label")
-        check_made_from(paths.pseudo, pseudo.get("prepared_fingerprint"), summary.get("fingerprint"), "pseudo_label")
-        ds = load_dataset_dir(paths.pseudo / "dataset", "pseudo_label")
-        if ds is None and cfg.labels == "pseudo":
+        pseudo, kept = load_pseudo_labels(paths.pseudo, summary.get("fingerprint"))
+        if kept is None and cfg.labels == "pseudo":
             raise DataError(f"{paths.pseudo}: train_generator.labels is pseudo but pseudo_label kept no pool image "
                             f"({pseudo.get('headline', 'no pool')}). Set prepare.unlabeled_pool > 0 or labels: auto.")
-        if ds is not None:  # labeled + pseudo-labeled pool, the labeled drawn labeled_weight times as often
-            px, py = dataset_to_tensors(ds)
+        if kept is not None:  # labeled + pseudo-labeled pool, the labeled drawn labeled_weight times as often
+            px, py = kept
             n_pseudo = len(px)
             weights = torch.cat([torch.full((len(x),), cfg.labeled_weight), torch.ones(n_pseudo)]).to(device)
             x, y = torch.cat([x, px]), torch.cat([y, py])

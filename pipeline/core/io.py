@@ -16,6 +16,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from pipeline.core.images import dataset_to_tensors
 from pipeline.errors import ConfigError, DataError
 
 
@@ -132,6 +133,15 @@ def check_made_from(output: str | os.PathLike, recorded: str | None, current: st
     if recorded != current:
         raise DataError(f"{output}: made from other data than the current inputs (fingerprint "
                         f"{str(recorded)[:12]} there, {str(current)[:12]} now). Re-run {rerun} (dvc repro).")
+
+
+def load_pseudo_labels(folder: Path, prepared_fp: str | None) -> tuple[dict, tuple[torch.Tensor, torch.Tensor] | None]:
+    """pseudo_label's output, refused when made from other prepared data: its summary and
+    (images, pseudo-labels), or None when it kept no pool image."""
+    summary = read_json(folder / "summary.json", "pseudo_label")
+    check_made_from(folder, summary.get("prepared_fingerprint"), prepared_fp, "pseudo_label")
+    ds = load_dataset_dir(folder / "dataset", "pseudo_label")
+    return summary, None if ds is None else dataset_to_tensors(ds)
 
 
 def fingerprint(*parts) -> str:
