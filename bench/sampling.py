@@ -27,7 +27,7 @@ from pipeline.core.seeding import image_seed
 from pipeline.models.class_conditional import bf16_is_fast
 from pipeline.models.diffusion import DiffusionGenerator, build_unet, inference_scheduler, train_scheduler
 from pipeline.models.registry import load_generator
-from pipeline.models.sampling import generate
+from pipeline.models.sampling import generate, generation_plan
 from pipeline.sample import AUTO_BATCH
 
 TARGETS = {"cuda": 3.0, "cpu": 1.3}
@@ -126,9 +126,10 @@ def main(argv=None) -> dict:
     ours_gen = diffusion_generator(compile_if(unet, device, args.compile), sched_conf, meta)
     cfg = SampleConfig(sampler="ddim", num_inference_steps=args.steps, guidance_scale=args.guidance,
                        per_class=per_class, batch_size=batch)
+    plan = generation_plan(-(-n // per_class), per_class)  # label = i // per_class, as stock_generate
 
     def ours(indices=range(n), seed=0):
-        return generate(ours_gen, indices, cfg, seed, batch, progress=False)[0]
+        return generate(ours_gen, plan, indices, cfg, seed, batch, progress=False)[0]
 
     def stock():
         return stock_generate(stock_unet, sched_conf, meta, range(n_stock), per_class, args.steps,
@@ -148,7 +149,7 @@ def main(argv=None) -> dict:
         diff = (a - b).abs()
         other = ours(range(n_stock), seed=1)  # an independent set: the sampling-noise floor
         k = min(4, n_stock)  # ours one image per batch: isolates batch-composition rounding
-        single = generate(ours_gen, range(k), cfg, 0, 1, progress=False)[0].to(torch.int16)
+        single = generate(ours_gen, plan, range(k), cfg, 0, 1, progress=False)[0].to(torch.int16)
         diff_single = (single - b[:k]).abs()
         from pipeline.quality.features import FeatureSpace
         space = FeatureSpace("efficientnet-lite0", device=device, resolution=args.fd_resolution)

@@ -52,7 +52,7 @@ def main(argv=None) -> dict:
     from pipeline.core.io import load_dataset_dir
     from pipeline.models.classifier import build_model
     from pipeline.models.diffusion import build_unet, train_scheduler
-    from pipeline.models.sampling import generate
+    from pipeline.models.sampling import generate, generation_plan
     from pipeline.quality.features import FeatureSpace
     from pipeline.quality.judge import judge_scores
     from pipeline.quality.metrics import nearest, realism, set_metrics
@@ -92,7 +92,7 @@ def main(argv=None) -> dict:
                                per_class=per_class, batch_size=batch)
             t = {}
             t["sample"], (syn_x, _, _) = timed(
-                lambda: generate(generator, range(n), cfg, 0, batch, progress=False), device)
+                lambda: generate(generator, generation_plan(num_classes, per_class), range(n), cfg, 0, batch, progress=False), device)
             syn_y = torch.arange(n) // per_class
             t["judge_scores"], _ = timed(lambda: judge_scores(judge, syn_x, syn_y, fcfg.batch_size, device), device)
             t["features"], f_syn = timed(lambda: space(syn_x), device)

@@ -78,9 +78,12 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
     f_ref, ref_y = cached_features(space, test[0][ref_idx], cache, "test-ref"), test[1][ref_idx]
 
     inside, real_score = realism(f_syn, f_manifold, k=cfg.realism_k)
-    nn_train = nearest(f_syn, f_train)
+    src = source_columns(synthetic)
+    from_train = torch.where(torch.tensor(src["source_split"] == "train"), torch.from_numpy(src["source_index"]), -1)
+    nn_train = nearest(f_syn, f_train, exclude=from_train)  # an img2img variation is not a copy of its own source
     train_nn = nearest(f_train, f_train, exclude_self=True)
     memo_threshold = cfg.memorization_ratio * float(train_nn.median())
+    src_dist = source_distances(space, src, f_syn, f_train, pool_x)
     clip_col, clip_info = clip_column(cfg, syn_x, syn_y, class_names, device)
     dup = duplicate_flags(syn_x, torch.cat([train[0], val[0]]), test[0])
     seeds = synthetic["seed"] if "seed" in synthetic.column_names else [-1] * len(syn_x)
@@ -88,7 +91,8 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
         "index": np.arange(len(syn_x)), "label": syn_y.numpy(), "seed": np.asarray(seeds, dtype=np.int64),
         "confidence": js["confidence"], "margin": js["margin"], "predicted": js["predicted"],
         "realism": real_score.numpy(), "inside_manifold": inside.numpy(),
-        "nn_train_distance": nn_train.numpy(), "clip_score": clip_col, **dup,
+        "nn_train_distance": nn_train.numpy(), "clip_score": clip_col, **dup, **src,
+        "source_distance": src_dist, "near_copy_of_source": src_dist < memo_threshold,
     })
     scores = select(scores, cfg, K, memo_threshold)
     keep = torch.from_numpy(scores["accepted"].to_numpy().copy())
@@ -104,6 +108,7 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
               "manifold_reference": len(f_manifold), "train": len(f_train),
               "floor_real": min(len(f_real), len(syn_x))},
         "acceptance": acceptance_summary(scores, class_names),
+        "near_copies_of_source": near_copy_summary(scores),
         "thresholds": {"min_confidence": cfg.min_confidence, "require_realism": cfg.require_realism,
                        "realism_k": cfg.realism_k, "memorization_ratio": cfg.memorization_ratio,
                        "memorization_distance": memo_threshold, "median_train_nn_distance": float(train_nn.median()),
@@ -129,6 +134,36 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
              _fmt(metrics["before"]), _fmt(metrics["after"]), f'{_fmt(metrics["floor"])} / '
              f'{_fmt(metrics["floor_at_accepted_n"])}', label, time.time() - t0)
     return summary
+
+
+def source_columns(synthetic) -> dict[str, np.ndarray]:
+    """Strength and source of each image (generated ones: strength 1, no source)."""
+    n, cols = len(synthetic), synthetic.column_names
+    def column(name, default, dtype):
+        return np.asarray(list(synthetic[name]) if name in cols else [default] * n, dtype=dtype)
+    return {"strength": column("strength", 1.0, float), "source_split": column("source_split", "", object),
+            "source_index": column("source_index", -1, np.int64)}
+
+
+def source_distances(space, src: dict, f_syn: torch.Tensor, f_train: torch.Tensor, pool_x) -> np.ndarray:
+    """Feature distance of each img2img image to its own source image (NaN without one)."""
+    out = np.full(len(f_syn), np.nan)
+    for split, feats in (("train", lambda idx: f_train[idx]),
+                         ("pool", lambda idx: space(pool_x[idx]) if pool_x is not None else None)):
+        rows = np.flatnonzero(src["source_split"] == split)
+        if len(rows):
+            f_src = feats(torch.from_numpy(src["source_index"][rows]))
+            out[rows] = (f_syn[rows].double() - f_src.double()).norm(dim=1).numpy()
+    return out
+
+
+def near_copy_summary(scores: pd.DataFrame) -> dict:
+    """img2img images closer to their own source than the memorisation distance, per strength
+    (counted and reported, not rejected: they are the source image, slightly changed)."""
+    with_source = scores[scores["source_split"] != ""]
+    return {str(s): {"images": int(len(g)), "near_copies": int(g["near_copy_of_source"].sum()),
+                     "median_source_distance": float(g["source_distance"].median())}
+            for s, g in with_source.groupby("strength")}
 
 
 def _fmt(m: dict) -> str:

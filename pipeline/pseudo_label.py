@@ -2,8 +2,9 @@
 
 A timm classifier (``pseudo_label.arch``) trains on the labeled train split, is selected on val,
 and predicts every pool image; the confident ones (``threshold``), at most ``per_class_cap`` per
-class, keep their predicted class as a pseudo-label (DPT, You et al. 2023, step one). Writes
-``data/pseudo/``: ``dataset`` (image, label = pseudo-label, confidence), ``labeler.safetensors``
+class (``balance``: as many in every class), keep their predicted class as a pseudo-label (DPT,
+You et al. 2023, step one). Writes ``data/pseudo/``: ``dataset`` (image, label = pseudo-label,
+confidence, the labeler's probabilities, the row in the pool), ``labeler.safetensors``
 and ``summary.json`` (kept per class and, where the pool's source labels are known, how many
 pseudo-labels are right: a diagnostic only, no stage trains on those labels). With no pool the
 dataset is empty and the generators learn from the labeled set alone.
@@ -57,7 +58,7 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
                                      batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay, seed=seed,
                                      device=device, augment=cfg.augment, eval_every=max(1, cfg.steps // 10))
         proba = predict_proba(model, pool_x, 512, device)
-        keep = confident_per_class(proba, cfg.threshold, cfg.per_class_cap)
+        keep = confident_per_class(proba, cfg.threshold, cfg.per_class_cap, cfg.balance)
         summary["labeler"] = {"arch": cfg.arch, "val_accuracy": hist["best_val_acc"], "best_step": hist["best_step"],
                               "n_val": len(vy), "seconds": round(hist["seconds"], 1)}
     else:
@@ -87,7 +88,8 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
                                                  "(source labels, diagnostic)" if "pseudo_label_accuracy" in summary
                                                  else ""))
     with atomic_path(paths.pseudo, is_dir=True) as tmp:
-        tensors_to_dataset(x, labels, class_names, {"confidence": conf[keep].double()}).save_to_disk(
+        tensors_to_dataset(x, labels, class_names, {"confidence": conf[keep].double(), "pool_index": keep,
+                                                    "probabilities": proba[keep].double()}).save_to_disk(
             str(tmp / "dataset"))
         if model is not None:
             save_file({n: v.detach().cpu().contiguous() for n, v in model.state_dict().items()},

@@ -24,7 +24,8 @@ from pipeline.core.provenance import run_metadata
 from pipeline.errors import DataError
 from pipeline.reporting.figures import (class_grids, fig_loss, fig_per_class_gain, fig_ratio_sweep, fig_scores,
                                         fig_variants)
-from pipeline.reporting.tables import QUALITY, pct, per_class_gain, quality_rows, variant_table, verdict
+from pipeline.reporting.tables import (QUALITY, generator_quality, pct, per_class_gain, quality_rows, variant_table,
+                                       verdict)
 
 log = logging.getLogger(__name__)
 
@@ -125,13 +126,14 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
             facts = read_json(f)
             stage_times[stage] = (facts.get("timing") or facts).get("seconds")
     stage_times["train_classifier"] = sum(r.get("seconds") or 0 for v in variants.values() for r in v["per_seed"]) or None
-    metrics = {"headline": answer["text"], "helped": answer["helped"], "best_variant": answer["best_variant"],
+    metrics = {"headline": answer["headline"], "answer": answer["points"], "helped": answer["helped"], "best_variant": answer["best_variant"],
                "synthetic_variant": answer.get("synthetic_variant"),
                "generator_kind": generator.get("kind"),
                "n_test": answer["n_test"], "seeds": answer["seeds"],
                **({"gain": answer["gain"], "gain_ci95_low": answer["gain_low"], "gain_ci95_high": answer["gain_high"],
                    "detectable_difference": answer["detectable_difference"]} if "gain" in answer else {}),
                "comparisons": answer["comparisons"], "stage_seconds": stage_times,
+               "generator_quality": generator_quality(filt, table, params.train_classifier.variants) if filt else None,
                "pseudo_labels": {k: pseudo.get(k) for k in ("kept", "pool_size", "pseudo_label_accuracy", "threshold")},
                "variants": {v: {k: (None if pd.isna(x) else float(x)) for k, x in table.loc[v].items()
                                 if k in ("accuracy", "accuracy_low", "accuracy_high", "val_accuracy", "macro_f1", "ece",
@@ -156,8 +158,8 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
         with atomic_path(paths.reports / name) as tmp:
             tmp.write_text(env.get_template(name + ".j2").render(**ctx))
     write_json(paths.reports / "metrics.json", metrics)
-    log.info("report: %s", answer["text"])
-    return {"headline": answer["text"], "report": str(paths.reports / "report.html")}
+    log.info("report: %s %s", answer["headline"], answer["text"])
+    return {"headline": answer["headline"], "report": str(paths.reports / "report.html")}
 
 
 def main(argv: list[str] | None = None) -> None:

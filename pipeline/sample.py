@@ -1,9 +1,13 @@
 """Stage 3, sample: class-conditional synthetic images from the trained generator.
 
-Any generator kind (pipeline/models/registry.py). Image ``i`` (global index, class-major:
-label = i // per_class) is made from its own seed ``image_seed(base.seed, i)`` (the
-initial noise of DDIM (eta 0) and DPM-Solver++, the latent of the GAN); see
-pipeline/models/sampling.py. Sampler, steps and guidance apply to the diffusion kinds.
+Any generator kind (pipeline/models/registry.py). ``sample.mode`` generate: image ``i``
+(global index, class-major: label = i // per_class) is new, from its own seed
+``image_seed(base.seed, i)`` (the initial noise of DDIM (eta 0) and DPM-Solver++, the latent
+of the GAN). img2img (diffusion kinds): variations of the labeled train images (and of
+``pool_per_class`` pseudo-labeled pool images per class, read from ``data/pseudo``), each
+noised to a strength and denoised with its class; every image records its source
+(``source_split``, ``source_index``) and ``strength``. See pipeline/models/sampling.py.
+Sampler, steps and guidance apply to the diffusion kinds.
 
 Shards: shard k of n generates a contiguous range of indices into
 ``data/synthetic_shards/shard-kkk-of-nnn`` (skipped when already complete). A run makes
@@ -25,11 +29,13 @@ import torch
 from pipeline.config import Paths, Params, SampleConfig, resolve_device
 from pipeline.core.entrypoint import stage_main
 from pipeline.core.images import dataset_to_tensors, make_grid_image, tensors_to_dataset
-from pipeline.core.io import atomic_path, check_writable, fingerprint, read_json, save_dataset, save_png, write_json
+from pipeline.core.io import (atomic_path, check_made_from, check_writable, fingerprint, load_img2img_sources,
+                              read_json, save_dataset, save_png, write_json)
 from pipeline.core.seeding import SEED_STRIDE, image_seed
 from pipeline.models.class_conditional import bf16_is_fast
 from pipeline.models.registry import load_generator
-from pipeline.models.sampling import generate, shard_range
+from pipeline.errors import ConfigError
+from pipeline.models.sampling import Plan, generate, generation_plan, img2img_plan, shard_range
 
 log = logging.getLogger(__name__)
 AUTO_BATCH = {"cpu": 64, "cuda": 256}
@@ -43,14 +49,37 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower() or "class"
 
 
-def to_dataset(images: torch.Tensor, labels: torch.Tensor, seeds: list[int], cfg: SampleConfig, meta: dict):
+def make_plan(cfg: SampleConfig, paths: Paths, meta: dict) -> Plan:
+    """generate: per_class images of each class; img2img: variations of the labeled (and pool) images."""
+    if cfg.mode == "generate":
+        return generation_plan(meta["num_classes"], cfg.per_class)
+    if meta["kind"] not in ("unet", "dit"):
+        raise ConfigError(f"sample.mode: img2img needs a diffusion generator (kind unet or dit), this one is "
+                          f"{meta['kind']}. Use mode: generate.")
+    check_made_from(paths.generator, meta.get("prepared_fingerprint"),
+                    read_json(paths.prepared / "summary.json", "prepare").get("fingerprint"), "train_generator")
+    x, y, origins = load_img2img_sources(paths.prepared, paths.pseudo, cfg.pool_per_class, meta["num_classes"])
+    return img2img_plan(x, y, cfg.strengths, cfg.variations, origins)
+
+
+def to_dataset(images: torch.Tensor, labels: torch.Tensor, seeds: list[int], cfg: SampleConfig, meta: dict,
+               plan: Plan, indices: range):
     n = len(seeds)
+    strength, split, row = plan.origin(indices)
     return tensors_to_dataset(images, labels, meta["class_names"], extra={
         "seed": seeds, "guidance": [float(cfg.guidance_scale)] * n, "steps": [cfg.num_inference_steps] * n,
-        "sampler": [cfg.sampler] * n, "generator": [meta["fingerprint"]] * n})
+        "sampler": [cfg.sampler] * n, "generator": [meta["fingerprint"]] * n,
+        "strength": strength, "source_split": split, "source_index": row})
 
 
-def shard_is_complete(path: Path, indices: range, cfg: SampleConfig, meta: dict, base_seed: int) -> bool:
+def recipe(cfg: SampleConfig) -> dict:
+    """The settings that change an image (besides its seed, source and the generator)."""
+    return {k: v for k, v in cfg.model_dump(mode="json").items()
+            if k not in ("batch_size", "shard_index", "num_shards", "grid_per_class")}
+
+
+def shard_is_complete(path: Path, indices: range, cfg: SampleConfig, meta: dict, base_seed: int, plan: Plan
+                      ) -> bool:
     """A saved shard that holds exactly these images with these settings."""
     if not path.exists():
         return False
@@ -61,37 +90,49 @@ def shard_is_complete(path: Path, indices: range, cfg: SampleConfig, meta: dict,
         return False
     if len(ds) != len(indices) or len(ds) == 0:
         return len(ds) == len(indices)
-    ok = (ds["seed"] == [image_seed(base_seed, i) for i in indices]
-          and ds[0]["generator"] == meta["fingerprint"] and ds[0]["sampler"] == cfg.sampler
-          and ds[0]["steps"] == cfg.num_inference_steps and ds[0]["guidance"] == float(cfg.guidance_scale))
+    done = path.with_name(path.name + ".json")
+    ok = (list(ds["seed"]) == [image_seed(base_seed, i) for i in indices] and "strength" in ds.column_names
+          and list(ds["strength"]) == [float(v) for v in plan.strengths[list(indices)]]
+          and list(ds["label"]) == plan.labels[list(indices)].tolist()
+          and ds[0]["generator"] == meta["fingerprint"] and done.exists()
+          and read_json(done).get("recipe") == recipe(cfg))
     if not ok:
         log.warning("%s: made with other settings or another generator; generating it again", path)
     return ok
 
 
-def preview_grids(ds, num_classes: int, per_class: int, grid_per_class: int) -> list[torch.Tensor]:
-    """The first grid_per_class images of each class (rows are class-major)."""
-    k = min(grid_per_class, per_class)
-    return [dataset_to_tensors(ds.select(range(c * per_class, c * per_class + k)))[0] for c in range(num_classes)]
+def preview_grids(ds, plan: Plan, num_classes: int, grid_per_class: int) -> tuple[list[torch.Tensor], int]:
+    """Up to grid_per_class images of each class and the grid's row length. img2img: each row is
+    one source image's variations, weakest strength first."""
+    strengths = plan.strengths.unique()
+    grids = []
+    for c in range(num_classes):
+        idx = torch.nonzero(plan.labels == c).flatten()
+        order = sorted(idx.tolist(), key=lambda i: (int(plan.source_rows[i]), float(plan.strengths[i])))
+        grids.append(dataset_to_tensors(ds.select(order[:grid_per_class]))[0])
+    nrow = len(strengths) if plan.sources is not None else math.ceil(math.sqrt(max(len(g) for g in grids)))
+    return grids, nrow
 
 
-def make_shard(generator, k: int, cfg: SampleConfig, paths: Paths, seed: int, device: str, batch_size: int) -> None:
+def make_shard(generator, plan: Plan, k: int, cfg: SampleConfig, paths: Paths, seed: int, device: str,
+               batch_size: int) -> None:
     """Generate shard ``k`` of ``cfg.num_shards`` unless a complete one is already there."""
     meta = generator.meta
-    indices = shard_range(meta["num_classes"] * cfg.per_class, k, cfg.num_shards)
+    indices = shard_range(len(plan), k, cfg.num_shards)
     shard_dir = paths.synthetic_shards / shard_name(k, cfg.num_shards)
-    if shard_is_complete(shard_dir, indices, cfg, meta, seed):
+    if shard_is_complete(shard_dir, indices, cfg, meta, seed, plan):
         log.info("sample: %s already complete (%d images); skipped", shard_dir, len(indices))
         return
-    log.info("sample: shard %d/%d, %d images (indices %d..%d), %s %d steps, guidance %.2f, batch %d on %s",
-             k, cfg.num_shards, len(indices), indices.start, indices.stop - 1, cfg.sampler,
+    log.info("sample: shard %d/%d, %d images (indices %d..%d), %s, %s %d steps, guidance %.2f, batch %d on %s",
+             k, cfg.num_shards, len(indices), indices.start, indices.stop - 1, cfg.mode, cfg.sampler,
              cfg.num_inference_steps, cfg.guidance_scale, batch_size, device)
     t0 = time.perf_counter()
-    images, labels, seeds = generate(generator, indices, cfg, seed, batch_size)
+    images, labels, seeds = generate(generator, plan, indices, cfg, seed, batch_size)
     seconds = time.perf_counter() - t0
-    save_dataset(to_dataset(images, labels, seeds, cfg, meta), shard_dir)
+    save_dataset(to_dataset(images, labels, seeds, cfg, meta, plan, indices), shard_dir)
     write_json(shard_dir.with_name(shard_dir.name + ".json"), {
         "images": len(indices), "seconds": round(seconds, 3), "device": device, "batch_size": batch_size,
+        "recipe": recipe(cfg),
         "images_per_second": round(len(indices) / max(seconds, 1e-9), 3)})
     log.info("sample: wrote %s (%.2f images/s)", shard_dir, len(indices) / max(seconds, 1e-9))
 
@@ -106,11 +147,12 @@ def run(params: Params, paths: Paths = Paths(), shard_only: bool = False) -> dic
     device = resolve_device(params.base)
     generator = load_generator(paths.generator, device)
     meta = generator.meta
+    plan = make_plan(cfg, paths, meta)
     batch_size = cfg.batch_size or AUTO_BATCH.get(device, 64)
     order = [cfg.shard_index] if shard_only else \
         [cfg.shard_index, *(k for k in range(cfg.num_shards) if k != cfg.shard_index)]
     for k in order:
-        make_shard(generator, k, cfg, paths, seed, device, batch_size)
+        make_shard(generator, plan, k, cfg, paths, seed, device, batch_size)
     if shard_only:
         return {"complete": False, "shard": cfg.shard_index,
                 "headline": f"shard {cfg.shard_index} of {cfg.num_shards} done; merged by a run without shard_only"}
@@ -119,8 +161,11 @@ def run(params: Params, paths: Paths = Paths(), shard_only: bool = False) -> dic
     timing = [read_json(d.with_name(d.name + ".json")) for d in dirs if d.with_name(d.name + ".json").exists()]
     seconds = sum(t["seconds"] for t in timing)
     counts = torch.bincount(torch.tensor(merged["label"]), minlength=meta["num_classes"]).tolist()
+    strengths = list(merged["strength"])
     summary = {
-        "num_images": len(merged), "per_class": cfg.per_class,
+        "num_images": len(merged), "mode": cfg.mode, "per_class": cfg.per_class if cfg.mode == "generate" else None,
+        "images_per_strength": {str(v): strengths.count(v) for v in sorted(set(strengths))},
+        "sources": None if plan.sources is None else {s: [o[0] for o in plan.origins].count(s) for s in ("train", "pool")},
         "counts_per_class": dict(zip(meta["class_names"], counts)),
         "images_per_second": round(sum(t["images"] for t in timing) / seconds, 3) if seconds else None,
         "generation_seconds": round(seconds, 2), "timing": {"seconds": round(seconds, 1)}, "shards": timing, "num_shards": cfg.num_shards,
@@ -129,15 +174,15 @@ def run(params: Params, paths: Paths = Paths(), shard_only: bool = False) -> dic
         "num_inference_steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale,
         "generator": meta["fingerprint"], "generator_kind": meta["kind"], "image_size": meta["image_size"],
         "channels": meta["channels"], "prepared_fingerprint": meta.get("prepared_fingerprint"),
-        "fingerprint": fingerprint(meta["fingerprint"], list(merged["seed"]), list(merged["label"]), cfg.sampler,
-                                   cfg.num_inference_steps, cfg.guidance_scale),
+        "fingerprint": fingerprint(meta["fingerprint"], list(merged["seed"]), list(merged["label"]), recipe(cfg),
+                                   list(merged["source_split"]), list(merged["source_index"])),
         "seed_rule": f"seed = base.seed * {SEED_STRIDE} + global index", "params": params.resolved(),
     }
-    grids = preview_grids(merged, meta["num_classes"], cfg.per_class, cfg.grid_per_class)
+    grids, nrow = preview_grids(merged, plan, meta["num_classes"], cfg.grid_per_class)
     with atomic_path(paths.synthetic, is_dir=True) as tmp:
         merged.save_to_disk(str(tmp / "dataset"))
         for c, (name, grid) in enumerate(zip(meta["class_names"], grids)):
-            save_png(make_grid_image(grid, nrow=math.ceil(math.sqrt(len(grid)))),
+            save_png(make_grid_image(grid, nrow=nrow),
                      tmp / "preview" / f"{c:02d}_{safe_name(name)}.png")
         write_json(tmp / "summary.json", summary)
     log.info("sample: merged %d shards into %s (%d images)", cfg.num_shards, paths.synthetic, len(merged))

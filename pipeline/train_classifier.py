@@ -11,6 +11,7 @@ A variant with ``pseudo: true`` adds the pseudo-labeled pool (``data/pseudo/``) 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,8 +25,8 @@ from pipeline.core.io import (atomic_path, check_made_from, check_writable, load
                               read_json, write_json)
 from pipeline.core.stats import classification_metrics, summarize_seeds
 from pipeline.errors import ConfigError, DataError
-from pipeline.models.classifier import check_input_size
-from pipeline.training.classifier import predict_proba, train_variant
+from pipeline.models.classifier import check_input_size, load_classifier
+from pipeline.training.classifier import RATIO_RULE, predict_proba, sharpen, train_variant
 
 log = logging.getLogger(__name__)
 SUMMARY_METRICS = ("accuracy", "macro_f1", "ece")
@@ -66,41 +67,72 @@ def load_synthetic(paths: Paths, source: str, class_names: list[str], like: torc
     return x, y, where, summary.get("fingerprint")
 
 
-def run(params: Params, paths: Paths, variant: str) -> dict:
-    """Train ``variant`` (a name in train_classifier.variants) for each seed; test; write."""
+@dataclass
+class VariantData:
+    """What a variant trains and selects on (never the test split)."""
+    train: tuple[torch.Tensor, torch.Tensor]  # the labeled images
+    val: tuple[torch.Tensor, torch.Tensor]
+    class_names: list[str]
+    pseudo: tuple[torch.Tensor, torch.Tensor] | None = None  # pool images, pseudo-labels (ids or probabilities)
+    synthetic: tuple[torch.Tensor, torch.Tensor] | None = None
+    synthetic_path: Path | None = None
+    inputs: dict = field(default_factory=dict)  # fingerprints of what it read (the report refuses to mix runs)
+
+
+def load_variant_data(params: Params, paths: Paths, variant: str) -> VariantData:
+    """The labeled, validation, pseudo-labeled and synthetic images of ``variant``, checked."""
     cfg = params.train_classifier
     if variant not in cfg.variants:
         raise ConfigError(f"train_classifier variant {variant!r} is not in train_classifier.variants "
                           f"({', '.join(cfg.variants)}); add it to params.yaml or pick one of those")
-    spec, device = cfg.variants[variant], resolve_device(params.base)
-    check_writable(paths.classifier / variant, paths.classifier_metrics / variant)
+    spec = cfg.variants[variant]
     prepared_fp = read_json(paths.prepared / "summary.json", "prepare").get("fingerprint")
     train_x, train_y, class_names = load_split(paths, "train")
     val_x, val_y, _ = load_split(paths, "val")
-    k = len(class_names)
-    check_input_size(cfg.arch, k, val_x.shape[1], val_x.shape[-1])
-    pseudo_fp, n_pseudo = None, 0
-    if spec.pseudo:  # the pseudo-labeled pool joins the labeled images (self-training)
+    check_input_size(cfg.arch, len(class_names), val_x.shape[1], val_x.shape[-1])
+    data = VariantData((train_x, train_y), (val_x, val_y), class_names,
+                       inputs={"prepared": prepared_fp, "synthetic": None, "pseudo": None})
+    if spec.pseudo:  # the pseudo-labeled pool, drawn beside the labeled images (self-training)
         pseudo, kept = load_pseudo_labels(paths.pseudo, prepared_fp)
         if kept is None:
             raise DataError(f"{paths.pseudo}: pseudo_label kept no pool image ({pseudo.get('headline')}), so variant "
                             f"{variant!r} (pseudo: true) has nothing to add. Give prepare a pool or drop the variant.")
-        px, py = kept
-        train_x, train_y, pseudo_fp, n_pseudo = torch.cat([train_x, px]), torch.cat([train_y, py]), \
-            pseudo.get("fingerprint"), len(px)
-    synthetic, syn_path, syn_fp = None, None, None
+        px, py, proba = kept
+        if cfg.pseudo_labels == "soft":
+            if proba is None:
+                raise DataError(f"{paths.pseudo}: no labeler probabilities saved; re-run pseudo_label for "
+                                "train_classifier.pseudo_labels: soft")
+            py = sharpen(proba, cfg.pseudo_temperature)
+        data.pseudo, data.inputs["pseudo"] = (px, py), pseudo.get("fingerprint")
     if spec.uses_synthetic:
-        sx, sy, syn_path, syn_fp = load_synthetic(paths, spec.data, class_names, val_x, prepared_fp)
-        synthetic = (sx, sy)
+        sx, sy, data.synthetic_path, data.inputs["synthetic"] = load_synthetic(paths, spec.data, class_names, val_x,
+                                                                                prepared_fp)
+        if cfg.synthetic_labels == "labeler":  # distillation: the labeler's probabilities, not the intended class
+            labeler = load_classifier(paths.pseudo / "labeler.safetensors", len(class_names), sx.shape[1],
+                                      "train_classifier.synthetic_labels: labeler needs pseudo_label's labeler")
+            sy = sharpen(predict_proba(labeler, sx, 512, resolve_device(params.base)), cfg.pseudo_temperature)
+        data.synthetic = (sx, sy)
+    return data
+
+
+def run(params: Params, paths: Paths, variant: str) -> dict:
+    """Train ``variant`` (a name in train_classifier.variants) for each seed; test; write."""
+    cfg = params.train_classifier
+    data = load_variant_data(params, paths, variant)
+    spec, device = cfg.variants[variant], resolve_device(params.base)
+    check_writable(paths.classifier / variant, paths.classifier_metrics / variant)
+    (train_x, train_y), (val_x, val_y), class_names = data.train, data.val, data.class_names
+    k, synthetic = len(class_names), data.synthetic
+    n_pseudo = len(data.pseudo[0]) if data.pseudo else 0
     seeds = [params.base.seed * 1000 + i for i in range(cfg.seeds)]
-    log.info("train_classifier %s: %s, %d real (%d of them pseudo-labeled) + %d synthetic training images, %d val, "
+    log.info("train_classifier %s: %s, %d labeled + %d pseudo-labeled + %d synthetic training images, %d val, "
              "%d seeds x %d steps on %s", variant, cfg.arch, len(train_x) if spec.real else 0, n_pseudo,
-             len(synthetic[0]) if synthetic else 0,
-             len(val_x), len(seeds), cfg.steps, device)
-    results, ratio, sweep = train_variant(cfg, spec, (train_x, train_y), (val_x, val_y), synthetic, seeds, device, k)
+             len(synthetic[0]) if synthetic else 0, len(val_x), len(seeds), cfg.steps, device)
+    results, ratio, sweep = train_variant(cfg, spec, data.train, data.val, synthetic, seeds, device, k, data.pseudo)
 
     test_x, test_y, _ = load_split(paths, "test")  # read once every model is trained and selected
-    seen = set(image_hashes(val_x)) | (set(image_hashes(train_x)) if spec.real else set())
+    seen = set(image_hashes(val_x)) | (set(image_hashes(train_x)) if spec.real else set()) | \
+        (set(image_hashes(data.pseudo[0])) if data.pseudo else set())
     leaked = set(image_hashes(test_x)) & seen
     if leaked:
         raise DataError(f"{len(leaked)} test images also appear in train/val. Run prepare again.")
@@ -118,12 +150,17 @@ def run(params: Params, paths: Paths, variant: str) -> dict:
                                                  "steps", "seconds", "per_class_accuracy")})
 
     common = {"variant": variant, "arch": cfg.arch, "pretrained": cfg.pretrained, "augment": spec.augment,
-              "trains_on_real": spec.real, "synthetic_source": str(syn_path) if syn_path else None,
-              "synthetic_ratio": ratio, "steps": cfg.steps, "batch_size": cfg.batch_size,
+              "trains_on_real": spec.real,
+              "synthetic_source": str(data.synthetic_path) if data.synthetic_path else None,
+              "synthetic_ratio": ratio, "ratio_rule": RATIO_RULE if sweep else None, "steps": cfg.steps,
+              "batch_size": cfg.batch_size,
+              "pseudo": {"share": cfg.pseudo_share, "labels": cfg.pseudo_labels,
+                         "temperature": cfg.pseudo_temperature} if data.pseudo else None,
+              "synthetic_labels": cfg.synthetic_labels if synthetic else None,
               "n_train_real": len(train_x) if spec.real else 0, "n_pseudo_labeled": n_pseudo,
               "n_synthetic": len(synthetic[0]) if synthetic else 0, "n_val": len(val_x), "n_test": len(test_y),
               "class_names": class_names,
-              "inputs": {"prepared": prepared_fp, "synthetic": syn_fp, "pseudo": pseudo_fp}}  # the report refuses to mix runs
+              "inputs": data.inputs}  # the report refuses to mix runs
     with atomic_path(paths.classifier / variant, is_dir=True) as tmp:
         for i, (model, m, hist) in enumerate(evaluated):
             d = tmp / f"seed{i}"
@@ -133,7 +170,8 @@ def run(params: Params, paths: Paths, variant: str) -> dict:
             write_json(d / "metrics.json", {**common, **m, "history": hist})
             write_json(d / "config.json", {**common, "seed": m["seed"], "params": params.resolved()})
     summary = {**common, "seeds": seeds, **summarize_seeds(per_seed, SUMMARY_METRICS)}
-    summary["ratio_sweep"] = {str(r): a for r, a in sweep.items()} if sweep else None
+    summary["ratio_sweep"] = {str(r): sum(a) / len(a) for r, a in sweep.items()} if sweep else None
+    summary["ratio_sweep_per_seed"] = {str(r): a for r, a in sweep.items()} if sweep else None
     acc = summary["aggregate"]["accuracy"]
     summary["headline"] = (f"{variant}: test accuracy {acc['mean']:.2%} "
                            f"(95% CI {acc['low']:.2%} to {acc['high']:.2%}, {len(seeds)} seeds, {len(test_y)} test images)")

@@ -61,7 +61,7 @@ def load_train_data(params: Params, paths: Paths, device: str) -> TrainData:
             raise DataError(f"{paths.pseudo}: train_generator.labels is pseudo but pseudo_label kept no pool image "
                             f"({pseudo.get('headline', 'no pool')}). Set prepare.unlabeled_pool > 0 or labels: auto.")
         if kept is not None:  # labeled + pseudo-labeled pool, the labeled drawn labeled_weight times as often
-            px, py = kept
+            px, py, _ = kept
             n_pseudo = len(px)
             weights = torch.cat([torch.full((len(x),), cfg.labeled_weight), torch.ones(n_pseudo)]).to(device)
             x, y = torch.cat([x, px]), torch.cat([y, py])

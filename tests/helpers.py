@@ -85,7 +85,9 @@ def make_pseudo(root, x: torch.Tensor | None = None, y: torch.Tensor | None = No
     if x is None:
         x, y = torch.zeros(0, 1, SIZE, SIZE, dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
     pseudo = Paths(root=root).pseudo
-    tensors_to_dataset(x, y, list(class_names), {"confidence": [0.99] * len(x)}).save_to_disk(str(pseudo / "dataset"))
+    proba = torch.nn.functional.one_hot(y, len(class_names)).double() * 0.98 + 0.02 / len(class_names)
+    tensors_to_dataset(x, y, list(class_names), {"confidence": [0.99] * len(x), "pool_index": list(range(len(x))),
+                                                 "probabilities": proba}).save_to_disk(str(pseudo / "dataset"))
     write_json(pseudo / "summary.json", {"prepared_fingerprint": prepared_fingerprint, "fingerprint": f"pseudo{len(x)}",
                                          "kept": len(x), "headline": f"pseudo_label: kept {len(x)} pool images"})
 

@@ -168,3 +168,12 @@ def test_stage_refuses_synthetic_images_made_from_other_data(tmp_path):
     with pytest.raises(DataError, match=r"made from other data.*Re-run train_generator and sample"):
         run(micro(), paths)
     assert not paths.filtered.exists()
+
+
+def test_nearest_leaves_out_each_images_own_source():
+    from pipeline.quality.metrics import nearest
+    ref = torch.tensor([[0.0, 0.0], [10.0, 0.0]])
+    query = torch.tensor([[0.1, 0.0], [9.0, 0.0]])
+    assert nearest(query, ref).tolist() == pytest.approx([0.1, 1.0])
+    # a variation of ref row 0 is not a copy of it: its nearest other train image is row 1
+    assert nearest(query, ref, exclude=torch.tensor([0, -1])).tolist() == pytest.approx([9.9, 1.0])

@@ -58,7 +58,7 @@ def test_dvc_deps_cover_every_module_the_stage_imports(stage):
     uncovered = sorted(f for f in imported_files(stage)
                        if not any(f == d or f.startswith(d.rstrip("/") + "/") for d in deps))
     assert not uncovered, f"dvc.yaml stage {stage} runs code it does not depend on: {uncovered}"
-    assert "pipeline/profiles.yaml" in deps  # the size presets pipeline/config.py reads
+    assert "pipeline/profiles.yaml" in deps  # the size presets pipeline/config reads
 
 
 def test_editing_the_judges_training_code_marks_filter_changed(tmp_path):

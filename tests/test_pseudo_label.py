@@ -63,7 +63,9 @@ def test_stage_keeps_confident_pool_images_and_scores_them_against_the_hidden_la
     assert list(out["kept_per_class"]) == ["left", "right"] and max(out["kept_per_class"].values()) <= 10
     # the dataset: the kept pool images, in pool order, their predicted class as label, and its probability
     ds = load_dataset_dir(paths.pseudo / "dataset", "pseudo_label")
-    assert ds.column_names == ["image", "label", "confidence"] and ds.features["label"].names == ["left", "right"]
+    assert ds.column_names == ["image", "label", "confidence", "pool_index", "probabilities"]
+    assert ds.features["label"].names == ["left", "right"] and list(ds["pool_index"]) == keep.tolist()
+    assert torch.allclose(torch.tensor(ds["probabilities"], dtype=torch.float64), proba[keep].double(), atol=1e-6)
     x, y = dataset_to_tensors(ds)
     assert torch.equal(x, pool_x[keep]) and torch.equal(y, pred[keep])
     assert torch.allclose(torch.tensor(ds["confidence"], dtype=torch.float64), conf[keep].double(), atol=1e-6)
@@ -163,3 +165,10 @@ def test_confident_per_class_returns_sorted_indices_and_breaks_ties_by_position(
     ties = torch.tensor([[0.6, 0.4]] * 5)
     assert confident_per_class(ties, 0.5, 2).tolist() == [0, 1]  # equal confidence: the earlier rows
     assert confident_per_class(torch.zeros(0, 3), 0.5, 2).tolist() == []
+
+
+def test_balance_cuts_every_class_to_the_poorest_class_most_confident_first():
+    # at 0.85: class 0 has rows 2 (0.97), 5 (0.95), 0 (0.90); class 1 row 6; class 2 row 4
+    assert confident_per_class(PROBA, 0.85, 0, balance=True).tolist() == [2, 4, 6]
+    assert confident_per_class(PROBA, 0.0, 0, balance=True).tolist() == [2, 4, 6]  # class 2 has one row
+    assert confident_per_class(PROBA, 0.99, 0, balance=True).tolist() == []

@@ -54,6 +54,10 @@ def test_verdict_says_helped_only_when_it_beats_real_and_classic_with_intervals_
     v = judge(real=variant(REAL), **{"real+classic": variant(CLASSIC),
                                      "real+synthetic+classic": syn([0.85, 0.87, 0.86])})
     assert v["helped"] is True and v["synthetic_variant"] == "real+synthetic+classic"
+    # the first line says what to use and what it bought, the supporting answers follow as a list
+    assert v["headline"] == ("Use real+synthetic+classic: +5.0 points over real [+2.5, +7.5], +4.0 points over "
+                             "classic augmentation (real+classic) [+1.5, +6.5].")
+    assert v["points"][0].startswith("Yes:") and v["text"] == " ".join(v["points"])
     assert v["text"].startswith("Yes: real+synthetic+classic (the synthetic variant best on validation) beat real and classic augmentation (real+classic)")
     assert "N=200" in v["text"] and "3 seeds" in v["text"]
     assert v["gain"] == pytest.approx(0.05) and v["gain_low"] > 0
@@ -77,6 +81,9 @@ def test_verdict_says_helped_only_when_it_beats_real_and_classic_with_intervals_
     v = judge(real=variant(REAL), **{"real+classic": variant(CLASSIC),
                                      "real+synthetic+classic": syn([0.70, 0.71, 0.73])})
     assert v["helped"] is False and "includes zero" not in v["text"] and v["text"].startswith("No:")
+    # no significant gain: use the best variant on validation that needs no generator
+    assert v["headline"].startswith("Use real+classic: +1.0 points over real [") and \
+        v["headline"].endswith("(best on validation without synthetic data): synthetic data did not help here.")
     # without a classic variant the question is real alone
     v = judge(real=variant(REAL), **{"real+synthetic+classic": syn([0.85, 0.87, 0.86])})
     assert v["helped"] is True and v["text"].startswith("Yes: real+synthetic+classic (the synthetic variant best on validation) beat real. ")
@@ -208,12 +215,18 @@ def test_report_stage_writes_everything(tmp_path):
     paths = fake_run(tmp_path)
     out = report.run(params_from_dict({"base": {"profile": "micro"}}), paths)
     html = (paths.reports / "report.html").read_text()
-    assert out["headline"].startswith("Yes: real+synthetic+classic (the synthetic variant best on validation) beat real and classic augmentation (real+classic)")
-    assert "Beyond using the pool directly (self-training, real+pseudo+classic)" in out["headline"]
-    assert out["headline"] in html.replace("&#39;", "'").replace("&gt;", ">") or "beat real and classic augmentation" in html
+    assert out["headline"].startswith("Use real+synthetic+classic: +8.0 points over real [")
+    metrics = json.loads((paths.reports / "metrics.json").read_text())
+    assert metrics["headline"] == out["headline"]
+    assert metrics["answer"][0].startswith("Yes: real+synthetic+classic (the synthetic variant best on validation) "
+                                           "beat real and classic augmentation (real+classic)")
+    assert any(p.startswith("Beyond using the pool directly (self-training, real+pseudo+classic)")
+               for p in metrics["answer"])
+    assert out["headline"] in html.replace("&#39;", "'").replace("&gt;", ">")
+    md = (paths.reports / "report.md").read_text()
+    assert md.splitlines()[2] == f"**{out['headline']}**" and md.splitlines()[4].startswith("- Yes: ")
     assert html.count("data:image/png;base64,") >= 8 and "http://" not in html and "https://" not in html
     assert "low_confidence x1" in html and "not used" in html
-    metrics = json.loads((paths.reports / "metrics.json").read_text())
     assert metrics["helped"] is True and metrics["variants"]["real"]["accuracy"] == pytest.approx(0.71)
     assert (paths.reports / "plots/per_class_gain.csv").exists() and (paths.reports / "figures/variants.png").exists()
     assert (paths.reports / "figures/generator_loss.png").exists()  # the generator's DVCLive loss curve
@@ -245,7 +258,7 @@ def test_report_reads_only_the_variants_named_in_params(tmp_path, caplog):
     metrics = json.loads((paths.reports / "metrics.json").read_text())
     assert list(metrics["variants"]) == ["real", "real+synthetic+classic"]  # real+classic is on disk but not named
     assert "synthetic-only" in caplog.text and "left out" in caplog.text
-    assert out["headline"].startswith("Yes: real+synthetic+classic (the synthetic variant best on validation) beat real. ") and "real+classic" not in out["headline"]
+    assert out["headline"].startswith("Use real+synthetic+classic: +8.0 points over real [") and "real+classic" not in out["headline"]
     assert "pseudo" not in out["headline"]  # no pseudo variant named: no "beyond the pool" sentence
     assert "| real+classic |" not in (paths.reports / "report.md").read_text()
     only_missing = params_from_dict({"train_classifier": {"variants": {"synthetic-only": named["synthetic-only"]}}})

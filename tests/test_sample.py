@@ -17,11 +17,13 @@ from pipeline.core.seeding import image_seed
 from pipeline.models.class_conditional import ClassConditionalPipeline
 from pipeline.models.diffusion import DiffusionGenerator, build_unet, inference_scheduler, train_scheduler
 from pipeline.models.registry import load_generator
-from pipeline.models.sampling import batch_ranges, generate, shard_range
+from pipeline.models.sampling import batch_ranges, generate, generation_plan, img2img_plan, shard_range
+from pipeline.errors import DataError
 from tests.helpers import make_prepared, make_pseudo
 
 SIZE = 8
 NAMES = ["left", "right/up"]
+PLAN = generation_plan(2, 3)  # tiny_params: 3 images of each of 2 classes
 
 
 def tiny_params(**sample):
@@ -101,17 +103,17 @@ def test_guidance_batched_equals_separate_passes_and_changes_output():
 def test_same_seed_same_image_whatever_the_batch(sampler):
     gen = tiny_generator()
     cfg = tiny_params(sampler=sampler).sample
-    full, labels, seeds = generate(gen, range(0, 6), cfg, 5, batch_size=6, progress=False)
+    full, labels, seeds = generate(gen, PLAN, range(0, 6), cfg, 5, batch_size=6, progress=False)
     assert seeds == [image_seed(5, i) for i in range(6)] and labels.tolist() == [0, 0, 0, 1, 1, 1]
-    small, _, _ = generate(gen, range(0, 6), cfg, 5, batch_size=4, progress=False)
-    part, _, part_seeds = generate(gen, range(2, 5), cfg, 5, batch_size=2, progress=False)
+    small, _, _ = generate(gen, PLAN, range(0, 6), cfg, 5, batch_size=4, progress=False)
+    part, _, part_seeds = generate(gen, PLAN, range(2, 5), cfg, 5, batch_size=2, progress=False)
     assert full.dtype == torch.uint8 and full.shape == (6, 1, SIZE, SIZE)
     # another batch composition changes only float rounding: at most one grey level
     assert (full.int() - small.int()).abs().max() <= 1
     assert (full[2:5].int() - part.int()).abs().max() <= 1 and part_seeds == seeds[2:5]
-    again, _, _ = generate(gen, range(0, 6), cfg, 5, batch_size=6, progress=False)
+    again, _, _ = generate(gen, PLAN, range(0, 6), cfg, 5, batch_size=6, progress=False)
     assert torch.equal(full, again)
-    other, _, _ = generate(gen, range(0, 6), cfg, 6, batch_size=6, progress=False)
+    other, _, _ = generate(gen, PLAN, range(0, 6), cfg, 6, batch_size=6, progress=False)
     assert not torch.equal(full, other)  # another base seed, other images
 
 
@@ -138,7 +140,9 @@ def test_saved_generator_samples_and_two_shards_merge_to_one_shard_run(generator
     assert merged["complete"] and merged["counts_per_class"] == {"left": 3, "right/up": 3}
     a = datasets.load_from_disk(str(Paths(root=roots["one"]).synthetic / "dataset"))
     b = datasets.load_from_disk(str(Paths(root=roots["two"]).synthetic / "dataset"))
-    assert a.column_names == ["image", "label", "seed", "guidance", "steps", "sampler", "generator"]
+    assert a.column_names == ["image", "label", "seed", "guidance", "steps", "sampler", "generator", "strength",
+                              "source_split", "source_index"]
+    assert set(list(a["strength"])) == {1.0} and set(list(a["source_index"])) == {-1}  # generated from noise, no source
     assert a.features["label"].names == NAMES
     for col in ("label", "seed", "guidance", "steps", "sampler", "generator"):
         assert a[col] == b[col]
@@ -149,6 +153,41 @@ def test_saved_generator_samples_and_two_shards_merge_to_one_shard_run(generator
     assert sorted(p.name for p in (out / "preview").iterdir()) == ["00_left.png", "01_right-up.png"]
     summary = read_json(out / "summary.json")
     assert summary["num_images"] == 6 and summary["images_per_second"] > 0 and summary["device"] == "cpu"
+
+
+def test_img2img_plan_is_strength_major_and_keeps_each_source_label():
+    src = torch.arange(3 * 1 * 2 * 2, dtype=torch.uint8).reshape(3, 1, 2, 2)
+    plan = img2img_plan(src, torch.tensor([0, 1, 1]), (0.25, 1.0), variations=2)
+    assert len(plan) == 12 and plan.strengths.tolist() == [0.25] * 6 + [1.0] * 6
+    assert plan.source_rows.tolist() == [0, 0, 1, 1, 2, 2] * 2 and plan.labels.tolist() == [0, 0, 1, 1, 1, 1] * 2
+
+
+def test_strength_sets_how_far_a_variation_moves_from_its_source():
+    """SDEdit: a low strength stays near the source image, strength 1 ignores it (pure noise)."""
+    gen = tiny_generator()
+    cfg = tiny_params(num_inference_steps=4).sample
+    x = torch.zeros(2, 1, SIZE, SIZE, dtype=torch.uint8)
+    x[:, :, :4, :4] = 255
+    seeds, labels = [1, 2], torch.tensor([0, 0])
+    dist = {s: (gen.sample(labels, seeds, cfg, images=x, strength=s).float() - x.float()).abs().mean().item()
+            for s in (0.25, 1.0)}
+    assert dist[0.25] < dist[1.0]
+    fresh = gen.sample(labels, seeds, cfg)  # strength 1 from the same noise: the source is (almost) gone
+    assert (gen.sample(labels, seeds, cfg, images=x, strength=1.0).int() - fresh.int()).abs().float().mean() < 8
+
+
+def test_img2img_stage_records_sources_and_strengths(generator_root, tmp_path):
+    root = tmp_path / "i2i"
+    for part in ("generator", "prepared", "pseudo"):
+        shutil.copytree(getattr(Paths(root=generator_root), part), getattr(Paths(root=root), part))
+    out = sp.run(tiny_params(mode="img2img", strengths=[0.5, 1.0], variations=1), Paths(root=root))
+    ds = datasets.load_from_disk(str(Paths(root=root).synthetic / "dataset"))
+    assert out["num_images"] == 16 and out["images_per_strength"] == {"0.5": 8, "1.0": 8}
+    assert list(ds["source_split"]) == ["train"] * 16 and list(ds["source_index"]) == list(range(8)) * 2
+    train_y = list(datasets.load_from_disk(str(Paths(root=root).prepared / "dataset"))["train"]["label"])
+    assert list(ds["label"]) == train_y * 2  # each variation keeps its source's class
+    with pytest.raises(DataError, match="pool_per_class"):  # no pool was pseudo-labeled here
+        sp.run(tiny_params(mode="img2img", pool_per_class=2), Paths(root=root))
 
 
 def test_complete_shard_is_skipped_and_stale_shard_redone(generator_root, tmp_path, caplog):
@@ -207,5 +246,5 @@ def test_every_kind_plugs_into_the_sample_stage(kind, tmp_path):
     ds = datasets.load_from_disk(str(Paths(root=tmp_path).synthetic / "dataset"))
     x, y = dataset_to_tensors(ds)
     assert x.shape == (6, 1, 8, 8) and y.tolist() == [0, 0, 0, 1, 1, 1]
-    one = generate(load_generator(Paths(root=tmp_path).generator), range(4, 5), params.sample, 5, 1, progress=False)
+    one = generate(load_generator(Paths(root=tmp_path).generator), generation_plan(2, 3), range(4, 5), params.sample, 5, 1, progress=False)
     assert (one[0].int() - x[4:5].int()).abs().max() <= 1  # image 4 alone = image 4 in a batch of 4

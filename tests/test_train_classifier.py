@@ -143,7 +143,9 @@ def micro_params(**tc_over):
 def write_pseudo(paths, n=12, prepared_fp="p" * 64):
     """``data/pseudo`` as pseudo_label writes it: n pool images with pseudo-labels (0 = none kept)."""
     x, y = toy(n, 5) if n else (torch.zeros(0, 1, 8, 8, dtype=torch.uint8), torch.zeros(0, dtype=torch.long))
-    save_dataset(tensors_to_dataset(x, y, CLASSES, {"confidence": [0.95] * n}), paths.pseudo / "dataset")
+    proba = torch.nn.functional.one_hot(y, len(CLASSES)).double() * 0.8 + 0.05
+    save_dataset(tensors_to_dataset(x, y, CLASSES, {"confidence": [0.95] * n, "pool_index": list(range(n)),
+                                                    "probabilities": proba}), paths.pseudo / "dataset")
     write_json(paths.pseudo / "summary.json", {"prepared_fingerprint": prepared_fp, "fingerprint": "q" * 64,
                                                "kept": n, "headline": f"pseudo_label: kept {n} of 30 pool images"})
     return x
@@ -278,16 +280,20 @@ def test_pseudo_variant_adds_the_pseudo_labeled_pool_and_records_it(tmp_path, mo
     real_fit = training.fit_classifier
 
     def fit(model, x, y, vx, vy, **kw):
-        trained_on.append((x, y))
+        trained_on.append((x, y, kw["pseudo"], kw["pseudo_share"]))
         return real_fit(model, x, y, vx, vy, **{**kw, "progress": False})
 
     monkeypatch.setattr(training, "fit_classifier", fit)
-    out = tc.run(micro_params(seeds=1), paths, variant="real+pseudo+classic")
-    assert out["n_pseudo_labeled"] == 12 and out["n_train_real"] == 40 + 12
+    out = tc.run(micro_params(seeds=1, pseudo_share=0.5), paths, variant="real+pseudo+classic")
+    assert out["n_pseudo_labeled"] == 12 and out["n_train_real"] == 40
     assert out["inputs"] == {"prepared": "p" * 64, "synthetic": None, "pseudo": "q" * 64}
-    x, y = trained_on[0]
-    assert torch.equal(x[:40], images["train"]) and torch.equal(x[40:], pseudo_x)  # labeled first, then the pool
-    assert torch.equal(y[40:], toy(12, 5)[1])  # with their pseudo-labels
+    assert out["pseudo"] == {"share": 0.5, "labels": "hard", "temperature": 1.0}
+    x, y, (px, py), share = trained_on[0]
+    assert torch.equal(x, images["train"]) and torch.equal(px, pseudo_x) and share == 0.5  # the pool drawn beside
+    assert torch.equal(py, toy(12, 5)[1])  # with their pseudo-labels
+    soft = tc.run(micro_params(seeds=1, pseudo_labels="soft", pseudo_temperature=0.5), paths,
+                  variant="real+pseudo+classic")
+    assert soft["pseudo"]["labels"] == "soft" and trained_on[-1][2][1].shape == (12, 4)  # sharpened probabilities
     on_disk = json.loads((paths.classifier_metrics / "real+pseudo+classic.json").read_text())
     assert on_disk["n_pseudo_labeled"] == 12 and on_disk["inputs"]["pseudo"] == "q" * 64
     # with synthetic images too: both recorded
@@ -306,3 +312,37 @@ def test_pseudo_variant_refuses_stale_or_empty_pseudo_labels(tmp_path):
     write_pseudo(paths, n=0)
     with pytest.raises(DataError, match=r"kept no pool image \(pseudo_label: kept 0 of 30.*real\+pseudo\+classic"):
         tc.run(micro_params(seeds=1), paths, variant="real+pseudo+classic")
+
+
+def test_choose_ratio_takes_synthetic_data_only_when_it_wins_on_every_sweep_seed():
+    assert training.choose_ratio({0.0: [0.80, 0.80], 0.25: [0.82, 0.81], 0.5: [0.85, 0.79]}) == 0.25
+    assert training.choose_ratio({0.0: [0.80, 0.80], 0.25: [0.90, 0.79]}) == 0.0  # one seed's luck is not enough
+    assert training.choose_ratio({0.0: [0.80, 0.80], 0.25: [0.80, 0.81]}) == 0.0  # a tie is not a win
+    assert training.choose_ratio({0.25: [0.8, 0.7], 0.5: [0.7, 0.7]}) == 0.25  # without 0: best mean
+
+
+def test_sweep_runs_every_share_on_the_sweep_seeds_and_reuses_them(monkeypatch):
+    calls = []
+
+    def fake_fit(model, *a, seed, synthetic_ratio, **kw):
+        calls.append((seed, synthetic_ratio))
+        return model, {"best_val_acc": 0.5 + synthetic_ratio * (1 if seed == 0 else -1)}
+    monkeypatch.setattr(training, "fit_classifier", fake_fit)
+    (x, y), (sx, sy) = toy(8, 1), toy(8, 2)
+    cfg = TrainClassifierConfig(arch=ARCH, synthetic_ratio=0.25, ratio_sweep=(0.0,), sweep_seeds=2, steps=1)
+    results, ratio, sweep = training.train_variant(cfg, VariantSpec(data="filtered"), (x, y), (x, y), (sx, sy),
+                                                   [0, 1, 2], "cpu", 4)
+    assert sweep == {0.25: [0.75, 0.25], 0.0: [0.5, 0.5]} and ratio == 0.0  # 0.25 lost on seed 1
+    assert calls == [(0, 0.25), (1, 0.25), (0, 0.0), (1, 0.0), (2, 0.0)] and len(results) == 3
+
+
+def test_pseudo_share_fixes_the_labeled_part_of_each_batch_and_soft_labels_train():
+    (x, y), (vx, vy), (px, py) = toy(32, 1), toy(16, 2), toy(64, 3)
+    soft = torch.nn.functional.one_hot(py, 4).float() * 0.7 + 0.075
+    _, hist = fit(x, y, vx, vy, steps=4, batch_size=8, eval_every=2, pseudo=(px, soft), pseudo_share=0.5,
+                  synthetic=toy(16, 4), synthetic_ratio=0.25)
+    assert (hist["real_per_batch"], hist["pseudo_per_batch"], hist["synthetic_per_batch"]) == (3, 3, 2)
+    assert hist["soft_labels"] and torch.isfinite(torch.tensor(hist["train_loss"])).all()
+    assert torch.allclose(training.sharpen(torch.tensor([[0.6, 0.4]]), 0.5), torch.tensor([[0.6923, 0.3077]]),
+                          atol=1e-4)
+    assert torch.allclose(training.sharpen(soft[:3], 1.0), soft[:3])

@@ -268,3 +268,24 @@ def test_stage_with_pseudo_labels_records_them_in_generator_json(tmp_path):
     make_pseudo(tmp_path)  # pseudo_label re-ran and kept nothing: auto learns from the labeled set
     saved = tg.run(tiny_params(labels="auto", steps=2), Paths(root=tmp_path))
     assert (saved["labels"], saved["num_labeled"], saved["num_pseudo_labeled"]) == ("labeled", 16, 0)
+
+
+def test_v_prediction_with_zero_terminal_snr_and_min_snr_weighting(tmp_path):
+    cfg = tiny_params(prediction_type="v_prediction", zero_terminal_snr=True, snr_gamma=5.0).train_generator
+    sched = train_scheduler(cfg)
+    assert float(sched.alphas_cumprod[-1]) == 0.0  # the last noise level is pure noise
+    x0, labels = toy_images()[0].float() / 127.5 - 1, torch.zeros(16, dtype=torch.long)
+
+    class Zero(torch.nn.Module):  # predicts 0: the loss is the target's energy, weighted
+        def forward(self, x, t, class_labels=None):
+            return type("Out", (), {"sample": torch.zeros_like(x)})()
+    plain = td.diffusion_loss(Zero(), sched, x0, labels, torch.Generator().manual_seed(0))
+    weighted = td.diffusion_loss(Zero(), sched, x0, labels, torch.Generator().manual_seed(0), snr_gamma=5.0)
+    assert torch.isfinite(weighted) and 0 < weighted < plain  # min(snr, 5) / (snr + 1) < 1
+    res = td.train(fresh_backbone(cfg), cfg, tiny_data(), seed=0, ckpt_dir=tmp_path / "ck", chash="b" * 64)
+    assert all(torch.isfinite(torch.tensor(res.losses)))
+
+
+def test_zero_terminal_snr_needs_v_prediction():
+    with pytest.raises(ConfigError, match="v_prediction"):
+        tiny_params(zero_terminal_snr=True)

@@ -83,8 +83,8 @@ def tensors_to_dataset(images: torch.Tensor, labels: torch.Tensor | Sequence[int
         values = values.tolist() if isinstance(values, (torch.Tensor, np.ndarray)) else list(values)
         cols[name] = values
         sample = values[0] if values else 0
-        features[name] = datasets.Value("string" if isinstance(sample, str) else
-                                        "float64" if isinstance(sample, float) else "int64")
+        kind = "string" if isinstance(sample, str) else "float64" if isinstance(sample, (float, list)) else "int64"
+        features[name] = datasets.Sequence(datasets.Value(kind)) if isinstance(sample, list) else datasets.Value(kind)
     return datasets.Dataset.from_dict(cols, features=datasets.Features(features))
 
 

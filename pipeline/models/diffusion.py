@@ -19,6 +19,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DiTTransformer2DModel, DPMSo
 from diffusers.models.embeddings import LabelEmbedding
 
 from pipeline.config import SampleConfig, TrainGeneratorConfig
+from pipeline.core.images import to_unit
 from pipeline.core.seeding import seeded_noise
 from pipeline.errors import ConfigError
 from pipeline.models import class_conditional
@@ -29,7 +30,8 @@ INFERENCE_SCHEDULERS = {"ddim": DDIMScheduler, "dpm++": DPMSolverMultistepSchedu
 BACKBONES = {"unet": (UNet2DModel, "unet"), "dit": (DiTTransformer2DModel, "transformer")}
 PIPELINE_FILE = "synthaug_pipeline.py"  # the pipeline's code, copied into every generator folder
 # the scheduler keys that describe training (the noise schedule); samplers are built from these
-SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
+                 "rescale_betas_zero_snr")
 
 
 def padded_size(image_size: int, levels: int) -> int:
@@ -110,7 +112,8 @@ def conditional_from_pretrained(path: str, image_size: int, channels: int, num_c
 
 def train_scheduler(cfg: TrainGeneratorConfig) -> DDPMScheduler:
     return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
-                         prediction_type=cfg.prediction_type, clip_sample=False)
+                         prediction_type=cfg.prediction_type, rescale_betas_zero_snr=cfg.zero_terminal_snr,
+                         clip_sample=False)
 
 
 def inference_scheduler(name: str, train_config: dict):
@@ -140,12 +143,16 @@ class DiffusionGenerator:
     def device(self) -> torch.device:
         return self.pipe.backbone.device
 
-    def sample(self, labels: torch.Tensor, seeds: list[int], cfg: SampleConfig) -> torch.Tensor:
-        """uint8 images (N,C,H,W, CPU) of classes ``labels``, image i from noise seeded by seeds[i]."""
+    def sample(self, labels: torch.Tensor, seeds: list[int], cfg: SampleConfig, images: torch.Tensor | None = None,
+               strength: float = 1.0) -> torch.Tensor:
+        """uint8 images (N,C,H,W, CPU) of classes ``labels``, image i from noise seeded by seeds[i];
+        with ``images`` (uint8, the same N): variations of them, noised to ``strength`` (SDEdit)."""
         s, ch = self.pipe.backbone.config.sample_size, self.meta["channels"]
         self.pipe.scheduler = inference_scheduler(cfg.sampler, self.schedule)
         return self.pipe(labels, num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
-                         noise=seeded_noise(seeds, (ch, s, s), self.device), output_type="uint8").images.cpu()
+                         guidance_rescale=cfg.guidance_rescale, guidance_interval=cfg.guidance_interval,
+                         noise=seeded_noise(seeds, (ch, s, s), self.device), output_type="uint8",
+                         image=None if images is None else to_unit(images), strength=strength).images.cpu()
 
 
 def make_pipeline(backbone, schedule: dict, class_names: list[str], image_size: int) -> ClassConditionalPipeline:

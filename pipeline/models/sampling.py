@@ -1,10 +1,13 @@
 """Sampling any generator over a range of global image indices, in batches and shards.
 
-Image ``i`` (global, class-major: label = i // per_class) is made from its own seed
-``image_seed(base.seed, i)``, so it depends on its seed, not on the batch or shard it was
-made in (up to float rounding when batch compositions differ).
+A ``Plan`` says what image ``i`` of the synthetic set is: its class and, for image-to-image
+variations (SDEdit), its source image and strength. Image ``i`` is made from its own seed
+``image_seed(base_seed, i)``, so it depends on its seed, not on the batch or shard it was made
+in (up to float rounding when batch compositions differ).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -12,6 +15,41 @@ from tqdm.auto import tqdm
 from pipeline.config import SampleConfig
 from pipeline.core.seeding import image_seed
 from pipeline.models.registry import Generator
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Per global index: class, strength (1 = from pure noise) and source row (-1 = none)."""
+    labels: torch.Tensor
+    strengths: torch.Tensor
+    source_rows: torch.Tensor
+    sources: torch.Tensor | None = None  # uint8 N,C,H,W source images of img2img
+    origins: list[tuple[str, int]] | None = None  # where each source came from: (split, row in that split)
+
+    def origin(self, indices) -> tuple[list[float], list[str], list[int]]:
+        """Strength, source split ("" = none) and source row (-1 = none) of the images at ``indices``."""
+        rows = self.source_rows[list(indices)].tolist()
+        split = [self.origins[r][0] if r >= 0 else "" for r in rows]
+        return ([float(v) for v in self.strengths[list(indices)]], split,
+                [self.origins[r][1] if r >= 0 else -1 for r in rows])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def generation_plan(num_classes: int, per_class: int) -> Plan:
+    """``per_class`` images of each class from noise, class-major (label = i // per_class)."""
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    return Plan(labels, torch.ones(len(labels)), torch.full((len(labels),), -1))
+
+
+def img2img_plan(sources: torch.Tensor, labels: torch.Tensor, strengths: tuple[float, ...], variations: int,
+                 origins: list[tuple[str, int]] | None = None) -> Plan:
+    """``variations`` variations of every source image at every strength, strength-major (so a batch
+    mostly holds one strength), then source, then variation."""
+    rows = torch.arange(len(sources)).repeat_interleave(variations).repeat(len(strengths))
+    s = torch.tensor(strengths, dtype=torch.float64).repeat_interleave(len(sources) * variations)
+    return Plan(labels[rows], s, rows, sources, origins or [("", i) for i in range(len(sources))])
 
 
 def shard_range(n_images: int, shard_index: int, num_shards: int) -> range:
@@ -29,19 +67,23 @@ def batch_ranges(indices: range, batch_size: int) -> list[range]:
     return out
 
 
-def generate(generator: Generator, indices: range, cfg: SampleConfig, base_seed: int, batch_size: int,
+def generate(generator: Generator, plan: Plan, indices: range, cfg: SampleConfig, base_seed: int, batch_size: int,
              progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """uint8 images (N,C,H,W), labels and seeds for the global ``indices``."""
+    """uint8 images (N,C,H,W), labels and seeds for the global ``indices`` of ``plan``."""
     meta = generator.meta
-    images, labels, seeds = [], [], []
+    images, seeds = [], []
     with tqdm(total=len(indices), unit="img", desc="sample", disable=not progress) as bar:
         for r in batch_ranges(indices, batch_size):
+            idx = torch.tensor(list(r))
             batch_seeds = [image_seed(base_seed, i) for i in r]
-            y = torch.tensor([i // cfg.per_class for i in r])
-            images.append(generator.sample(y, batch_seeds, cfg))
-            labels.append(y)
+            out = torch.empty(len(r), meta["channels"], meta["image_size"], meta["image_size"], dtype=torch.uint8)
+            for s in plan.strengths[idx].unique().tolist():  # one call per strength (one noise schedule)
+                sel = torch.nonzero(plan.strengths[idx] == s).flatten()
+                rows = plan.source_rows[idx[sel]]
+                kw = {} if plan.sources is None else {"images": plan.sources[rows], "strength": float(s)}
+                out[sel] = generator.sample(plan.labels[idx[sel]], [batch_seeds[j] for j in sel.tolist()], cfg, **kw)
+            images.append(out)
             seeds.extend(batch_seeds)
             bar.update(len(r))
     empty = torch.zeros(0, meta["channels"], meta["image_size"], meta["image_size"], dtype=torch.uint8)
-    return (torch.cat(images) if images else empty,
-            torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long), seeds)
+    return (torch.cat(images) if images else empty, plan.labels[list(indices)].long(), seeds)

@@ -14,12 +14,16 @@ from pipeline.core.splits import stratified_subset
 
 
 def nearest(query: torch.Tensor, ref: torch.Tensor, k: int = 1, chunk: int = 1024,
-            exclude_self: bool = False) -> torch.Tensor:
-    """Distance from each query row to its k-th nearest row of ``ref`` (``exclude_self``: query is ref)."""
+            exclude_self: bool = False, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """Distance from each query row to its k-th nearest row of ``ref`` (``exclude_self``: query is ref;
+    ``exclude``: per query row, a row of ``ref`` left out, e.g. the image it was made from; -1 = none)."""
     out = []
     kk = k + 1 if exclude_self else k
     for i in range(0, len(query), chunk):
         d = torch.cdist(query[i:i + chunk].double(), ref.double())
+        if exclude is not None:
+            rows = torch.nonzero(exclude[i:i + chunk] >= 0).flatten()
+            d[rows, exclude[i:i + chunk][rows]] = float("inf")
         out.append(d.kthvalue(kk, dim=1).values)
     return torch.cat(out).float() if out else torch.zeros(0)
 

@@ -73,13 +73,18 @@ def acceptance_summary(df: pd.DataFrame, class_names: list[str]) -> dict:
             "classes_without_accepted": [n for n, v in per_class.items() if v["generated"] and not v["accepted"]]}
 
 
-def confident_per_class(proba: torch.Tensor, threshold: float, per_class_cap: int) -> torch.Tensor:
+def confident_per_class(proba: torch.Tensor, threshold: float, per_class_cap: int, balance: bool = False
+                        ) -> torch.Tensor:
     """Indices (ascending) of rows whose top probability is at least ``threshold``, at most
-    ``per_class_cap`` per predicted class (0 = no cap), the most confident kept first."""
+    ``per_class_cap`` per predicted class (0 = no cap), the most confident kept first; ``balance``:
+    every class cut to the count of the class with the fewest (classes with none left out of the count)."""
     conf, pred = proba.max(1)
     keep = []
     for c in range(proba.shape[1]):
         idx = torch.nonzero((pred == c) & (conf >= threshold)).flatten()
         idx = idx[conf[idx].argsort(descending=True, stable=True)]
         keep.append(idx[:per_class_cap] if per_class_cap else idx)
+    if balance:
+        n = min((len(k) for k in keep if len(k)), default=0)
+        keep = [k[:n] for k in keep]
     return torch.cat(keep).sort().values if keep else torch.zeros(0, dtype=torch.long)

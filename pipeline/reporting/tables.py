@@ -64,21 +64,32 @@ def _find(specs: dict[str, VariantSpec], table: pd.DataFrame, *, synthetic: bool
     return names[0] if names else None
 
 
+def _use(rec: str, table: pd.DataFrame, cmp_real: dict | None, cmp_classic: dict | None, classic: str | None) -> str:
+    gains = [f"{100 * c['diff']:+.1f} points over {what} [{100 * c['low']:+.1f}, {100 * c['high']:+.1f}]"
+             for c, what in ((cmp_real, "real"), (cmp_classic, f"classic augmentation ({classic})")) if c]
+    return f"Use {rec}" + (f": {', '.join(gains)}" if gains else "")
+
+
 def verdict(table: pd.DataFrame, variants: dict[str, dict], specs: dict[str, VariantSpec],
             baseline: str = "real") -> dict:
-    """The answers in plain words, each with its paired interval: did synthetic data beat real
-    and classic augmentation, and did the generator add anything beyond using the pool directly.
-    The synthetic variant that answers is the best on validation, never chosen on test."""
+    """What to use, in one line, then the answers that support it, each with its paired interval:
+    did synthetic data beat real and classic augmentation, did the generator add anything beyond
+    using the pool directly. The synthetic variant that answers is the best on validation, never
+    chosen on test; without a significant gain the line recommends the best variant on validation
+    that uses no synthetic data."""
     n_test = int(table["n_test"].dropna().iloc[0]) if table["n_test"].notna().any() else None
     seeds = int(table["seeds"].min())
     best = str(table["val_accuracy"].idxmax())
-    out = {"best_variant": best, "n_test": n_test, "seeds": seeds, "helped": None, "comparisons": []}
+    out = {"best_variant": best, "n_test": n_test, "seeds": seeds, "helped": None, "comparisons": [], "points": []}
     tail = (f"Best variant on validation: {best} ({pct(table.loc[best, 'accuracy'])}% test accuracy; "
             f"{seeds} seeds, N={n_test} real test images).")
     syn = max((v for v, s in specs.items() if v in table.index and s.real and s.uses_synthetic),
               key=lambda v: table.loc[v, "val_accuracy"], default=None)
     if syn is None or baseline not in table.index:
-        out["text"] = f"No synthetic variant was compared with {baseline}, so this run cannot say whether synthetic data helps. {tail}"
+        out["headline"] = (f"No synthetic variant was compared with {baseline}, so this run cannot say whether "
+                           "synthetic data helps.")
+        out["points"] = [tail]
+        out["text"] = f"{out['headline']} {tail}"
         return out
     aug = specs[syn].augment
     classic = _find(specs, table, synthetic=False, pseudo=False, augment="classic")
@@ -93,34 +104,44 @@ def verdict(table: pd.DataFrame, variants: dict[str, dict], specs: dict[str, Var
     what = f"real and classic augmentation ({classic})" if classic else "real"
     who = f"{syn} (the synthetic variant best on validation{'; it also uses the pseudo-labeled pool' if specs[syn].pseudo else ''})"
     if helped:
-        text = f"Yes: {who} beat {what}. "
-    elif above[baseline]:
-        text = f"Partly: {who} beat real but not {classic}. "
+        answer = f"Yes: {who} beat {what}. "
+        headline = _use(syn, table, r, cmp.get((syn, classic)), classic) + "."
     else:
-        text = f"No: {who} did not beat {what}{'; the interval includes zero' if r['diff'] > 0 else ''}. "
-    text += "; ".join(_said(cmp[k]) for k in ((syn, baseline), (syn, classic)) if k in cmp) + "."
+        if above[baseline]:
+            answer = f"Partly: {who} beat real but not {classic}. "
+        else:
+            answer = f"No: {who} did not beat {what}{'; the interval includes zero' if r['diff'] > 0 else ''}. "
+        plain = [v for v, s in specs.items() if v in table.index and not s.uses_synthetic]
+        rec = max(plain, key=lambda v: table.loc[v, "val_accuracy"]) if plain else baseline
+        headline = (_use(rec, table, cmp.get((rec, baseline)) or (paired(variants, rec, baseline)
+                                                                   if rec != baseline else None), None, None)
+                    + f" (best on validation without synthetic data): synthetic data did not help here.")
+    points = [answer + "; ".join(_said(cmp[k]) for k in ((syn, baseline), (syn, classic)) if k in cmp) + "."]
     beyond = cmp.get((pool_syn, pool)) or cmp.get((syn, pool))
     if beyond:
-        text += (f" Beyond using the pool directly (self-training, {pool}): the generator "
-                 f"{'added accuracy' if beyond['low'] > 0 else 'added nothing significant'}; "
-                 + "; ".join(_said(cmp[k]) for k in dict.fromkeys(((syn, pool), (pool_syn, pool))) if k in cmp) + ".")
+        points.append(f"Beyond using the pool directly (self-training, {pool}): the generator "
+                      f"{'added accuracy' if beyond['low'] > 0 else 'added nothing significant'}; "
+                      + "; ".join(_said(cmp[k]) for k in dict.fromkeys(((syn, pool), (pool_syn, pool))) if k in cmp)
+                      + ".")
     if (classic, baseline) in cmp:
-        text += f" Classic augmentation alone: {_said(cmp[(classic, baseline)])}."
+        points.append(f"Classic augmentation alone: {_said(cmp[(classic, baseline)])}.")
     zero = [v for v, s in specs.items() if v in table.index and s.real and s.uses_synthetic
             and table.loc[v, "synthetic_ratio"] == 0]
     if zero:
-        text += (f" Validation chose no synthetic data for {', '.join(zero)}: "
-                 "those rows are the result without synthetic images.")
+        points.append(f"Validation chose no synthetic data for {', '.join(zero)} (a share above 0 is used only when "
+                      "it beats no synthetic data on validation with every sweep seed): those rows are the result "
+                      "without synthetic images.")
     sds = [c["std_diff"] for c in cmp.values() if c["std_diff"] is not None]
     mde = detectable_difference(float(np.sqrt(np.mean(np.square(sds)))), seeds) if sds else None
     if mde is not None:
-        text += (f" Smallest difference this run can detect: {100 * mde:.1f} points (80% power, paired t-test at "
-                 f"5%, {seeds} seeds).")
-    text += f" {tail}"
-    out.update({"helped": helped, "synthetic_variant": syn,
+        points.append(f"Smallest difference this run can detect: {100 * mde:.1f} points (80% power, paired t-test at "
+                      f"5%, {seeds} seeds).")
+    points.append(tail)
+    out.update({"helped": helped, "synthetic_variant": syn, "headline": headline, "points": points,
+                "text": " ".join(points),
                 "generator_beyond_pool": None if beyond is None else bool(beyond["low"] > 0),
                 "gain": float(r["diff"]), "gain_low": float(r["low"]),
-                "gain_high": float(r["high"]), "detectable_difference": mde, "text": text,
+                "gain_high": float(r["high"]), "detectable_difference": mde,
                 "comparisons": [{k: c[k] for k in ("a", "b", "diff", "low", "high", "p_value")} for c in cmp.values()]})
     return out
 
@@ -147,3 +168,23 @@ def quality_rows(filter_summary: dict) -> list[dict]:
             rows.append({"set": label, **{q: (m[key].get(q) or {}).get("value") for q in QUALITY},
                          "n_real": first["n_real"], "n_other": first["n_synthetic"]})
     return rows
+
+
+def generator_quality(filter_summary: dict, table: pd.DataFrame, specs: dict[str, VariantSpec]) -> dict:
+    """The generator's quality in one place for metrics.json: Frechet distance of all and of the
+    accepted images beside their real-vs-real floors, judge agreement, acceptance and the accuracy of
+    classifiers trained on synthetic images alone (the Classification Accuracy Score)."""
+    m = filter_summary.get("metrics") or {}
+    fd = {k: ((m.get(k) or {}).get("frechet_distance") or {}).get("value")
+          for k in ("before", "after", "floor", "floor_at_accepted_n")}
+    only = [v for v, s in specs.items() if v in table.index and not s.real]
+    n = filter_summary.get("n") or {}
+    return {"feature_space": filter_summary.get("feature_space"),
+            "frechet_distance_all": fd["before"], "frechet_distance_all_floor": fd["floor"],
+            "frechet_distance_accepted": fd["after"], "frechet_distance_accepted_floor": fd["floor_at_accepted_n"],
+            "judge_agreement": (filter_summary.get("judge") or {}).get("synthetic_agreement"),
+            "generated": n.get("synthetic"), "accepted": n.get("accepted"),
+            "acceptance": (filter_summary.get("acceptance") or {}).get("rate"),
+            "synthetic_only_variant": only[0] if only else None,
+            "synthetic_only_accuracy": float(table.loc[only[0], "accuracy"]) if only else None,
+            "near_copies_of_source": filter_summary.get("near_copies_of_source")}

@@ -110,10 +110,22 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return float((predict_proba(model, x, batch_size, device).argmax(1) == y.cpu()).float().mean())
 
 
+def soft_targets(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Class ids (N,) or probabilities (N,K) -> probabilities (N,K)."""
+    return y.float() if y.ndim == 2 else F.one_hot(y, num_classes).float()
+
+
+def sharpen(p: torch.Tensor, temperature: float) -> torch.Tensor:
+    """p^(1/T), renormalised (T < 1 sharpens towards the top class; T = 1 leaves p as it is)."""
+    q = p.double().clamp_min(1e-12) ** (1.0 / temperature)
+    return (q / q.sum(1, keepdim=True)).float()
+
+
 def fit_classifier(model: nn.Module, train_x: torch.Tensor | None, train_y: torch.Tensor | None,
                    val_x: torch.Tensor, val_y: torch.Tensor, *, steps: int, batch_size: int, lr: float,
                    weight_decay: float, seed: int, device: str = "cpu", augment: str = "standard",
                    synthetic: tuple[torch.Tensor, torch.Tensor] | None = None, synthetic_ratio: float = 0.0,
+                   pseudo: tuple[torch.Tensor, torch.Tensor] | None = None, pseudo_share: float = 0.0,
                    eval_every: int = 100, label_smoothing: float = 0.0, progress: bool = True
                    ) -> tuple[nn.Module, dict]:
     """Train ``model`` for exactly ``steps`` AdamW steps (one-cycle LR; timm's optimizer factory,
@@ -121,7 +133,10 @@ def fit_classifier(model: nn.Module, train_x: torch.Tensor | None, train_y: torc
     with the best validation accuracy (checked every ``eval_every`` steps and at the end).
 
     Each batch holds ``round(batch_size * synthetic_ratio)`` synthetic images and real ones
-    for the rest; with no real data (``train_x`` None or empty) batches are all synthetic.
+    for the rest; with no real data (``train_x`` None or empty) batches are all synthetic. With
+    ``pseudo`` (pseudo-labeled pool images), ``round(pseudo_share * real)`` of the real part of
+    each batch come from the pool and the rest from the labeled images. Labels are class ids or,
+    for any source, probabilities (N,K: soft labels, a cross-entropy with soft targets).
     ``augment``: standard = random crop + flip; classic = TrivialAugmentWide, then crop + flip.
     """
     if augment not in AUGMENTS:
@@ -131,10 +146,12 @@ def fit_classifier(model: nn.Module, train_x: torch.Tensor | None, train_y: torc
     if not has_real and not has_syn:
         raise ValueError("fit_classifier: no training images (neither real nor synthetic)")
     n_real, n_syn = batch_composition(batch_size, synthetic_ratio, has_real, has_syn)
+    n_pool = int(round(n_real * pseudo_share)) if pseudo is not None and len(pseudo[0]) and has_real else 0
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # TrivialAugmentWide and dropout draw from the global generator
-    real_stream = _Stream(len(train_x), gen) if has_real else None
-    syn_stream = _Stream(len(synthetic[0]), gen) if has_syn else None
+    parts = [(src, n) for src, n in (((train_x, train_y), n_real - n_pool), (pseudo, n_pool), (synthetic, n_syn)) if n]
+    k = next((y.shape[1] for (_, y), _ in parts if y.ndim == 2), None)  # soft labels anywhere: all soft
+    streams = [(x, soft_targets(y, k) if k else y, n, _Stream(len(x), gen)) for (x, y), n in parts]
 
     model.to(device).train()
     opt = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=weight_decay)  # no decay on norms, biases
@@ -148,14 +165,9 @@ def fit_classifier(model: nn.Module, train_x: torch.Tensor | None, train_y: torc
         from tqdm.auto import tqdm
         bar = tqdm(total=steps, desc="classifier", leave=False, disable=None)  # off when not a terminal
     for step in range(1, steps + 1):
-        xs, ys = [], []
-        if n_real:
-            idx = real_stream.take(n_real)
-            xs.append(train_x[idx]), ys.append(train_y[idx])
-        if n_syn:
-            idx = syn_stream.take(n_syn)
-            xs.append(synthetic[0][idx]), ys.append(synthetic[1][idx])
-        xb, yb = torch.cat(xs), torch.cat(ys)
+        idx = [stream.take(n) for _, _, n, stream in streams]
+        xb = torch.cat([x[i] for (x, _, _, _), i in zip(streams, idx)])
+        yb = torch.cat([y[i] for (_, y, _, _), i in zip(streams, idx)])
         if augment == "classic":
             xb = _trivial_augment(xb)
         xb = crop_flip(xb.to(device, non_blocking=True), gen)
@@ -187,19 +199,38 @@ def fit_classifier(model: nn.Module, train_x: torch.Tensor | None, train_y: torc
         bar.close()
     model.load_state_dict(best_state)
     model.eval()
-    hist.update(steps=steps, best_step=best_step, best_val_acc=best_acc, real_per_batch=n_real,
-                synthetic_per_batch=n_syn, augment=augment, seconds=time.time() - t0,
+    hist.update(steps=steps, best_step=best_step, best_val_acc=best_acc, real_per_batch=n_real - n_pool,
+                pseudo_per_batch=n_pool, synthetic_per_batch=n_syn, augment=augment, soft_labels=k is not None, seconds=time.time() - t0,
                 seconds_per_step=(time.time() - t0) / steps)
     return model, hist
 
 
+def choose_ratio(sweep: dict[float, list[float]]) -> float:
+    """The synthetic share to use from validation accuracies per candidate share (one per sweep
+    seed): with 0 among the candidates, a share above 0 is taken only when it beats 0 on every
+    seed (a gain that holds across seeds, not one seed's noise), the best mean of those; otherwise 0."""
+    mean = {r: sum(v) / len(v) for r, v in sweep.items()}
+    if 0.0 not in sweep:
+        return max(mean, key=mean.get)
+    wins = [r for r in sweep if r != 0.0 and all(a > b for a, b in zip(sweep[r], sweep[0.0]))]
+    return max(wins, key=mean.get) if wins else 0.0
+
+
+RATIO_RULE = ("a synthetic share above 0 is used only when it beats share 0 on validation with every sweep seed; "
+              "otherwise the variant trains without synthetic images")
+
+
 def train_variant(cfg: TrainClassifierConfig, spec: VariantSpec, real: tuple[torch.Tensor, torch.Tensor],
                   val: tuple[torch.Tensor, torch.Tensor], synthetic: tuple[torch.Tensor, torch.Tensor] | None,
-                  seeds: list[int], device: str, num_classes: int) -> tuple[list[tuple[nn.Module, dict]], float, dict | None]:
-    """One model per seed of a variant; returns them, the synthetic share used and the ratio sweep.
+                  seeds: list[int], device: str, num_classes: int,
+                  pseudo: tuple[torch.Tensor, torch.Tensor] | None = None
+                  ) -> tuple[list[tuple[nn.Module, dict]], float, dict | None]:
+    """One model per seed of a variant; returns them, the synthetic share used and the ratio sweep
+    (share -> validation accuracy per sweep seed).
 
     With ``cfg.ratio_sweep`` (and real + synthetic data) every candidate share is tried with the
-    first seed and the best on validation is used for all seeds (its first model is kept).
+    first ``cfg.sweep_seeds`` seeds and ``choose_ratio`` picks one for all seeds (the sweep's
+    models of that share are kept).
     """
     def one(seed: int, ratio: float):
         torch.manual_seed(seed)
@@ -207,19 +238,20 @@ def train_variant(cfg: TrainClassifierConfig, spec: VariantSpec, real: tuple[tor
         return fit_classifier(model, *(real if spec.real else (None, None)), *val, steps=cfg.steps,
                               batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay, seed=seed,
                               device=device, augment=spec.augment, synthetic=synthetic, synthetic_ratio=ratio,
+                              pseudo=pseudo, pseudo_share=cfg.pseudo_share,
                               eval_every=cfg.eval_every, label_smoothing=cfg.label_smoothing)
 
     ratio = cfg.synthetic_ratio if spec.real else 1.0
     if synthetic is None:
         ratio = 0.0
-    sweep, first = None, None
+    sweep, done = None, {}
     if synthetic is not None and spec.real and cfg.ratio_sweep:
         sweep = {}
         for r in dict.fromkeys((cfg.synthetic_ratio, *cfg.ratio_sweep)):
-            result = one(seeds[0], r)
-            sweep[r] = result[1]["best_val_acc"]
-            if first is None or sweep[r] > sweep[ratio]:
-                ratio, first = r, result
-            log.info("ratio %.2f -> val acc %.4f", r, sweep[r])
-    results = [first if (i == 0 and first is not None) else one(seed, ratio) for i, seed in enumerate(seeds)]
+            for seed in seeds[:cfg.sweep_seeds]:
+                done[(r, seed)] = one(seed, r)
+            sweep[r] = [done[(r, s)][1]["best_val_acc"] for s in seeds[:cfg.sweep_seeds]]
+            log.info("ratio %.2f -> val acc %s", r, ", ".join(f"{a:.4f}" for a in sweep[r]))
+        ratio = choose_ratio(sweep)
+    results = [done.get((ratio, seed)) or one(seed, ratio) for seed in seeds]
     return results, ratio, sweep

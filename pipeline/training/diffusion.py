@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers.training_utils import EMAModel
+from diffusers.training_utils import EMAModel, compute_snr
 
 from pipeline.config import Params, TrainGeneratorConfig
 from pipeline.core.images import pad_images, to_unit
@@ -82,13 +82,20 @@ def draw_batch(data: TrainData, cfg: TrainGeneratorConfig, step: int, rng: torch
     return pad_images(x, sample_size), labels
 
 
-def diffusion_loss(unet, scheduler, x0: torch.Tensor, labels: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
-    """DDPM training loss (MSE on epsilon or v) at random timesteps."""
+def diffusion_loss(unet, scheduler, x0: torch.Tensor, labels: torch.Tensor, rng: torch.Generator,
+                   snr_gamma: float = 0.0) -> torch.Tensor:
+    """DDPM training loss (MSE on epsilon or v) at random timesteps; with ``snr_gamma`` each
+    image's loss is weighted by Min-SNR-gamma (min(SNR, gamma) in x0 terms, as diffusers' examples)."""
     noise = torch.randn(x0.shape, generator=rng, device=x0.device)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=rng, device=x0.device)
     xt = scheduler.add_noise(x0, noise, t)
-    target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, t)
-    return F.mse_loss(unet(xt, t, class_labels=labels).sample.float(), target)
+    v = scheduler.config.prediction_type == "v_prediction"
+    target = scheduler.get_velocity(x0, noise, t) if v else noise
+    err = (unet(xt, t, class_labels=labels).sample.float() - target).pow(2).mean(dim=(1, 2, 3))
+    if snr_gamma:
+        snr = compute_snr(scheduler, t)
+        err = err * snr.clamp(max=snr_gamma) / (snr + 1 if v else snr)
+    return err.mean()
 
 
 def train(model: torch.nn.Module, cfg: TrainGeneratorConfig, data: TrainData, *, seed: int, ckpt_dir: Path,
@@ -123,7 +130,7 @@ def train(model: torch.nn.Module, cfg: TrainGeneratorConfig, data: TrainData, *,
         rng = step_rng(seed, accelerator.process_index, step, device)
         x0, labels = draw_batch(data, cfg, step, rng, sample_size)
         with accelerator.autocast():
-            loss = diffusion_loss(wrapped, scheduler, x0, labels, rng)
+            loss = diffusion_loss(wrapped, scheduler, x0, labels, rng, cfg.snr_gamma)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -183,4 +190,5 @@ def fit(params: Params, data: TrainData, accelerator, ckpt_dir: Path, chash: str
     return Fitted(DiffusionGenerator(pipe, meta), lambda folder: save_pipeline(folder, pipe),
                   {"loss": res.losses, "lr": res.lrs}, res.seconds_per_step, res.resumed_from, n_params,
                   {"sample_size": ema.config.sample_size, "prediction_type": cfg.prediction_type,
+                   "zero_terminal_snr": cfg.zero_terminal_snr, "snr_gamma": cfg.snr_gamma,
                    "init": cfg.init, "init_new_weights": missing})

@@ -1,18 +1,14 @@
-"""Typed configuration: one pydantic model per stage, read from ``params.yaml``. Each field resolves to
-the class default, then the ``base.profile`` preset (profiles.yaml), then what params.yaml says; unknown
-keys and wrong types are errors that name the key and the file."""
+"""The typed sections of ``params.yaml``: one pydantic model per stage, every field defaulted and
+commented; unknown keys and wrong types are errors. ``Paths`` names every file the pipeline uses."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, get_args, get_origin
+from typing import Annotated, Literal, Optional
 
-import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.errors import ConfigError
-
-PARAMS_FILE = "params.yaml"
 
 
 class _Section(BaseModel):
@@ -57,6 +53,7 @@ class PseudoLabelConfig(_Section):
     augment: Literal["standard", "classic"] = "classic"  # crop + flip | TrivialAugmentWide, then crop + flip
     threshold: float = Field(0.9, ge=0, le=1)  # keep pool images whose top class has at least this probability
     per_class_cap: int = Field(1000, ge=0)  # at most this many per class, the most confident first (0 = no cap)
+    balance: bool = False  # every class keeps as many as the class with the fewest confident images
 
 
 class DitConfig(_Section):
@@ -101,9 +98,13 @@ class TrainGeneratorConfig(_Section):
     block_out_channels: tuple[int, ...] = (32, 64, 64)  # one entry per resolution level
     layers_per_block: int = Field(1, ge=1)  # resnet layers in each down/up block
     attention: bool = False  # self-attention in the lowest-resolution blocks
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"  # what the UNet predicts
+    # what the backbone predicts: v (Salimans & Ho 2022) stays bounded at zero SNR, epsilon does not
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     num_train_timesteps: int = Field(1000, ge=2)  # DDPM training noise levels
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
+    # rescale the betas so the last noise level is pure noise (Lin et al. 2024; needs v_prediction)
+    zero_terminal_snr: bool = False
+    snr_gamma: float = Field(0.0, ge=0)  # Min-SNR-gamma loss weighting (Hang et al. 2023; 5 in their paper); 0 = off
     p_uncond: float = Field(0.1, ge=0, le=1)  # label dropout for classifier-free guidance
     steps: int = Field(1000, ge=1)  # conditional optimizer steps
     pretrain_steps: int = Field(0, ge=0)  # unconditional steps on train + pool (init=pretrain)
@@ -123,12 +124,29 @@ class TrainGeneratorConfig(_Section):
     cgan: CganConfig = CganConfig()
     datasetgan: DatasetGanConfig = DatasetGanConfig()
 
+    @model_validator(mode="after")
+    def _zero_snr_needs_v(self):
+        if self.zero_terminal_snr and self.prediction_type == "epsilon":
+            raise ValueError("zero_terminal_snr: at zero SNR the noise cannot be predicted from the image; "
+                             "set prediction_type: v_prediction or zero_terminal_snr: false")
+        return self
+
 
 class SampleConfig(_Section):
     sampler: Literal["ddim", "dpm++"] = "dpm++"  # DDIM (eta 0) or DPM-Solver++ (2nd order)
     num_inference_steps: int = Field(20, ge=1)  # denoising steps per image
     guidance_scale: float = Field(2.0, ge=0)  # 0 = unconditional, 1 = conditional only, >1 = CFG
-    per_class: int = Field(100, ge=1)  # synthetic images per class
+    guidance_rescale: float = Field(0.0, ge=0, le=1)  # phi of Lin et al. 2024: guided output's std matched to the conditional's
+    # guidance only at noise levels t/T inside [low, high] (Kynkaanniemi et al. 2024); conditional elsewhere
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
+    # generate: per_class new images of each class from noise | img2img: variations of real images
+    # (SDEdit; DA-Fusion, Trabucco et al. 2024): every labeled train image, and pool_per_class
+    # pseudo-labeled pool images of each class, noised to each of strengths and denoised with its class
+    mode: Literal["generate", "img2img"] = "generate"
+    per_class: int = Field(100, ge=1)  # synthetic images per class (mode generate)
+    strengths: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)  # img2img: noise levels, 1 = from pure noise
+    variations: int = Field(1, ge=1)  # img2img: variations of each source image at each strength
+    pool_per_class: int = Field(0, ge=0)  # img2img: pseudo-labeled pool images per class also used as sources
     batch_size: int = Field(0, ge=0)  # images per forward; 0 = automatic (64 on cpu, 256 on cuda)
     shard_index: int = Field(0, ge=0)  # which shard this run generates
     num_shards: int = Field(1, ge=1)  # shards (each a contiguous range of image indices)
@@ -136,6 +154,11 @@ class SampleConfig(_Section):
 
     @model_validator(mode="after")
     def _shard_in_range(self):
+        if not self.strengths or not all(0 < v <= 1 for v in self.strengths):
+            raise ValueError(f"strengths must be values in (0, 1] (got {list(self.strengths)})")
+        lo, hi = self.guidance_interval
+        if not 0 <= lo <= hi <= 1:
+            raise ValueError(f"guidance_interval must be [low, high] with 0 <= low <= high <= 1 (got {[lo, hi]})")
         if self.shard_index >= self.num_shards:
             raise ValueError(f"shard_index {self.shard_index} must be < num_shards {self.num_shards}")
         return self
@@ -219,8 +242,20 @@ class TrainClassifierConfig(_Section):
     lr: float = Field(3e-3, gt=0)  # peak of the one-cycle schedule (AdamW)
     weight_decay: float = Field(0.05, ge=0)
     synthetic_ratio: float = Field(0.5, ge=0, le=1)  # share of each batch drawn from synthetic
-    # extra ratios tried with the first seed (real+synthetic* variants); the best on validation is used
+    # extra shares tried with the first sweep_seeds seeds (real+synthetic* variants); a share above 0
+    # is used only if it beats 0 on validation with each of those seeds (training.classifier.choose_ratio)
     ratio_sweep: tuple[float, ...] = ()
+    sweep_seeds: int = Field(2, ge=1)
+    # pseudo: true variants: share of the real part of each batch drawn from the pseudo-labeled pool
+    # (the labeled images fill the rest, so they are never drowned by the pool)
+    pseudo_share: float = Field(0.5, ge=0, le=1)
+    # pseudo-labels as the labeler's class (hard) or its probabilities (soft), sharpened by
+    # pseudo_temperature (< 1 sharpens; Noisy Student trains on soft labels with strong augmentation)
+    pseudo_labels: Literal["hard", "soft"] = "hard"
+    pseudo_temperature: float = Field(1.0, gt=0)
+    # synthetic images learn their intended class, or the pseudo-labeler's probabilities for them
+    # (sharpened by pseudo_temperature: distillation, which corrects images that drifted off their class)
+    synthetic_labels: Literal["intended", "labeler"] = "intended"
     eval_every: int = Field(100, ge=1)  # steps between validation checks (model selection)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     eval_batch_size: int = Field(512, ge=1)  # batch size for validation and test predictions
@@ -238,9 +273,6 @@ class TrainClassifierConfig(_Section):
 class ReportConfig(_Section):
     title: str = "synthaug augmentation report"
     grid_per_class: int = Field(8, ge=1)  # images per class in the report's grids
-
-
-
 
 
 def _under_root(rel: str) -> property:
@@ -283,111 +315,6 @@ class Params(_Section):
 
 
 STAGES = {name: f.annotation for name, f in Params.model_fields.items() if name != "base"}  # stage -> its config
-
-
-def _allowed_keys(loc: tuple) -> list[str]:
-    model, parts = Params, list(loc[:-1])
-    while parts:
-        model = model.model_fields[parts.pop(0)].annotation
-        if get_origin(model) is dict:  # a named entry (a variant): its value's fields
-            model = get_args(model)[1]
-            parts = parts[1:]
-    return sorted(model.model_fields)
-
-
-def _format_errors(err: ValidationError, source: str) -> str:
-    lines = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"])
-        if e["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key (allowed here: {', '.join(_allowed_keys(e['loc']))})")
-        else:
-            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
-    return f"{source}: invalid params:\n" + "\n".join(lines) + "\nFix these keys and run again."
-
-
-def _yaml_to_model_types(raw: dict) -> dict:
-    """YAML has no tuples; strict pydantic wants them for tuple fields."""
-    out = {}
-    for k, v in raw.items():
-        if isinstance(v, dict):
-            out[k] = _yaml_to_model_types(v)
-        elif isinstance(v, list):
-            out[k] = tuple(v)
-        else:
-            out[k] = v
-    return out
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML that refuses a key given twice in one mapping (YAML itself keeps the last silently)."""
-
-    def construct_mapping(self, node, deep=False):
-        keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
-        dup = sorted({str(k) for k in keys if keys.count(k) > 1})
-        if dup:
-            raise ConfigError(f"{node.start_mark.name}, line {node.start_mark.line + 1}: key(s) {dup} given twice "
-                              "in one section. Keep one of each.")
-        return super().construct_mapping(node, deep=deep)
-
-
-def read_yaml(path: Path) -> Any:
-    """A YAML file with duplicated keys refused; a syntax error is a ConfigError naming the file."""
-    try:
-        with open(path) as f:
-            return yaml.load(f, Loader=_UniqueKeyLoader)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-
-
-PROFILES: dict[str, dict[str, dict[str, Any]]] = {
-    name: _yaml_to_model_types(preset) for name, preset in read_yaml(Path(__file__).with_name("profiles.yaml")).items()}
-
-
-def _deep_merge(base: dict, over: dict) -> dict:
-    """``over`` wins, key by key, also inside nested sections (e.g. train_generator.dit)."""
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def params_from_dict(raw: dict | None, source: str = "<params>") -> Params:
-    if not isinstance(raw or {}, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping of sections")
-    raw = dict(raw or {})
-    base_raw = raw.get("base") or {}
-    profile = base_raw.get("profile", BaseParams().profile) if isinstance(base_raw, dict) else "cpu"
-    if profile not in PROFILES:
-        raise ConfigError(f"{source}: base.profile: unknown profile {profile!r} (allowed: {', '.join(PROFILES)})")
-    merged: dict[str, Any] = {}
-    for section, value in raw.items():
-        if section in STAGES and not isinstance(value, (dict, type(None))):
-            raise ConfigError(f"{source}: {section}: must be a mapping of keys, got {value!r}")
-        merged[section] = dict(value or {}) if isinstance(value, dict) or value is None else value
-    for stage, preset in PROFILES[profile].items():
-        merged[stage] = _deep_merge(preset, merged.get(stage) or {})
-    try:
-        return Params.model_validate(_yaml_to_model_types(merged))
-    except ValidationError as err:
-        raise ConfigError(_format_errors(err, source)) from None
-
-
-def load_params(path: str | os.PathLike = PARAMS_FILE, overrides: dict | None = None) -> Params:
-    """Read, merge with the profile preset and validate ``params.yaml``."""
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"{path}: params file not found. Run from the project root or pass --params.")
-    raw = read_yaml(path) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    for dotted, value in (overrides or {}).items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return params_from_dict(raw, str(path))
 
 
 def resolve_device(base: BaseParams) -> str:

@@ -1,0 +1,127 @@
+"""Typed configuration, read from ``params.yaml``. Each field resolves to the class default
+(``pipeline.config.sections``), then the ``base.profile`` preset (``pipeline/profiles.yaml``),
+then what params.yaml says; unknown keys and wrong types are errors that name the key and the file."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, get_args, get_origin
+
+import yaml
+from pydantic import ValidationError
+
+from pipeline.config.sections import (STAGES, BaseParams, CganConfig, ClipConfig, DatasetGanConfig,  # noqa: F401
+                                      DitConfig, FilterConfig, Location, Params, Paths, PrepareConfig,
+                                      PseudoLabelConfig, ReportConfig, SampleConfig, TrainClassifierConfig,
+                                      TrainGeneratorConfig, VariantSpec, resolve_device)
+from pipeline.errors import ConfigError
+
+PARAMS_FILE = "params.yaml"
+PROFILES_FILE = Path(__file__).resolve().parent.parent / "profiles.yaml"
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model, parts = Params, list(loc[:-1])
+    while parts:
+        model = model.model_fields[parts.pop(0)].annotation
+        if get_origin(model) is dict:  # a named entry (a variant): its value's fields
+            model = get_args(model)[1]
+            parts = parts[1:]
+    return sorted(model.model_fields)
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (allowed here: {', '.join(_allowed_keys(e['loc']))})")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return f"{source}: invalid params:\n" + "\n".join(lines) + "\nFix these keys and run again."
+
+
+def _yaml_to_model_types(raw: dict) -> dict:
+    """YAML has no tuples; strict pydantic wants them for tuple fields."""
+    out = {}
+    for k, v in raw.items():
+        if isinstance(v, dict):
+            out[k] = _yaml_to_model_types(v)
+        elif isinstance(v, list):
+            out[k] = tuple(v)
+        else:
+            out[k] = v
+    return out
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping (YAML itself keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+        dup = sorted({str(k) for k in keys if keys.count(k) > 1})
+        if dup:
+            raise ConfigError(f"{node.start_mark.name}, line {node.start_mark.line + 1}: key(s) {dup} given twice "
+                              "in one section. Keep one of each.")
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file with duplicated keys refused; a syntax error is a ConfigError naming the file."""
+    try:
+        with open(path) as f:
+            return yaml.load(f, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+
+
+PROFILES: dict[str, dict[str, dict[str, Any]]] = {
+    name: _yaml_to_model_types(preset) for name, preset in read_yaml(PROFILES_FILE).items()}
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    """``over`` wins, key by key, also inside nested sections (e.g. train_generator.dit)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def params_from_dict(raw: dict | None, source: str = "<params>") -> Params:
+    if not isinstance(raw or {}, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    raw = dict(raw or {})
+    base_raw = raw.get("base") or {}
+    profile = base_raw.get("profile", BaseParams().profile) if isinstance(base_raw, dict) else "cpu"
+    if profile not in PROFILES:
+        raise ConfigError(f"{source}: base.profile: unknown profile {profile!r} (allowed: {', '.join(PROFILES)})")
+    merged: dict[str, Any] = {}
+    for section, value in raw.items():
+        if section in STAGES and not isinstance(value, (dict, type(None))):
+            raise ConfigError(f"{source}: {section}: must be a mapping of keys, got {value!r}")
+        merged[section] = dict(value or {}) if isinstance(value, dict) or value is None else value
+    for stage, preset in PROFILES[profile].items():
+        merged[stage] = _deep_merge(preset, merged.get(stage) or {})
+    try:
+        return Params.model_validate(_yaml_to_model_types(merged))
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_params(path: str | os.PathLike = PARAMS_FILE, overrides: dict | None = None) -> Params:
+    """Read, merge with the profile preset and validate ``params.yaml``."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: params file not found. Run from the project root or pass --params.")
+    raw = read_yaml(path) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return params_from_dict(raw, str(path))
+
+
