@@ -123,3 +123,15 @@ def test_paths_named_once(tmp_path):
     paths = Paths(root=tmp_path)
     assert paths.prepared == tmp_path / "data/prepared"
     assert paths.filtered.parent == paths.synthetic.parent
+
+
+def test_shipped_params_with_the_gpu_profile_keep_its_presets():
+    """A key in params.yaml wins over the preset, so params.yaml must not pin what the profiles set:
+    `dvc exp run -S base.profile=gpu` pre-trains on the pool as the README says."""
+    raw = yaml.safe_load(open("params.yaml"))
+    gpu = params_from_dict({**raw, "base": {**raw["base"], "profile": "gpu"}})
+    assert gpu.train_generator.init == "pretrain" and gpu.train_generator.pretrain_steps == 20000
+    assert gpu.train_generator.block_out_channels == (128, 256, 256, 256) and gpu.train_generator.attention
+    cpu = load_params("params.yaml")
+    for knob in ("prediction_type", "zero_terminal_snr", "snr_gamma"):  # one diffusion recipe at every size
+        assert getattr(gpu.train_generator, knob) == getattr(cpu.train_generator, knob)

@@ -10,7 +10,7 @@ import torch
 
 from pipeline import sample as sp
 from pipeline import train_generator as tg
-from pipeline.config import Paths, params_from_dict
+from pipeline.config import Paths, TrainGeneratorConfig, params_from_dict
 from pipeline.core.images import dataset_to_tensors, tensors_to_dataset
 from pipeline.core.io import read_json, write_json
 from pipeline.core.seeding import image_seed
@@ -218,12 +218,25 @@ class OracleEps:
         return type("Out", (), {"sample": eps.clamp(-4, 4)})()  # a network's output is bounded
 
 
+class OracleV(OracleEps):
+    """The same oracle predicting v = sqrt(ab) * eps - sqrt(1 - ab) * x0 (bounded even at zero SNR)."""
+
+    def __call__(self, x, t, class_labels=None):
+        ab = self.ab[t.long()].reshape(-1, 1, 1, 1)
+        eps = (x - ab.sqrt() * self.target) / (1 - ab).sqrt()
+        v = ab.sqrt() * eps - (1 - ab).sqrt() * self.target + self.error
+        return type("Out", (), {"sample": v.clamp(-4, 4)})()
+
+
 @pytest.mark.parametrize("sampler", ["ddim", "dpm++"])
-def test_sampler_recovers_the_data_from_pure_noise(sampler):
-    """From the last (SNR ~ 0) training step an epsilon model's small errors must not blow up."""
-    _, conf, _ = tiny_model()
+@pytest.mark.parametrize("recipe", [{"prediction_type": "epsilon", "zero_terminal_snr": False},
+                                    {"prediction_type": "v_prediction", "zero_terminal_snr": True}])
+def test_sampler_recovers_the_data_from_pure_noise(sampler, recipe):
+    """From the last training step (SNR ~ 0 for epsilon, exactly 0 for v) small model errors must not blow up."""
+    cfg = TrainGeneratorConfig(**recipe)
+    conf = dict(train_scheduler(cfg).config)
     target = torch.linspace(-1, 1, SIZE * SIZE).reshape(1, 1, SIZE, SIZE)
-    oracle = OracleEps(target, train_scheduler(tiny_params().train_generator).alphas_cumprod)
+    oracle = (OracleV if cfg.prediction_type == "v_prediction" else OracleEps)(target, train_scheduler(cfg).alphas_cumprod)
     noise = torch.randn(2, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
     out = denoise(tiny_pipeline(oracle, conf, sampler), noise, torch.tensor([0, 1]), 1.0, 10)
     assert (out - target).abs().max() < 0.1

@@ -288,4 +288,5 @@ def test_v_prediction_with_zero_terminal_snr_and_min_snr_weighting(tmp_path):
 
 def test_zero_terminal_snr_needs_v_prediction():
     with pytest.raises(ConfigError, match="v_prediction"):
-        tiny_params(zero_terminal_snr=True)
+        tiny_params(prediction_type="epsilon")  # zero terminal SNR is the default
+    assert tiny_params(prediction_type="epsilon", zero_terminal_snr=False).train_generator.snr_gamma >= 0

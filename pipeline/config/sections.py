@@ -99,12 +99,12 @@ class TrainGeneratorConfig(_Section):
     layers_per_block: int = Field(1, ge=1)  # resnet layers in each down/up block
     attention: bool = False  # self-attention in the lowest-resolution blocks
     # what the backbone predicts: v (Salimans & Ho 2022) stays bounded at zero SNR, epsilon does not
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
     num_train_timesteps: int = Field(1000, ge=2)  # DDPM training noise levels
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
     # rescale the betas so the last noise level is pure noise (Lin et al. 2024; needs v_prediction)
-    zero_terminal_snr: bool = False
-    snr_gamma: float = Field(0.0, ge=0)  # Min-SNR-gamma loss weighting (Hang et al. 2023; 5 in their paper); 0 = off
+    zero_terminal_snr: bool = True
+    snr_gamma: float = Field(5.0, ge=0)  # Min-SNR-gamma loss weighting (Hang et al. 2023); 0 = off
     p_uncond: float = Field(0.1, ge=0, le=1)  # label dropout for classifier-free guidance
     steps: int = Field(1000, ge=1)  # conditional optimizer steps
     pretrain_steps: int = Field(0, ge=0)  # unconditional steps on train + pool (init=pretrain)
