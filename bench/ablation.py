@@ -61,6 +61,7 @@ LEVERS = [
     ("img2img of pool images too (50 per class)", {"sample": {"pool_per_class": 50}}, GENERATOR),
     ("synthetic images learn the labeler's soft labels", {"train_classifier": {"synthetic_labels": "labeler"}},
      GENERATOR),
+    ("self-training as today (labeled images ~7% of each batch)", {}, [POOL]),
     ("self-training: half of each batch labeled", {"train_classifier": {"pseudo_share": 0.5}}, [POOL]),
     ("self-training: class-balanced pseudo-labels", {"pseudo_label": {"balance": True}}, [POOL]),
     ("self-training: soft labels", {"train_classifier": {"pseudo_labels": "soft"}}, [POOL]),
@@ -166,7 +167,7 @@ def run(params_file: Path, work: Path, seeds: int, out: Path, only: int | None) 
             row["generator"] = runner.generator_quality(trial)
         score = row["val"][judged_by[0]]
         row["best_before"] = best.get(judged_by[0])
-        row["kept"] = not change or row["best_before"] is None or score > row["best_before"]
+        row["kept"] = row["best_before"] is None or (bool(change) and score > row["best_before"])
         if row["kept"]:
             best_raw, adopted = trial, deep_merge(adopted, change)
             best[judged_by[0]] = score

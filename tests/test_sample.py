@@ -99,6 +99,21 @@ def test_guidance_batched_equals_separate_passes_and_changes_output():
         assert torch.equal(a, denoise(pipe, noise, lab, 0.0, 3))  # deterministic given noise
 
 
+def test_guidance_rescale_matches_the_conditional_std_and_the_interval_switches_guidance_off():
+    unet, conf, _ = tiny_model()
+    pipe = tiny_pipeline(unet, conf)
+    x, t, y = torch.randn(3, 1, SIZE, SIZE), torch.tensor(500), torch.tensor([0, 1, 0])
+    with torch.no_grad():
+        cond = unet(x, t, class_labels=y).sample
+        full = pipe.guided_output(x, t, y, 6.0, guidance_rescale=1.0)
+    assert torch.allclose(full.std(dim=(1, 2, 3)), cond.std(dim=(1, 2, 3)), rtol=1e-4)
+    noise = torch.randn(2, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    lab = torch.tensor([0, 1])
+    off = pipe(lab, num_inference_steps=3, guidance_scale=4.0, noise=noise, output_type="pt", guidance_interval=(0, 0))
+    plain = pipe(lab, num_inference_steps=3, guidance_scale=1.0, noise=noise, output_type="pt")
+    assert torch.equal(off.images, plain.images)  # no step inside the interval: conditional only
+
+
 @pytest.mark.parametrize("sampler", ["ddim", "dpm++"])
 def test_same_seed_same_image_whatever_the_batch(sampler):
     gen = tiny_generator()

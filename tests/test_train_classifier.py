@@ -284,7 +284,7 @@ def test_pseudo_variant_adds_the_pseudo_labeled_pool_and_records_it(tmp_path, mo
         return real_fit(model, x, y, vx, vy, **{**kw, "progress": False})
 
     monkeypatch.setattr(training, "fit_classifier", fit)
-    out = tc.run(micro_params(seeds=1, pseudo_share=0.5), paths, variant="real+pseudo+classic")
+    out = tc.run(micro_params(seeds=1, pseudo_share=0.5, pseudo_labels="hard"), paths, variant="real+pseudo+classic")
     assert out["n_pseudo_labeled"] == 12 and out["n_train_real"] == 40
     assert out["inputs"] == {"prepared": "p" * 64, "synthetic": None, "pseudo": "q" * 64}
     assert out["pseudo"] == {"share": 0.5, "labels": "hard", "temperature": 1.0}
@@ -343,6 +343,9 @@ def test_pseudo_share_fixes_the_labeled_part_of_each_batch_and_soft_labels_train
                   synthetic=toy(16, 4), synthetic_ratio=0.25)
     assert (hist["real_per_batch"], hist["pseudo_per_batch"], hist["synthetic_per_batch"]) == (3, 3, 2)
     assert hist["soft_labels"] and torch.isfinite(torch.tensor(hist["train_loss"])).all()
+    _, hist = fit(x, y, vx, vy, steps=2, batch_size=8, eval_every=2, pseudo=(px, py), synthetic=toy(16, 4),
+                  synthetic_ratio=0.25)  # pseudo_share None: the pool's share of 32 labeled + 64 pool images
+    assert (hist["real_per_batch"], hist["pseudo_per_batch"]) == (2, 4) and not hist["soft_labels"]
     assert torch.allclose(training.sharpen(torch.tensor([[0.6, 0.4]]), 0.5), torch.tensor([[0.6923, 0.3077]]),
                           atol=1e-4)
     assert torch.allclose(training.sharpen(soft[:3], 1.0), soft[:3])

@@ -138,7 +138,7 @@ class SampleConfig(_Section):
     guidance_scale: float = Field(2.0, ge=0)  # 0 = unconditional, 1 = conditional only, >1 = CFG
     guidance_rescale: float = Field(0.0, ge=0, le=1)  # phi of Lin et al. 2024: guided output's std matched to the conditional's
     # guidance only at noise levels t/T inside [low, high] (Kynkaanniemi et al. 2024); conditional elsewhere
-    guidance_interval: tuple[float, float] = (0.0, 1.0)
+    guidance_interval: tuple[float, float] = (0.0, 0.7)
     # generate: per_class new images of each class from noise | img2img: variations of real images
     # (SDEdit; DA-Fusion, Trabucco et al. 2024): every labeled train image, and pool_per_class
     # pseudo-labeled pool images of each class, noised to each of strengths and denoised with its class
@@ -246,12 +246,13 @@ class TrainClassifierConfig(_Section):
     # is used only if it beats 0 on validation with each of those seeds (training.classifier.choose_ratio)
     ratio_sweep: tuple[float, ...] = ()
     sweep_seeds: int = Field(2, ge=1)
-    # pseudo: true variants: share of the real part of each batch drawn from the pseudo-labeled pool
-    # (the labeled images fill the rest, so they are never drowned by the pool)
-    pseudo_share: float = Field(0.5, ge=0, le=1)
+    # pseudo: true variants: share of the real part of each batch drawn from the pseudo-labeled pool, the
+    # labeled images the rest; None = in proportion to the two sets' sizes (as if concatenated; a tie with
+    # 0.5 on validation, reports/ablation.md)
+    pseudo_share: Optional[float] = Field(None, ge=0, le=1)
     # pseudo-labels as the labeler's class (hard) or its probabilities (soft), sharpened by
     # pseudo_temperature (< 1 sharpens; Noisy Student trains on soft labels with strong augmentation)
-    pseudo_labels: Literal["hard", "soft"] = "hard"
+    pseudo_labels: Literal["hard", "soft"] = "soft"
     pseudo_temperature: float = Field(1.0, gt=0)
     # synthetic images learn their intended class, or the pseudo-labeler's probabilities for them
     # (sharpened by pseudo_temperature: distillation, which corrects images that drifted off their class)

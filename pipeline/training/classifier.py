@@ -125,7 +125,7 @@ def fit_classifier(model: nn.Module, train_x: torch.Tensor | None, train_y: torc
                    val_x: torch.Tensor, val_y: torch.Tensor, *, steps: int, batch_size: int, lr: float,
                    weight_decay: float, seed: int, device: str = "cpu", augment: str = "standard",
                    synthetic: tuple[torch.Tensor, torch.Tensor] | None = None, synthetic_ratio: float = 0.0,
-                   pseudo: tuple[torch.Tensor, torch.Tensor] | None = None, pseudo_share: float = 0.0,
+                   pseudo: tuple[torch.Tensor, torch.Tensor] | None = None, pseudo_share: float | None = None,
                    eval_every: int = 100, label_smoothing: float = 0.0, progress: bool = True
                    ) -> tuple[nn.Module, dict]:
     """Train ``model`` for exactly ``steps`` AdamW steps (one-cycle LR; timm's optimizer factory,
@@ -135,7 +135,8 @@ def fit_classifier(model: nn.Module, train_x: torch.Tensor | None, train_y: torc
     Each batch holds ``round(batch_size * synthetic_ratio)`` synthetic images and real ones
     for the rest; with no real data (``train_x`` None or empty) batches are all synthetic. With
     ``pseudo`` (pseudo-labeled pool images), ``round(pseudo_share * real)`` of the real part of
-    each batch come from the pool and the rest from the labeled images. Labels are class ids or,
+    each batch come from the pool and the rest from the labeled images (``pseudo_share`` None: the
+    pool's share of the two sets). Labels are class ids or,
     for any source, probabilities (N,K: soft labels, a cross-entropy with soft targets).
     ``augment``: standard = random crop + flip; classic = TrivialAugmentWide, then crop + flip.
     """
@@ -146,7 +147,11 @@ def fit_classifier(model: nn.Module, train_x: torch.Tensor | None, train_y: torc
     if not has_real and not has_syn:
         raise ValueError("fit_classifier: no training images (neither real nor synthetic)")
     n_real, n_syn = batch_composition(batch_size, synthetic_ratio, has_real, has_syn)
-    n_pool = int(round(n_real * pseudo_share)) if pseudo is not None and len(pseudo[0]) and has_real else 0
+    if pseudo is not None and len(pseudo[0]) and has_real:
+        share = len(pseudo[0]) / (len(pseudo[0]) + len(train_x)) if pseudo_share is None else pseudo_share
+        n_pool = int(round(n_real * share))
+    else:
+        n_pool = 0
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # TrivialAugmentWide and dropout draw from the global generator
     parts = [(src, n) for src, n in (((train_x, train_y), n_real - n_pool), (pseudo, n_pool), (synthetic, n_syn)) if n]
