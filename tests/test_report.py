@@ -113,6 +113,10 @@ def test_verdict_says_what_the_generator_adds_beyond_the_pool():
     assert "Beyond using the pool directly (self-training, real+pseudo+classic): the generator added accuracy" \
         in better["text"]
     pairs = {(c["a"], c["b"]): c for c in better["comparisons"]}
+    # when validation gave real+pseudo+synthetic+classic no synthetic data, the answer rests on real+synthetic+classic
+    none = judge(**base, **{"real+pseudo+synthetic+classic": syn([0.84, 0.85, 0.86], ratio=0.0)})
+    assert "the generator added nothing significant; real+synthetic+classic vs real+pseudo+classic: +0.3" in none["text"]
+    assert "real+pseudo+synthetic+classic vs real+pseudo+classic" not in none["text"]
     assert pairs[("real+pseudo+synthetic+classic", "real+pseudo+classic")]["diff"] == pytest.approx(0.0367, abs=1e-4)
     assert pairs[("real+pseudo+synthetic+classic", "real+pseudo+classic")]["low"] > 0
     same = judge(**base, **{"real+pseudo+synthetic+classic": syn([0.84, 0.86, 0.85], val=[0.95] * 3)})

@@ -117,11 +117,13 @@ def verdict(table: pd.DataFrame, variants: dict[str, dict], specs: dict[str, Var
                                                                    if rec != baseline else None), None, None)
                     + f" (best on validation without synthetic data): synthetic data did not help here.")
     points = [answer + "; ".join(_said(cmp[k]) for k in ((syn, baseline), (syn, classic)) if k in cmp) + "."]
-    beyond = cmp.get((pool_syn, pool)) or cmp.get((syn, pool))
+    pool_syn_used = pool_syn is not None and table.loc[pool_syn, "synthetic_ratio"] != 0  # 0: it is the pool alone
+    beyond = (cmp.get((pool_syn, pool)) if pool_syn_used else None) or cmp.get((syn, pool))
     if beyond:
         points.append(f"Beyond using the pool directly (self-training, {pool}): the generator "
                       f"{'added accuracy' if beyond['low'] > 0 else 'added nothing significant'}; "
-                      + "; ".join(_said(cmp[k]) for k in dict.fromkeys(((syn, pool), (pool_syn, pool))) if k in cmp)
+                      + "; ".join(_said(cmp[k]) for k in dict.fromkeys(((syn, pool), (pool_syn, pool)))
+                                  if k in cmp and (k[0] != pool_syn or pool_syn_used))
                       + ".")
     if (classic, baseline) in cmp:
         points.append(f"Classic augmentation alone: {_said(cmp[(classic, baseline)])}.")
