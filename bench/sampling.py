@@ -125,6 +125,7 @@ def main(argv=None) -> dict:
     stock_unet = copy.deepcopy(unet).to(memory_format=torch.contiguous_format).float().eval()
     ours_gen = diffusion_generator(compile_if(unet, device, args.compile), sched_conf, meta)
     cfg = SampleConfig(sampler="ddim", num_inference_steps=args.steps, guidance_scale=args.guidance,
+                       guidance_interval=(0.0, 1.0),  # guided at every step, as the stock loop
                        per_class=per_class, batch_size=batch)
     plan = generation_plan(-(-n // per_class), per_class)  # label = i // per_class, as stock_generate
 

@@ -297,7 +297,7 @@ def test_report_opens_in_headless_chromium(tmp_path):
     title_dom = subprocess.run([browser, *flags, "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
                                capture_output=True, text=True, timeout=120).stdout
     stats = json.loads(title_dom.split("<title>")[1].split("</title>")[0].replace("&quot;", '"'))
-    assert stats["n"] >= 8 and stats["ok"] == stats["n"] and stats["h"].startswith("Yes")
+    assert stats["n"] >= 8 and stats["ok"] == stats["n"] and stats["h"].startswith("Use real+synthetic+classic")
 
 
 def test_report_refuses_metrics_of_another_run(tmp_path):
