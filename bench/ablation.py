@@ -17,7 +17,6 @@ generator, and an interrupted ablation resumes where it stopped.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import time
@@ -25,9 +24,10 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import Paths, params_from_dict
+from pipeline.config import Paths, deep_merge, params_from_dict
 from pipeline.core.entrypoint import setup_logging
 from pipeline.core.io import fingerprint, read_json, write_json
+from pipeline.reporting.tables import filter_quality
 
 log = logging.getLogger("ablation")
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,13 +69,6 @@ LEVERS = [
                                                                               "pseudo_temperature": 0.5}}, [POOL]),
     ("longer generator training (2x steps)", {"train_generator": {"steps": 2400}}, GENERATOR),
 ]
-
-
-def deep_merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
 
 
 class Runner:
@@ -139,15 +132,7 @@ class Runner:
         return out
 
     def generator_quality(self, raw: dict) -> dict:
-        f = read_json(self.root(raw, "filter") / "data/filtered/summary.json")
-        m = f["metrics"]
-        fd = {k: (m.get(k) or {}).get("frechet_distance", {}).get("value")
-              for k in ("before", "after", "floor", "floor_at_accepted_n")}
-        return {"frechet_distance_all": fd["before"], "frechet_distance_accepted": fd["after"],
-                "floor_all": fd["floor"], "floor_accepted": fd["floor_at_accepted_n"],
-                "judge_agreement": f["judge"]["synthetic_agreement"], "accepted": f["n"]["accepted"],
-                "generated": f["n"]["synthetic"], "feature_space": f["feature_space"],
-                "near_copies_of_source": f.get("near_copies_of_source")}
+        return filter_quality(read_json(self.root(raw, "filter") / "data/filtered/summary.json"))
 
 
 def run(params_file: Path, work: Path, seeds: int, out: Path, only: int | None) -> dict:
@@ -208,8 +193,8 @@ def markdown(result: dict) -> str:
         fd = (lambda a, b: "—" if g.get(a) is None else f"{g[a]:.1f} / {g[b]:.1f}")
         lines.append(
             f"| {i} | {r['lever']} | {v} | {_pct(r['val'][v])} ({', '.join(_pct(a) for a in r['val_per_seed'][v])}) | "
-            f"{diff} | {'yes' if r['kept'] else 'no'} | {fd('frechet_distance_all', 'floor_all')} | "
-            f"{fd('frechet_distance_accepted', 'floor_accepted')} | {_pct(g.get('judge_agreement'))} | "
+            f"{diff} | {'yes' if r['kept'] else 'no'} | {fd('frechet_distance_all', 'frechet_distance_all_floor')} | "
+            f"{fd('frechet_distance_accepted', 'frechet_distance_accepted_floor')} | {_pct(g.get('judge_agreement'))} | "
             f"{g.get('accepted', '—')} of {g.get('generated', '—')} | {_pct(r['val'].get(SYN_ONLY))} |")
     lines += ["", "Adopted (the kept levers, on top of the starting params):", "", "```yaml",
               yaml.safe_dump(result["adopted"], sort_keys=False).rstrip(), "```", ""]

@@ -149,7 +149,7 @@ def source_distances(space, src: dict, f_syn: torch.Tensor, f_train: torch.Tenso
     """Feature distance of each img2img image to its own source image (NaN without one)."""
     out = np.full(len(f_syn), np.nan)
     for split, feats in (("train", lambda idx: f_train[idx]),
-                         ("pool", lambda idx: space(pool_x[idx]) if pool_x is not None else None)):
+                         ("pool", lambda idx: space(pool_x[idx]))):  # pool sources exist only with a pool
         rows = np.flatnonzero(src["source_split"] == split)
         if len(rows):
             f_src = feats(torch.from_numpy(src["source_index"][rows]))

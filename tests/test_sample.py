@@ -172,7 +172,8 @@ def test_saved_generator_samples_and_two_shards_merge_to_one_shard_run(generator
 
 def test_img2img_plan_is_strength_major_and_keeps_each_source_label():
     src = torch.arange(3 * 1 * 2 * 2, dtype=torch.uint8).reshape(3, 1, 2, 2)
-    plan = img2img_plan(src, torch.tensor([0, 1, 1]), (0.25, 1.0), variations=2)
+    plan = img2img_plan(src, torch.tensor([0, 1, 1]), (0.25, 1.0), variations=2,
+                        origins=[("train", 0), ("train", 1), ("pool", 7)])
     assert len(plan) == 12 and plan.strengths.tolist() == [0.25] * 6 + [1.0] * 6
     assert plan.source_rows.tolist() == [0, 0, 1, 1, 2, 2] * 2 and plan.labels.tolist() == [0, 0, 1, 1, 1, 1] * 2
 

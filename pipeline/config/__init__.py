@@ -79,11 +79,11 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     name: _yaml_to_model_types(preset) for name, preset in read_yaml(PROFILES_FILE).items()}
 
 
-def _deep_merge(base: dict, over: dict) -> dict:
+def deep_merge(base: dict, over: dict) -> dict:
     """``over`` wins, key by key, also inside nested sections (e.g. train_generator.dit)."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -101,7 +101,7 @@ def params_from_dict(raw: dict | None, source: str = "<params>") -> Params:
             raise ConfigError(f"{source}: {section}: must be a mapping of keys, got {value!r}")
         merged[section] = dict(value or {}) if isinstance(value, dict) or value is None else value
     for stage, preset in PROFILES[profile].items():
-        merged[stage] = _deep_merge(preset, merged.get(stage) or {})
+        merged[stage] = deep_merge(preset, merged.get(stage) or {})
     try:
         return Params.model_validate(_yaml_to_model_types(merged))
     except ValidationError as err:

@@ -44,12 +44,12 @@ def generation_plan(num_classes: int, per_class: int) -> Plan:
 
 
 def img2img_plan(sources: torch.Tensor, labels: torch.Tensor, strengths: tuple[float, ...], variations: int,
-                 origins: list[tuple[str, int]] | None = None) -> Plan:
+                 origins: list[tuple[str, int]]) -> Plan:
     """``variations`` variations of every source image at every strength, strength-major (so a batch
     mostly holds one strength), then source, then variation."""
     rows = torch.arange(len(sources)).repeat_interleave(variations).repeat(len(strengths))
     s = torch.tensor(strengths, dtype=torch.float64).repeat_interleave(len(sources) * variations)
-    return Plan(labels[rows], s, rows, sources, origins or [("", i) for i in range(len(sources))])
+    return Plan(labels[rows], s, rows, sources, origins)
 
 
 def shard_range(n_images: int, shard_index: int, num_shards: int) -> range:

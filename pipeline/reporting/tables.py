@@ -64,7 +64,7 @@ def _find(specs: dict[str, VariantSpec], table: pd.DataFrame, *, synthetic: bool
     return names[0] if names else None
 
 
-def _use(rec: str, table: pd.DataFrame, cmp_real: dict | None, cmp_classic: dict | None, classic: str | None) -> str:
+def _use(rec: str, cmp_real: dict | None, cmp_classic: dict | None, classic: str | None) -> str:
     gains = [f"{100 * c['diff']:+.1f} points over {what} [{100 * c['low']:+.1f}, {100 * c['high']:+.1f}]"
              for c, what in ((cmp_real, "real"), (cmp_classic, f"classic augmentation ({classic})")) if c]
     return f"Use {rec}" + (f": {', '.join(gains)}" if gains else "")
@@ -105,7 +105,7 @@ def verdict(table: pd.DataFrame, variants: dict[str, dict], specs: dict[str, Var
     who = f"{syn} (the synthetic variant best on validation{'; it also uses the pseudo-labeled pool' if specs[syn].pseudo else ''})"
     if helped:
         answer = f"Yes: {who} beat {what}. "
-        headline = _use(syn, table, r, cmp.get((syn, classic)), classic) + "."
+        headline = _use(syn, r, cmp.get((syn, classic)), classic) + "."
     else:
         if above[baseline]:
             answer = f"Partly: {who} beat real but not {classic}. "
@@ -113,9 +113,8 @@ def verdict(table: pd.DataFrame, variants: dict[str, dict], specs: dict[str, Var
             answer = f"No: {who} did not beat {what}{'; the interval includes zero' if r['diff'] > 0 else ''}. "
         plain = [v for v, s in specs.items() if v in table.index and not s.uses_synthetic]
         rec = max(plain, key=lambda v: table.loc[v, "val_accuracy"]) if plain else baseline
-        headline = (_use(rec, table, cmp.get((rec, baseline)) or (paired(variants, rec, baseline)
-                                                                   if rec != baseline else None), None, None)
-                    + f" (best on validation without synthetic data): synthetic data did not help here.")
+        headline = (_use(rec, paired(variants, rec, baseline) if rec != baseline else None, None, None)
+                    + " (best on validation without synthetic data): synthetic data did not help here.")
     points = [answer + "; ".join(_said(cmp[k]) for k in ((syn, baseline), (syn, classic)) if k in cmp) + "."]
     pool_syn_used = pool_syn is not None and table.loc[pool_syn, "synthetic_ratio"] != 0  # 0: it is the pool alone
     beyond = (cmp.get((pool_syn, pool)) if pool_syn_used else None) or cmp.get((syn, pool))
@@ -172,14 +171,12 @@ def quality_rows(filter_summary: dict) -> list[dict]:
     return rows
 
 
-def generator_quality(filter_summary: dict, table: pd.DataFrame, specs: dict[str, VariantSpec]) -> dict:
-    """The generator's quality in one place for metrics.json: Frechet distance of all and of the
-    accepted images beside their real-vs-real floors, judge agreement, acceptance and the accuracy of
-    classifiers trained on synthetic images alone (the Classification Accuracy Score)."""
+def filter_quality(filter_summary: dict) -> dict:
+    """The filter's verdict on a synthetic set, flat: Frechet distance of all and of the accepted
+    images beside their real-vs-real floors, judge agreement, acceptance, img2img near-copies."""
     m = filter_summary.get("metrics") or {}
     fd = {k: ((m.get(k) or {}).get("frechet_distance") or {}).get("value")
           for k in ("before", "after", "floor", "floor_at_accepted_n")}
-    only = [v for v, s in specs.items() if v in table.index and not s.real]
     n = filter_summary.get("n") or {}
     return {"feature_space": filter_summary.get("feature_space"),
             "frechet_distance_all": fd["before"], "frechet_distance_all_floor": fd["floor"],
@@ -187,6 +184,12 @@ def generator_quality(filter_summary: dict, table: pd.DataFrame, specs: dict[str
             "judge_agreement": (filter_summary.get("judge") or {}).get("synthetic_agreement"),
             "generated": n.get("synthetic"), "accepted": n.get("accepted"),
             "acceptance": (filter_summary.get("acceptance") or {}).get("rate"),
-            "synthetic_only_variant": only[0] if only else None,
-            "synthetic_only_accuracy": float(table.loc[only[0], "accuracy"]) if only else None,
             "near_copies_of_source": filter_summary.get("near_copies_of_source")}
+
+
+def generator_quality(filter_summary: dict, table: pd.DataFrame, specs: dict[str, VariantSpec]) -> dict:
+    """The generator's quality in one place for metrics.json: ``filter_quality`` and the accuracy of
+    classifiers trained on synthetic images alone (the Classification Accuracy Score)."""
+    only = [v for v, s in specs.items() if v in table.index and not s.real]
+    return {**filter_quality(filter_summary), "synthetic_only_variant": only[0] if only else None,
+            "synthetic_only_accuracy": float(table.loc[only[0], "accuracy"]) if only else None}
