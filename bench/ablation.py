@@ -12,7 +12,7 @@ Stages run through their ``run`` functions, each output in a folder keyed by the
 made it (and its inputs'), so a lever that changes only the sampler re-uses the trained
 generator, and an interrupted ablation resumes where it stopped.
 
-    python -m bench.ablation --work /tmp/ablation            # cpu profile, Fashion-MNIST
+    python -m bench.ablation --params start.yaml --work ablation-work   # the starting params are recorded in the json
 """
 from __future__ import annotations
 
@@ -159,7 +159,7 @@ def run(params_file: Path, work: Path, seeds: int, out: Path, only: int | None) 
         rows.append(row)
         result = {"what": "validation accuracy (mean over seeds) of the variant each lever serves; a lever is kept "
                           "when it beats the best so far; test accuracy is not computed",
-                  "params_file": str(params_file), "seeds": seeds, "rows": rows,
+                  "params_file": params_file.name, "seeds": seeds, "rows": rows,
                   "start": raw, "adopted": adopted}
         write_json(out.with_suffix(".json"), result)
         out.with_suffix(".md").write_text(markdown(result))
