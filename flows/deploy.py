@@ -1,8 +1,14 @@
-"""Flows for GPU workers: experiments through ``dvc exp run`` and sampling fanned out
-over several workers as shards (one flow run per shard through a deployment).
+"""Flows for GPU workers: experiments through ``dvc exp run``, and two fan-outs over the
+``gpu`` pool's workers: sampling shards and classifier seeds, each one flow run of a deployment.
 
-Retries live here, around what fails for reasons outside the code: a lost worker
-(a crashed shard run is submitted again) and ``dvc push`` over the network.
+A fan-out flow only submits runs, waits for them and merges, so it runs on a pool of its own
+(``control`` in prefect.yaml) and never holds a slot its runs need. Every machine sees the same
+project folder (a shared file system, at the same path): that is how the generator, the data
+and the shards reach the workers and come back. The merge is recorded in ``dvc.lock`` with
+``dvc commit`` and pushed when a DVC remote is set.
+
+Retries live here, around what fails for reasons outside the code: a crashed run (its process
+or its worker lost) is submitted again, and ``dvc push`` over the network.
 """
 from __future__ import annotations
 
@@ -11,14 +17,15 @@ import subprocess
 from pathlib import Path
 from typing import Any, Optional
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact
-from prefect.client.schemas.objects import StateType
 from prefect.deployments import run_deployment
-from prefect.flow_runs import wait_for_flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.stages import run_name, sample_flow
-from pipeline.config import Paths
+from flows.stages import run_name, run_stage, sample_flow
+from pipeline.config import Paths, load_params
+
+IN_FLIGHT = 64  # runs a fan-out submits and waits for at once (one thread each); the pool's workers take them
 
 
 def _stream(cmd: list[str], cwd: str) -> None:
@@ -32,8 +39,8 @@ def _stream(cmd: list[str], cwd: str) -> None:
 
 
 @task(retries=3, retry_delay_seconds=[10, 60, 300])
-def dvc_push(root: str) -> None:
-    _stream(["dvc", "push"], root)
+def dvc_push(root: str, targets: Optional[list[str]] = None) -> None:
+    _stream(["dvc", "push", *(targets or [])], root)
 
 
 def has_dvc_remote(root: str) -> bool:
@@ -57,35 +64,78 @@ def experiment_flow(overrides: Optional[dict[str, Any]] = None, root: str = ".",
     return {"headline": headline, "overrides": overrides or {}}
 
 
-@flow(name="sample-fanout", persist_result=False, flow_run_name=run_name)
-def sample_fanout_flow(num_shards: int = 2, deployment: str = "sample/sample-shard",
-                       params_file: str = "params.yaml", overrides: Optional[dict[str, Any]] = None,
-                       root: str = ".", max_resubmits: int = 2) -> dict:
-    """One ``sample`` flow run per shard on the pool's workers, then a local merge.
+@task(retries=2, retry_delay_seconds=5)
+def on_worker(deployment: str, parameters: dict) -> str:
+    """One flow run of ``deployment``, waited for (``run_deployment`` polls until it ends); a crashed
+    run (its process or worker lost) raises, so Prefect retries the task with a new run. Returns
+    the final state's name: a failed run is not retried (it would fail the same way)."""
+    run = run_deployment(deployment, parameters=parameters, poll_interval=2)
+    if run.state.is_crashed():
+        raise RuntimeError(f"flow run {run.name} crashed: {run.state.message}")
+    return run.state.type.value
 
-    Shards write to the shared ``data/synthetic_shards`` (a shared file system or a DVC
-    remote between machines); the merged dataset equals a single-worker run.
-    """
-    logger = get_run_logger()
-    shard_overrides = [{**(overrides or {}), "sample.num_shards": num_shards, "sample.shard_index": i}
-                       for i in range(num_shards)]
 
-    def submit(i: int):
-        return run_deployment(deployment, parameters={"params_file": params_file, "overrides": shard_overrides[i],
-                                                      "root": root, "shard_only": True}, timeout=0, as_subflow=True)
+def on_workers(deployment: str, runs: list[dict]) -> None:
+    """All ``runs`` (parameters) of ``deployment`` at once on the pool's workers; raises unless every one completed."""
+    ends = [f.result() for f in on_worker.map(unmapped(deployment), runs)]
+    failed = [f"{r}: {end}" for r, end in zip(runs, ends) if end != "COMPLETED"]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(runs)} {deployment} runs did not complete: " + "; ".join(failed))
 
-    pending = {i: submit(i) for i in range(num_shards)}
-    tries = dict.fromkeys(pending, 0)
-    while pending:
-        for i, run in list(pending.items()):
-            state = wait_for_flow_run(run.id, timeout=None, log_states=True).state
-            if state.type == StateType.COMPLETED:
-                del pending[i]
-            elif state.type == StateType.CRASHED and tries[i] < max_resubmits:  # worker lost: transient
-                tries[i] += 1
-                logger.warning("shard %d crashed (%s); submitting again (%d/%d)", i, state.message, tries[i], max_resubmits)
-                pending[i] = submit(i)
-            else:
-                raise RuntimeError(f"shard {i} ended {state.type.value}: {state.message}")
-    logger.info("all %d shards done; merging", num_shards)
-    return sample_flow(params_file=params_file, overrides=shard_overrides[0], root=root)
+
+def commit_to_dvc(stages: list[str]) -> None:
+    """The merged outputs into dvc.lock (``dvc commit``: hashes of their deps, params and outs, as
+    ``dvc repro`` would record them), then to the DVC remote when one is set."""
+    _stream(["dvc", "commit", "--force", *stages], ".")
+    if has_dvc_remote("."):
+        dvc_push(".", stages)
+
+
+_FANOUT = dict(persist_result=False, flow_run_name=run_name, task_runner=ThreadPoolTaskRunner(max_workers=IN_FLIGHT))
+
+
+@flow(name="sample-fanout", **_FANOUT)
+def sample_fanout_flow(num_shards: int = 2, deployment: str = "sample/sample-shard", commit: bool = True) -> dict:
+    """The sample stage as ``num_shards`` shard runs on the pool's workers, then the merge here (the
+    ``sample`` flow, which makes any shard still missing): the merged set is the one a single run
+    of ``params.yaml`` gives, whatever ``num_shards``; with ``commit`` it is recorded in dvc.lock."""
+    on_workers(deployment, [{"overrides": {"sample.num_shards": num_shards, "sample.shard_index": i}, "shard_only": True}
+                            for i in range(num_shards)])
+    get_run_logger().info("all %d shards done; merging", num_shards)
+    summary = sample_flow(overrides={"sample.num_shards": num_shards})
+    if commit and isinstance(summary, dict):  # else a Failed state, with the user mistake's message
+        commit_to_dvc(["sample"])
+    return summary
+
+
+@flow(name="classifier-seed", persist_result=False, flow_run_name="{variant}-seed{seed_index}-share{ratio}")
+def classifier_seed_flow(variant: str, seed_index: int, ratio: Optional[float] = None) -> dict:
+    """One seed of a train_classifier variant (``ratio``: one run of its ratio sweep), for the fan-out."""
+    return run_stage("train_classifier", "params.yaml", None, ".", variant=variant, seed_index=seed_index, ratio=ratio)
+
+
+@flow(name="classifier-fanout", **_FANOUT)
+def classifier_fanout_flow(variants: Optional[list[str]] = None, deployment: str = "classifier-seed/classifier-seed",
+                           commit: bool = True) -> dict:
+    """train_classifier for ``variants`` (default: all of params.yaml's) as one flow run per seed on
+    the pool's workers: first every ratio-sweep run (and every seed of variants without a sweep),
+    then the seeds that take the sweep's choice; then each variant is gathered here into what
+    ``dvc repro`` writes (``metrics/classifier/<variant>.json``, models) and, with ``commit``, recorded."""
+    from pipeline.train_classifier import fanout_runs
+
+    params = load_params("params.yaml")
+    names = variants or list(params.train_classifier.variants)
+    unknown = [v for v in names if v not in params.train_classifier.variants]
+    if unknown:
+        raise ValueError(f"variants {unknown} are not in params.yaml's train_classifier.variants")
+    plans = {v: fanout_runs(params, v) for v in names}
+    for phase in (0, 1):
+        on_workers(deployment, [{"variant": v, **kw} for v in names for kw in plans[v][phase]])
+    out = {}
+    for v in names:
+        out[v] = run_stage("train_classifier", "params.yaml", None, ".", variant=v, gather=True)
+        if not isinstance(out[v], dict):  # a Failed state, with the user mistake's message
+            return out[v]
+    if commit:
+        commit_to_dvc([f"train_classifier@{v}" for v in names])
+    return {v: summary["headline"] for v, summary in out.items()}
