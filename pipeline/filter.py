@@ -22,8 +22,7 @@ import torch
 from pipeline.config import Params, Paths, resolve_device
 from pipeline.core.entrypoint import stage_main
 from pipeline.core.images import class_names_of, dataset_to_tensors
-from pipeline.core.io import (atomic_path, check_made_from, check_writable, fingerprint, load_dataset_dir, read_json,
-                              write_json)
+from pipeline.core.io import atomic_path, check_writable, fingerprint, load_dataset_dir, read_output, write_json
 from pipeline.core.splits import stratified_subset
 from pipeline.errors import DataError
 from pipeline.models.classifier import check_input_size
@@ -40,9 +39,8 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
     cfg, seed, t0 = params.filter, params.base.seed, time.time()
     check_writable(paths.filtered, paths.feature_cache)
     device = resolve_device(params.base)
-    prepared_fp = read_json(paths.prepared / "summary.json", "prepare").get("fingerprint")
-    syn_summary = read_json(paths.synthetic / "summary.json", "sample")
-    check_made_from(paths.synthetic, syn_summary.get("prepared_fingerprint"), prepared_fp, "train_generator and sample")
+    prepared_fp = read_output(paths, "prepared").get("fingerprint")
+    syn_summary = read_output(paths, "synthetic")  # refused when made by an older generator or from other data
     prepared = load_dataset_dir(paths.prepared / "dataset", "prepare")
     synthetic = load_dataset_dir(paths.synthetic / "dataset", "sample")
     class_names = class_names_of(prepared["train"])
@@ -117,7 +115,8 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
         "judge": {"arch": cfg.judge_arch, "val_accuracy": judge_hist.get("best_val_acc"),
                   "steps": cfg.judge_steps, "fingerprint": state_fingerprint(judge),
                   "synthetic_agreement": float((js["predicted"] == syn_y.numpy()).mean())},
-        "clip": clip_info, "metrics": metrics, "prepared_fingerprint": prepared_fp,
+        "clip": clip_info, "metrics": metrics,
+        "inputs": {"synthetic": syn_summary.get("fingerprint"), "prepared": prepared_fp},
         "fingerprint": fingerprint(syn_summary.get("fingerprint"), scores["index"][scores["accepted"]].tolist()),
         "timing": {"seconds": time.time() - t0, "synthetic_features_per_second": len(syn_x) / max(syn_seconds, 1e-9)},
         "params": params.resolved(),

@@ -21,8 +21,8 @@ from safetensors.torch import save_file
 from pipeline.config import Params, Paths, resolve_device
 from pipeline.core.entrypoint import stage_main
 from pipeline.core.images import class_names_of, dataset_to_tensors, tensors_to_dataset
-from pipeline.core.io import atomic_path, check_writable, fingerprint, load_dataset_dir, read_json, sha256_tensor, \
-    write_json
+from pipeline.core.io import (atomic_path, check_writable, fingerprint, load_dataset_dir, read_output, sha256_tensor,
+                              write_json)
 from pipeline.errors import DataError
 from pipeline.models.classifier import build_model, check_input_size
 from pipeline.quality.selection import confident_per_class
@@ -35,7 +35,7 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
     cfg, seed, t0 = params.pseudo_label, params.base.seed, time.time()
     check_writable(paths.pseudo)
     device = resolve_device(params.base)
-    prepared_fp = read_json(paths.prepared / "summary.json", "prepare").get("fingerprint")
+    prepared_fp = read_output(paths, "prepared").get("fingerprint")
     dd = load_dataset_dir(paths.prepared / "dataset", "prepare")
     class_names = class_names_of(dd["train"])
     k = len(class_names)
@@ -44,7 +44,7 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
         pool_x, hidden = dataset_to_tensors(dd["pool"], label_column="hidden_label")
     else:
         pool_x, hidden = torch.zeros(0, *tx.shape[1:], dtype=torch.uint8), None
-    summary = {"prepared_fingerprint": prepared_fp, "pool_size": len(pool_x), "threshold": cfg.threshold,
+    summary = {"inputs": {"prepared": prepared_fp}, "pool_size": len(pool_x), "threshold": cfg.threshold,
                "per_class_cap": cfg.per_class_cap, "class_names": class_names}
     keep = torch.zeros(0, dtype=torch.long)
     proba = torch.zeros(0, k)

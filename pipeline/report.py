@@ -1,96 +1,169 @@
 """Stage 6, report: did the synthetic data help? Answer first, then the evidence.
 
 Reads the classifier metrics of every variant in ``train_classifier.variants``, the pseudo-label
-summary, the filter
-summary and scores, the synthetic and real images and the generator's loss curve. Writes
+summary, the filter summary and scores, the synthetic and real images and the generator's loss
+curve, each checked to come from the current data and params (``check_one_run``). Writes
 ``reports/``: ``report.html`` (self-contained), ``report.md``, ``metrics.json`` (for
 ``dvc metrics``), ``figures/*.png`` and ``plots/*.csv`` (for ``dvc plots``).
 """
 from __future__ import annotations
 
 import logging
+import shlex
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from pipeline.config import Params, Paths, resolve_device
+from pipeline.config import Params, Paths, params_diff, resolve_device
 from pipeline.core.curves import CURVES, read_curve
 from pipeline.core.entrypoint import stage_main
-from pipeline.core.io import atomic_path, check_writable, load_dataset_dir, read_json, save_figure, write_json
+from pipeline.core.io import (OUTPUTS, atomic_path, check_writable, load_dataset_dir, read_json, read_output, reading,
+                              save_figure, stale_inputs, write_json)
 from pipeline.core.plotting import png_b64
 from pipeline.core.provenance import run_metadata
 from pipeline.errors import DataError
 from pipeline.reporting.figures import (class_grids, fig_loss, fig_per_class_gain, fig_ratio_sweep, fig_scores,
                                         fig_variants)
-from pipeline.reporting.tables import (QUALITY, generator_quality, pct, per_class_gain, quality_rows, variant_table,
-                                       verdict)
+from pipeline.reporting.tables import (QUALITY, baseline_of, generator_quality, pct, per_class_gain, quality_rows,
+                                       variant_table, verdict)
 
 log = logging.getLogger(__name__)
 
 
-def generator_facts(paths: Paths) -> dict:
+def generator_facts(outputs: dict[str, dict]) -> dict:
     """Kind, size, training and sampling cost of the generator (for the report's Generator section)."""
-    f, s = paths.generator / "generator.json", paths.synthetic / "summary.json"
-    if not f.exists():
+    g = outputs.get("generator")
+    if not g:
         return {}
-    g = read_json(f, "train_generator")
     facts = {"kind": g.get("kind", "unet"), "parameters_m": g.get("num_parameters", 0) / 1e6, "steps": g.get("steps"),
              "seconds": (g.get("timing") or {}).get("seconds"), "device": g.get("device"),
-             "images_per_second": read_json(s, "sample").get("images_per_second") if s.exists() else None}
+             "images_per_second": (outputs.get("synthetic") or {}).get("images_per_second")}
     if g.get("interpreter_val_accuracy") is not None:
         facts["interpreter"] = f"interpreter accuracy on val {100 * g['interpreter_val_accuracy']:.1f}% " \
                                f"(N={g.get('interpreter_val_n')})"
     return facts
 
 
-def check_one_run(variants: dict[str, dict], params: Params, paths: Paths, prepared_fp: str | None) -> None:
-    """Refuse to compare classifiers trained on different data: every variant must record the
-    current prepared data and, if it used synthetic images, the current synthetic set."""
-    specs = params.train_classifier.variants
-    syn = {source: read_json(getattr(paths, source) / "summary.json", stage).get("fingerprint")
-           for source, stage in (("filtered", "filter"), ("synthetic", "sample"))
-           if any(specs[v].data == source for v in variants)}
-    pseudo = read_json(paths.pseudo / "summary.json", "pseudo_label").get("fingerprint") \
-        if any(specs[v].pseudo for v in variants) else None
-    stale = [v for v, m in variants.items()
-             if m.get("inputs") != {"prepared": prepared_fp, "synthetic": syn.get(specs[v].data),
-                                    "pseudo": pseudo if specs[v].pseudo else None}]
-    if stale:
-        raise DataError(f"{paths.classifier_metrics}: the metrics of {', '.join(stale)} come from another run (other "
-                        "prepared or synthetic data than the current ones), so comparing them would mislead. Re-run "
-                        "train_classifier for them (dvc repro, or python -m flows train_classifier --variant <name>).")
+def earlier_outputs(paths: Paths, specs: dict, names: list[str]) -> tuple[dict[str, dict], list[str]]:
+    """The summary of each earlier stage's output, checked along its chain (``core.io.read_output``).
+    One that the compared variants used must be current; one they did not use and that is stale or
+    damaged is left out of the report with a note, rather than described beside the wrong results."""
+    used = {"prepared"} | {"pseudo" for v in names if specs[v].pseudo} | {specs[v].data for v in names}
+    out, notes = {}, []
+    for name, (stage, file) in OUTPUTS.items():
+        if name not in used and not (getattr(paths, name) / file).exists():
+            continue
+        try:
+            out[name] = read_output(paths, name)
+        except (DataError, FileNotFoundError) as err:
+            if name in used:
+                raise
+            notes.append(f"The {stage} output is left out of this report: {err}")
+    return out, notes
+
+
+def check_one_run(variants: dict[str, dict], params: Params, paths: Paths) -> None:
+    """Refuse to compare classifiers that were not all trained on the current data with the current
+    classifier settings: each variant records the fingerprint of every stage output it read and the
+    params it was trained with, and the report would otherwise credit one setting with another's
+    accuracy (or describe a generator beside images another generator made)."""
+    why = {}
+    for v, m in variants.items():
+        reasons = [f"{n} changed since ({OUTPUTS[n][0]} ran again)" for n in stale_inputs(paths, m.get("inputs") or {})]
+        if "params" not in m:
+            reasons.append("no record of its settings (trained by an older synthaug)")
+        else:
+            changed = params_diff(m["params"], params.made_with("train_classifier", v))
+            if changed:
+                reasons.append("trained with other settings (" + ", ".join(changed[:4]) +
+                               (", ..." if len(changed) > 4 else "") + ")")
+        if reasons:
+            why[v] = reasons
+    if why:
+        said = "\n".join(f"  {v}: {'; '.join(r)}" for v, r in why.items())
+        rerun = "; ".join(f"python -m flows train_classifier --variant {shlex.quote(v)}" for v in why)
+        raise DataError(f"{paths.classifier_metrics}: these variants' metrics do not come from the current data and "
+                        f"params, so comparing them would mislead:\n{said}\nRe-run them: dvc repro (or {rerun}).")
+
+
+def params_made_with(params: Params, outputs: dict[str, dict]) -> tuple[dict, list[str]]:
+    """The params in force for each output, as the output records them, and a note for each output
+    that params.yaml has changed since (dvc repro would re-make it)."""
+    now = params.resolved()
+    shown, notes = dict(now), []
+    for name, summary in outputs.items():
+        stage = OUTPUTS[name][0]
+        made = summary.get("params") or {}
+        if stage not in made:
+            continue
+        shown[stage] = made[stage]
+        changed = params_diff({k: made.get(k) for k in ("base", stage)}, {k: now[k] for k in ("base", stage)})
+        if changed:
+            notes.append(f"{name} was made with other params than params.yaml's now ({', '.join(changed[:4])}"
+                         f"{', ...' if len(changed) > 4 else ''}): this report describes it as it was made; dvc "
+                         f"repro would re-run {stage}.")
+    return shown, notes
+
+
+def caveats(variants: dict[str, dict], specs: dict, missing: list[str], outputs: dict[str, dict]) -> list[str]:
+    """What limits this run's conclusions, said in the report rather than only in a log."""
+    out = []
+    if missing:
+        accepted = ((outputs.get("filtered") or {}).get("n") or {}).get("accepted")
+        why = (" (the filter accepted none of the synthetic images, so the variants that train on them stop)"
+               if accepted == 0 and any(specs[v].data == "filtered" for v in missing) else
+               " (train_classifier was not run for them, or stopped)")
+        out.append(f"No metrics for {', '.join(missing)}{why}: this report compares the other variants only.")
+    absent = sorted({c for m in variants.values() for c in m.get("test_classes_missing") or []})
+    if absent:
+        out.append(f"The test split has no image of {', '.join(absent)}: accuracies are over the other classes only.")
+    return out
+
+
+def add_points(answer: dict, points: list[str]) -> None:
+    answer["points"] = answer["points"] + points
+    answer["text"] = " ".join([answer["text"], *points])
 
 
 def run(params: Params, paths: Paths = Paths()) -> dict:
     cfg = params.report
-    check_writable(paths.reports)
-    prepared = read_json(paths.prepared / "summary.json", "prepare")
-    names = prepared["class_names"]
-    files = {v: paths.classifier_metrics / f"{v}.json" for v in params.train_classifier.variants}
+    specs = params.train_classifier.variants
+    check_writable(paths.reports, paths.reports / "figures", paths.reports / "plots")
+    files = {v: paths.classifier_metrics / f"{v}.json" for v in specs}
     missing = [v for v, f in files.items() if not f.exists()]
     if len(missing) == len(files):
         raise FileNotFoundError(f"{paths.classifier_metrics}: no classifier metrics. Run train_classifier first.")
     if missing:
         log.warning("report: no metrics for variant(s) %s (train_classifier not run for them); left out", missing)
     variants = {v: read_json(f, "train_classifier") for v, f in files.items() if v not in missing}
-    check_one_run(variants, params, paths, prepared.get("fingerprint"))
-    table = variant_table(variants)
-    answer = verdict(table, variants, params.train_classifier.variants)
+    outputs, notes = earlier_outputs(paths, specs, list(variants))
+    check_one_run(variants, params, paths)
+    prepared = outputs["prepared"]
+    names = prepared["class_names"]
+    shown_params, drift = params_made_with(params, outputs)
+    baseline = baseline_of(specs, variants)
+    table = variant_table(variants, baseline)
+    answer = verdict(table, variants, specs, baseline)
+    add_points(answer, caveats(variants, specs, missing, outputs) + drift + notes)
     figs, csvs = {"variants": fig_variants(table)}, {}
-    if answer.get("synthetic_variant") and "real" in variants:
-        gain = per_class_gain(variants, answer["synthetic_variant"], names)
+    if answer.get("synthetic_variant"):
+        gain = per_class_gain(variants, answer["synthetic_variant"], names, baseline)
         figs["per_class_gain"], csvs["per_class_gain"] = fig_per_class_gain(gain), gain
     sweeps = {k: [{"ratio": float(r), "val_accuracy": a} for r, a in v["ratio_sweep"].items()]
               for k, v in variants.items() if v.get("ratio_sweep")}
     if sweeps:
         figs["ratio_sweep"] = fig_ratio_sweep(sweeps)
-    if (paths.generator / CURVES).exists():
-        loss = read_curve(paths.generator / CURVES, "loss")
+    if "generator" in outputs and (paths.generator / CURVES).exists():
+        with reading(paths.generator / CURVES, "train_generator") as f:
+            loss = read_curve(f, "loss")
         figs["generator_loss"], csvs["generator_loss"] = fig_loss(loss), loss
-    filt = read_json(paths.filtered / "summary.json", "filter") if (paths.filtered / "summary.json").exists() else {}
-    scores = pd.read_parquet(paths.filtered / "scores.parquet") if (paths.filtered / "scores.parquet").exists() else None
+    filt = outputs.get("filtered") or {}
+    scores = None
+    if filt and (paths.filtered / "scores.parquet").exists():
+        with reading(paths.filtered / "scores.parquet", "filter") as f:
+            scores = pd.read_parquet(f)
     if scores is not None and len(scores):
         th = filt.get("thresholds", {})
         figs["filter_scores"] = fig_scores(scores, {"confidence": th.get("min_confidence"),
@@ -102,7 +175,7 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
     real = load_dataset_dir(paths.prepared / "dataset", "prepare")["train"]
     grids["real"] = class_grids(real, np.asarray(real["label"]), cfg.grid_per_class, len(names))
     reasons: dict[int, str] = {}
-    if scores is not None and (paths.synthetic / "dataset").exists():
+    if scores is not None and "synthetic" in outputs:
         syn = load_dataset_dir(paths.synthetic / "dataset", "sample")
         for key, mask in (("accepted", scores["accepted"].to_numpy()), ("rejected", ~scores["accepted"].to_numpy())):
             sub = scores[mask]
@@ -114,20 +187,18 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
             r = rej[rej["label"] == c]["reason"].head(cfg.grid_per_class)
             reasons[c] = ", ".join(f"{k} x{n}" for k, n in r.value_counts().items())
 
-    generator = generator_facts(paths)
+    generator = generator_facts(outputs)
     device = resolve_device(params.base)
     meta = run_metadata(paths.root, device)
-    pseudo = read_json(paths.pseudo / "summary.json") if (paths.pseudo / "summary.json").exists() else {}
-    stage_times = {}
-    for stage, f in (("prepare", paths.stage_timing / "prepare.json"), ("pseudo_label", paths.pseudo / "summary.json"),
-                     ("train_generator", paths.generator / "generator.json"),
-                     ("sample", paths.synthetic / "summary.json"), ("filter", paths.filtered / "summary.json")):
-        if f.exists():
-            facts = read_json(f)
-            stage_times[stage] = (facts.get("timing") or facts).get("seconds")
+    pseudo = outputs.get("pseudo") or {}
+    timing = paths.stage_timing / "prepare.json"
+    stage_times = {"prepare": read_json(timing, "prepare").get("seconds") if timing.exists() else None}
+    for name, facts in outputs.items():
+        if name != "prepared":
+            stage_times[OUTPUTS[name][0]] = (facts.get("timing") or facts).get("seconds")
     stage_times["train_classifier"] = sum(r.get("seconds") or 0 for v in variants.values() for r in v["per_seed"]) or None
     metrics = {"headline": answer["headline"], "answer": answer["points"], "helped": answer["helped"], "best_variant": answer["best_variant"],
-               "synthetic_variant": answer.get("synthetic_variant"),
+               "synthetic_variant": answer.get("synthetic_variant"), "baseline": baseline,
                "generator_kind": generator.get("kind"),
                "n_test": answer["n_test"], "seeds": answer["seeds"],
                **({"gain": answer["gain"], "gain_ci95_low": answer["gain_low"], "gain_ci95_high": answer["gain_high"],
@@ -144,7 +215,7 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
     ctx = {"title": cfg.title, "answer": answer, "rows": rows, "names": names, "grids": grids, "reasons": reasons,
            "figs": {k: png_b64(f) for k, f in figs.items()}, "filter": filt,
            "quality": quality_rows(filt), "quality_names": QUALITY, "prepared": prepared, "meta": meta,
-           "stage_times": stage_times, "params": params.resolved(), "pct": pct, "generator": generator,
+           "stage_times": stage_times, "params": shown_params, "pct": pct, "generator": generator,
            "pseudo": pseudo}
     env = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"), autoescape=select_autoescape(["html.j2"]))
     paths.reports.mkdir(parents=True, exist_ok=True)

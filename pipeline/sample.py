@@ -29,12 +29,12 @@ import torch
 from pipeline.config import Paths, Params, SampleConfig, resolve_device
 from pipeline.core.entrypoint import stage_main
 from pipeline.core.images import dataset_to_tensors, make_grid_image, tensors_to_dataset
-from pipeline.core.io import (atomic_path, check_made_from, check_writable, fingerprint, load_img2img_sources,
-                              read_json, save_dataset, save_png, write_json)
+from pipeline.core.io import (atomic_path, check_writable, fingerprint, load_img2img_sources, load_dataset_dir, read_json,
+                              read_output, save_dataset, save_png, write_json)
 from pipeline.core.seeding import SEED_STRIDE, image_seed
 from pipeline.models.class_conditional import bf16_is_fast
 from pipeline.models.registry import load_generator
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, DataError
 from pipeline.models.sampling import Plan, generate, generation_plan, img2img_plan, shard_range
 
 log = logging.getLogger(__name__)
@@ -56,8 +56,6 @@ def make_plan(cfg: SampleConfig, paths: Paths, meta: dict) -> Plan:
     if meta["kind"] not in ("unet", "dit"):
         raise ConfigError(f"sample.mode: img2img needs a diffusion generator (kind unet or dit), this one is "
                           f"{meta['kind']}. Use mode: generate.")
-    check_made_from(paths.generator, meta.get("prepared_fingerprint"),
-                    read_json(paths.prepared / "summary.json", "prepare").get("fingerprint"), "train_generator")
     x, y, origins = load_img2img_sources(paths.prepared, paths.pseudo, cfg.pool_per_class, meta["num_classes"])
     return img2img_plan(x, y, cfg.strengths, cfg.variations, origins)
 
@@ -78,6 +76,15 @@ def recipe(cfg: SampleConfig) -> dict:
             if k not in ("batch_size", "shard_index", "num_shards", "grid_per_class")}
 
 
+def shard_recipe(record: Path) -> dict | None:
+    """The settings a finished shard records (None when its record is unreadable: it is made again)."""
+    try:
+        return read_json(record, "sample").get("recipe")
+    except DataError as err:
+        log.warning("%s", err)
+        return None
+
+
 def shard_is_complete(path: Path, indices: range, cfg: SampleConfig, meta: dict, base_seed: int, plan: Plan
                       ) -> bool:
     """A saved shard that holds exactly these images with these settings."""
@@ -94,8 +101,7 @@ def shard_is_complete(path: Path, indices: range, cfg: SampleConfig, meta: dict,
     ok = (list(ds["seed"]) == [image_seed(base_seed, i) for i in indices] and "strength" in ds.column_names
           and list(ds["strength"]) == [float(v) for v in plan.strengths[list(indices)]]
           and list(ds["label"]) == plan.labels[list(indices)].tolist()
-          and ds[0]["generator"] == meta["fingerprint"] and done.exists()
-          and read_json(done).get("recipe") == recipe(cfg))
+          and ds[0]["generator"] == meta["fingerprint"] and done.exists() and shard_recipe(done) == recipe(cfg))
     if not ok:
         log.warning("%s: made with other settings or another generator; generating it again", path)
     return ok
@@ -143,11 +149,18 @@ def run(params: Params, paths: Paths = Paths(), shard_only: bool = False) -> dic
     fan-out; the merge is a later run), leaving ``data/synthetic`` untouched."""
     cfg = params.sample
     seed = params.base.seed
-    check_writable(paths.synthetic, paths.synthetic_shards)
     device = resolve_device(params.base)
+    inputs = {"generator": read_output(paths, "generator")["fingerprint"]}  # refused when made from older data
     generator = load_generator(paths.generator, device)
     meta = generator.meta
     plan = make_plan(cfg, paths, meta)
+    if cfg.mode == "img2img":
+        inputs["prepared"] = read_output(paths, "prepared").get("fingerprint")
+        if cfg.pool_per_class:
+            inputs["pseudo"] = read_output(paths, "pseudo").get("fingerprint")
+    # room for the shards and the merged copy (uint8 pixels; the files are a little larger)
+    check_writable(paths.synthetic, paths.synthetic_shards, need_bytes=2 * len(plan) * meta["channels"] *
+                   meta["image_size"] ** 2)
     batch_size = cfg.batch_size or AUTO_BATCH.get(device, 64)
     order = [cfg.shard_index] if shard_only else \
         [cfg.shard_index, *(k for k in range(cfg.num_shards) if k != cfg.shard_index)]
@@ -157,7 +170,7 @@ def run(params: Params, paths: Paths = Paths(), shard_only: bool = False) -> dic
         return {"complete": False, "shard": cfg.shard_index,
                 "headline": f"shard {cfg.shard_index} of {cfg.num_shards} done; merged by a run without shard_only"}
     dirs = [paths.synthetic_shards / shard_name(k, cfg.num_shards) for k in range(cfg.num_shards)]
-    merged = datasets.concatenate_datasets([datasets.load_from_disk(str(d)) for d in dirs])
+    merged = datasets.concatenate_datasets([ds for d in dirs if (ds := load_dataset_dir(d, "sample")) is not None])
     timing = [read_json(d.with_name(d.name + ".json")) for d in dirs if d.with_name(d.name + ".json").exists()]
     seconds = sum(t["seconds"] for t in timing)
     counts = torch.bincount(torch.tensor(merged["label"]), minlength=meta["num_classes"]).tolist()
@@ -173,7 +186,7 @@ def run(params: Params, paths: Paths = Paths(), shard_only: bool = False) -> dic
         "precision": "bf16 autocast" if bf16_is_fast(device) and meta["kind"] in ("unet", "dit") else "fp32",
         "num_inference_steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale,
         "generator": meta["fingerprint"], "generator_kind": meta["kind"], "image_size": meta["image_size"],
-        "channels": meta["channels"], "prepared_fingerprint": meta.get("prepared_fingerprint"),
+        "channels": meta["channels"], "inputs": inputs,
         "fingerprint": fingerprint(meta["fingerprint"], list(merged["seed"]), list(merged["label"]), recipe(cfg),
                                    list(merged["source_split"]), list(merged["source_index"])),
         "seed_rule": f"seed = base.seed * {SEED_STRIDE} + global index", "params": params.resolved(),

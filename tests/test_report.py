@@ -18,7 +18,8 @@ from pipeline.errors import DataError
 from pipeline.reporting.tables import quality_rows, variant_table, verdict
 
 NAMES = ["a", "b"]
-PREPARED_FP, FILTERED_FP, PSEUDO_FP = "p" * 64, "f" * 64, "s" * 64
+PREPARED_FP, FILTERED_FP, PSEUDO_FP, SYNTHETIC_FP, GENERATOR_FP = "p" * 64, "f" * 64, "s" * 64, "y" * 64, "g" * 64
+MICRO = params_from_dict({"base": {"profile": "micro"}})
 # the default variants (real, real+classic, real+pseudo+classic, real+synthetic+classic,
 # real+pseudo+synthetic+classic, synthetic-only) and one synthetic variant without classic augmentation
 SPECS = {**TrainClassifierConfig().variants, "real+synthetic": VariantSpec(data="filtered")}
@@ -29,7 +30,8 @@ def variant(accs, per_class=None, synthetic=None, val=None, ratio=None, pseudo=N
     (default: the test accuracy), ``ratio`` = the synthetic share chosen on validation."""
     val = val or accs
     return {"n_test": 200, "synthetic_ratio": (0.25 if synthetic else 0.0) if ratio is None else ratio,
-            "inputs": {"prepared": PREPARED_FP, "synthetic": synthetic, "pseudo": pseudo}, "per_seed": [
+            "inputs": {"prepared": PREPARED_FP, **({"filtered": synthetic} if synthetic else {}),
+                       **({"pseudo": pseudo} if pseudo else {})}, "per_seed": [
                 {"seed": s, "accuracy": a, "best_val_accuracy": v, "macro_f1": a - 0.01, "ece": 0.05, "seconds": 1.0,
                  "per_class_accuracy": dict(zip(names, per_class or [a, a]))} for s, (a, v) in enumerate(zip(accs, val))]}
 
@@ -173,8 +175,16 @@ def test_quality_rows_read_filter_summary():
     assert rows[1]["frechet_distance"] == 9.0 and rows[0]["kid"] is None and rows[1]["n_other"] == 8
 
 
-def fake_run(root, names=NAMES):
-    """Every input the report reads, tiny and made up."""
+def trained(name, accs, params=MICRO, **kw):
+    """Metrics of variant ``name`` as train_classifier writes them with ``params``, on the current inputs
+    (``kw`` overrides them)."""
+    kw = {"per_class": accs[:2], "synthetic": FILTERED_FP if "synthetic" in name else None,
+          "pseudo": PSEUDO_FP if "pseudo" in name else None, **kw}
+    return {**variant(accs, **kw), "params": params.made_with("train_classifier", name)}
+
+
+def fake_run(root, names=NAMES, params=MICRO):
+    """Every input the report reads, tiny and made up; the classifiers trained with ``params``."""
     paths = Paths(root=root)
     rng = np.random.default_rng(0)
     img = lambda n: torch.from_numpy(rng.integers(0, 255, (n, 1, 8, 8), dtype=np.uint8))  # noqa: E731
@@ -186,6 +196,9 @@ def fake_run(root, names=NAMES):
                                                  "fingerprint": PREPARED_FP})
     syn = tensors_to_dataset(img(6), [0, 0, 0, 1, 1, 1], names, {"seed": list(range(6))})
     save_dataset(syn, paths.synthetic / "dataset")
+    write_json(paths.synthetic / "summary.json", {"fingerprint": SYNTHETIC_FP, "inputs": {"generator": GENERATOR_FP},
+                                                  "images_per_second": 3.5, "timing": {"seconds": 2.0},
+                                                  "params": MICRO.resolved()})
     scores = pd.DataFrame({"index": range(6), "label": [0, 0, 0, 1, 1, 1], "confidence": rng.random(6),
                            "accepted": [True, False, True, True, False, True],
                            "reason": ["", "low_confidence", "", "", "memorized", ""]})
@@ -195,23 +208,24 @@ def fake_run(root, names=NAMES):
                                                  "acceptance": {"generated": 6, "accepted": 4, "per_class": {"a": {"generated": 3, "accepted": 2, "rate": 0.67}},
                                                                 "rejected_by_first_reason": {"low_confidence": 1, "memorized": 1}},
                                                  "clip": {"used": False, "why": "filter.clip.checkpoint not set"}, "metrics": {},
-                                                 "fingerprint": FILTERED_FP})
+                                                 "fingerprint": FILTERED_FP,
+                                                 "inputs": {"synthetic": SYNTHETIC_FP, "prepared": PREPARED_FP}})
     paths.generator.mkdir(parents=True)
     write_curves(paths.generator / CURVES, {"loss": (list(range(1, 51)), list(np.linspace(1, 0.1, 50)))})
     write_json(paths.generator / "generator.json", {"kind": "datasetgan", "num_parameters": 1_234_000, "steps": 50,
                                                     "timing": {"seconds": 12.0}, "device": "cpu",
-                                                    "interpreter_val_accuracy": 0.75, "interpreter_val_n": 8})
+                                                    "interpreter_val_accuracy": 0.75, "interpreter_val_n": 8,
+                                                    "fingerprint": GENERATOR_FP, "inputs": {"prepared": PREPARED_FP}})
     write_json(paths.pseudo / "summary.json", {
-        "fingerprint": PSEUDO_FP, "prepared_fingerprint": PREPARED_FP, "pool_size": 20, "threshold": 0.9, "kept": 12,
+        "fingerprint": PSEUDO_FP, "inputs": {"prepared": PREPARED_FP}, "pool_size": 20, "threshold": 0.9, "kept": 12,
         "kept_per_class": dict(zip(names, [7, 5])), "coverage_per_class": dict(zip(names, [0.7, 0.5])),
         "pseudo_label_accuracy": 0.75, "pseudo_label_accuracy_per_class": dict(zip(names, [0.8571, 0.6])),
         "labeler": {"arch": "test_resnet", "val_accuracy": 0.6, "best_step": 10, "n_val": 8, "seconds": 2.0},
         "headline": "pseudo_label: kept 12 of 20 pool images at confidence >= 0.9", "seconds": 3.0})
     for name, accs in {"real": [0.7, 0.72, 0.71], "real+classic": [0.73, 0.74, 0.72],
                        "real+pseudo+classic": [0.74, 0.75, 0.74], "real+synthetic+classic": [0.78, 0.79, 0.80]}.items():
-        write_json(paths.classifier_metrics / f"{name}.json",
-                   variant(accs, per_class=[accs[0], accs[1]], synthetic=FILTERED_FP if "synthetic" in name else None,
-                           pseudo=PSEUDO_FP if "pseudo" in name else None, names=names))
+        if name in params.train_classifier.variants:
+            write_json(paths.classifier_metrics / f"{name}.json", trained(name, accs, params, names=names))
     return paths
 
 
@@ -304,24 +318,144 @@ def test_report_refuses_metrics_of_another_run(tmp_path):
     """Metrics trained on other prepared data (another dataset) or on another synthetic set are not
     compared with the current ones: the report names the stale variants and what to re-run."""
     paths = fake_run(tmp_path)
-    params = params_from_dict({"base": {"profile": "micro"}})
-    stale = variant([0.3, 0.31, 0.32])
+    params = MICRO
+    stale = trained("real", [0.3, 0.31, 0.32])
     stale["inputs"]["prepared"] = "o" * 64  # e.g. a 2-class dataset after switching prepare.source
     write_json(paths.classifier_metrics / "real.json", stale)
-    with pytest.raises(DataError, match=r"metrics of real come from another run.*Re-run train_classifier"):
+    with pytest.raises(DataError, match=r"(?s)real: prepared changed since \(prepare ran again\).*Re-run them: dvc "
+                                        r"repro \(or python -m flows train_classifier --variant real\)"):
         report.run(params, paths)
-    write_json(paths.classifier_metrics / "real.json", variant([0.7, 0.72, 0.71]))
-    write_json(paths.classifier_metrics / "real+synthetic+classic.json", variant([0.9, 0.9, 0.9], synthetic="x" * 64))
-    with pytest.raises(DataError, match="metrics of real\\+synthetic\\+classic come from another run"):
+    write_json(paths.classifier_metrics / "real.json", trained("real", [0.7, 0.72, 0.71]))
+    write_json(paths.classifier_metrics / "real+synthetic+classic.json",
+               trained("real+synthetic+classic", [0.9, 0.9, 0.9], synthetic="x" * 64))
+    with pytest.raises(DataError, match=r"real\+synthetic\+classic: filtered changed since \(filter ran again\)"):
         report.run(params, paths)
-    write_json(paths.classifier_metrics / "real+synthetic+classic.json", variant([0.9, 0.9, 0.9], synthetic=FILTERED_FP))
+    write_json(paths.classifier_metrics / "real+synthetic+classic.json", trained("real+synthetic+classic", [0.9] * 3))
     # a pseudo variant trained on other pseudo-labels (pseudo_label re-ran since)
-    write_json(paths.classifier_metrics / "real+pseudo+classic.json", variant([0.8, 0.8, 0.8], pseudo="o" * 64))
-    with pytest.raises(DataError, match=r"metrics of real\+pseudo\+classic come from another run"):
+    write_json(paths.classifier_metrics / "real+pseudo+classic.json",
+               trained("real+pseudo+classic", [0.8] * 3, pseudo="o" * 64))
+    with pytest.raises(DataError, match=r"real\+pseudo\+classic: pseudo changed since"):
         report.run(params, paths)
     assert not (paths.reports / "metrics.json").exists()  # no verdict was written
-    write_json(paths.classifier_metrics / "real+pseudo+classic.json", variant([0.8, 0.8, 0.8], pseudo=PSEUDO_FP))
+    write_json(paths.classifier_metrics / "real+pseudo+classic.json", trained("real+pseudo+classic", [0.8] * 3))
     assert report.run(params, paths)["headline"]  # every input current again: the report is written
+
+
+def test_report_refuses_variants_trained_with_other_classifier_settings(tmp_path):
+    """The probe's -47-point verdict: change train_classifier.steps and arch, re-run only real, then
+    report. Every other variant was trained with the old settings: refused, each one named."""
+    old = MICRO
+    new = params_from_dict({"base": {"profile": "micro"}, "train_classifier": {"steps": 7, "arch": "resnet10t"}})
+    paths = fake_run(tmp_path, params=old)
+    write_json(paths.classifier_metrics / "real.json", trained("real", [0.9, 0.91, 0.92], new))
+    with pytest.raises(DataError) as err:
+        report.run(new, paths)
+    msg = str(err.value)
+    for v in ("real+classic", "real+pseudo+classic", "real+synthetic+classic"):
+        assert f"  {v}: trained with other settings (" in msg and f"--variant {v}" in msg
+    assert "train_classifier.arch: 'test_resnet' -> 'resnet10t'" in msg and "train_classifier.steps:" in msg
+    assert "  real:" not in msg  # the one trained with the current settings is not stale
+    assert not (paths.reports / "metrics.json").exists()
+    # a variant's own spec changed (e.g. augment) is stale too, the others are not
+    respec = params_from_dict({"base": {"profile": "micro"}, "train_classifier": {"variants": {
+        **{k: v.model_dump() for k, v in MICRO.train_classifier.variants.items()},
+        "real+classic": {"data": "prepared", "augment": "standard"}}}})
+    with pytest.raises(DataError, match=r"(?s)real\+classic: trained with other settings \(train_classifier.variants"
+                                        r".real\+classic.augment: 'classic' -> 'standard'\)") as err:
+        report.run(respec, fake_run(tmp_path / "again", params=old))
+    assert "  real:" not in str(err.value) and "real+synthetic+classic:" not in str(err.value)
+    # metrics from before this record existed are refused too, not trusted
+    paths = fake_run(tmp_path / "older")
+    write_json(paths.classifier_metrics / "real.json", variant([0.7, 0.72, 0.71]))
+    with pytest.raises(DataError, match="real: no record of its settings"):
+        report.run(MICRO, paths)
+
+
+def test_report_refuses_a_filtered_set_of_older_samples(tmp_path):
+    """Re-train the generator and re-sample without re-running filter: the classifier metrics name
+    the current filtered set, but that set was made from the older samples. The report names filter."""
+    paths = fake_run(tmp_path)
+    summary = json.loads((paths.synthetic / "summary.json").read_text())
+    write_json(paths.synthetic / "summary.json", {**summary, "fingerprint": "n" * 64})  # sample ran again
+    with pytest.raises(DataError, match=r"data/filtered: made from other inputs than the ones on disk now \(synthetic: "
+                                        r"yyyyyyyyyyyy there, nnnnnnnnnnnn now \(sample ran since\)\)\. Re-run filter"):
+        report.run(MICRO, paths)
+
+
+def test_report_shows_the_params_outputs_were_made_with(tmp_path):
+    """Change sample.guidance_scale after sampling: "params in force" shows what the images were made
+    with, and a line says params.yaml has changed since."""
+    paths = fake_run(tmp_path)
+    now = params_from_dict({"base": {"profile": "micro"}, "sample": {"guidance_scale": 7.5}})
+    report.run(now, paths)
+    html = (paths.reports / "report.html").read_text()
+    shown = json.loads(html.split("<summary>params in force</summary><pre>")[1].split("</pre>")[0]
+                       .replace("&#34;", '"').replace("&quot;", '"'))
+    assert shown["sample"]["guidance_scale"] == MICRO.sample.guidance_scale != 7.5
+    metrics = json.loads((paths.reports / "metrics.json").read_text())
+    assert any(p.startswith("synthetic was made with other params than params.yaml's now (sample.guidance_scale: "
+                            f"{MICRO.sample.guidance_scale!r} -> 7.5)") for p in metrics["answer"])
+
+
+VARIANT_SETS = {
+    "no variant named real": {"baseline": {"data": "prepared"}, "baseline+synthetic": {"data": "filtered"}},
+    "a single variant": {"real": {"data": "prepared"}},
+    "no synthetic variant": {"real": {"data": "prepared"}, "real+classic": {"data": "prepared", "augment": "classic"}},
+    "no baseline": {"real+classic": {"data": "prepared", "augment": "classic"},
+                    "real+synthetic+classic": {"data": "filtered", "augment": "classic"}},
+}
+
+
+@pytest.mark.parametrize("case", [*VARIANT_SETS, "only real has metrics", "filter kept nothing"])
+def test_report_renders_for_any_valid_set_of_variants(tmp_path, case):
+    """Each renders, and says what it can and cannot conclude (the probe's jinja UndefinedError)."""
+    root = tmp_path
+    if case in VARIANT_SETS:
+        params = params_from_dict({"base": {"profile": "micro"}, "train_classifier": {"variants": VARIANT_SETS[case]}})
+        paths = fake_run(root, params=params)
+        for name in VARIANT_SETS[case]:
+            accs = [0.8, 0.83, 0.84] if "synthetic" in name else [0.7, 0.72, 0.75]
+            write_json(paths.classifier_metrics / f"{name}.json", trained(name, accs, params))
+    else:  # the default variants, of which only real has metrics (the others not run, or stopped)
+        params = MICRO
+        paths = fake_run(root)
+        for f in paths.classifier_metrics.glob("*.json"):
+            if f.name != "real.json":
+                f.unlink()
+        if case == "filter kept nothing":
+            s = json.loads((paths.filtered / "summary.json").read_text())
+            write_json(paths.filtered / "summary.json", {**s, "n": {"synthetic": 6, "accepted": 0}})
+    out = report.run(params, paths)
+    metrics = json.loads((paths.reports / "metrics.json").read_text())
+    md = (paths.reports / "report.md").read_text()
+    assert md.splitlines()[2] == f"**{out['headline']}**" and (paths.reports / "report.html").exists()
+    expected = {"no variant named real": "Use baseline+synthetic: +",  # the plain real variant is the baseline
+                "a single variant": "No synthetic variant was compared with real",
+                "no synthetic variant": "No synthetic variant was compared with real",
+                "no baseline": "No variant trains on the real images alone",
+                "only real has metrics": "No synthetic variant was compared with real",
+                "filter kept nothing": "No synthetic variant was compared with real"}[case]
+    assert out["headline"].startswith(expected)
+    if case == "no variant named real":
+        assert metrics["baseline"] == "baseline" and "| vs baseline (points) |" in md
+        assert metrics["variants"]["baseline+synthetic"]["diff"] == pytest.approx(0.1)
+        assert out["headline"].startswith("Use baseline+synthetic: +10.0 points over baseline [")
+    if case == "filter kept nothing":
+        assert any("the filter accepted none of the synthetic images" in p for p in metrics["answer"])
+    if case == "only real has metrics":
+        assert any(p.startswith("No metrics for real+classic, ") for p in metrics["answer"])
+
+
+def test_report_notes_few_seeds_and_missing_test_classes(tmp_path):
+    params = params_from_dict({"base": {"profile": "micro"}, "train_classifier": {"seeds": 2}})
+    paths = fake_run(tmp_path, params=params)
+    for name in ("real", "real+classic", "real+pseudo+classic", "real+synthetic+classic"):
+        m = trained(name, [0.7, 0.75], params)
+        write_json(paths.classifier_metrics / f"{name}.json", {**m, "test_classes_missing": ["b"]})
+    report.run(params, paths)
+    answer = json.loads((paths.reports / "metrics.json").read_text())["answer"]
+    assert any(p.startswith("Only 2 seeds per variant: a 95% interval over 2 seeds uses t = 12.7") for p in answer)
+    assert "The test split has no image of b: accuracies are over the other classes only." in answer
 
 
 MARKUP = "<script>document.title='pwned'</script><b>bold</b>"

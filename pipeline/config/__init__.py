@@ -3,6 +3,7 @@
 then what params.yaml says; unknown keys and wrong types are errors that name the key and the file."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, get_args, get_origin
@@ -16,6 +17,7 @@ from pipeline.config.sections import (STAGES, BaseParams, CganConfig, ClipConfig
                                       TrainGeneratorConfig, VariantSpec, resolve_device)
 from pipeline.errors import ConfigError
 
+log = logging.getLogger(__name__)
 PARAMS_FILE = "params.yaml"
 PROFILES_FILE = Path(__file__).resolve().parent.parent / "profiles.yaml"
 
@@ -37,7 +39,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
         if e["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key (allowed here: {', '.join(_allowed_keys(e['loc']))})")
         else:
-            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+            got = "" if isinstance(e.get("input"), dict) else f" (got {e.get('input')!r})"  # a section: its message says
+            lines.append(f"  {key}: {e['msg']}{got}")
     return f"{source}: invalid params:\n" + "\n".join(lines) + "\nFix these keys and run again."
 
 
@@ -68,11 +71,16 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def read_yaml(path: Path) -> Any:
     """A YAML file with duplicated keys refused; a syntax error is a ConfigError naming the file."""
+    if Path(path).is_dir():
+        raise ConfigError(f"{path}: is a folder, not a params file. Pass the YAML file (e.g. --params params.yaml).")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return yaml.load(f, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.object[err.start:err.start + 1]!r} at offset "
+                          f"{err.start}). Save it as UTF-8.") from None
 
 
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
@@ -84,6 +92,18 @@ def deep_merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
         out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def params_diff(made: dict, now: dict, prefix: str = "") -> list[str]:
+    """``key: value there -> value now`` for every leaf where two resolved params dicts differ."""
+    out = []
+    for k in sorted(set(made) | set(now), key=str):
+        a, b = made.get(k), now.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += params_diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
     return out
 
 
@@ -113,14 +133,23 @@ def load_params(path: str | os.PathLike = PARAMS_FILE, overrides: dict | None = 
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: params file not found. Run from the project root or pass --params.")
-    raw = read_yaml(path) or {}
+    raw = read_yaml(path)
+    if raw is None:
+        log.warning("%s is empty: every param takes its default (profile %s)", path, BaseParams().profile)
+    raw = raw or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
+        for i, p in enumerate(parents):
+            if node.get(p) is None:  # absent, or an empty section in the file
+                node[p] = {}
+            node = node[p]
+            if not isinstance(node, dict):
+                where = ".".join(parents[:i + 1])
+                raise ConfigError(f"override {dotted}: {where} is a value ({node!r}), not a section; set {where}=... "
+                                  "or a key inside a section")
         node[leaf] = value
     return params_from_dict(raw, str(path))
 

@@ -3,6 +3,7 @@ commented; unknown keys and wrong types are errors. ``Paths`` names every file t
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
@@ -108,7 +109,11 @@ class TrainGeneratorConfig(_Section):
     p_uncond: float = Field(0.1, ge=0, le=1)  # label dropout for classifier-free guidance
     steps: int = Field(1000, ge=1)  # conditional optimizer steps
     pretrain_steps: int = Field(0, ge=0)  # unconditional steps on train + pool (init=pretrain)
-    batch_size: int = Field(64, ge=1)  # images per step (per process under accelerate launch)
+    # images per optimizer step, over all processes: each process computes batch_size / (num_processes x
+    # gradient_accumulation_steps) per forward pass, so 1, 2 or 8 processes optimise alike
+    batch_size: int = Field(64, ge=1)
+    num_processes: int = Field(1, ge=1)  # training processes (GPUs) on this machine; > 1 runs under torchrun
+    gradient_accumulation_steps: int = Field(1, ge=1)  # forward passes per optimizer step on each process
     lr: float = Field(1e-3, gt=0)  # AdamW peak learning rate
     lr_schedule: Literal["constant", "cosine"] = "cosine"  # after warm-up; restarts at fine-tuning
     warmup_steps: int = Field(100, ge=0)  # linear warm-up at the start of each phase
@@ -125,10 +130,17 @@ class TrainGeneratorConfig(_Section):
     datasetgan: DatasetGanConfig = DatasetGanConfig()
 
     @model_validator(mode="after")
-    def _zero_snr_needs_v(self):
+    def _check(self):
         if self.zero_terminal_snr and self.prediction_type == "epsilon":
             raise ValueError("zero_terminal_snr: at zero SNR the noise cannot be predicted from the image; "
                              "set prediction_type: v_prediction or zero_terminal_snr: false")
+        split = self.num_processes * self.gradient_accumulation_steps
+        if self.batch_size % split:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of num_processes x "
+                             f"gradient_accumulation_steps = {split} (each forward pass takes an equal share)")
+        if self.kind == "cgan" and split > 1:
+            raise ValueError("kind cgan trains in one process without accumulation: set num_processes and "
+                             "gradient_accumulation_steps to 1")
         return self
 
 
@@ -224,6 +236,9 @@ class VariantSpec(_Section):
         return self
 
 
+VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9+_.-]*")
+
+
 class TrainClassifierConfig(_Section):
     # name -> what it trains on. params.yaml is the one list of variants: dvc.yaml runs one
     # train_classifier stage per entry, the report shows them in this order.
@@ -266,6 +281,10 @@ class TrainClassifierConfig(_Section):
     def _check(self):
         if not self.variants:
             raise ValueError("variants is empty: name at least one variant (e.g. real: {data: prepared})")
+        bad = [n for n in self.variants if not VARIANT_NAME.fullmatch(n) or ".." in n]
+        if bad:
+            raise ValueError(f"variant name(s) {bad}: use letters, digits and + - _ . only, starting with a letter "
+                             "or digit, without '..' (each name becomes a folder and a command-line argument)")
         if any(not 0 <= r <= 1 for r in self.ratio_sweep):
             raise ValueError(f"ratio_sweep values must lie in [0, 1] (got {list(self.ratio_sweep)})")
         return self
@@ -296,6 +315,7 @@ class Paths(BaseModel):
     feature_cache = _under_root("data/cache")
     classifier = _under_root("models/classifier")
     classifier_metrics = _under_root("metrics/classifier")
+    classifier_seeds = _under_root("models/classifier_seeds")  # a fan-out's seed runs (flows/deploy.py)
     stage_timing = _under_root("metrics/stages")  # run times kept out of the stage outputs they describe
     reports = _under_root("reports")
 
@@ -313,6 +333,14 @@ class Params(_Section):
     def resolved(self) -> dict:
         """Plain dict of every value in force (saved beside each output)."""
         return self.model_dump(mode="json")
+
+    def made_with(self, stage: str, variant: str | None = None) -> dict:
+        """The resolved sections an output of ``stage`` depends on: ``base`` and its own (for a
+        classifier ``variant``, its own entry of ``variants`` only). Recorded in the output and
+        compared with the params in force by the report."""
+        r = self.resolved()
+        own = r[stage] if variant is None else {**r[stage], "variants": {variant: r[stage]["variants"][variant]}}
+        return {"base": r["base"], stage: own}
 
 
 STAGES = {name: f.annotation for name, f in Params.model_fields.items() if name != "base"}  # stage -> its config

@@ -32,7 +32,11 @@ def parse_set(items: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key.path=value")
         k, v = item.split("=", 1)
-        out[k] = yaml.safe_load(v)
+        try:
+            out[k] = yaml.safe_load(v)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({str(err).splitlines()[0]}); quote "
+                              "it, e.g. --set 'key=\"[1\"'") from None
     return out
 
 
@@ -43,6 +47,11 @@ def exit_on_user_error(fn: Callable, *args, **kwargs):
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: every output is written atomically, so what finished is kept and nothing is half "
+              "written; run the same command again to resume (generator training from its last checkpoint, "
+              "sampling from its finished shards).", file=sys.stderr)
+        sys.exit(130)
 
 
 def stage_main(name: str, run: Callable, argv: list[str] | None = None, options: dict[str, dict] | None = None

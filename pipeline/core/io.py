@@ -4,6 +4,7 @@ A killed run never leaves a half-written file that a later run would take as com
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -16,8 +17,15 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from pipeline.config import Paths
 from pipeline.core.images import dataset_to_tensors
 from pipeline.errors import ConfigError, DataError
+
+# each stage output whose summary records what it was made from: its summary file and the stage that writes it
+OUTPUTS = {"prepared": ("prepare", "summary.json"), "pseudo": ("pseudo_label", "summary.json"),
+           "generator": ("train_generator", "generator.json"), "synthetic": ("sample", "summary.json"),
+           "filtered": ("filter", "summary.json")}
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _mkdtemp(path: Path) -> Path:
@@ -28,20 +36,28 @@ def _mkdtemp(path: Path) -> Path:
 
 @contextmanager
 def atomic_path(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path``."""
-    path = Path(path)
+    """Yield a temporary path beside ``path``; on success it replaces ``path``. A symlinked output
+    is written where it points (the link stays). A full disk is a DataError naming the output; the
+    earlier output stays as it was."""
+    path = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _mkdtemp(path) if is_dir else \
         path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         yield tmp
-        if path.is_dir() and not path.is_symlink():
+        if path.is_dir():
             old = path.with_name(f".{path.name}.old{os.getpid()}")
             os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
+    except OSError as err:
+        if err.errno in NO_SPACE:
+            raise DataError(f"{path}: no space left on the device while writing it ({err.strerror}); the earlier "
+                            "version is intact. Free some space (or point the project at a larger disk) and "
+                            "run again.") from None
+        raise
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -78,21 +94,23 @@ def save_dataset(ds, path: str | os.PathLike) -> None:
 
 
 @contextmanager
-def reading(path: str | os.PathLike, stage: str) -> Iterator[Path]:
+def reading(path: str | os.PathLike, stage: str | None) -> Iterator[Path]:
     """Read an output of an earlier ``stage`` inside this block: a missing one says which stage to
     run, a damaged one (truncated, garbage) names the file and the stage to re-run. Keep the
     block to the read itself, so that a bug elsewhere keeps its traceback."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: not found. Run the {stage} stage first (dvc repro).")
+        raise FileNotFoundError(f"{path}: not found. " + (f"Run the {stage} stage first (dvc repro)." if stage else
+                                                          "Run the stage that writes it first (dvc repro)."))
     try:
         yield path
     except (DataError, ConfigError, FileNotFoundError):
         raise
     except Exception as err:  # pyarrow, json, safetensors, torch ... each raise their own types
         why = (str(err).splitlines() or [""])[0][:200]
-        raise DataError(f"{path}: damaged or unreadable ({type(err).__name__}: {why}). Re-run the {stage} "
-                        f"stage (dvc repro -f {stage}).") from None
+        raise DataError(f"{path}: damaged or unreadable ({type(err).__name__}: {why}). " +
+                        (f"Re-run the {stage} stage (dvc repro -f {stage})." if stage else
+                         "Delete it and re-run the stage that wrote it (dvc repro -f).")) from None
 
 
 def load_dataset_dir(path: str | os.PathLike, stage: str):
@@ -108,40 +126,67 @@ def load_dataset_dir(path: str | os.PathLike, stage: str):
 
 
 def read_json(path: str | os.PathLike, stage: str | None = None):
-    """A JSON file; with ``stage``, one written by that earlier stage (checked as in ``reading``)."""
-    if stage is None:
-        return json.loads(Path(path).read_text())
+    """A JSON file written by ``stage`` (checked as in ``reading``: a missing or damaged one names the
+    file and what to re-run)."""
     with reading(path, stage) as p:
         return json.loads(p.read_text())
 
 
-def check_writable(*paths: str | os.PathLike) -> None:
-    """Fail before any work when an output cannot be written (its nearest existing ancestor is not
-    a writable folder), rather than after hours of training."""
+def check_writable(*paths: str | os.PathLike, need_bytes: int = 0) -> None:
+    """Fail before any work when an output cannot be written, rather than after hours of training:
+    the output itself when it is an existing folder (or where its symlink points) and the nearest
+    existing folder above it must be writable, and (with ``need_bytes``) hold that much free space."""
     for path in map(Path, paths):
+        path = Path(os.path.realpath(path))
         probe = path.parent
         while not probe.exists() and probe != probe.parent:
             probe = probe.parent
-        if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-            raise DataError(f"{path}: cannot be written ({probe} is not a writable folder). Make it writable, "
-                            "or run in a project folder you can write to (--root).")
+        for folder in ([path] if path.is_dir() else []) + [probe]:
+            if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+                raise DataError(f"{path}: cannot be written ({folder} is not a writable folder). Make it writable, "
+                                "or run in a project folder you can write to (--root).")
+        free = shutil.disk_usage(probe).free
+        if need_bytes and free < need_bytes:
+            raise DataError(f"{path}: needs about {need_bytes / 2**20:.0f} MiB but only {free / 2**20:.0f} MiB are "
+                            f"free on its disk. Free some space (or use a larger disk) and run again.")
 
 
-def check_made_from(output: str | os.PathLike, recorded: str | None, current: str | None, rerun: str) -> None:
-    """An earlier stage's ``output`` records the fingerprint of what it was made from; refuse to
-    combine it with other inputs (a stale output from another dataset or generator)."""
-    if recorded != current:
-        raise DataError(f"{output}: made from other data than the current inputs (fingerprint "
-                        f"{str(recorded)[:12]} there, {str(current)[:12]} now). Re-run {rerun} (dvc repro).")
+def stale_inputs(paths: Paths, inputs: dict[str, str | None]) -> dict[str, tuple[str | None, str | None]]:
+    """Of the stage outputs an output records having read (name -> fingerprint), those that are not
+    the ones on disk now (or are themselves stale): name -> (recorded, current)."""
+    out = {}
+    for name, recorded in inputs.items():
+        current = read_output(paths, name).get("fingerprint")
+        if recorded != current:
+            out[name] = (recorded, current)
+    return out
 
 
-def load_pseudo_labels(folder: Path, prepared_fp: str | None
-                       ) -> tuple[dict, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None]:
+def read_output(paths: Paths, name: str) -> dict:
+    """The summary of stage output ``name`` (a key of ``OUTPUTS``), checked along its chain: each input
+    it records having read (and theirs, down to prepare) must be the one on disk now, or the output is
+    refused, naming the stage to re-run. This is what keeps a re-trained generator from being described
+    beside images another generator made."""
+    stage, file = OUTPUTS[name]
+    folder = getattr(paths, name)
+    summary = read_json(folder / file, stage)
+    if name != "prepared" and not isinstance(summary.get("inputs"), dict):
+        raise DataError(f"{folder / file}: records no inputs (written by an older synthaug), so it cannot be "
+                        f"checked against the current data. Re-run {stage} (dvc repro -f {stage}).")
+    stale = stale_inputs(paths, summary.get("inputs") or {})
+    if stale:
+        said = "; ".join(f"{n}: {str(a)[:12]} there, {str(b)[:12]} now ({OUTPUTS[n][0]} ran since)"
+                         for n, (a, b) in stale.items())
+        raise DataError(f"{folder}: made from other inputs than the ones on disk now ({said}). Re-run {stage} and "
+                        "the stages after it (dvc repro).")
+    return summary
+
+
+def load_pseudo_labels(paths: Paths) -> tuple[dict, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None]:
     """pseudo_label's output, refused when made from other prepared data: its summary and
     (images, pseudo-labels, the labeler's probabilities N,K or None), or None when it kept no pool image."""
-    summary = read_json(folder / "summary.json", "pseudo_label")
-    check_made_from(folder, summary.get("prepared_fingerprint"), prepared_fp, "pseudo_label")
-    ds = load_dataset_dir(folder / "dataset", "pseudo_label")
+    summary = read_output(paths, "pseudo")
+    ds = load_dataset_dir(paths.pseudo / "dataset", "pseudo_label")
     if ds is None or len(ds) == 0:
         return summary, None
     proba = torch.tensor(ds["probabilities"], dtype=torch.float32) if "probabilities" in ds.column_names else None

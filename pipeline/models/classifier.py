@@ -5,6 +5,7 @@ the first convolution to the input channels and drops a classifier of another si
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import timm
@@ -15,6 +16,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from pipeline.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 
 def efficientnet_lite0_state() -> dict[str, torch.Tensor]:
@@ -51,13 +54,26 @@ def build_model(arch: str, num_classes: int, in_chans: int, pretrained: str | No
                           f"List names with timm.list_models('*resnet*') and pick one.")
     overlay = pretrained_overlay(arch, pretrained) if pretrained is not None else None
     try:
-        return timm.create_model(arch, pretrained=overlay is not None, pretrained_cfg_overlay=overlay,
-                                 num_classes=num_classes, in_chans=in_chans)
+        model = timm.create_model(arch, pretrained=overlay is not None, pretrained_cfg_overlay=overlay,
+                                  num_classes=num_classes, in_chans=in_chans)
     except RuntimeError as err:  # a state dict of another architecture
         if overlay is None:
             raise
         raise ConfigError(f"train_classifier.pretrained: {pretrained} does not fit train_classifier.arch {arch!r} "
                           f"({str(err).splitlines()[0][:300]})") from None
+    if overlay and "file" in overlay:  # timm loads non-strictly when the head is replaced: check what matched
+        with safe_open(overlay["file"], "pt") as f:
+            given = set(f.keys())
+        own = model.state_dict()
+        matched = [k for k in own if k in given]
+        if not matched:
+            raise ConfigError(f"train_classifier.pretrained: no weight in {pretrained} has a name of {arch!r}'s "
+                              f"(e.g. {sorted(given)[:3]} vs {list(own)[:3]}), so it would train from scratch. "
+                              "Use weights saved from the same timm architecture.")
+        if len(matched) < len(own) // 2:
+            log.warning("train_classifier.pretrained: only %d of %s's %d weights are in %s; the rest start from "
+                        "scratch", len(matched), arch, len(own), pretrained)
+    return model
 
 
 def load_classifier(weights: Path, num_classes: int, in_chans: int, needed_by: str) -> nn.Module:

@@ -93,7 +93,16 @@ def conditional_from_pretrained(path: str, image_size: int, channels: int, num_c
     if not (folder / "config.json").exists():
         raise ConfigError(f"train_generator.init: {path!r} is neither scratch, pretrain nor a diffusers "
                           "UNet2DModel folder (no config.json found). Fix the path.")
-    conf = UNet2DModel.load_config(str(folder))
+    try:
+        conf = UNet2DModel.load_config(str(folder))
+    except (OSError, ValueError) as err:  # diffusers: an unreadable or non-JSON config
+        raise ConfigError(f"train_generator.init: {folder / 'config.json'} is not a readable diffusers config "
+                          f"({str(err).splitlines()[0][:200]}). Fix the path.") from None
+    if conf.get("_class_name", "UNet2DModel") != "UNet2DModel" or \
+            not {"block_out_channels", "sample_size", "in_channels", "out_channels"} <= set(conf):
+        raise ConfigError(f"train_generator.init: {path!r} holds a {conf.get('_class_name') or 'non-UNet'} config, "
+                          "not a diffusers UNet2DModel. Point it at a UNet2DModel folder or a generator folder "
+                          "written by train_generator (kind unet).")
     levels = len(conf["block_out_channels"])
     side = conf["sample_size"] if isinstance(conf["sample_size"], int) else conf["sample_size"][0]
     if side != padded_size(image_size, levels):

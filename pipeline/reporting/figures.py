@@ -12,11 +12,12 @@ def fig_variants(table: pd.DataFrame):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(table)))
     t = table.sort_values("accuracy")
-    err = np.array([t["accuracy"] - t["accuracy_low"], t["accuracy_high"] - t["accuracy"]]) * 100
+    low, high = t["accuracy_low"].fillna(t["accuracy"]), t["accuracy_high"].fillna(t["accuracy"])  # 1 seed: no CI
+    err = np.array([t["accuracy"] - low, high - t["accuracy"]]) * 100
     colors = ["#2a9d8f" if "synthetic" in v else "#8d99ae" for v in t.index]
     ax.barh(t.index, t["accuracy"] * 100, xerr=err, color=colors, capsize=3)
-    lo = max(0.0, float(t["accuracy_low"].min()) * 100 - 5)
-    ax.set_xlim(lo, min(100, float(t["accuracy_high"].max()) * 100 + 2))
+    lo = max(0.0, float(low.min()) * 100 - 5)
+    ax.set_xlim(lo, min(100, float(high.max()) * 100 + 2))
     ax.set_xlabel("test accuracy (%), mean and 95% CI over seeds")
     fig.tight_layout()
     return fig
@@ -27,7 +28,7 @@ def fig_per_class_gain(df: pd.DataFrame):
     fig, ax = plt.subplots(figsize=(7, 3))
     ax.bar(df["class"], df["gain"] * 100, color=["#2a9d8f" if g >= 0 else "#e76f51" for g in df["gain"]])
     ax.axhline(0, color="black", lw=0.8)
-    ax.set_ylabel("accuracy gain vs real (points)")
+    ax.set_ylabel(f"accuracy gain vs {df['baseline'].iloc[0]} (points)")
     ax.set_title(f"per-class gain of {df['variant'].iloc[0]}")
     ax.tick_params(axis="x", rotation=45)
     fig.tight_layout()

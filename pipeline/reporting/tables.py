@@ -15,14 +15,23 @@ def seed_values(variant: dict, key: str) -> dict[int, float]:
     return {int(r["seed"]): float(r[key]) for r in variant["per_seed"]}
 
 
-def variant_table(variants: dict[str, dict], baseline: str = "real") -> pd.DataFrame:
-    """One row per variant: mean and 95% CI of each metric, paired difference to ``baseline``."""
+def baseline_of(specs: dict[str, VariantSpec], names) -> str | None:
+    """The variant every gain is measured against: real images alone with standard augmentation
+    (``real`` by default, whatever its name); None when no variant of ``names`` is one."""
+    return next((v for v, s in specs.items() if v in names and s.real and not s.uses_synthetic and not s.pseudo
+                 and s.augment == "standard"), None)
+
+
+def variant_table(variants: dict[str, dict], baseline: str | None = "real") -> pd.DataFrame:
+    """One row per variant: mean and 95% CI of each metric, paired difference to ``baseline``
+    (NaN where there is none)."""
     rows = []
     base = variants.get(baseline)
     for name, v in variants.items():
         row = {"variant": name, "seeds": len(v["per_seed"]), "n_test": v.get("n_test"),
                "val_accuracy": float(np.mean(list(seed_values(v, "best_val_accuracy").values()))),
-               "synthetic_ratio": v.get("synthetic_ratio")}
+               "synthetic_ratio": v.get("synthetic_ratio"),
+               "diff": np.nan, "diff_low": np.nan, "diff_high": np.nan, "p_value": np.nan}
         for m in METRICS:
             ci = mean_ci(list(seed_values(v, m).values()))
             row.update({f"{m}": ci["mean"], f"{m}_low": ci["low"], f"{m}_high": ci["high"]})
@@ -66,12 +75,13 @@ def _find(specs: dict[str, VariantSpec], table: pd.DataFrame, *, synthetic: bool
 
 def _use(rec: str, cmp_real: dict | None, cmp_classic: dict | None, classic: str | None) -> str:
     gains = [f"{100 * c['diff']:+.1f} points over {what} [{100 * c['low']:+.1f}, {100 * c['high']:+.1f}]"
-             for c, what in ((cmp_real, "real"), (cmp_classic, f"classic augmentation ({classic})")) if c]
+             for c, what in ((cmp_real, cmp_real and cmp_real["b"]), (cmp_classic, f"classic augmentation ({classic})"))
+             if c]
     return f"Use {rec}" + (f": {', '.join(gains)}" if gains else "")
 
 
 def verdict(table: pd.DataFrame, variants: dict[str, dict], specs: dict[str, VariantSpec],
-            baseline: str = "real") -> dict:
+            baseline: str | None = "real") -> dict:
     """What to use, in one line, then the answers that support it, each with its paired interval:
     did synthetic data beat real and classic augmentation, did the generator add anything beyond
     using the pool directly. The synthetic variant that answers is the best on validation, never
@@ -80,16 +90,23 @@ def verdict(table: pd.DataFrame, variants: dict[str, dict], specs: dict[str, Var
     n_test = int(table["n_test"].dropna().iloc[0]) if table["n_test"].notna().any() else None
     seeds = int(table["seeds"].min())
     best = str(table["val_accuracy"].idxmax())
-    out = {"best_variant": best, "n_test": n_test, "seeds": seeds, "helped": None, "comparisons": [], "points": []}
+    out = {"best_variant": best, "baseline": baseline, "n_test": n_test, "seeds": seeds, "helped": None,
+           "comparisons": [], "points": []}
     tail = (f"Best variant on validation: {best} ({pct(table.loc[best, 'accuracy'])}% test accuracy; "
-            f"{seeds} seeds, N={n_test} real test images).")
+            f"{seeds} seed{'s' if seeds != 1 else ''}, N={n_test} real test images).")
+    few = (f"Only {seeds} seed{'s' if seeds != 1 else ''} per variant: " +
+           ("no interval can be computed from one seed" if seeds == 1 else
+            "a 95% interval over 2 seeds uses t = 12.7, so intervals are very wide") +
+           "; use train_classifier.seeds of 3 or more (5 to detect differences of about 1 point).") if seeds < 3 else None
     syn = max((v for v, s in specs.items() if v in table.index and s.real and s.uses_synthetic),
               key=lambda v: table.loc[v, "val_accuracy"], default=None)
-    if syn is None or baseline not in table.index:
+    if baseline not in table.index or syn is None:
         out["headline"] = (f"No synthetic variant was compared with {baseline}, so this run cannot say whether "
-                           "synthetic data helps.")
-        out["points"] = [tail]
-        out["text"] = f"{out['headline']} {tail}"
+                           "synthetic data helps." if baseline in table.index else
+                           "No variant trains on the real images alone with standard augmentation (data: prepared, "
+                           "no pseudo, augment: standard), so this run has no baseline to measure a gain against.")
+        out["points"] = [p for p in (few, tail) if p]
+        out["text"] = " ".join([out["headline"], *out["points"]])
         return out
     aug = specs[syn].augment
     classic = _find(specs, table, synthetic=False, pseudo=False, augment="classic")
@@ -101,14 +118,14 @@ def verdict(table: pd.DataFrame, variants: dict[str, dict], specs: dict[str, Var
     r = cmp[(syn, baseline)]
     above = {b: c["low"] > 0 for (a, b), c in cmp.items() if a == syn}
     helped = bool(above[baseline] and above.get(classic, True))
-    what = f"real and classic augmentation ({classic})" if classic else "real"
+    what = f"{baseline} and classic augmentation ({classic})" if classic else baseline
     who = f"{syn} (the synthetic variant best on validation{'; it also uses the pseudo-labeled pool' if specs[syn].pseudo else ''})"
     if helped:
         answer = f"Yes: {who} beat {what}. "
         headline = _use(syn, r, cmp.get((syn, classic)), classic) + "."
     else:
         if above[baseline]:
-            answer = f"Partly: {who} beat real but not {classic}. "
+            answer = f"Partly: {who} beat {baseline} but not {classic}. "
         else:
             answer = f"No: {who} did not beat {what}{'; the interval includes zero' if r['diff'] > 0 else ''}. "
         plain = [v for v, s in specs.items() if v in table.index and not s.uses_synthetic]
@@ -137,7 +154,7 @@ def verdict(table: pd.DataFrame, variants: dict[str, dict], specs: dict[str, Var
     if mde is not None:
         points.append(f"Smallest difference this run can detect: {100 * mde:.1f} points (80% power, paired t-test at "
                       f"5%, {seeds} seeds).")
-    points.append(tail)
+    points += [p for p in (few, tail) if p]
     out.update({"helped": helped, "synthetic_variant": syn, "headline": headline, "points": points,
                 "text": " ".join(points),
                 "generator_beyond_pool": None if beyond is None else bool(beyond["low"] > 0),
@@ -147,12 +164,13 @@ def verdict(table: pd.DataFrame, variants: dict[str, dict], specs: dict[str, Var
     return out
 
 
-def per_class_gain(variants: dict[str, dict], variant: str, class_names: list[str], baseline: str = "real") -> pd.DataFrame:
+def per_class_gain(variants: dict[str, dict], variant: str, class_names: list[str], baseline: str = "real"
+                   ) -> pd.DataFrame:
     def mean_per_class(v):
         rows = [[r["per_class_accuracy"].get(n) for n in class_names] for r in v["per_seed"]]
         return np.nanmean(np.array(rows, dtype=float), axis=0)
     gain = mean_per_class(variants[variant]) - mean_per_class(variants[baseline])
-    return pd.DataFrame({"class": class_names, "gain": gain, "variant": variant})
+    return pd.DataFrame({"class": class_names, "gain": gain, "variant": variant, "baseline": baseline})
 
 
 QUALITY = ("frechet_distance", "kid", "precision", "recall")
