@@ -88,7 +88,7 @@ def make_pseudo(root, x: torch.Tensor | None = None, y: torch.Tensor | None = No
     proba = torch.nn.functional.one_hot(y, len(class_names)).double() * 0.98 + 0.02 / len(class_names)
     tensors_to_dataset(x, y, list(class_names), {"confidence": [0.99] * len(x), "pool_index": list(range(len(x))),
                                                  "probabilities": proba}).save_to_disk(str(pseudo / "dataset"))
-    write_json(pseudo / "summary.json", {"prepared_fingerprint": prepared_fingerprint, "fingerprint": f"pseudo{len(x)}",
+    write_json(pseudo / "summary.json", {"inputs": {"prepared": prepared_fingerprint}, "fingerprint": f"pseudo{len(x)}",
                                          "kept": len(x), "headline": f"pseudo_label: kept {len(x)} pool images"})
 
 

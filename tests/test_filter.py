@@ -115,7 +115,8 @@ def write_contract_data(root, with_pool=True):
         "generator": ["abc123"] * n})
     syn.save_to_disk(str(paths.synthetic / "dataset"))
     write_json(paths.prepared / "summary.json", {"class_names": NAMES, "fingerprint": "p" * 64})
-    write_json(paths.synthetic / "summary.json", {"prepared_fingerprint": "p" * 64, "fingerprint": "s" * 64})
+    write_json(paths.generator / "generator.json", {"fingerprint": "g" * 64, "inputs": {"prepared": "p" * 64}})
+    write_json(paths.synthetic / "summary.json", {"inputs": {"generator": "g" * 64}, "fingerprint": "s" * 64})
     return paths, n
 
 
@@ -164,9 +165,15 @@ def test_stage_clip_threshold_and_missing_checkpoint(tmp_path):
 
 def test_stage_refuses_synthetic_images_made_from_other_data(tmp_path):
     paths, _ = write_contract_data(tmp_path)
-    write_json(paths.synthetic / "summary.json", {"prepared_fingerprint": "o" * 64, "fingerprint": "s" * 64})
-    with pytest.raises(DataError, match=r"made from other data.*Re-run train_generator and sample"):
+    write_json(paths.generator / "generator.json", {"fingerprint": "g" * 64, "inputs": {"prepared": "o" * 64}})
+    with pytest.raises(DataError, match=r"generator: made from other inputs than the ones on disk now \(prepared: "
+                                        r"oooooooooooo there, pppppppppppp now \(prepare ran since\)\)\. Re-run "
+                                        r"train_generator and the stages after it"):
         run(micro(), paths)
+    write_json(paths.generator / "generator.json", {"fingerprint": "h" * 64, "inputs": {"prepared": "p" * 64}})
+    with pytest.raises(DataError, match=r"synthetic: made from other inputs.*\(generator: gggggggggggg there, "
+                                        r"hhhhhhhhhhhh now \(train_generator ran since\)\)\. Re-run sample"):
+        run(micro(), paths)  # the generator was re-trained, sample not re-run
     assert not paths.filtered.exists()
 
 

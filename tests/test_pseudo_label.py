@@ -81,7 +81,7 @@ def test_stage_keeps_confident_pool_images_and_scores_them_against_the_hidden_la
         assert out["coverage_per_class"][c] == (
             pytest.approx(out["kept_per_class"][c] / predicted, abs=1e-4) if predicted else None)
     assert out["pool_size"] == 32 and out["threshold"] == 0.0 and out["per_class_cap"] == 10
-    assert out["prepared_fingerprint"] == PREPARED_FP and len(out["fingerprint"]) == 64
+    assert out["inputs"] == {"prepared": PREPARED_FP} and len(out["fingerprint"]) == 64
     assert out["labeler"]["arch"] == "test_resnet" and out["labeler"]["n_val"] == 16
     assert f"kept {len(keep)} of 32 pool images at confidence >= 0.0" in out["headline"]
     assert "labeled right" in out["headline"]

@@ -139,11 +139,17 @@ def test_shards_and_batches_partition_the_indices():
     assert sp.safe_name("T-shirt/top") == "t-shirt-top"
 
 
+def copy_generator_chain(src, dst) -> None:
+    """The generator and what it was made from (a sampling worker holds them all: its chain is checked)."""
+    for part in ("generator", "prepared", "pseudo"):
+        shutil.copytree(getattr(Paths(root=src), part), getattr(Paths(root=dst), part))
+
+
 def test_saved_generator_samples_and_two_shards_merge_to_one_shard_run(generator_root, tmp_path):
     roots = {}
     for name in ("one", "two"):
         roots[name] = tmp_path / name
-        shutil.copytree(Paths(root=generator_root).generator, Paths(root=roots[name]).generator)
+        copy_generator_chain(generator_root, roots[name])
     single = sp.run(tiny_params(), Paths(root=roots["one"]))
     assert single["complete"] and single["num_images"] == 6
     first = sp.run(tiny_params(num_shards=2, shard_index=0), Paths(root=roots["two"]), shard_only=True)
@@ -194,8 +200,7 @@ def test_strength_sets_how_far_a_variation_moves_from_its_source():
 
 def test_img2img_stage_records_sources_and_strengths(generator_root, tmp_path):
     root = tmp_path / "i2i"
-    for part in ("generator", "prepared", "pseudo"):
-        shutil.copytree(getattr(Paths(root=generator_root), part), getattr(Paths(root=root), part))
+    copy_generator_chain(generator_root, root)
     out = sp.run(tiny_params(mode="img2img", strengths=[0.5, 1.0], variations=1), Paths(root=root))
     ds = datasets.load_from_disk(str(Paths(root=root).synthetic / "dataset"))
     assert out["num_images"] == 16 and out["images_per_strength"] == {"0.5": 8, "1.0": 8}
@@ -208,7 +213,7 @@ def test_img2img_stage_records_sources_and_strengths(generator_root, tmp_path):
 
 def test_complete_shard_is_skipped_and_stale_shard_redone(generator_root, tmp_path, caplog):
     root = tmp_path / "r"
-    shutil.copytree(Paths(root=generator_root).generator, Paths(root=root).generator)
+    copy_generator_chain(generator_root, root)
     params = tiny_params(num_shards=2, shard_index=0)
     sp.run(params, Paths(root=root), shard_only=True)
     shard = Paths(root=root).synthetic_shards / "shard-000-of-002"
