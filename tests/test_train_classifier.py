@@ -124,8 +124,11 @@ def write_project(root, n_filtered=24, test_leak=False):
     keep = slice(0, n_filtered)
     save_dataset(tensors_to_dataset(sx[keep], sy[keep], CLASSES, {k: v[keep] for k, v in extra.items()}),
                  paths.filtered / "dataset")
-    for out in (paths.synthetic, paths.filtered):  # made from the prepared data above
-        write_json(out / "summary.json", {"prepared_fingerprint": "p" * 64, "fingerprint": out.name * 8})
+    # made from the prepared data above: generator -> synthetic -> filtered
+    write_json(paths.generator / "generator.json", {"fingerprint": "g" * 64, "inputs": {"prepared": "p" * 64}})
+    write_json(paths.synthetic / "summary.json", {"inputs": {"generator": "g" * 64}, "fingerprint": "synthetic" * 8})
+    write_json(paths.filtered / "summary.json", {"inputs": {"synthetic": "synthetic" * 8, "prepared": "p" * 64},
+                                                 "fingerprint": "filtered" * 8})
     return paths, {"train": x, "val": vx, "test": tx, "synthetic": sx}
 
 
@@ -146,7 +149,7 @@ def write_pseudo(paths, n=12, prepared_fp="p" * 64):
     proba = torch.nn.functional.one_hot(y, len(CLASSES)).double() * 0.8 + 0.05
     save_dataset(tensors_to_dataset(x, y, CLASSES, {"confidence": [0.95] * n, "pool_index": list(range(n)),
                                                     "probabilities": proba}), paths.pseudo / "dataset")
-    write_json(paths.pseudo / "summary.json", {"prepared_fingerprint": prepared_fp, "fingerprint": "q" * 64,
+    write_json(paths.pseudo / "summary.json", {"inputs": {"prepared": prepared_fp}, "fingerprint": "q" * 64,
                                                "kept": n, "headline": f"pseudo_label: kept {n} of 30 pool images"})
     return x
 
@@ -265,11 +268,19 @@ def test_variant_table_matches_config():
 
 def test_stage_refuses_a_synthetic_set_made_from_other_data(tmp_path):
     paths, _ = write_project(tmp_path)
-    write_json(paths.filtered / "summary.json", {"prepared_fingerprint": "o" * 64, "fingerprint": "f" * 64})
-    with pytest.raises(DataError, match=r"data/filtered: made from other data"):
+    write_json(paths.filtered / "summary.json", {"inputs": {"prepared": "o" * 64, "synthetic": "synthetic" * 8},
+                                                 "fingerprint": "f" * 64})
+    with pytest.raises(DataError, match=r"data/filtered: made from other inputs than the ones on disk now \(prepared"):
+        tc.run(micro_params(), paths, variant="real+synthetic")
+    # re-sampled since filter ran: the filtered set is of the older samples
+    write_json(paths.filtered / "summary.json", {"inputs": {"prepared": "p" * 64, "synthetic": "older" * 8},
+                                                 "fingerprint": "f" * 64})
+    with pytest.raises(DataError, match=r"data/filtered: made from other inputs.*\(synthetic: .*sample ran since\)\)"
+                                        r"\. Re-run filter"):
         tc.run(micro_params(), paths, variant="real+synthetic")
     out = tc.run(micro_params(seeds=1), paths, variant="real")  # real-only variants do not read it
-    assert out["inputs"] == {"prepared": "p" * 64, "synthetic": None, "pseudo": None}
+    assert out["inputs"] == {"prepared": "p" * 64}
+    assert out["params"] == micro_params(seeds=1).made_with("train_classifier", "real")
     assert out["n_pseudo_labeled"] == 0
 
 
@@ -286,7 +297,7 @@ def test_pseudo_variant_adds_the_pseudo_labeled_pool_and_records_it(tmp_path, mo
     monkeypatch.setattr(training, "fit_classifier", fit)
     out = tc.run(micro_params(seeds=1, pseudo_share=0.5, pseudo_labels="hard"), paths, variant="real+pseudo+classic")
     assert out["n_pseudo_labeled"] == 12 and out["n_train_real"] == 40
-    assert out["inputs"] == {"prepared": "p" * 64, "synthetic": None, "pseudo": "q" * 64}
+    assert out["inputs"] == {"prepared": "p" * 64, "pseudo": "q" * 64}
     assert out["pseudo"] == {"share": 0.5, "labels": "hard", "temperature": 1.0}
     x, y, (px, py), share = trained_on[0]
     assert torch.equal(x, images["train"]) and torch.equal(px, pseudo_x) and share == 0.5  # the pool drawn beside
@@ -298,7 +309,7 @@ def test_pseudo_variant_adds_the_pseudo_labeled_pool_and_records_it(tmp_path, mo
     assert on_disk["n_pseudo_labeled"] == 12 and on_disk["inputs"]["pseudo"] == "q" * 64
     # with synthetic images too: both recorded
     both = tc.run(micro_params(seeds=1, ratio_sweep=()), paths, variant="real+pseudo+synthetic+classic")
-    assert both["inputs"] == {"prepared": "p" * 64, "synthetic": "filtered" * 8, "pseudo": "q" * 64}
+    assert both["inputs"] == {"prepared": "p" * 64, "filtered": "filtered" * 8, "pseudo": "q" * 64}
     assert both["n_pseudo_labeled"] == 12 and both["n_synthetic"] == 24
 
 
@@ -307,7 +318,7 @@ def test_pseudo_variant_refuses_stale_or_empty_pseudo_labels(tmp_path):
     with pytest.raises(FileNotFoundError, match="Run the pseudo_label stage first"):
         tc.run(micro_params(seeds=1), paths, variant="real+pseudo+classic")
     write_pseudo(paths, n=12, prepared_fp="o" * 64)
-    with pytest.raises(DataError, match=r"data/pseudo: made from other data.*Re-run pseudo_label"):
+    with pytest.raises(DataError, match=r"data/pseudo: made from other inputs.*Re-run pseudo_label"):
         tc.run(micro_params(seeds=1), paths, variant="real+pseudo+classic")
     write_pseudo(paths, n=0)
     with pytest.raises(DataError, match=r"kept no pool image \(pseudo_label: kept 0 of 30.*real\+pseudo\+classic"):
