@@ -10,21 +10,30 @@ fingerprint, params), ``dvclive/`` (the loss and lr of every step, for ``dvc plo
 a ``samples.png`` preview. Resumable checkpoints
 live in ``models/generator_checkpoints/``, tied to the training config by a hash.
 
-Multi-GPU: ``accelerate launch -m pipeline.train_generator`` (batch_size is per process).
+Several GPUs of one machine: ``train_generator.num_processes: N`` makes ``run`` start N copies of
+this module under torchrun (``--standalone``; accelerate in each picks its GPU by LOCAL_RANK, gloo
+on CPU) and wait for them; ``accelerate launch -m pipeline.train_generator`` works too.
+``batch_size`` is the global batch of an optimizer step whatever the process count, and the
+count is not part of the checkpoint hash, so a run resumes on another number of processes.
 """
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import torch
+import yaml
 
 from pipeline.config import Params, Paths, resolve_device
 from pipeline.core.curves import CURVES, write_curves
 from pipeline.core.entrypoint import stage_main
 from pipeline.core.images import dataset_to_tensors, make_grid_image
-from pipeline.core.io import (atomic_path, check_writable, load_dataset_dir, load_pseudo_labels, read_json, save_png,
-                              sha256_file, write_json)
+from pipeline.core.io import (atomic_path, check_writable, load_dataset_dir, load_pseudo_labels, read_json, read_output,
+                              save_png, sha256_file, write_json)
 from pipeline.errors import ConfigError, DataError
 from pipeline.models.class_conditional import bf16_is_fast
 from pipeline.models.registry import GENERATOR_META
@@ -36,7 +45,8 @@ log = logging.getLogger(__name__)
 
 def load_train_data(params: Params, paths: Paths, device: str) -> TrainData:
     cfg = params.train_generator
-    summary = read_json(paths.prepared / "summary.json", "prepare")
+    summary = read_output(paths, "prepared")
+    inputs = {"prepared": summary.get("fingerprint")}
     dd = load_dataset_dir(paths.prepared / "dataset", "prepare")
     x, y = dataset_to_tensors(dd["train"])
     if y is None or len(x) == 0:
@@ -56,7 +66,8 @@ def load_train_data(params: Params, paths: Paths, device: str) -> TrainData:
         raise ConfigError("train_generator.labels: pseudo does not apply to kind datasetgan (its interpreter labels "
                           "its own samples); use labels: auto or labeled")
     if cfg.labels != "labeled" and cfg.kind != "datasetgan":
-        pseudo, kept = load_pseudo_labels(paths.pseudo, summary.get("fingerprint"))
+        pseudo, kept = load_pseudo_labels(paths)
+        inputs["pseudo"] = pseudo.get("fingerprint")
         if kept is None and cfg.labels == "pseudo":
             raise DataError(f"{paths.pseudo}: train_generator.labels is pseudo but pseudo_label kept no pool image "
                             f"({pseudo.get('headline', 'no pool')}). Set prepare.unlabeled_pool > 0 or labels: auto.")
@@ -66,7 +77,29 @@ def load_train_data(params: Params, paths: Paths, device: str) -> TrainData:
             weights = torch.cat([torch.full((len(x),), cfg.labeled_weight), torch.ones(n_pseudo)]).to(device)
             x, y = torch.cat([x, px]), torch.cat([y, py])
     return TrainData(x.to(device), y.to(device), int(summary["num_classes"]), unlabeled,
-                     list(summary["class_names"]), val_x, val_y, summary.get("fingerprint"), weights, n_pseudo)
+                     list(summary["class_names"]), val_x, val_y, inputs, weights, n_pseudo)
+
+
+def launch(params: Params, paths: Paths) -> dict:
+    """Run this stage in ``num_processes`` processes under torchrun and wait for them; returns
+    the generator.json they wrote. Params and data are checked here first, so a user mistake
+    stops the run with one message before any process starts."""
+    n = params.train_generator.num_processes
+    if resolve_device(params.base) == "cuda" and n > torch.cuda.device_count():
+        raise ConfigError(f"train_generator.num_processes: {n}, but {torch.cuda.device_count()} GPU(s) are visible; "
+                          "use at most one process per GPU")
+    load_train_data(params, paths, "cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        resolved = Path(tmp) / "params.yaml"  # every value in force, so each process resolves the same params
+        resolved.write_text(yaml.safe_dump(params.resolved(), sort_keys=False))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+               "-m", "pipeline.train_generator", "--params", str(resolved), "--root", str(Path(paths.root).resolve())]
+        log.info("train_generator: %d processes: %s", n, " ".join(cmd))
+        rc = subprocess.run(cmd).returncode
+    if rc:
+        raise RuntimeError(f"train_generator: the {n} training processes failed (exit status {rc}); see their log "
+                           "above. Running the stage again resumes from the last checkpoint.")
+    return read_json(paths.generator / GENERATOR_META, "train_generator")
 
 
 def run(params: Params, paths: Paths = Paths()) -> dict:
@@ -74,12 +107,15 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
 
     cfg = params.train_generator
     check_writable(paths.generator, paths.generator_checkpoints)
+    if cfg.num_processes > 1 and "LOCAL_RANK" not in os.environ:  # not yet one of the launched processes
+        return launch(params, paths)
     device = resolve_device(params.base)
     mp = "bf16" if cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and bf16_is_fast(device)) else "no"
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision=mp)
     data = load_train_data(params, paths, str(accelerator.device))
     torch.manual_seed(params.base.seed)  # the initial weights, so the same seed gives the same run
-    run_facts = {"device": device, "mixed_precision": mp, "processes": accelerator.num_processes,
+    # the process count is left out: a run resumes on another number of processes
+    run_facts = {"device": device, "mixed_precision": mp,
                  "checkpoint_format": 2}  # 2: training.checkpoint (named objects); older files are not resumed
     if cfg.init not in ("scratch", "pretrain") and Path(cfg.init).exists():  # a changed init checkpoint is a new run
         run_facts["init_files"] = [sha256_file(p) for p in sorted(Path(cfg.init).rglob("*")) if p.is_file()]
@@ -103,7 +139,8 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
                 "timing": {"seconds": round(fitted.seconds_per_step * len(losses), 1)},
                 "final_loss": sum(losses[-50:]) / len(losses[-50:]) if losses else None,
                 "device": str(accelerator.device), "mixed_precision": mp, "processes": accelerator.num_processes,
-                "config_hash": chash, "params": params.resolved(),
+                "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "config_hash": chash,
+                "params": params.resolved(),
             }
             write_json(tmp / GENERATOR_META, meta)
         log.info("train_generator: wrote %s (%s, %.3f s/step, fingerprint %s)", paths.generator, cfg.kind,

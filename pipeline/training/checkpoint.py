@@ -2,9 +2,10 @@
 
 Every generator family saves and restores through ``save`` / ``resume`` with a dict of
 named objects that have ``state_dict`` / ``load_state_dict`` (models, optimizers, LR
-schedulers, EMA). A killed run resumes from the latest checkpoint of its own config and,
-because every step's random draws come from ``core.seeding.step_rng``, ends with the
-weights of an uninterrupted run. Checkpoints of another config are left alone.
+schedulers, EMA), written by the main process only. No random number generator state is
+saved: every step's random draws come from ``core.seeding.step_rng``, so a killed run
+resumes from the latest checkpoint of its own config, on any number of processes, and ends
+with the weights of an uninterrupted run. Checkpoints of another config are left alone.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from pipeline.errors import DataError
 
 log = logging.getLogger(__name__)
 KEEP_CHECKPOINTS = 2
-NEEDED = {"config_hash", "step", "state", "losses", "seconds", "rng"}
+NEEDED = {"config_hash", "step", "state", "losses", "seconds"}
 
 
 def config_hash(conf: dict, seed: int, tensors: list[torch.Tensor | None], extra: dict) -> str:
@@ -41,10 +42,9 @@ def save(ckpt_dir: Path, chash: str, step: int, objects: dict, losses: torch.Ten
     """Write the state of ``objects`` after ``step``; keeps the newest KEEP_CHECKPOINTS of this config."""
     ckpt_dir = Path(ckpt_dir)
     path = ckpt_dir / f"ckpt-{chash[:12]}-{step:08d}.pt"
-    rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     with atomic_path(path) as tmp:
         torch.save({"config_hash": chash, "step": step, "state": {k: o.state_dict() for k, o in objects.items()},
-                    "losses": losses.detach().cpu(), "seconds": seconds, "rng": rng}, tmp)
+                    "losses": losses.detach().cpu(), "seconds": seconds}, tmp)
     own, _ = _files(ckpt_dir, chash)
     for old in own[:-KEEP_CHECKPOINTS]:
         old.unlink(missing_ok=True)
@@ -74,8 +74,8 @@ def _read(path: Path) -> dict:
 
 
 def resume(ckpt_dir: Path, chash: str, objects: dict) -> Resumed:
-    """Load the latest checkpoint of ``chash`` into ``objects`` (and the RNG state); a fresh
-    ``Resumed()`` when there is none. Damage is a DataError naming the file."""
+    """Load the latest checkpoint of ``chash`` into ``objects``; a fresh ``Resumed()`` when there
+    is none. Damage is a DataError naming the file."""
     own, foreign = _files(Path(ckpt_dir), chash)
     if foreign:
         log.warning("ignoring %d checkpoint(s) in %s written with a different training config "
@@ -93,8 +93,5 @@ def resume(ckpt_dir: Path, chash: str, objects: dict) -> Resumed:
     except (RuntimeError, KeyError, ValueError, TypeError) as err:
         raise DataError(f"{path}: checkpoint does not fit this model ({str(err).splitlines()[0][:200]}). "
                         "Delete this file and run again.") from None
-    torch.set_rng_state(state["rng"]["torch"])
-    if torch.cuda.is_available() and state["rng"].get("cuda"):
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     log.info("resuming from %s (step %d)", path, state["step"])
     return Resumed(int(state["step"]), float(state["seconds"]), state["losses"])

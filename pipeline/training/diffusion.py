@@ -1,10 +1,13 @@
 """Kinds unet and dit: DDPM training of a class-conditional backbone (the loop written out).
 
-Each step draws its batch, noise, timesteps and label dropout from ``step_rng(seed, rank,
-step)``; state is checkpointed through ``training.checkpoint``, so a killed run resumes to
-the same weights. ``init: pretrain`` first trains unconditionally (every label = the null
-id) on train + pool for ``pretrain_steps``, then fine-tunes conditionally on train.
-Multi-GPU through accelerate (each process draws its own batches).
+Each optimizer step draws its global batch (images, label dropout, noise, timesteps) from
+``step_rng(seed, 0, step)``, the same on every process; each process trains on its share of
+it in ``gradient_accumulation_steps`` forward passes (accelerate's ``accumulate``; DDP
+averages the gradients), so 1, 2 or 8 processes take the same optimizer steps up to float
+rounding. State is checkpointed through ``training.checkpoint``, so a killed run resumes to
+the same weights, also on another number of processes. ``init: pretrain`` first trains
+unconditionally (every label = the null id) on train + pool for ``pretrain_steps``, then
+fine-tunes conditionally on train.
 """
 from __future__ import annotations
 
@@ -82,12 +85,23 @@ def draw_batch(data: TrainData, cfg: TrainGeneratorConfig, step: int, rng: torch
     return pad_images(x, sample_size), labels
 
 
-def diffusion_loss(unet, scheduler, x0: torch.Tensor, labels: torch.Tensor, rng: torch.Generator,
-                   snr_gamma: float = 0.0) -> torch.Tensor:
-    """DDPM training loss (MSE on epsilon or v) at random timesteps; with ``snr_gamma`` each
-    image's loss is weighted by Min-SNR-gamma (min(SNR, gamma) in x0 terms, as diffusers' examples)."""
+def draw_noise(x0: torch.Tensor, scheduler, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noise and the timestep of each image of a batch."""
     noise = torch.randn(x0.shape, generator=rng, device=x0.device)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=rng, device=x0.device)
+    return noise, t
+
+
+def diffusion_loss(unet, scheduler, x0: torch.Tensor, labels: torch.Tensor, rng: torch.Generator,
+                   snr_gamma: float = 0.0) -> torch.Tensor:
+    """DDPM training loss (MSE on epsilon or v) at random timesteps (see ``noised_loss``)."""
+    return noised_loss(unet, scheduler, x0, labels, *draw_noise(x0, scheduler, rng), snr_gamma)
+
+
+def noised_loss(unet, scheduler, x0: torch.Tensor, labels: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                snr_gamma: float = 0.0) -> torch.Tensor:
+    """DDPM training loss of ``x0`` noised with ``noise`` to timesteps ``t``; with ``snr_gamma`` each
+    image's loss is weighted by Min-SNR-gamma (min(SNR, gamma) in x0 terms, as diffusers' examples)."""
     xt = scheduler.add_noise(x0, noise, t)
     v = scheduler.config.prediction_type == "v_prediction"
     target = scheduler.get_velocity(x0, noise, t) if v else noise
@@ -107,6 +121,11 @@ def train(model: torch.nn.Module, cfg: TrainGeneratorConfig, data: TrainData, *,
     from accelerate import Accelerator
 
     accelerator = accelerator or Accelerator(cpu=data.images.device.type == "cpu")
+    accelerator.gradient_accumulation_steps = accum = cfg.gradient_accumulation_steps
+    micro, rem = divmod(cfg.batch_size, accelerator.num_processes * accum)
+    if rem:
+        raise ConfigError(f"train_generator.batch_size {cfg.batch_size} must be a multiple of the "
+                          f"{accelerator.num_processes} processes launched x gradient_accumulation_steps {accum}")
     device = accelerator.device
     n_total = total_steps(cfg)
     scheduler = train_scheduler(cfg)
@@ -125,19 +144,27 @@ def train(model: torch.nn.Module, cfg: TrainGeneratorConfig, data: TrainData, *,
     ema.to(device)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     sample_size = model.config.sample_size
+    first_row = accelerator.process_index * accum * micro  # this process's share of each global batch
     t0 = time.perf_counter()
     for step in range(start, n_total):
-        rng = step_rng(seed, accelerator.process_index, step, device)
+        rng = step_rng(seed, 0, step, device)
         x0, labels = draw_batch(data, cfg, step, rng, sample_size)
-        with accelerator.autocast():
-            loss = diffusion_loss(wrapped, scheduler, x0, labels, rng, cfg.snr_gamma)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        noise, t = draw_noise(x0, scheduler, rng)
+        step_loss = torch.zeros((), device=device)
+        for k in range(accum):
+            rows = slice(first_row + k * micro, first_row + (k + 1) * micro)
+            with accelerator.accumulate(wrapped):  # no gradient sync and no optimizer step until the last pass
+                with accelerator.autocast():
+                    loss = noised_loss(wrapped, scheduler, x0[rows], labels[rows], noise[rows], t[rows], cfg.snr_gamma)
+                accelerator.backward(loss)  # divided by accum
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_loss += loss.detach() / accum
         lr_sched.step()
         ema.step(accelerator.unwrap_model(wrapped).parameters())
-        losses[step] = loss.detach()
+        losses[step] = accelerator.reduce(step_loss, reduction="mean")  # the global batch's loss
         done = step + 1
         if done % cfg.log_every == 0 or done == n_total:
             sps = (time.perf_counter() - t0) / max(1, done - start)
@@ -180,8 +207,9 @@ def fit(params: Params, data: TrainData, accelerator, ckpt_dir: Path, chash: str
     cfg = params.train_generator
     model, missing = make_backbone(cfg, data)
     n_params = num_parameters(model)
-    log.info("train_generator: %s, %.2fM params, %d steps of batch %d on %s, padded size %d", cfg.kind,
-             n_params / 1e6, total_steps(cfg), cfg.batch_size, accelerator.device, model.config.sample_size)
+    log.info("train_generator: %s, %.2fM params, %d steps of batch %d (%d process(es) x %d pass(es)) on %s, padded "
+             "size %d", cfg.kind, n_params / 1e6, total_steps(cfg), cfg.batch_size, accelerator.num_processes,
+             cfg.gradient_accumulation_steps, accelerator.device, model.config.sample_size)
     res = train(model, cfg, data, seed=params.base.seed, ckpt_dir=ckpt_dir, chash=chash, accelerator=accelerator)
     schedule = dict(train_scheduler(cfg).config)
     meta = generator_meta(cfg, data)

@@ -122,6 +122,9 @@ def fit(params: Params, data: TrainData, accelerator, ckpt_dir: Path, chash: str
     cfg, gc, seed = params.train_generator, params.train_generator.cgan, params.base.seed
     device = accelerator.device if accelerator is not None else data.images.device
     parse_policy(gc.diffaugment)
+    if accelerator is not None and accelerator.num_processes > 1:
+        raise ConfigError(f"kind cgan trains in one process (launched with {accelerator.num_processes}); "
+                          "run it without accelerate launch / torchrun and with num_processes: 1")
     if cfg.init != "scratch":
         log.warning("train_generator.init=%s is ignored by kind cgan (it trains from scratch on train)", cfg.init)
     g = CondGenerator(gc.z_dim, data.num_classes, data.channels, data.image_size, gc.g_channels).to(device).train()

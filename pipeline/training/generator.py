@@ -18,8 +18,9 @@ from pipeline.models.registry import Generator, check_kind
 
 FITTERS = {"unet": "pipeline.training.diffusion", "dit": "pipeline.training.diffusion",
            "cgan": "pipeline.training.gan", "datasetgan": "pipeline.training.datasetgan"}
-# keys that do not change the weights a run ends with (left out of the checkpoint hash)
-NOT_HASHED = ("checkpoint_every", "log_every", "preview_per_class")
+# keys that do not change the weights a run ends with (left out of the checkpoint hash): how the global
+# batch is split over processes and forward passes is one of them, so a run resumes on another process count
+NOT_HASHED = ("checkpoint_every", "log_every", "preview_per_class", "num_processes", "gradient_accumulation_steps")
 PREVIEW = SampleConfig(sampler="dpm++", num_inference_steps=20, guidance_scale=2.0)
 
 
@@ -33,7 +34,7 @@ class TrainData:
     class_names: list[str] = field(default_factory=list)
     val_images: torch.Tensor | None = None  # the val split (uint8, CPU), for kinds that score a labeler
     val_labels: torch.Tensor | None = None
-    fingerprint: str | None = None  # of the prepared data (prepare's summary), recorded in generator.json
+    inputs: dict = field(default_factory=dict)  # fingerprints of the stage outputs read (recorded in generator.json)
     weights: torch.Tensor | None = None  # relative draw probability of each labeled image (None = uniform)
     num_pseudo: int = 0  # how many of the labeled images are pseudo-labeled pool images (the last ones)
 
@@ -76,7 +77,7 @@ def generator_meta(cfg: TrainGeneratorConfig, data: TrainData) -> dict:
     """The generator.json fields every kind has and its sample() relies on."""
     return {"kind": cfg.kind, "num_classes": data.num_classes, "class_names": data.class_names,
             "null_label": data.num_classes, "image_size": data.image_size, "channels": data.channels,
-            "prepared_fingerprint": data.fingerprint, "labels": "pseudo" if data.num_pseudo else "labeled",
+            "inputs": data.inputs, "labels": "pseudo" if data.num_pseudo else "labeled",
             "num_labeled": len(data.images) - data.num_pseudo, "num_pseudo_labeled": data.num_pseudo}
 
 
