@@ -21,34 +21,11 @@ from pipeline.core.images import to_unit
 from pipeline.core.tensors import autocast
 from pipeline.errors import ConfigError
 from pipeline.models.classifier import build_model
+from pipeline.training.augment import crop_flip, trivial_augment_wide
 
 log = logging.getLogger(__name__)
 
 AUGMENTS = ("standard", "classic")
-
-
-def crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int | None = None) -> torch.Tensor:
-    """Batched random crop with zero padding + horizontal flip, one draw per image."""
-    n, c, h, w = x.shape
-    pad = max(1, round(h / 8)) if pad is None else pad
-    dev = x.device
-    padded = F.pad(x, (pad, pad, pad, pad))
-    oy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(dev)
-    ox = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(dev)
-    flip = (torch.rand(n, generator=gen) < 0.5).to(dev)
-    rows = oy[:, None] + torch.arange(h, device=dev)
-    cols = ox[:, None] + torch.arange(w, device=dev)
-    cols = torch.where(flip[:, None], cols.flip(1), cols)
-    return padded[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
-                  rows[:, None, :, None], cols[:, None, None, :]]
-
-
-def _trivial_augment(x: torch.Tensor) -> torch.Tensor:
-    """TrivialAugmentWide, one random op per image (uint8 in, uint8 out)."""
-    from torchvision.transforms import v2
-
-    t = v2.TrivialAugmentWide()
-    return torch.stack([t(im) for im in x])
 
 
 class _Stream:
@@ -138,7 +115,8 @@ def fit_classifier(model: nn.Module, train_x: torch.Tensor | None, train_y: torc
     each batch come from the pool and the rest from the labeled images (``pseudo_share`` None: the
     pool's share of the two sets). Labels are class ids or,
     for any source, probabilities (N,K: soft labels, a cross-entropy with soft targets).
-    ``augment``: standard = random crop + flip; classic = TrivialAugmentWide, then crop + flip.
+    ``augment``: standard = random crop + flip; classic = TrivialAugmentWide (one draw per image,
+    batched on ``device``: ``training.augment``), then crop + flip.
     """
     if augment not in AUGMENTS:
         raise ConfigError(f"augment must be one of {AUGMENTS}, got {augment!r}")
@@ -153,7 +131,7 @@ def fit_classifier(model: nn.Module, train_x: torch.Tensor | None, train_y: torc
     else:
         n_pool = 0
     gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # TrivialAugmentWide and dropout draw from the global generator
+    torch.manual_seed(seed)  # dropout draws from the global generator; batches and augmentation from gen
     parts = [(src, n) for src, n in (((train_x, train_y), n_real - n_pool), (pseudo, n_pool), (synthetic, n_syn)) if n]
     k = next((y.shape[1] for (_, y), _ in parts if y.ndim == 2), None)  # soft labels anywhere: all soft
     streams = [(x, soft_targets(y, k) if k else y, n, _Stream(len(x), gen)) for (x, y), n in parts]
@@ -173,9 +151,10 @@ def fit_classifier(model: nn.Module, train_x: torch.Tensor | None, train_y: torc
         idx = [stream.take(n) for _, _, n, stream in streams]
         xb = torch.cat([x[i] for (x, _, _, _), i in zip(streams, idx)])
         yb = torch.cat([y[i] for (_, y, _, _), i in zip(streams, idx)])
-        if augment == "classic":
-            xb = _trivial_augment(xb)
-        xb = crop_flip(xb.to(device, non_blocking=True), gen)
+        xb = xb.to(device, non_blocking=True)
+        if augment == "classic":  # one op and magnitude per image, on the device, in batch
+            xb = trivial_augment_wide(xb, gen)
+        xb = crop_flip(xb, gen)
         yb = yb.to(device, non_blocking=True)
         with autocast(device):
             loss = loss_fn(model(to_unit(xb)).float(), yb)
