@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from pipeline import STAGE_ORDER
+from pipeline.config import load_params
 from pipeline.core.entrypoint import exit_on_user_error, parse_set
 
 
@@ -18,9 +19,12 @@ def main(argv: list[str] | None = None) -> None:
     from flows.stages import STAGE_FLOWS, augment_flow
 
     kwargs = dict(params_file=args.params, overrides=exit_on_user_error(parse_set, args.set) or None, root=args.root)
-    if args.stage == "train_classifier":
-        kwargs["variant"] = args.variant or "real"
-    exit_on_user_error(augment_flow if args.stage == "augment" else STAGE_FLOWS[args.stage], **kwargs)
+    params = exit_on_user_error(load_params, args.params, kwargs["overrides"])  # bad params: one line, no server
+    if args.stage != "train_classifier":
+        return exit_on_user_error(augment_flow if args.stage == "augment" else STAGE_FLOWS[args.stage], **kwargs,
+                                  echo=False)  # the flow run logged a user error once; exit 2 without repeating it
+    for variant in [args.variant] if args.variant else params.train_classifier.variants:  # none named: every one
+        exit_on_user_error(STAGE_FLOWS["train_classifier"], variant=variant, **kwargs, echo=False)
 
 
 if __name__ == "__main__":

@@ -41,9 +41,9 @@ def run_stage(stage: str, params_file: str, overrides: Optional[dict[str, Any]],
         params = load_params(params_file, overrides)
         logger.info("%s: profile %s, device %s, root %s", stage, params.base.profile, params.base.device, root)
         summary = importlib.import_module(f"pipeline.{stage}").run(params, Paths(root=Path(root)), **kwargs)
-    except USER_ERRORS as err:
+    except USER_ERRORS as err:  # logged once here; the state says where to look (the message is its data)
         logger.error("%s", err)
-        return Failed(message=str(err), data=err)
+        return Failed(message=f"{stage} stopped: {type(err).__name__} (its message is logged above)", data=err)
     headline = (summary or {}).get("headline") or f"{stage} finished"
     create_markdown_artifact(key=f"synthaug-{stage.replace('_', '-')}", description=f"{stage} headline",
                              markdown=f"### {stage}{' ' + kwargs['variant'] if 'variant' in kwargs else ''}\n\n{headline}\n")

@@ -32,6 +32,10 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
     log.info("prepare: reading %s from %s", cfg.source, cfg.path)
     src = READERS[cfg.source](cfg)
     split_idx, notes = make_splits(src, cfg, params.base.seed)
+    if src.upscale > 2:
+        notes["upscaled"] = (f"the smallest source images ({src.min_side}px) were enlarged {src.upscale:.0f}x to "
+                             f"prepare.image_size {cfg.image_size}: they hold little detail at that size")
+        log.warning("prepare: %s", notes["upscaled"])
     test_x, test_y = (src.test_images, src.test_labels) if src.test_images is not None else (src.images, src.labels)
     def build(x, y, hidden=None):
         t = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)

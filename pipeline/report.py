@@ -116,6 +116,8 @@ def caveats(variants: dict[str, dict], specs: dict, missing: list[str], outputs:
                if accepted == 0 and any(specs[v].data == "filtered" for v in missing) else
                " (train_classifier was not run for them, or stopped)")
         out.append(f"No metrics for {', '.join(missing)}{why}: this report compares the other variants only.")
+    if (outputs.get("prepared") or {}).get("upscaled"):
+        out.append(f"Data: {outputs['prepared']['upscaled']}.")
     absent = sorted({c for m in variants.values() for c in m.get("test_classes_missing") or []})
     if absent:
         out.append(f"The test split has no image of {', '.join(absent)}: accuracies are over the other classes only.")

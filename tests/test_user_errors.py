@@ -62,7 +62,9 @@ def test_synthaug_cli_prints_the_message_and_exits_2(tmp_path):
 def test_prefect_flow_fails_with_the_message_and_no_traceback(tmp_path):
     p = write_params(tmp_path / "p.yaml", prepare={"path": str(tmp_path / "nowhere")})
     out = call([BIN / "python", "-m", "flows", "prepare", "--params", p, "--root", tmp_path], tmp_path)
-    assert_one_clear_line(out, "error: ", "missing Fashion-MNIST files")
+    assert out.returncode == 2 and "Traceback" not in out.stdout + out.stderr
+    assert (out.stdout + out.stderr).count("missing Fashion-MNIST files") == 1  # once, not three times
+    assert "prepare stopped: DataError (its message is logged above)" in out.stdout + out.stderr
 
 
 # ---- params that would fail late or silently ---------------------------------------------------
@@ -224,3 +226,164 @@ def test_prepare_twice_on_the_same_data_writes_identical_bytes(tmp_path):
     a, b = (tree_bytes(Paths(root=tmp_path / r).prepared) for r in ("a", "b"))
     assert a == b and "summary.json" in a
     assert "seconds" in read_json(Paths(root=tmp_path / "a").stage_timing / "prepare.json")
+
+
+# ---- round three: the last tracebacks and silent cases ------------------------------------------
+
+def cli_error(argv: list[str], capsys) -> str:
+    """Run ``synthaug`` in-process; the one-line message it exits 2 with."""
+    from pipeline.cli import main
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error: ") and "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--set", "base.seed=[1"], "--set 'base.seed=[1': the value is not valid YAML"),
+    (["--set", "base.seed.x=1"], "override base.seed.x: base.seed is a value (0), not a section"),
+    (["--params", "{folder}"], "is a folder, not a params file"),
+    (["--params", "{latin1}"], "not UTF-8 text (byte b'\\xe9' at offset"),
+])
+def test_params_and_set_mistakes_are_one_line(tmp_path, capsys, args, needle):
+    p = tmp_path / "p.yaml"
+    p.write_text("base: {profile: micro, seed: 0}\n")
+    (tmp_path / "latin1.yaml").write_bytes("report: {title: caf\xe9}\n".encode("latin-1"))
+    args = [a.format(folder=tmp_path, latin1=tmp_path / "latin1.yaml") for a in args]
+    assert needle in cli_error(["config", "--params", str(p), *args], capsys)
+
+
+def test_non_utf8_params_under_prefect_are_one_line_before_any_server(tmp_path):
+    (tmp_path / "p.yaml").write_bytes("base: {profile: micro}\nreport: {title: caf\xe9}\n".encode("latin-1"))
+    out = call([BIN / "python", "-m", "flows", "prepare", "--params", tmp_path / "p.yaml", "--root", tmp_path], tmp_path)
+    assert_one_clear_line(out, "p.yaml: not UTF-8 text")
+    assert "temporary server" not in out.stdout + out.stderr  # refused before Prefect starts
+
+
+def test_an_empty_params_file_says_every_default_is_used(tmp_path, caplog):
+    (tmp_path / "p.yaml").write_text("")
+    with caplog.at_level("WARNING", logger="pipeline.config"):
+        assert load_params(tmp_path / "p.yaml").base.profile == "cpu"
+    assert "p.yaml is empty: every param takes its default (profile cpu)" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["real/v2", "../../data/prepared", "a b", "", ".hidden", "a..b", "x;rm -rf ~"])
+def test_hostile_variant_names_are_refused_where_params_are_read(name):
+    with pytest.raises(ConfigError, match=r"variant name\(s\) .* use letters, digits and \+ - _ \. only"):
+        params_from_dict({"train_classifier": {"variants": {name: {"data": "prepared"}}}})
+
+
+def test_a_variant_name_from_the_command_line_must_be_one_of_the_params(tmp_path):
+    with pytest.raises(ConfigError, match="variant '../../data/prepared' is not in train_classifier.variants"):
+        train_classifier.run(params_from_dict({"base": {"profile": "micro"}}), Paths(root=tmp_path),
+                             "../../data/prepared")
+    assert not (tmp_path / "data").exists()  # nothing written anywhere
+
+
+def test_dvc_yaml_quotes_variant_names():
+    cmd = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train_classifier"]["do"]["cmd"]
+    assert cmd.endswith('--variant "${key}"')
+
+
+def test_flows_train_classifier_without_a_variant_trains_every_variant(tmp_path, monkeypatch):
+    import flows.__main__ as entry
+    import flows.stages
+    ran = []
+    monkeypatch.setitem(flows.stages.STAGE_FLOWS, "train_classifier", lambda variant, **kw: ran.append(variant))
+    p = write_params(tmp_path / "p.yaml")
+    entry.main(["train_classifier", "--params", str(p)])
+    assert ran == list(load_params(p).train_classifier.variants) and len(ran) == 6
+    entry.main(["train_classifier", "--params", str(p), "--variant", "real+classic"])
+    assert ran[-1] == "real+classic" and len(ran) == 7
+
+
+def test_a_read_only_output_folder_is_refused_before_any_work(tmp_path, monkeypatch):
+    """check_writable tests the folder itself, not only its parent (as root, chmod cannot show it)."""
+    from pipeline import report
+    import pipeline.core.io as io
+    paths = Paths(root=tmp_path)
+    paths.reports.mkdir(parents=True)
+    real_access = os.access
+    monkeypatch.setattr(io.os, "access", lambda p, mode: Path(p) != paths.reports.resolve() and real_access(p, mode))
+    with pytest.raises(DataError, match=r"reports: cannot be written \(.*reports is not a writable folder\)"):
+        report.run(params_from_dict({"base": {"profile": "micro"}}), paths)  # before it looks for any metrics
+
+
+def test_a_symlinked_output_is_written_where_it_points(tmp_path):
+    target = tmp_path / "elsewhere" / "prepared"
+    target.mkdir(parents=True)
+    paths = Paths(root=tmp_path / "r")
+    paths.prepared.parent.mkdir(parents=True)
+    paths.prepared.symlink_to(target, target_is_directory=True)
+    prepare.run(prepare_params("fashion-mnist", make_idx_dir(tmp_path / "idx")), paths)
+    assert paths.prepared.is_symlink() and (target / "summary.json").exists()
+    assert read_json(paths.prepared / "summary.json")["fingerprint"]
+
+
+def test_a_full_disk_is_a_clear_error_and_keeps_the_earlier_output(tmp_path, monkeypatch):
+    import errno
+    import shutil
+    import pipeline.core.io as io
+    f = tmp_path / "out.json"
+    io.write_json(f, {"v": 1})
+
+    def full(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(DataError, match="out.json: no space left on the device while writing it .*earlier version is "
+                                        "intact"):
+        io.write_json(f, {"v": 2})
+    monkeypatch.undo()
+    assert read_json(f) == {"v": 1} and [p.name for p in tmp_path.iterdir()] == ["out.json"]
+    # a rough estimate is checked before the work
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20))
+    with pytest.raises(DataError, match=r"needs about 64 MiB but only 1 MiB are free"):
+        io.check_writable(tmp_path / "big", need_bytes=64 << 20)
+
+
+def test_a_generator_init_folder_that_is_not_a_unet_is_a_config_error(tmp_path):
+    (tmp_path / "dit").mkdir()
+    (tmp_path / "dit" / "config.json").write_text('{"_class_name": "DiTTransformer2DModel", "num_layers": 2}')
+    make_prepared(tmp_path)
+    with pytest.raises(ConfigError, match="train_generator.init: .* holds a DiTTransformer2DModel config, not a "
+                                          "diffusers UNet2DModel"):
+        train_generator.run(tiny_params(init=str(tmp_path / "dit")), Paths(root=tmp_path))
+
+
+def test_a_pretrained_file_with_no_matching_weights_is_refused(tmp_path):
+    from safetensors.torch import save_file
+    from pipeline.models.classifier import build_model
+    save_file({"foo.weight": torch.zeros(3)}, str(tmp_path / "w.safetensors"))
+    with pytest.raises(ConfigError, match="no weight in .*w.safetensors has a name of 'resnet10t''s.*would train from "
+                                          "scratch"):
+        build_model("resnet10t", 3, 1, str(tmp_path / "w.safetensors"))
+
+
+def test_tiny_source_images_enlarged_a_lot_are_noted(tmp_path, caplog):
+    src = make_idx_dir(tmp_path / "idx", size=2)
+    with caplog.at_level("WARNING", logger="pipeline.prepare"):
+        out = prepare.run(prepare_params("fashion-mnist", src, image_size=16), Paths(root=tmp_path))
+    assert out["upscaled"].startswith("the smallest source images (2px) were enlarged 8x to prepare.image_size 16")
+    assert "enlarged 8x" in caplog.text
+    assert "upscaled" not in prepare.run(prepare_params("fashion-mnist", make_idx_dir(tmp_path / "i8")),
+                                         Paths(root=tmp_path / "b"))
+
+
+def test_ctrl_c_ends_with_a_note_not_a_traceback(tmp_path):
+    import signal
+    import time
+    make_prepared(tmp_path)
+    p = write_params(tmp_path / "p.yaml", train_generator={**TINY, "steps": 100_000})
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([str(BIN / "python"), "-m", "pipeline.train_generator", "--params", str(p), "--root",
+                             str(tmp_path)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (Paths(root=tmp_path).generator_checkpoints).exists():
+        time.sleep(0.5)  # training has started once it writes its first checkpoint folder
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert "interrupted: every output is written atomically" in err

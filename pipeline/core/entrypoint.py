@@ -40,12 +40,14 @@ def parse_set(items: list[str]) -> dict:
     return out
 
 
-def exit_on_user_error(fn: Callable, *args, **kwargs):
-    """Call ``fn``; a user mistake (``USER_ERRORS``) ends the process with its message and exit code 2."""
+def exit_on_user_error(fn: Callable, *args, echo: bool = True, **kwargs):
+    """Call ``fn``; a user mistake (``USER_ERRORS``) ends the process with its message (unless ``echo``
+    is off: a flow run has logged it) and exit code 2; Ctrl-C with a note and exit code 130."""
     try:
         return fn(*args, **kwargs)
     except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
+        if echo:
+            print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted: every output is written atomically, so what finished is kept and nothing is half "

@@ -45,6 +45,12 @@ class Source:
     test_labels: np.ndarray | None = None
     fingerprint: str = ""
     skipped: list[dict] = field(default_factory=list)  # unreadable files: path, reason
+    min_side: int | None = None  # the smallest side of any source image before resizing
+
+    @property
+    def upscale(self) -> float:
+        """How far the smallest source images were enlarged to image_size (1 = not at all)."""
+        return self.images.shape[1] / self.min_side if self.min_side else 1.0
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -84,7 +90,7 @@ def read_fashion_mnist(cfg: PrepareConfig) -> Source:
     labels = arrays["train_labels"].astype(np.int64)
     names = FASHION_MNIST_CLASSES[: int(labels.max()) + 1]
     return Source(images, labels, names,
-                  test, arrays["test_labels"].astype(np.int64), fp)
+                  test, arrays["test_labels"].astype(np.int64), fp, min_side=min(arrays["train_images"].shape[1:]))
 
 
 def _fit_arrays(gray: np.ndarray, cfg: PrepareConfig) -> np.ndarray:
@@ -115,8 +121,11 @@ def to_8bit(img: Image.Image) -> Image.Image:
     return img
 
 
-def fit_image(img: Image.Image, cfg: PrepareConfig) -> Image.Image:
-    """Any PIL image -> image_size x image_size in the configured channel count."""
+def fit_image(img: Image.Image, cfg: PrepareConfig, sides: list[int] | None = None) -> Image.Image:
+    """Any PIL image -> image_size x image_size in the configured channel count (its smaller side
+    appended to ``sides``)."""
+    if sides is not None:
+        sides.append(min(img.size))
     img = to_8bit(img).convert("L" if cfg.channels == 1 else "RGB")
     size = (cfg.image_size, cfg.image_size)
     if img.size == size:
@@ -126,7 +135,7 @@ def fit_image(img: Image.Image, cfg: PrepareConfig) -> Image.Image:
     return ImageOps.fit(img, size, Image.Resampling.BICUBIC)
 
 
-def load_image_file(path: Path, cfg: PrepareConfig) -> np.ndarray:
+def load_image_file(path: Path, cfg: PrepareConfig, sides: list[int] | None = None) -> np.ndarray:
     """Open, fully decode and fit one file; raise DataError with the reason when it cannot."""
     try:
         with warnings.catch_warnings():
@@ -134,7 +143,7 @@ def load_image_file(path: Path, cfg: PrepareConfig) -> np.ndarray:
             with Image.open(path) as img:
                 img.draft("RGB" if cfg.channels == 3 else "L", (cfg.image_size * 2, cfg.image_size * 2))
                 img.load()
-                return np.asarray(fit_image(img, cfg), dtype=np.uint8).reshape(cfg.image_size, cfg.image_size, cfg.channels)
+                return np.asarray(fit_image(img, cfg, sides), dtype=np.uint8).reshape(cfg.image_size, cfg.image_size, cfg.channels)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise DataError(f"{path}: image too large to decode safely ({err})") from None
     except Exception as err:  # PIL raises many types for bad bytes
@@ -148,12 +157,12 @@ def read_imagefolder(cfg: PrepareConfig) -> Source:
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not class_dirs:
         raise DataError(f"{root}: no class sub-folders. Expected {root}/<class name>/<image files>.")
-    images, labels, skipped, h = [], [], [], hashlib.sha256()
+    images, labels, skipped, sides, h = [], [], [], [], hashlib.sha256()
     for label, d in enumerate(class_dirs):
         for f in sorted(p for p in d.rglob("*") if p.is_file() and not p.name.startswith(".")):
             h.update(f"{f.relative_to(root)}:{sha256_file(f)}".encode())
             try:
-                images.append(load_image_file(f, cfg))
+                images.append(load_image_file(f, cfg, sides))
                 labels.append(label)
             except DataError as err:
                 if cfg.on_bad_image == "error":
@@ -164,7 +173,7 @@ def read_imagefolder(cfg: PrepareConfig) -> Source:
     if empty:
         raise DataError(f"{root}: class folder(s) {empty} hold no readable image. Add images or remove the folder.")
     return Source(np.stack(images), np.asarray(labels, dtype=np.int64), [d.name for d in class_dirs],
-                  fingerprint=h.hexdigest(), skipped=skipped)
+                  fingerprint=h.hexdigest(), skipped=skipped, min_side=min(sides, default=None))
 
 
 def _is_class_label(split, column: str) -> bool:
@@ -194,6 +203,7 @@ def read_hf_disk(cfg: PrepareConfig) -> Source:
                                 f"Set prepare.image_column / prepare.label_column.")
     names = _class_names(splits["train"], cfg.label_column)
     skipped: list[dict] = []
+    sides: list[int] = []
 
     def convert(split, name):
         """Images fitted to the config; labels matched to train's classes by name, not by index."""
@@ -211,7 +221,7 @@ def read_hf_disk(cfg: PrepareConfig) -> Source:
                     raise DataError("missing image")
                 with warnings.catch_warnings():
                     warnings.simplefilter("error", Image.DecompressionBombWarning)
-                    img = np.asarray(fit_image(im, cfg), dtype=np.uint8)
+                    img = np.asarray(fit_image(im, cfg, sides), dtype=np.uint8)
                     imgs.append(img.reshape(cfg.image_size, cfg.image_size, cfg.channels))
             except Exception as err:
                 if cfg.on_bad_image == "error":
@@ -224,7 +234,7 @@ def read_hf_disk(cfg: PrepareConfig) -> Source:
     x, y = convert(splits["train"], "train")
     tx, ty = convert(splits["test"], "test") if "test" in splits else (None, None)
     fp = hashlib.sha256("".join(s._fingerprint for s in splits.values()).encode()).hexdigest()
-    return Source(x, y, names, tx, ty, fp, skipped)
+    return Source(x, y, names, tx, ty, fp, skipped, min(sides, default=None))
 
 
 READERS = {"fashion-mnist": read_fashion_mnist, "imagefolder": read_imagefolder, "hf-disk": read_hf_disk}
