@@ -446,6 +446,23 @@ def test_report_renders_for_any_valid_set_of_variants(tmp_path, case):
         assert any(p.startswith("No metrics for real+classic, ") for p in metrics["answer"])
 
 
+@pytest.mark.parametrize("damage, needle", [
+    (lambda p: (p.filtered / "scores.parquet").write_bytes(b"PAR1 truncated"), "scores.parquet: damaged or unreadable"),
+    (lambda p: write_text(p.stage_timing / "prepare.json", "{garbage"), "prepare.json: damaged or unreadable"),
+    (lambda p: write_text(p.classifier_metrics / "real.json", "[1,"), "real.json: damaged or unreadable"),
+])
+def test_damaged_report_inputs_name_the_file(tmp_path, damage, needle):
+    paths = fake_run(tmp_path)
+    damage(paths)
+    with pytest.raises(DataError, match=needle + r".*Re-run the \w+ stage"):
+        report.run(MICRO, paths)
+
+
+def write_text(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
 def test_report_notes_few_seeds_and_missing_test_classes(tmp_path):
     params = params_from_dict({"base": {"profile": "micro"}, "train_classifier": {"seeds": 2}})
     paths = fake_run(tmp_path, params=params)

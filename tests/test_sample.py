@@ -223,6 +223,11 @@ def test_complete_shard_is_skipped_and_stale_shard_redone(generator_root, tmp_pa
     sp.run(tiny_params(num_shards=2, shard_index=0, guidance_scale=3.0), Paths(root=root), shard_only=True)
     assert datasets.load_from_disk(str(shard))["guidance"] == [3.0] * 3
     assert "other settings" in caplog.text
+    # a garbage shard record (a worker killed while writing it, a bad copy) is named, and the shard made again
+    record = shard.with_name(shard.name + ".json")
+    record.write_text("{not json")
+    sp.run(tiny_params(num_shards=2, shard_index=0, guidance_scale=3.0), Paths(root=root), shard_only=True)
+    assert "shard-000-of-002.json: damaged or unreadable" in caplog.text and read_json(record)["recipe"]
 
 
 class OracleEps:

@@ -266,6 +266,20 @@ def test_variant_table_matches_config():
         params_from_dict({"train_classifier": {"variants": ["real", "real+classic"]}})  # the old list form
 
 
+def test_a_test_split_without_some_class_is_said(tmp_path, caplog, monkeypatch):
+    """A test split missing a class: accuracy over the classes present, warned and recorded (the report
+    says it), not a silent 100%."""
+    import datasets
+    paths, _ = write_project(tmp_path)
+    dd = datasets.load_from_disk(str(paths.prepared / "dataset"))
+    dd["test"] = dd["test"].filter(lambda r: r["label"] != 3)
+    save_dataset(datasets.DatasetDict(dict(dd)), paths.prepared / "dataset")
+    monkeypatch.setattr(training, "fit_classifier", _no_progress(training.fit_classifier))
+    with caplog.at_level("WARNING", logger="pipeline.train_classifier"):
+        out = tc.run(micro_params(seeds=1), paths, variant="real")
+    assert out["test_classes_missing"] == [CLASSES[3]] and "accuracy is over the other classes only" in caplog.text
+
+
 def test_stage_refuses_a_synthetic_set_made_from_other_data(tmp_path):
     paths, _ = write_project(tmp_path)
     write_json(paths.filtered / "summary.json", {"inputs": {"prepared": "o" * 64, "synthetic": "synthetic" * 8},
