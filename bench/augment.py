@@ -101,7 +101,7 @@ def timing(args, device: str) -> dict:
                                      "peak_memory_mib": max(m[k])} for k in r},
                               "ratio_batches_per_second": ratio(r["batched"], r["per_image"])}
 
-    steps = args.steps or (3 if args.quick else (300 if cuda else 30))
+    steps = args.steps or (3 if args.quick else (300 if cuda else 100))
     bs = 16 if args.quick else 64
     torch.manual_seed(0)
     init = build_model(args.arch, 10, int(tx.shape[1]))
@@ -160,12 +160,12 @@ def accuracy(args, device: str) -> dict:
                               "seconds_per_step": hist["seconds_per_step"]})
             print(f"  {side} seed {seed}: val acc {hist['best_val_acc']:.4f}", flush=True)
     mean = {s: sum(r["val_accuracy"] for r in v) / len(v) for s, v in out.items()}
-    n_val = len(val[1])
+    n_val, acc = len(val[1]), sum(mean.values()) / 2
     return {"settings": {"variant": "real+classic", "profile": args.profile, "arch": cfg.arch, "steps": cfg.steps,
                          "batch_size": cfg.batch_size, "lr": cfg.lr, "seeds": seeds, "n_train": len(real[1]),
                          "n_val": n_val, "split": "validation only (test never computed)",
-                         "noise": "one seed's accuracy on N = %d has a binomial standard error of about "
-                                  "%.1f points at 85%%" % (n_val, 100 * (0.85 * 0.15 / n_val) ** 0.5)},
+                         "noise": "one seed's accuracy on N = %d has a binomial standard error of about %.1f "
+                                  "points at %.0f%%" % (n_val, 100 * (acc * (1 - acc) / n_val) ** 0.5, 100 * acc)},
             "per_seed": out, "mean_val_accuracy": mean,
             "difference_batched_minus_per_image_points": 100 * (mean["batched"] - mean["per_image"]),
             "paired_differences_points": [100 * (a["val_accuracy"] - b["val_accuracy"])
@@ -176,7 +176,7 @@ def main(argv=None) -> dict:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--arch", default="test_resnet", help="timm model of the training-step timing (cpu profile's)")
     p.add_argument("--steps", type=int, default=0,
-                   help="training steps (timing: 0 = 30 cpu / 300 cuda; --accuracy: 0 = the profile's)")
+                   help="training steps (timing: 0 = 100 cpu / 300 cuda; --accuracy: 0 = the profile's)")
     p.add_argument("--batches", type=int, default=0, help="batches per augmentation-only run (0 = 100 cpu, 500 cuda)")
     p.add_argument("--data", type=Path, default=None, help="a prepared dataset folder (default: data/prepared/dataset)")
     p.add_argument("--accuracy", action="store_true", help="compare validation accuracy instead of timing")
@@ -185,9 +185,9 @@ def main(argv=None) -> dict:
     p.add_argument("--work", type=Path, default=Path("augment-work"), help="--accuracy: folder of the prepared data")
     args = p.parse_args(argv)
     device = setup(args)
-    if args.accuracy:
-        return save("augment-accuracy", device, accuracy(args, device), args.out_dir)
-    return save("augment", device, timing(args, device), args.out_dir)
+    result = accuracy(args, device) if args.accuracy else timing(args, device)
+    save("augment-accuracy" if args.accuracy else "augment", device, result, args.out_dir)
+    return result
 
 
 if __name__ == "__main__":

@@ -205,3 +205,16 @@ def test_classic_is_standard_plus_trivial_augment_drawn_from_the_loops_generator
     classic = _fit("classic")
     assert classic["train_loss"] == _fit("classic")["train_loss"]  # deterministic given the seed
     assert classic["train_loss"] != _fit("standard")["train_loss"]
+
+
+def test_bench_quick_times_both_sides(tmp_path, monkeypatch):
+    from bench import augment as bench
+
+    monkeypatch.chdir(tmp_path)  # no prepared dataset here: noise images
+    res = bench.main(["--quick", "--device", "cpu", "--repeats", "1", "--out-dir", str(tmp_path)])
+    assert (tmp_path / "augment-cpu.json").exists() and res["settings"]["images"].startswith("uniform noise")
+    for side in ("batched", "per_image"):
+        assert res["augmentation"]["batch_16"][side]["ms_per_batch"] > 0
+        assert res["training"][side]["seconds_per_step"] > 0
+    assert res["training"]["ratio_steps_per_second"]["best"] == pytest.approx(
+        res["training"]["per_image"]["seconds_per_step"] / res["training"]["batched"]["seconds_per_step"])
