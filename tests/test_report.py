@@ -382,6 +382,19 @@ def test_report_refuses_a_filtered_set_of_older_samples(tmp_path):
         report.run(MICRO, paths)
 
 
+def test_a_stale_output_no_compared_variant_used_is_left_out_with_a_note(tmp_path):
+    params = params_from_dict({"base": {"profile": "micro"}, "train_classifier": {"variants": {
+        "real": {"data": "prepared"}, "real+classic": {"data": "prepared", "augment": "classic"}}}})
+    paths = fake_run(tmp_path, params=params)
+    summary = json.loads((paths.synthetic / "summary.json").read_text())
+    write_json(paths.synthetic / "summary.json", {**summary, "fingerprint": "n" * 64})  # filter is now stale
+    report.run(params, paths)
+    metrics = json.loads((paths.reports / "metrics.json").read_text())
+    assert any(p.startswith("The filter output is left out of this report: ") and "Re-run filter" in p
+               for p in metrics["answer"])
+    assert metrics["generator_quality"] is None  # not described beside results it did not make
+
+
 def test_report_shows_the_params_outputs_were_made_with(tmp_path):
     """Change sample.guidance_scale after sampling: "params in force" shows what the images were made
     with, and a line says params.yaml has changed since."""
