@@ -2,32 +2,30 @@
 
 Reads the classifier metrics of every variant in ``train_classifier.variants``, the pseudo-label
 summary, the filter summary and scores, the synthetic and real images and the generator's loss
-curve, each checked to come from the current data and params (``check_one_run``). Writes
+curve, each checked to come from the current data and params (``core.provenance``). Writes
 ``reports/``: ``report.html`` (self-contained), ``report.md``, ``metrics.json`` (for
 ``dvc metrics``), ``figures/*.png`` and ``plots/*.csv`` (for ``dvc plots``).
 """
 from __future__ import annotations
 
 import logging
-import shlex
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from pipeline.config import Params, Paths, params_diff, resolve_device
+from pipeline.config import Params, Paths, resolve_device
 from pipeline.core.curves import CURVES, read_curve
 from pipeline.core.entrypoint import stage_main
-from pipeline.core.io import (OUTPUTS, atomic_path, check_writable, load_dataset_dir, read_json, read_output, reading,
-                              save_figure, stale_inputs, write_json)
+from pipeline.core.io import (OUTPUTS, atomic_path, check_writable, load_dataset_dir, read_json, reading, save_figure,
+                              write_json)
 from pipeline.core.plotting import png_b64
-from pipeline.core.provenance import run_metadata
-from pipeline.errors import DataError
+from pipeline.core.provenance import check_classifiers, earlier_outputs, params_made_with, run_metadata
 from pipeline.reporting.figures import (class_grids, fig_loss, fig_per_class_gain, fig_ratio_sweep, fig_scores,
                                         fig_variants)
-from pipeline.reporting.tables import (QUALITY, baseline_of, generator_quality, pct, per_class_gain, quality_rows,
-                                       variant_table, verdict)
+from pipeline.reporting.tables import (QUALITY, add_points, baseline_of, caveats, generator_quality, pct,
+                                       per_class_gain, quality_rows, variant_table, verdict)
 
 log = logging.getLogger(__name__)
 
@@ -46,89 +44,6 @@ def generator_facts(outputs: dict[str, dict]) -> dict:
     return facts
 
 
-def earlier_outputs(paths: Paths, specs: dict, names: list[str]) -> tuple[dict[str, dict], list[str]]:
-    """The summary of each earlier stage's output, checked along its chain (``core.io.read_output``).
-    One that the compared variants used must be current; one they did not use and that is stale or
-    damaged is left out of the report with a note, rather than described beside the wrong results."""
-    used = {"prepared"} | {"pseudo" for v in names if specs[v].pseudo} | {specs[v].data for v in names}
-    out, notes = {}, []
-    for name, (stage, file) in OUTPUTS.items():
-        if name not in used and not (getattr(paths, name) / file).exists():
-            continue
-        try:
-            out[name] = read_output(paths, name)
-        except (DataError, FileNotFoundError) as err:
-            if name in used:
-                raise
-            notes.append(f"The {stage} output is left out of this report: {err}")
-    return out, notes
-
-
-def check_one_run(variants: dict[str, dict], params: Params, paths: Paths) -> None:
-    """Refuse to compare classifiers that were not all trained on the current data with the current
-    classifier settings: each variant records the fingerprint of every stage output it read and the
-    params it was trained with, and the report would otherwise credit one setting with another's
-    accuracy (or describe a generator beside images another generator made)."""
-    why = {}
-    for v, m in variants.items():
-        reasons = [f"{n} changed since ({OUTPUTS[n][0]} ran again)" for n in stale_inputs(paths, m.get("inputs") or {})]
-        if "params" not in m:
-            reasons.append("no record of its settings (trained by an older synthaug)")
-        else:
-            changed = params_diff(m["params"], params.made_with("train_classifier", v))
-            if changed:
-                reasons.append("trained with other settings (" + ", ".join(changed[:4]) +
-                               (", ..." if len(changed) > 4 else "") + ")")
-        if reasons:
-            why[v] = reasons
-    if why:
-        said = "\n".join(f"  {v}: {'; '.join(r)}" for v, r in why.items())
-        rerun = "; ".join(f"python -m flows train_classifier --variant {shlex.quote(v)}" for v in why)
-        raise DataError(f"{paths.classifier_metrics}: these variants' metrics do not come from the current data and "
-                        f"params, so comparing them would mislead:\n{said}\nRe-run them: dvc repro (or {rerun}).")
-
-
-def params_made_with(params: Params, outputs: dict[str, dict]) -> tuple[dict, list[str]]:
-    """The params in force for each output, as the output records them, and a note for each output
-    that params.yaml has changed since (dvc repro would re-make it)."""
-    now = params.resolved()
-    shown, notes = dict(now), []
-    for name, summary in outputs.items():
-        stage = OUTPUTS[name][0]
-        made = summary.get("params") or {}
-        if stage not in made:
-            continue
-        shown[stage] = made[stage]
-        changed = params_diff({k: made.get(k) for k in ("base", stage)}, {k: now[k] for k in ("base", stage)})
-        if changed:
-            notes.append(f"{name} was made with other params than params.yaml's now ({', '.join(changed[:4])}"
-                         f"{', ...' if len(changed) > 4 else ''}): this report describes it as it was made; dvc "
-                         f"repro would re-run {stage}.")
-    return shown, notes
-
-
-def caveats(variants: dict[str, dict], specs: dict, missing: list[str], outputs: dict[str, dict]) -> list[str]:
-    """What limits this run's conclusions, said in the report rather than only in a log."""
-    out = []
-    if missing:
-        accepted = ((outputs.get("filtered") or {}).get("n") or {}).get("accepted")
-        why = (" (the filter accepted none of the synthetic images, so the variants that train on them stop)"
-               if accepted == 0 and any(specs[v].data == "filtered" for v in missing) else
-               " (train_classifier was not run for them, or stopped)")
-        out.append(f"No metrics for {', '.join(missing)}{why}: this report compares the other variants only.")
-    if (outputs.get("prepared") or {}).get("upscaled"):
-        out.append(f"Data: {outputs['prepared']['upscaled']}.")
-    absent = sorted({c for m in variants.values() for c in m.get("test_classes_missing") or []})
-    if absent:
-        out.append(f"The test split has no image of {', '.join(absent)}: accuracies are over the other classes only.")
-    return out
-
-
-def add_points(answer: dict, points: list[str]) -> None:
-    answer["points"] = answer["points"] + points
-    answer["text"] = " ".join([answer["text"], *points])
-
-
 def run(params: Params, paths: Paths = Paths()) -> dict:
     cfg = params.report
     specs = params.train_classifier.variants
@@ -141,7 +56,7 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
         log.warning("report: no metrics for variant(s) %s (train_classifier not run for them); left out", missing)
     variants = {v: read_json(f, "train_classifier") for v, f in files.items() if v not in missing}
     outputs, notes = earlier_outputs(paths, specs, list(variants))
-    check_one_run(variants, params, paths)
+    check_classifiers(variants, params, paths)
     prepared = outputs["prepared"]
     names = prepared["class_names"]
     shown_params, drift = params_made_with(params, outputs)

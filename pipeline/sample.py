@@ -18,7 +18,6 @@ makes its own shard alone and never touches ``data/synthetic``.
 from __future__ import annotations
 
 import logging
-import math
 import re
 import time
 from pathlib import Path
@@ -107,19 +106,6 @@ def shard_is_complete(path: Path, indices: range, cfg: SampleConfig, meta: dict,
     return ok
 
 
-def preview_grids(ds, plan: Plan, num_classes: int, grid_per_class: int) -> tuple[list[torch.Tensor], int]:
-    """Up to grid_per_class images of each class and the grid's row length. img2img: each row is
-    one source image's variations, weakest strength first."""
-    strengths = plan.strengths.unique()
-    grids = []
-    for c in range(num_classes):
-        idx = torch.nonzero(plan.labels == c).flatten()
-        order = sorted(idx.tolist(), key=lambda i: (int(plan.source_rows[i]), float(plan.strengths[i])))
-        grids.append(dataset_to_tensors(ds.select(order[:grid_per_class]))[0])
-    nrow = len(strengths) if plan.sources is not None else math.ceil(math.sqrt(max(len(g) for g in grids)))
-    return grids, nrow
-
-
 def make_shard(generator, plan: Plan, k: int, cfg: SampleConfig, paths: Paths, seed: int, device: str,
                batch_size: int) -> None:
     """Generate shard ``k`` of ``cfg.num_shards`` unless a complete one is already there."""
@@ -191,11 +177,11 @@ def run(params: Params, paths: Paths = Paths(), shard_only: bool = False) -> dic
                                    list(merged["source_split"]), list(merged["source_index"])),
         "seed_rule": f"seed = base.seed * {SEED_STRIDE} + global index", "params": params.resolved(),
     }
-    grids, nrow = preview_grids(merged, plan, meta["num_classes"], cfg.grid_per_class)
+    orders, nrow = plan.preview(meta["num_classes"], cfg.grid_per_class)
     with atomic_path(paths.synthetic, is_dir=True) as tmp:
         merged.save_to_disk(str(tmp / "dataset"))
-        for c, (name, grid) in enumerate(zip(meta["class_names"], grids)):
-            save_png(make_grid_image(grid, nrow=nrow),
+        for c, (name, order) in enumerate(zip(meta["class_names"], orders)):
+            save_png(make_grid_image(dataset_to_tensors(merged.select(order))[0], nrow=nrow),
                      tmp / "preview" / f"{c:02d}_{safe_name(name)}.png")
         write_json(tmp / "summary.json", summary)
     log.info("sample: merged %d shards into %s (%d images)", cfg.num_shards, paths.synthetic, len(merged))

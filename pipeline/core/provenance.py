@@ -1,13 +1,17 @@
-"""Where a result came from: git revision, dvc.lock, package versions, machine; timing."""
+"""Where a result came from: what each output was made from and with (checked before results are
+compared), git revision, dvc.lock, package versions, machine."""
 from __future__ import annotations
 
 import platform
+import shlex
 import subprocess
 import time
 from importlib import metadata
 from pathlib import Path
 
-from pipeline.core.io import sha256_file
+from pipeline.config import Params, Paths, params_diff
+from pipeline.core.io import OUTPUTS, read_output, sha256_file, stale_inputs
+from pipeline.errors import DataError
 
 PACKAGES = ("torch", "diffusers", "timm", "torch-fidelity", "datasets", "prefect", "dvc", "accelerate")
 
@@ -43,3 +47,64 @@ def run_metadata(root: Path, device: str) -> dict:
             "dvc_lock_sha256": sha256_file(lock)[:12] if lock.exists() else None, "device": device,
             "python": platform.python_version(), "platform": platform.platform(), "packages": package_versions(),
             "generated": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def earlier_outputs(paths: Paths, specs: dict, names: list[str]) -> tuple[dict[str, dict], list[str]]:
+    """The summary of each earlier stage's output, checked along its chain (``core.io.read_output``).
+    One that the compared variants used must be current; one they did not use and that is stale or
+    damaged is left out of the report with a note, rather than described beside the wrong results."""
+    used = {"prepared"} | {"pseudo" for v in names if specs[v].pseudo} | {specs[v].data for v in names}
+    out, notes = {}, []
+    for name, (stage, file) in OUTPUTS.items():
+        if name not in used and not (getattr(paths, name) / file).exists():
+            continue
+        try:
+            out[name] = read_output(paths, name)
+        except (DataError, FileNotFoundError) as err:
+            if name in used:
+                raise
+            notes.append(f"The {stage} output is left out of this report: {err}")
+    return out, notes
+
+
+def check_classifiers(variants: dict[str, dict], params: Params, paths: Paths) -> None:
+    """Refuse to compare classifiers that were not all trained on the current data with the current
+    classifier settings: each variant records the fingerprint of every stage output it read and the
+    params it was trained with, and the report would otherwise credit one setting with another's
+    accuracy (or describe a generator beside images another generator made)."""
+    why = {}
+    for v, m in variants.items():
+        reasons = [f"{n} changed since ({OUTPUTS[n][0]} ran again)" for n in stale_inputs(paths, m.get("inputs") or {})]
+        if "params" not in m:
+            reasons.append("no record of its settings (trained by an older synthaug)")
+        else:
+            changed = params_diff(m["params"], params.made_with("train_classifier", v))
+            if changed:
+                reasons.append("trained with other settings (" + ", ".join(changed[:4]) +
+                               (", ..." if len(changed) > 4 else "") + ")")
+        if reasons:
+            why[v] = reasons
+    if why:
+        said = "\n".join(f"  {v}: {'; '.join(r)}" for v, r in why.items())
+        rerun = "; ".join(f"python -m flows train_classifier --variant {shlex.quote(v)}" for v in why)
+        raise DataError(f"{paths.classifier_metrics}: these variants' metrics do not come from the current data and "
+                        f"params, so comparing them would mislead:\n{said}\nRe-run them: dvc repro (or {rerun}).")
+
+
+def params_made_with(params: Params, outputs: dict[str, dict]) -> tuple[dict, list[str]]:
+    """The params in force for each output, as the output records them, and a note for each output
+    that params.yaml has changed since (dvc repro would re-make it)."""
+    now = params.resolved()
+    shown, notes = dict(now), []
+    for name, summary in outputs.items():
+        stage = OUTPUTS[name][0]
+        made = summary.get("params") or {}
+        if stage not in made:
+            continue
+        shown[stage] = made[stage]
+        changed = params_diff({k: made.get(k) for k in ("base", stage)}, {k: now[k] for k in ("base", stage)})
+        if changed:
+            notes.append(f"{name} was made with other params than params.yaml's now ({', '.join(changed[:4])}"
+                         f"{', ...' if len(changed) > 4 else ''}): this report describes it as it was made; dvc "
+                         f"repro would re-run {stage}.")
+    return shown, notes

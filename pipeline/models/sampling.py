@@ -7,6 +7,7 @@ in (up to float rounding when batch compositions differ).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,16 @@ class Plan:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def preview(self, num_classes: int, per_class: int) -> tuple[list[list[int]], int]:
+        """Up to ``per_class`` indices of each class for a preview grid, and the grid's row length.
+        img2img: each row is one source image's variations, weakest strength first."""
+        orders = [sorted(torch.nonzero(self.labels == c).flatten().tolist(),
+                         key=lambda i: (int(self.source_rows[i]), float(self.strengths[i])))[:per_class]
+                  for c in range(num_classes)]
+        nrow = len(self.strengths.unique()) if self.sources is not None else \
+            math.ceil(math.sqrt(max(map(len, orders))))
+        return orders, nrow
 
 
 def generation_plan(num_classes: int, per_class: int) -> Plan:

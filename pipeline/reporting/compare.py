@@ -74,7 +74,8 @@ def row(name: str, run: dict) -> dict:
         "fd_floor": m["floor"]["frechet_distance"]["value"], "n_reference": f["n"]["metric_reference"],
         "feature_space": f["feature_space"], "acceptance": f["acceptance"]["rate"],
         "synthetic_variant": r.get("synthetic_variant"), "gain": syn.get("diff"), "gain_low": r.get("gain_ci95_low"), "gain_high": r.get("gain_ci95_high"),
-        "gain_p": syn.get("p_value"), "real_accuracy": r["variants"]["real"]["accuracy"],
+        "gain_p": syn.get("p_value"),
+        "real_accuracy": r["variants"].get(r.get("baseline") or "real", {}).get("accuracy"),
         "synthetic_only_accuracy": cas.get("accuracy"), "helped": r["helped"], "seeds": r["seeds"],
         "n_test": r["n_test"], "fingerprint": g["fingerprint"],
     }

@@ -211,3 +211,25 @@ def generator_quality(filter_summary: dict, table: pd.DataFrame, specs: dict[str
     only = [v for v, s in specs.items() if v in table.index and not s.real]
     return {**filter_quality(filter_summary), "synthetic_only_variant": only[0] if only else None,
             "synthetic_only_accuracy": float(table.loc[only[0], "accuracy"]) if only else None}
+
+
+def caveats(variants: dict[str, dict], specs: dict, missing: list[str], outputs: dict[str, dict]) -> list[str]:
+    """What limits this run's conclusions, said in the report rather than only in a log."""
+    out = []
+    if missing:
+        accepted = ((outputs.get("filtered") or {}).get("n") or {}).get("accepted")
+        why = (" (the filter accepted none of the synthetic images, so the variants that train on them stop)"
+               if accepted == 0 and any(specs[v].data == "filtered" for v in missing) else
+               " (train_classifier was not run for them, or stopped)")
+        out.append(f"No metrics for {', '.join(missing)}{why}: this report compares the other variants only.")
+    if (outputs.get("prepared") or {}).get("upscaled"):
+        out.append(f"Data: {outputs['prepared']['upscaled']}.")
+    absent = sorted({c for m in variants.values() for c in m.get("test_classes_missing") or []})
+    if absent:
+        out.append(f"The test split has no image of {', '.join(absent)}: accuracies are over the other classes only.")
+    return out
+
+
+def add_points(answer: dict, points: list[str]) -> None:
+    answer["points"] = answer["points"] + points
+    answer["text"] = " ".join([answer["text"], *points])
