@@ -20,6 +20,7 @@ CPU_RUNS = {
                 "--kid-subsets", "10"],
     "generators": ["--device", "cpu"],
     "e2e": ["--device", "cpu"],
+    "gpu_budget": [],  # counts on the CPU whatever the device
 }
 
 

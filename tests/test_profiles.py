@@ -44,7 +44,7 @@ def test_gpu_profile_pretrains_a_30m_unet_on_the_whole_pool():
     p = resolved("gpu")
     g = p.train_generator
     assert p.prepare.unlabeled_pool == -1  # the whole unlabeled pool ...
-    assert g.init == "pretrain" and g.pretrain_steps == 20000 and g.steps == 10000  # ... pre-trained on, then fine-tuned
+    assert g.init == "pretrain" and g.pretrain_steps == 20000 and g.steps == 10000  # pre-trained on, fine-tuned
     assert g.kind == "unet" and g.attention and g.block_out_channels == (128, 256, 256, 256) and g.layers_per_block == 2
     assert unet_parameters(p) > 30e6
     assert (g.dit.patch_size, g.dit.num_layers, g.dit.num_heads, g.dit.head_dim) == (2, 12, 6, 64)  # DiT-S/2
