@@ -121,7 +121,7 @@ def classifier_fanout_flow(variants: Optional[list[str]] = None, deployment: str
     the pool's workers: first every ratio-sweep run (and every seed of variants without a sweep),
     then the seeds that take the sweep's choice; then each variant is gathered here into what
     ``dvc repro`` writes (``metrics/classifier/<variant>.json``, models) and, with ``commit``, recorded."""
-    from pipeline.train_classifier import fanout_runs
+    from pipeline.training.seed_runs import fanout_runs
 
     params = load_params("params.yaml")
     names = variants or list(params.train_classifier.variants)
