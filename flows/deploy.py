@@ -102,8 +102,8 @@ def sample_fanout_flow(num_shards: int = 2, deployment: str = "sample/sample-sha
     on_workers(deployment, [{"overrides": {"sample.num_shards": num_shards, "sample.shard_index": i}, "shard_only": True}
                             for i in range(num_shards)])
     get_run_logger().info("all %d shards done; merging", num_shards)
-    summary = sample_flow(overrides={"sample.num_shards": num_shards})
-    if commit and isinstance(summary, dict):  # else a Failed state, with the user mistake's message
+    summary = sample_flow(overrides={"sample.num_shards": num_shards})  # a failed subflow raises here
+    if commit:
         commit_to_dvc(["sample"])
     return summary
 
