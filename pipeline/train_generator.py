@@ -95,7 +95,13 @@ def launch(params: Params, paths: Paths) -> dict:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
                "-m", "pipeline.train_generator", "--params", str(resolved), "--root", str(Path(paths.root).resolve())]
         log.info("train_generator: %d processes: %s", n, " ".join(cmd))
-        rc = subprocess.run(cmd).returncode
+        with subprocess.Popen(cmd) as proc:
+            try:
+                rc = proc.wait()
+            except BaseException:  # Ctrl-C, a cancelled flow run: torchrun stops its workers on SIGTERM
+                proc.terminate()  # (subprocess.run would SIGKILL it and leave the workers running)
+                proc.wait()
+                raise
     if rc:
         raise RuntimeError(f"train_generator: the {n} training processes failed (exit status {rc}); see their log "
                            "above. Running the stage again resumes from the last checkpoint.")

@@ -1,7 +1,8 @@
 """Generator training on several processes: ``train_generator.num_processes: 2`` makes the stage
 start itself under torchrun (gloo on CPU) and optimise exactly as one process does on the same
-global batch (also with gradient accumulation); a 2-process run killed mid-way resumes on one
-process and ends as an uninterrupted run."""
+global batch (also with gradient accumulation); a 2-process run started by dvc.yaml's command
+(``python -m flows train_generator``) and killed mid-way resumes on one process and ends as an
+uninterrupted run."""
 from __future__ import annotations
 
 import os
@@ -108,17 +109,23 @@ def test_two_process_run_killed_then_resumed_on_one_process_ends_as_uninterrupte
     params = root / "params.yaml"
     params.write_text(yaml.safe_dump(tiny_params(**RUN, num_processes=2).resolved()))
     ckpts = Paths(root=root).generator_checkpoints
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PREFECT_HOME": str(tmp_path / "prefect")}
+    env.pop("PREFECT_API_URL", None)  # a temporary local Prefect server, as under dvc repro
     with open(tmp_path / "killed.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.train_generator", "--params", str(params),
-                                 "--root", str(root)], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen([sys.executable, "-m", "flows", "train_generator", "--params", str(params),
+                                 "--root", str(root)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
         try:
             deadline = time.time() + 300
             while not list(ckpts.glob("ckpt-*.pt")) and proc.poll() is None and time.time() < deadline:
                 time.sleep(0.05)
+            os.kill(proc.pid, signal.SIGTERM)  # the flow run is killed; it stops torchrun, which stops its workers
+            proc.wait(timeout=120)
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)  # the stage and torchrun, which stops its workers
-            proc.wait(timeout=60)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # whatever of ours is left (its temporary Prefect server)
+            except ProcessLookupError:
+                pass
     deadline = time.time() + 60
     while worker_pids(root) and time.time() < deadline:
         time.sleep(0.2)
