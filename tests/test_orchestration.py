@@ -1,5 +1,5 @@
-"""End to end: `dvc repro` on the micro profile, and a deployment run through a real
-Prefect server and process worker on loopback. Both use a copy of the project in a temp
+"""End to end: `dvc repro` on the micro profile, a deployment run through a real Prefect
+server and process worker on loopback, and the two fan-outs over two process workers. Both use a copy of the project in a temp
 dir with a tiny Fashion-MNIST-format dataset written by the test."""
 import json
 import os
@@ -164,8 +164,8 @@ def test_user_mistake_under_dvc_repro_is_one_message(tmp_path, tiny_data, prefec
 # `control` pool for the fan-out flows, all on loopback, in one project copy both tests share.
 FANOUT_DEPLOYMENTS = ("sample-shard", "sample-fanout", "classifier-seed", "classifier-fanout")
 
-# Starts a deployment run, optionally SIGKILLs the process of the first run of `kill` (a child
-# deployment) once it is running, waits for the parent to end and prints what happened as JSON.
+# Starts a run of deployment `name`; with "kill", SIGKILLs the process of the first run of deployment
+# `child` as soon as it is running; waits for the first run to end and prints what happened as JSON.
 WATCH = """
 import json, os, signal, sys, time
 from prefect import get_client
