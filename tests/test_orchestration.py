@@ -1,6 +1,7 @@
 """End to end: `dvc repro` on the micro profile, a deployment run through a real Prefect
-server and process worker on loopback, and the two fan-outs over two process workers. Both use a copy of the project in a temp
-dir with a tiny Fashion-MNIST-format dataset written by the test."""
+server and process worker on loopback, and the two fan-outs over two process workers. Each
+uses a copy of the project in a temp dir with a tiny Fashion-MNIST-format dataset written by
+the test."""
 import json
 import os
 import shutil
