@@ -227,10 +227,14 @@ def test_stage_bad_variant_and_empty_filtered(tmp_path):
 
 def test_cli_variant_flag(tmp_path, monkeypatch):
     seen = {}
-    monkeypatch.setattr(tc, "run", lambda params, paths, variant=None: seen.update(variant=variant, root=paths.root))
+    monkeypatch.setattr(tc, "run", lambda params, paths, variant=None, **fanout: seen.update(
+        variant=variant, root=paths.root, **fanout))
     (tmp_path / "params.yaml").write_text("base: {profile: micro}\n")
     tc.main(["--variant", "real+classic", "--params", str(tmp_path / "params.yaml"), "--root", str(tmp_path)])
-    assert seen == {"variant": "real+classic", "root": tmp_path}
+    assert seen["variant"] == "real+classic" and seen["root"] == tmp_path
+    assert seen["seed_index"] is None and not seen["gather"]  # a plain run: every seed in this process
+    tc.main(["--variant", "real", "--params", str(tmp_path / "params.yaml"), "--seed_index", "1", "--ratio", "0.25"])
+    assert seen["variant"] == "real" and seen["seed_index"] == 1 and seen["ratio"] == 0.25
 
 
 def test_variant_table_matches_config():
