@@ -145,6 +145,19 @@ def test_verdict_says_when_validation_chose_no_synthetic_data():
     assert "Validation chose no synthetic data" not in v["text"]
 
 
+def test_verdict_credits_no_generator_when_validation_chose_no_synthetic_data():
+    """The cpu run where both synthetic variants took a share of 0: real+synthetic+classic is real+classic
+    again; it must not read as "beat real", nor as the generator adding accuracy beyond the pool."""
+    v = judge(real=variant(REAL), **{"real+classic": variant(CLASSIC), "real+pseudo+classic": variant([0.79, 0.8, 0.8]),
+                                     "real+synthetic+classic": syn(CLASSIC, ratio=0.0, val=[0.9] * 3),
+                                     "real+pseudo+synthetic+classic": syn([0.79, 0.8, 0.8], ratio=0.0)})
+    assert v["helped"] is False and v["synthetic_variant"] == "real+synthetic+classic"
+    assert v["points"][0].startswith("No: real+synthetic+classic (the synthetic variant best on validation) trained on "
+                                     "no synthetic image: validation chose a share of 0.")
+    assert not any(p.startswith("Beyond using the pool") for p in v["points"]) and v["generator_beyond_pool"] is None
+    assert "Validation chose no synthetic data for real+synthetic+classic, real+pseudo+synthetic+classic" in v["text"]
+
+
 def test_verdict_smallest_detectable_difference_pools_the_comparisons():
     v = judge(real=variant(REAL), **{"real+classic": variant([0.81, 0.83, 0.83]),
                                      "real+synthetic+classic": syn([0.85, 0.87, 0.86])})

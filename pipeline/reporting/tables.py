@@ -117,14 +117,17 @@ def verdict(table: pd.DataFrame, variants: dict[str, dict], specs: dict[str, Var
     cmp = {(a, b): paired(variants, a, b) for a, b in pairs if a and b and a != b}
     r = cmp[(syn, baseline)]
     above = {b: c["low"] > 0 for (a, b), c in cmp.items() if a == syn}
-    helped = bool(above[baseline] and above.get(classic, True))
+    syn_used = table.loc[syn, "synthetic_ratio"] != 0  # 0: validation chose none, it is its twin without them
+    helped = bool(above[baseline] and above.get(classic, True) and syn_used)
     what = f"{baseline} and classic augmentation ({classic})" if classic else baseline
     who = f"{syn} (the synthetic variant best on validation{'; it also uses the pseudo-labeled pool' if specs[syn].pseudo else ''})"
     if helped:
         answer = f"Yes: {who} beat {what}. "
         headline = _use(syn, r, cmp.get((syn, classic)), classic) + "."
     else:
-        if above[baseline]:
+        if not syn_used:
+            answer = f"No: {who} trained on no synthetic image: validation chose a share of 0. "
+        elif above[baseline]:
             answer = f"Partly: {who} beat {baseline} but not {classic}. "
         else:
             answer = f"No: {who} did not beat {what}{'; the interval includes zero' if r['diff'] > 0 else ''}. "
@@ -134,12 +137,12 @@ def verdict(table: pd.DataFrame, variants: dict[str, dict], specs: dict[str, Var
                     + " (best on validation without synthetic data): synthetic data did not help here.")
     points = [answer + "; ".join(_said(cmp[k]) for k in ((syn, baseline), (syn, classic)) if k in cmp) + "."]
     pool_syn_used = pool_syn is not None and table.loc[pool_syn, "synthetic_ratio"] != 0  # 0: it is the pool alone
-    beyond = (cmp.get((pool_syn, pool)) if pool_syn_used else None) or cmp.get((syn, pool))
+    beyond = (cmp.get((pool_syn, pool)) if pool_syn_used else None) or (cmp.get((syn, pool)) if syn_used else None)
     if beyond:
         points.append(f"Beyond using the pool directly (self-training, {pool}): the generator "
                       f"{'added accuracy' if beyond['low'] > 0 else 'added nothing significant'}; "
                       + "; ".join(_said(cmp[k]) for k in dict.fromkeys(((syn, pool), (pool_syn, pool)))
-                                  if k in cmp and (k[0] != pool_syn or pool_syn_used))
+                                  if k in cmp and (k[0] != pool_syn or pool_syn_used) and (k[0] != syn or syn_used))
                       + ".")
     if (classic, baseline) in cmp:
         points.append(f"Classic augmentation alone: {_said(cmp[(classic, baseline)])}.")
