@@ -56,7 +56,7 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
         log.warning("report: no metrics for variant(s) %s (train_classifier not run for them); left out", missing)
     variants = {v: read_json(f, "train_classifier") for v, f in files.items() if v not in missing}
     outputs, notes = earlier_outputs(paths, specs, list(variants))
-    check_classifiers(variants, params, paths)
+    check_classifiers(variants, params, paths, outputs)
     prepared = outputs["prepared"]
     names = prepared["class_names"]
     shown_params, drift = params_made_with(params, outputs)

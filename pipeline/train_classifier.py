@@ -23,9 +23,9 @@ from pipeline.core.io import (OUTPUTS, atomic_path, check_writable, load_dataset
                               write_json)
 from pipeline.core.stats import classification_metrics, summarize_seeds
 from pipeline.errors import ConfigError, DataError
-from pipeline.models.classifier import check_input_size, load_classifier
+from pipeline.models.classifier import check_input_size, load_classifier, save_classifier
 from pipeline.training.classifier import RATIO_RULE, predict_proba, sharpen, train_variant
-from pipeline.training.seed_runs import CLI_OPTIONS, gather_seeds, save_weights, train_seed
+from pipeline.training.seed_runs import CLI_OPTIONS, gather_seeds, train_seed
 
 log = logging.getLogger(__name__)
 SUMMARY_METRICS = ("accuracy", "macro_f1", "ece")
@@ -172,7 +172,7 @@ def run(params: Params, paths: Paths, variant: str, seed_index: int | None = Non
         for i, (model, m, hist) in enumerate(evaluated):
             d = tmp / f"seed{i}"
             d.mkdir(parents=True)
-            save_weights(model, d / "model.safetensors", cfg.arch, k, val_x.shape[1])
+            save_classifier(model, d / "model.safetensors", cfg.arch, k, val_x.shape[1])
             write_json(d / "metrics.json", {**common, **m, "history": hist})
             write_json(d / "config.json", {**common, "seed": m["seed"], "params": params.resolved()})
     summary = {**common, "seeds": seeds, **summarize_seeds(per_seed, SUMMARY_METRICS)}

@@ -145,8 +145,7 @@ def check_writable(*paths: str | os.PathLike, need_bytes: int = 0) -> None:
             if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
                 raise DataError(f"{path}: cannot be written ({folder} is not a writable folder). Make it writable, "
                                 "or run in a project folder you can write to (--root).")
-        free = shutil.disk_usage(probe).free
-        if need_bytes and free < need_bytes:
+        if need_bytes and (free := shutil.disk_usage(probe).free) < need_bytes:
             raise DataError(f"{path}: needs about {need_bytes / 2**20:.0f} MiB but only {free / 2**20:.0f} MiB are "
                             f"free on its disk. Free some space (or use a larger disk) and run again.")
 

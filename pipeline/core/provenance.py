@@ -10,7 +10,7 @@ from importlib import metadata
 from pathlib import Path
 
 from pipeline.config import Params, Paths, params_diff
-from pipeline.core.io import OUTPUTS, read_output, sha256_file, stale_inputs
+from pipeline.core.io import OUTPUTS, read_output, sha256_file
 from pipeline.errors import DataError
 
 PACKAGES = ("torch", "diffusers", "timm", "torch-fidelity", "datasets", "prefect", "dvc", "accelerate")
@@ -67,14 +67,16 @@ def earlier_outputs(paths: Paths, specs: dict, names: list[str]) -> tuple[dict[s
     return out, notes
 
 
-def check_classifiers(variants: dict[str, dict], params: Params, paths: Paths) -> None:
+def check_classifiers(variants: dict[str, dict], params: Params, paths: Paths, outputs: dict[str, dict]) -> None:
     """Refuse to compare classifiers that were not all trained on the current data with the current
     classifier settings: each variant records the fingerprint of every stage output it read and the
     params it was trained with, and the report would otherwise credit one setting with another's
-    accuracy (or describe a generator beside images another generator made)."""
+    accuracy (or describe a generator beside images another generator made). ``outputs``: the
+    current outputs as ``earlier_outputs`` read and checked them (any other is read here)."""
     why = {}
     for v, m in variants.items():
-        reasons = [f"{n} changed since ({OUTPUTS[n][0]} ran again)" for n in stale_inputs(paths, m.get("inputs") or {})]
+        reasons = [f"{n} changed since ({OUTPUTS[n][0]} ran again)" for n, fp in (m.get("inputs") or {}).items()
+                   if fp != (outputs.get(n) or read_output(paths, n)).get("fingerprint")]
         if "params" not in m:
             reasons.append("no record of its settings (trained by an older synthaug)")
         else:

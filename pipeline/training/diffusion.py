@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from diffusers.training_utils import EMAModel, compute_snr
 
 from pipeline.config import Params, TrainGeneratorConfig

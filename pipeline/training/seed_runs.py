@@ -14,12 +14,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from safetensors.torch import save_file
-
 from pipeline.config import Params, Paths
 from pipeline.core.io import atomic_path, fingerprint, read_json, write_json
 from pipeline.errors import ConfigError, DataError
-from pipeline.models.classifier import load_classifier
+from pipeline.models.classifier import load_classifier, save_classifier
 from pipeline.training.classifier import choose_ratio, train_variant
 
 log = logging.getLogger(__name__)
@@ -27,11 +25,6 @@ CLI_OPTIONS = {  # python -m pipeline.train_classifier's fan-out flags (run's ke
     "seed_index": {"type": int, "help": "fan-out: train this seed alone, into models/classifier_seeds/"},
     "ratio": {"type": float, "help": "with --seed_index: at this synthetic share (a ratio sweep run)"},
     "gather": {"action": "store_true", "help": "fan-out: test and write the finished seed runs"}}
-
-
-def save_weights(model, path: Path, arch: str, num_classes: int, in_chans: int) -> None:
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
-              metadata={"arch": arch, "num_classes": str(num_classes), "in_chans": str(in_chans)})
 
 
 def sweep_ratios(params: Params, variant: str) -> list[float]:
@@ -106,7 +99,7 @@ def train_seed(params: Params, paths: Paths, variant: str, data, seeds: list[int
         [(model, hist)], _, _ = train_variant(one, cfg.variants[variant], data.train, data.val, data.synthetic,
                                               [seeds[index]], device, len(data.class_names), data.pseudo)
         with atomic_path(where, is_dir=True) as tmp:
-            save_weights(model, tmp / "model.safetensors", cfg.arch, len(data.class_names), data.val[0].shape[1])
+            save_classifier(model, tmp / "model.safetensors", cfg.arch, len(data.class_names), data.val[0].shape[1])
             write_json(tmp / "history.json", {**hist, "made_with": seed_stamp(params, variant, data)})
     else:
         log.info("train_classifier %s: %s already done; kept", variant, where)
