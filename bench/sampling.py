@@ -24,7 +24,7 @@ from bench.common import (alternate, compile_if, diffusion_generator, memory_met
 from pipeline.config import Paths, SampleConfig, params_from_dict
 from pipeline.core.images import crop_images
 from pipeline.core.seeding import image_seed
-from pipeline.models.class_conditional import bf16_is_fast
+from pipeline.core.device import DevicePolicy
 from pipeline.models.diffusion import DiffusionGenerator, build_unet, inference_scheduler, train_scheduler
 from pipeline.models.registry import load_generator
 from pipeline.models.sampling import generate, generation_plan
@@ -181,7 +181,7 @@ def main(argv=None) -> dict:
                                                    "num_train_timesteps")}, "steps": args.steps,
                      "guidance_scale": args.guidance, "repeats": args.repeats, "order": "alternated",
                      "ours_precision": "bf16 autocast + channels_last" if cuda else
-                     ("bf16 autocast" if bf16_is_fast(device) else "fp32"),
+                     ("bf16 autocast" if DevicePolicy.for_device(device).bf16 else "fp32"),
                      "stock_precision": "fp32", "compile": bool(args.compile and cuda), "quick": args.quick,
                      "generator": desc},
         "ours": {**r_ours, "images_per_second": r_ours["per_second_best"], "peak_memory_mib": max(mem["ours"])},

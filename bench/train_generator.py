@@ -110,7 +110,7 @@ def tuned_loop(unet, cfg, data, steps: int, device: str, compile_model: bool) ->
     from diffusers import UNet2DModel
     from diffusers.training_utils import EMAModel
     from pipeline.core.seeding import step_rng
-    from pipeline.core.tensors import autocast
+    from pipeline.core.device import DevicePolicy
     from pipeline.models.diffusion import train_scheduler
     from pipeline.training.diffusion import diffusion_loss, draw_batch
 
@@ -128,7 +128,7 @@ def tuned_loop(unet, cfg, data, steps: int, device: str, compile_model: bool) ->
     for step in range(steps):
         gen = step_rng(0, 0, step, device)
         x0, labels = draw_batch(data, cfg, step, gen, unet.config.sample_size)
-        with autocast(device):
+        with DevicePolicy.for_device(device).autocast():
             loss = diffusion_loss(model, scheduler, x0, labels, gen)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip, foreach=cuda)
@@ -143,7 +143,7 @@ def flops_per_step(unet, cfg, data, device: str) -> float:
     """Forward + backward FLOPs of one training step (torch.utils.flop_counter)."""
     from torch.utils.flop_counter import FlopCounterMode
     from pipeline.core.seeding import step_rng
-    from pipeline.core.tensors import autocast
+    from pipeline.core.device import DevicePolicy
     from pipeline.models.diffusion import train_scheduler
     from pipeline.training.diffusion import diffusion_loss, draw_batch
 
@@ -152,7 +152,7 @@ def flops_per_step(unet, cfg, data, device: str) -> float:
     x0, labels = draw_batch(data, cfg, 0, gen, model.config.sample_size)
     counter = FlopCounterMode(display=False)
     with counter:
-        with autocast(device):
+        with DevicePolicy.for_device(device).autocast():
             loss = diffusion_loss(model, train_scheduler(cfg), x0, labels, gen)
         loss.backward()
     return float(counter.get_total_flops())
@@ -186,9 +186,9 @@ def main(argv=None) -> dict:
 
     torch.manual_seed(0)
     init = build_unet(cfg, data.image_size, data.channels, data.num_classes)
-    from pipeline.models.class_conditional import bf16_is_fast
+    from pipeline.core.device import DevicePolicy
 
-    bf16 = bf16_is_fast(device)  # as the stage decides (mixed_precision: auto)
+    bf16 = DevicePolicy.for_device(device).bf16  # as the stage decides (base.mixed_precision: auto)
     accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if bf16 else "no")
     ckpt_root = Path(tempfile.mkdtemp(prefix="bench-train-generator-"))
     runs = itertools.count()

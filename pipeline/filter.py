@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.config import Params, Paths, resolve_device
+from pipeline.config import Params, Paths
+from pipeline.core.device import policy_for
 from pipeline.core.entrypoint import stage_main
 from pipeline.core.images import class_names_of, dataset_to_tensors
 from pipeline.core.io import atomic_path, check_writable, fingerprint, load_dataset_dir, read_output, write_json
@@ -38,7 +39,8 @@ log = logging.getLogger(__name__)
 def run(params: Params, paths: Paths = Paths()) -> dict:
     cfg, seed, t0 = params.filter, params.base.seed, time.time()
     check_writable(paths.filtered, paths.feature_cache)
-    device = resolve_device(params.base)
+    policy = policy_for(params.base)
+    device = policy.device
     prepared_fp = read_output(paths, "prepared").get("fingerprint")
     syn_summary = read_output(paths, "synthetic")  # refused when made by an older generator or from other data
     prepared = load_dataset_dir(paths.prepared / "dataset", "prepare")
@@ -58,8 +60,8 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
     log.info("filter: %d synthetic images, %d classes, feature space %s, device %s", len(syn_x), K,
              cfg.feature_space, device)
 
-    judge, judge_hist = load_or_train_judge(cfg, train, val, K, seed, device, cache)
-    js = judge_scores(judge, syn_x, syn_y, cfg.batch_size, device)
+    judge, judge_hist = load_or_train_judge(cfg, train, val, K, seed, policy, cache)
+    js = judge_scores(judge, syn_x, syn_y, cfg.batch_size, policy)
     space = FeatureSpace(cfg.feature_space, device=device, batch_size=cfg.batch_size,
                          resolution=cfg.feature_resolution, inception_weights=cfg.inception_weights,
                          judge=judge, judge_in_chans=int(train[0].shape[1]))

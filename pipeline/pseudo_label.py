@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from pipeline.config import Params, Paths, resolve_device
+from pipeline.config import Params, Paths
+from pipeline.core.device import policy_for
 from pipeline.core.entrypoint import stage_main
 from pipeline.core.images import class_names_of, dataset_to_tensors, tensors_to_dataset
 from pipeline.core.io import (atomic_path, check_writable, fingerprint, load_dataset_dir, read_output, sha256_tensor,
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 def run(params: Params, paths: Paths = Paths()) -> dict:
     cfg, seed, t0 = params.pseudo_label, params.base.seed, time.time()
     check_writable(paths.pseudo)
-    device = resolve_device(params.base)
+    device = policy_for(params.base)
     prepared_fp = read_output(paths, "prepared").get("fingerprint")
     dd = load_dataset_dir(paths.prepared / "dataset", "prepare")
     class_names = class_names_of(dd["train"])

@@ -25,19 +25,19 @@ from pathlib import Path
 import datasets
 import torch
 
-from pipeline.config import Paths, Params, SampleConfig, resolve_device
+from pipeline.config import Paths, Params, SampleConfig
+from pipeline.core.device import policy_for
 from pipeline.core.entrypoint import stage_main
 from pipeline.core.images import dataset_to_tensors, make_grid_image, tensors_to_dataset
 from pipeline.core.io import (atomic_path, check_writable, fingerprint, load_img2img_sources, load_dataset_dir, read_json,
                               read_output, save_dataset, save_png, write_json)
 from pipeline.core.seeding import SEED_STRIDE, image_seed
-from pipeline.models.class_conditional import bf16_is_fast
 from pipeline.models.registry import load_generator
 from pipeline.errors import ConfigError, DataError
 from pipeline.models.sampling import Plan, generate, generation_plan, img2img_plan, shard_range
 
 log = logging.getLogger(__name__)
-AUTO_BATCH = {"cpu": 64, "cuda": 256}
+AUTO_BATCH = {False: 64, True: 256}  # sample.batch_size 0: by whether the device is a GPU
 
 
 def shard_name(shard_index: int, num_shards: int) -> str:
@@ -135,9 +135,10 @@ def run(params: Params, paths: Paths = Paths(), shard_only: bool = False) -> dic
     fan-out; the merge is a later run), leaving ``data/synthetic`` untouched."""
     cfg = params.sample
     seed = params.base.seed
-    device = resolve_device(params.base)
+    policy = policy_for(params.base)
+    device = policy.device
     inputs = {"generator": read_output(paths, "generator")["fingerprint"]}  # refused when made from older data
-    generator = load_generator(paths.generator, device)
+    generator = load_generator(paths.generator, policy)
     meta = generator.meta
     plan = make_plan(cfg, paths, meta)
     if cfg.mode == "img2img":
@@ -147,7 +148,7 @@ def run(params: Params, paths: Paths = Paths(), shard_only: bool = False) -> dic
     # room for the shards and the merged copy (uint8 pixels; the files are a little larger)
     check_writable(paths.synthetic, paths.synthetic_shards, need_bytes=2 * len(plan) * meta["channels"] *
                    meta["image_size"] ** 2)
-    batch_size = cfg.batch_size or AUTO_BATCH.get(device, 64)
+    batch_size = cfg.batch_size or AUTO_BATCH[policy.is_cuda]
     order = [cfg.shard_index] if shard_only else \
         [cfg.shard_index, *(k for k in range(cfg.num_shards) if k != cfg.shard_index)]
     for k in order:
@@ -169,7 +170,7 @@ def run(params: Params, paths: Paths = Paths(), shard_only: bool = False) -> dic
         "images_per_second": round(sum(t["images"] for t in timing) / seconds, 3) if seconds else None,
         "generation_seconds": round(seconds, 2), "timing": {"seconds": round(seconds, 1)}, "shards": timing, "num_shards": cfg.num_shards,
         "device": device, "batch_size": batch_size, "sampler": cfg.sampler,
-        "precision": "bf16 autocast" if bf16_is_fast(device) and meta["kind"] in ("unet", "dit") else "fp32",
+        "precision": policy.as_record()["precision"], "policy": policy.as_record(),
         "num_inference_steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale,
         "generator": meta["fingerprint"], "generator_kind": meta["kind"], "image_size": meta["image_size"],
         "channels": meta["channels"], "inputs": inputs,

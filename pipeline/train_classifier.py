@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import Params, Paths, resolve_device
+from pipeline.config import Params, Paths
+from pipeline.core.device import policy_for
 from pipeline.core.curves import write_curves
 from pipeline.core.entrypoint import stage_main
 from pipeline.core.images import class_names_of, dataset_to_tensors, image_hashes
@@ -107,7 +108,7 @@ def load_variant_data(params: Params, paths: Paths, variant: str) -> VariantData
         if cfg.synthetic_labels == "labeler":  # distillation: the labeler's probabilities, not the intended class
             labeler = load_classifier(paths.pseudo / "labeler.safetensors", len(class_names), sx.shape[1],
                                       "train_classifier.synthetic_labels: labeler needs pseudo_label's labeler")
-            sy = sharpen(predict_proba(labeler, sx, 512, resolve_device(params.base)), cfg.pseudo_temperature)
+            sy = sharpen(predict_proba(labeler, sx, 512, policy_for(params.base)), cfg.pseudo_temperature)
         data.synthetic = (sx, sy)
     return data
 
@@ -118,7 +119,7 @@ def run(params: Params, paths: Paths, variant: str, seed_index: int | None = Non
     (training/seed_runs.py): ``seed_index`` trains one seed alone; ``gather`` reads those instead of training."""
     cfg = params.train_classifier
     data = load_variant_data(params, paths, variant)
-    spec, device = cfg.variants[variant], resolve_device(params.base)
+    spec, policy = cfg.variants[variant], policy_for(params.base)
     check_writable(paths.classifier / variant, paths.classifier_metrics / variant)
     (train_x, train_y), (val_x, val_y), class_names = data.train, data.val, data.class_names
     k, synthetic = len(class_names), data.synthetic
@@ -126,11 +127,11 @@ def run(params: Params, paths: Paths, variant: str, seed_index: int | None = Non
     seeds = [params.base.seed * 1000 + i for i in range(cfg.seeds)]
     log.info("train_classifier %s: %s, %d labeled + %d pseudo-labeled + %d synthetic training images, %d val, "
              "%d seeds x %d steps on %s", variant, cfg.arch, len(train_x) if spec.real else 0, n_pseudo,
-             len(synthetic[0]) if synthetic else 0, len(val_x), len(seeds), cfg.steps, device)
+             len(synthetic[0]) if synthetic else 0, len(val_x), len(seeds), cfg.steps, policy.device)
     if seed_index is not None:
-        return train_seed(params, paths, variant, data, seeds, seed_index, ratio, device)
+        return train_seed(params, paths, variant, data, seeds, seed_index, ratio, policy)
     results, ratio, sweep = gather_seeds(params, paths, variant, data) if gather else \
-        train_variant(cfg, spec, data.train, data.val, synthetic, seeds, device, k, data.pseudo)
+        train_variant(cfg, spec, data.train, data.val, synthetic, seeds, policy, k, data.pseudo)
 
     test_x, test_y, _ = load_split(paths, "test")  # read once every model is trained and selected
     seen = set(image_hashes(val_x)) | (set(image_hashes(train_x)) if spec.real else set()) | \
@@ -144,7 +145,7 @@ def run(params: Params, paths: Paths, variant: str, seed_index: int | None = Non
                     "classes only", variant, absent)
     per_seed, evaluated = [], []
     for seed, (model, hist) in zip(seeds, results):
-        m = classification_metrics(predict_proba(model, test_x, cfg.eval_batch_size, device), test_y, k, cfg.ece_bins)
+        m = classification_metrics(predict_proba(model, test_x, cfg.eval_batch_size, policy), test_y, k, cfg.ece_bins)
         m["per_class_accuracy"] = dict(zip(class_names, m["per_class_accuracy"]))
         m.update(seed=seed, best_val_accuracy=hist["best_val_acc"], best_step=hist["best_step"],
                  steps=hist["steps"], seconds=round(hist["seconds"], 2))

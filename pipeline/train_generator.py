@@ -18,6 +18,7 @@ count is not part of the checkpoint hash, so a run resumes on another number of 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import subprocess
@@ -30,12 +31,12 @@ import yaml
 
 from pipeline.config import Params, Paths, resolve_device
 from pipeline.core.curves import CURVES, write_curves
+from pipeline.core.device import policy_for
 from pipeline.core.entrypoint import stage_main
 from pipeline.core.images import dataset_to_tensors, make_grid_image
 from pipeline.core.io import (atomic_path, check_writable, load_dataset_dir, load_pseudo_labels, read_json, read_output,
                               save_png, sha256_file, write_json)
 from pipeline.errors import ConfigError, DataError
-from pipeline.models.class_conditional import bf16_is_fast
 from pipeline.models.registry import GENERATOR_META
 from pipeline.training.checkpoint import config_hash
 from pipeline.training.generator import TrainData, fitter, generator_meta, hashed_config, preview
@@ -115,10 +116,12 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
     check_writable(paths.generator, paths.generator_checkpoints)
     if cfg.num_processes > 1 and "LOCAL_RANK" not in os.environ:  # not yet one of the launched processes
         return launch(params, paths)
-    device = resolve_device(params.base)
-    mp = "bf16" if cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and bf16_is_fast(device)) else "no"
+    policy = policy_for(params.base)
+    device, mp = policy.device, policy.mixed_precision
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision=mp)
-    data = load_train_data(params, paths, str(accelerator.device))
+    if str(accelerator.device) != device:  # one of several processes: its own GPU (LOCAL_RANK)
+        policy = dataclasses.replace(policy, device=str(accelerator.device))
+    data = load_train_data(params, paths, policy.device)
     torch.manual_seed(params.base.seed)  # the initial weights, so the same seed gives the same run
     # the process count is left out: a run resumes on another number of processes
     run_facts = {"device": device, "mixed_precision": mp,
@@ -127,7 +130,7 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
         run_facts["init_files"] = [sha256_file(p) for p in sorted(Path(cfg.init).rglob("*")) if p.is_file()]
     chash = config_hash(hashed_config(cfg), params.base.seed, [data.images, data.labels, data.unlabeled, data.weights],
                         run_facts)
-    fitted = fitter(cfg.kind)(params, data, accelerator, paths.generator_checkpoints, chash)
+    fitted = fitter(cfg.kind)(params, data, accelerator, paths.generator_checkpoints, chash, policy)
     meta = {}
     if accelerator.is_main_process:
         with atomic_path(paths.generator, is_dir=True) as tmp:
@@ -144,7 +147,8 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
                 "resumed_from_step": fitted.resumed_from, "seconds_per_step": round(fitted.seconds_per_step, 4),
                 "timing": {"seconds": round(fitted.seconds_per_step * len(losses), 1)},
                 "final_loss": sum(losses[-50:]) / len(losses[-50:]) if losses else None,
-                "device": str(accelerator.device), "mixed_precision": mp, "processes": accelerator.num_processes,
+                "device": str(accelerator.device), "mixed_precision": mp, "policy": policy.as_record(),
+                "processes": accelerator.num_processes,
                 "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "config_hash": chash,
                 "params": params.resolved(),
             }
@@ -152,6 +156,7 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
         log.info("train_generator: wrote %s (%s, %.3f s/step, fingerprint %s)", paths.generator, cfg.kind,
                  fitted.seconds_per_step, meta["fingerprint"][:12])
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # trackers and the process group (several processes) are closed
     return meta
 
 

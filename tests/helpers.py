@@ -92,8 +92,8 @@ def make_pseudo(root, x: torch.Tensor | None = None, y: torch.Tensor | None = No
                                          "kept": len(x), "headline": f"pseudo_label: kept {len(x)} pool images"})
 
 
-def tiny_params(**train):
-    return params_from_dict({"base": {"profile": "micro", "device": "cpu", "seed": 3},
+def tiny_params(base: dict | None = None, **train):
+    return params_from_dict({"base": {"profile": "micro", "device": "cpu", "seed": 3, **(base or {})},
                              "train_generator": {**TINY, **train}})
 
 

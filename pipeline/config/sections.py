@@ -23,6 +23,10 @@ class BaseParams(_Section):
     seed: int = Field(0, ge=0)  # master seed: splits, initialisation, sampling seeds, classifier seeds
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
     profile: Literal["micro", "cpu", "gpu"] = "cpu"  # size preset, see PROFILES
+    # the device policy of every stage (pipeline/core/device.py): bf16 autocast for generator training,
+    # sampling and the classifiers; auto = bf16 on cuda and on CPUs with AMX / AVX512-BF16, fp32 elsewhere
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+    compile: bool = False  # torch.compile the networks that train and sample (pays on long GPU runs)
 
 
 class PrepareConfig(_Section):
@@ -122,7 +126,6 @@ class TrainGeneratorConfig(_Section):
     ema_decay: float = Field(0.999, ge=0, lt=1)  # EMA of weights (the saved, sampled weights)
     hflip: bool = False  # random horizontal flips (off: Fashion-MNIST shoes all face one way)
     checkpoint_every: int = Field(200, ge=1)  # steps between resumable checkpoints
-    mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # auto = bf16 on cuda and on CPUs with AMX / AVX512-BF16
     log_every: int = Field(25, ge=1)  # steps between progress log lines
     preview_per_class: int = Field(8, ge=0)  # images per class in samples.png (0 = none)
     dit: DitConfig = DitConfig()

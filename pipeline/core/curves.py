@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-from dvclive import Live
 
 CURVES = "dvclive"  # the folder of DVCLive logs inside a stage's output folder
 
@@ -13,6 +12,8 @@ CURVES = "dvclive"  # the folder of DVCLive logs inside a stage's output folder
 def write_curves(folder: str | Path, curves: dict[str, tuple[list[int], list[float]]]) -> None:
     """Log each named curve (its steps, its values) with DVCLive into ``folder`` (a fresh folder,
     e.g. inside a stage's atomic output). A name may hold a slash (``seed0/val_acc``)."""
+    from dvclive import Live  # imported here: training loops import without DVC (a bare GPU box has none)
+
     with Live(dir=str(folder), save_dvc_exp=False, dvcyaml=None, report=None, monitor_system=False) as live:
         for name, (steps, values) in curves.items():
             for step, value in zip(steps, values):

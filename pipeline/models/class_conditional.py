@@ -9,6 +9,9 @@ anywhere diffusers is installed, without synthaug:
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)   # swap samplers as usual
     images = pipe(["Sneaker", "Bag"], num_inference_steps=20, guidance_scale=2.0).images
 
+How it uses the device is set by two plain attributes (synthaug sets them from its device policy):
+``pipe.autocast_dtype`` (e.g. ``torch.bfloat16``; None = fp32) and ``pipe.channels_last``.
+
 The backbone is a ``UNet2DModel`` (``unet``) or a ``DiTTransformer2DModel``
 (``transformer``) with class ids 0..K-1 for the classes and id K for "no class". Images
 live in [-1, 1], padded (centred, with -1) to the backbone's sample size and cropped
@@ -26,6 +29,8 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 class ClassConditionalPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "unet"
     _optional_components = ["unet", "transformer"]
+    autocast_dtype: Optional[torch.dtype] = None  # autocast around the backbone (None: fp32)
+    channels_last: bool = False  # backbone inputs in NHWC
 
     def __init__(self, scheduler, unet=None, transformer=None, class_names: Optional[Sequence[str]] = None,
                  image_size: Optional[int] = None):
@@ -98,7 +103,6 @@ class ClassConditionalPipeline(DiffusionPipeline):
         if noise is None:
             noise = torch.randn((len(labels), model.config.in_channels, side, side), generator=generator,
                                 device=generator.device if generator is not None else "cpu")
-        cuda = device.type == "cuda"
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         if image is None:
@@ -113,14 +117,15 @@ class ClassConditionalPipeline(DiffusionPipeline):
             pad = side - image.shape[-1]
             image = F.pad(image.float(), (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2), value=-1.0)
             x = self.scheduler.add_noise(image.to(device), noise.to(device), timesteps[:1].repeat(len(labels)))
+        # the guidance of each step, decided before the loop (no host sync inside it)
         num_train = self.scheduler.config.num_train_timesteps
         lo, hi = guidance_interval
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_is_fast(device)):
-            for t in self.progress_bar(timesteps):
-                model_in = self.scheduler.scale_model_input(x, t)
-                if cuda:
-                    model_in = model_in.contiguous(memory_format=torch.channels_last)
-                w = guidance_scale if lo <= float(t) / num_train <= hi else 1.0
+        scales = [guidance_scale if lo <= t / num_train <= hi else 1.0 for t in timesteps.tolist()]
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        with torch.autocast(device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                            enabled=self.autocast_dtype is not None):
+            for t, w in zip(self.progress_bar(timesteps), scales):
+                model_in = self.scheduler.scale_model_input(x, t).contiguous(memory_format=fmt)
                 out = self.guided_output(model_in, t, labels, w, guidance_rescale)
                 x = self.scheduler.step(out, t, x).prev_sample.float()
         size = self.config.image_size or side
@@ -135,16 +140,6 @@ class ClassConditionalPipeline(DiffusionPipeline):
                 if output_type == "pil":
                     images = self.numpy_to_pil(images)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
-
-
-def bf16_is_fast(device: Union[torch.device, str]) -> bool:
-    """bf16 autocast pays off on CUDA and on CPUs with bf16 matrix units (Intel AMX, AVX512-BF16:
-    about 2.8x the fp32 sampling speed of the cpu profile's UNet); elsewhere it would be emulated."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return True
-    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # torch.cpu, torch >= 2.3
-    return device.type == "cpu" and any(getattr(torch.cpu, p, lambda: False)() for p in probes)
 
 
 def _per_image(t, x: torch.Tensor) -> torch.Tensor:

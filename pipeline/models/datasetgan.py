@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from pipeline.config import SampleConfig
+from pipeline.core.device import DevicePolicy, as_policy
 from pipeline.core.images import pad_images, to_unit
 from pipeline.core.seeding import derived_seed, seeded_noise
 from pipeline.models.diffusion import DiffusionGenerator, load_pipeline
@@ -97,9 +98,10 @@ class DatasetGanGenerator:
         return x.view(len(seeds), tries, *x.shape[1:])[torch.arange(len(seeds), device=device), best].cpu()
 
 
-def load(folder: Path, meta: dict, device: str) -> DatasetGanGenerator:
+def load(folder: Path, meta: dict, device: str | DevicePolicy) -> DatasetGanGenerator:
+    policy = as_policy(device)
     state = load_file(str(Path(folder) / INTERPRETER_FILE))
     interpreter = Interpreter(meta["feature_dim"], meta["num_classes"], hidden=state["net.0.weight"].shape[0])
     interpreter.load_state_dict(state)
-    return DatasetGanGenerator(DiffusionGenerator(load_pipeline(folder, "unet", device), meta),
-                               interpreter.to(device).eval(), meta)
+    return DatasetGanGenerator(DiffusionGenerator(load_pipeline(folder, "unet", policy), meta),
+                               interpreter.to(policy.device).eval(), meta)

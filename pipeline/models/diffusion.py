@@ -19,6 +19,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DiTTransformer2DModel, DPMSo
 from diffusers.models.embeddings import LabelEmbedding
 
 from pipeline.config import SampleConfig, TrainGeneratorConfig
+from pipeline.core.device import DevicePolicy, as_policy
 from pipeline.core.images import to_unit
 from pipeline.core.seeding import seeded_noise
 from pipeline.errors import ConfigError
@@ -164,12 +165,22 @@ class DiffusionGenerator:
                          image=None if images is None else to_unit(images), strength=strength).images.cpu()
 
 
-def make_pipeline(backbone, schedule: dict, class_names: list[str], image_size: int) -> ClassConditionalPipeline:
+def use_policy(pipe: ClassConditionalPipeline, policy: DevicePolicy) -> ClassConditionalPipeline:
+    """The pipeline's backbone on the policy's device, memory format and precision."""
+    policy.prepare(pipe.backbone)
+    pipe.autocast_dtype, pipe.channels_last = policy.autocast_dtype, policy.channels_last
+    return pipe.to(policy.device)
+
+
+def make_pipeline(backbone, schedule: dict, class_names: list[str], image_size: int,
+                  policy: DevicePolicy | None = None) -> ClassConditionalPipeline:
     """The pipeline of a trained backbone (UNet or DiT, also a compiled one), sampling with
-    DPM-Solver++ built from the training noise ``schedule``."""
+    DPM-Solver++ built from the training noise ``schedule``, under ``policy`` (default: the
+    backbone's device's)."""
     part = "transformer" if isinstance(getattr(backbone, "_orig_mod", backbone), DiTTransformer2DModel) else "unet"
-    return ClassConditionalPipeline(scheduler=inference_scheduler("dpm++", schedule), class_names=list(class_names),
+    pipe = ClassConditionalPipeline(scheduler=inference_scheduler("dpm++", schedule), class_names=list(class_names),
                                     image_size=image_size, **{part: backbone})
+    return use_policy(pipe, policy or as_policy(str(backbone.device)))
 
 
 def save_pipeline(folder: Path, pipe: ClassConditionalPipeline) -> Path:
@@ -184,18 +195,18 @@ def save_pipeline(folder: Path, pipe: ClassConditionalPipeline) -> Path:
     return folder / sub / "diffusion_pytorch_model.safetensors"
 
 
-def load_pipeline(folder: Path, kind: str, device: str) -> ClassConditionalPipeline:
-    """The pipeline of a generator folder, built from its parts (no code is run from the folder)."""
+def load_pipeline(folder: Path, kind: str, device: str | DevicePolicy) -> ClassConditionalPipeline:
+    """The pipeline of a generator folder, built from its parts (no code is run from the folder), on
+    ``device`` (a name or the run's ``DevicePolicy``: precision, memory format, compile)."""
+    policy = as_policy(device)
     cls, sub = BACKBONES[kind]
     index = json.loads((Path(folder) / "model_index.json").read_text())
-    model = cls.from_pretrained(str(Path(folder) / sub)).eval()
-    if torch.device(device).type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = policy.compiled(policy.prepare(cls.from_pretrained(str(Path(folder) / sub)).eval()))
     pipe = ClassConditionalPipeline(scheduler=DPMSolverMultistepScheduler.from_pretrained(str(Path(folder) / "scheduler")),
                                     class_names=index["class_names"], image_size=index["image_size"], **{sub: model})
-    return pipe.to(device)
+    return use_policy(pipe, policy)
 
 
-def load(folder: Path, meta: dict, device: str) -> DiffusionGenerator:
+def load(folder: Path, meta: dict, device: str | DevicePolicy) -> DiffusionGenerator:
     """The generator written by train_generator for kind unet or dit."""
     return DiffusionGenerator(load_pipeline(folder, meta["kind"], device), meta)

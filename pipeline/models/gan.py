@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from pipeline.config import SampleConfig
+from pipeline.core.device import DevicePolicy, as_policy
 from pipeline.core.images import crop_images, to_uint8
 from pipeline.core.io import read_json, write_json
 from pipeline.core.seeding import seeded_noise
@@ -74,15 +75,18 @@ class ProjectionDiscriminator(nn.Module):
 class GanGenerator:
     """The EMA generator behind the sample stage's interface (sampler, steps, guidance unused)."""
 
-    def __init__(self, model: CondGenerator, meta: dict):
+    def __init__(self, model: CondGenerator, meta: dict, policy: DevicePolicy | None = None):
         self.model, self.meta = model.eval(), meta
+        self.policy = policy or as_policy(str(next(model.parameters()).device))
 
     @torch.no_grad()
     def sample(self, labels: torch.Tensor, seeds: list[int], cfg: SampleConfig | None = None) -> torch.Tensor:
         """uint8 images (N,C,H,W, CPU); image i from z seeded by seeds[i] and class labels[i]."""
-        dev = next(self.model.parameters()).device
+        dev = self.policy.device
         z = seeded_noise(seeds, (self.model.z_dim,), dev)
-        return to_uint8(self.model(z, labels.to(dev))).cpu()
+        with self.policy.autocast():
+            x = self.model(z, labels.to(dev))
+        return to_uint8(x.float()).cpu()
 
 
 def save(folder: Path, model: CondGenerator) -> Path:
@@ -93,9 +97,10 @@ def save(folder: Path, model: CondGenerator) -> Path:
     return weights
 
 
-def load(folder: Path, meta: dict, device: str) -> GanGenerator:
+def load(folder: Path, meta: dict, device: str | DevicePolicy) -> GanGenerator:
     """The generator written by train_generator for kind cgan."""
     folder = Path(folder)
+    policy = as_policy(device)
     model = CondGenerator(**read_json(folder / "gan" / "config.json"))
     model.load_state_dict(load_file(str(folder / "gan" / "generator.safetensors")))
-    return GanGenerator(model.to(device), meta)
+    return GanGenerator(policy.prepare(model), meta, policy)

@@ -41,8 +41,9 @@ def check_kind(kind: str) -> str:
     return kind
 
 
-def load_generator(folder: str | Path, device: str = "cpu") -> Generator:
-    """Read a train_generator output folder into a ready-to-sample generator."""
+def load_generator(folder: str | Path, device="cpu") -> Generator:
+    """Read a train_generator output folder into a ready-to-sample generator on ``device`` (a name
+    or the run's ``core.device.DevicePolicy``)."""
     folder = Path(folder)
     meta = read_json(folder / GENERATOR_META, "train_generator")
     module = importlib.import_module(KINDS[check_kind(meta.get("kind", "unet"))])

@@ -23,7 +23,7 @@ JUDGE_RECIPE = "r2"  # bump when training changes beyond the key's settings, so 
 
 
 def train_judge(cfg: FilterConfig, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
-                num_classes: int, seed: int, device: str) -> tuple[torch.nn.Module, dict]:
+                num_classes: int, seed: int, device) -> tuple[torch.nn.Module, dict]:
     """A timm classifier (cfg.judge_arch) trained on the real labeled train split, selected on val.
     Its initial weights come from ``seed`` too, whatever ran before in the process."""
     torch.manual_seed(seed)
@@ -34,7 +34,7 @@ def train_judge(cfg: FilterConfig, train: tuple[torch.Tensor, torch.Tensor], val
                           progress=False)
 
 
-def judge_scores(judge: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: str
+def judge_scores(judge: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, device
                  ) -> dict[str, np.ndarray]:
     """Probability of the intended label, margin top1 - top2 of the probabilities, predicted class."""
     p = predict_proba(judge, x, batch_size, device)
@@ -45,7 +45,7 @@ def judge_scores(judge: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch
 
 
 def load_or_train_judge(cfg: FilterConfig, train: tuple[torch.Tensor, torch.Tensor],
-                        val: tuple[torch.Tensor, torch.Tensor], num_classes: int, seed: int, device: str,
+                        val: tuple[torch.Tensor, torch.Tensor], num_classes: int, seed: int, device,
                         cache_dir: Path) -> tuple[torch.nn.Module, dict]:
     """The judge for this data and these settings: from ``cache_dir`` when trained before."""
     key = sha256_tensor(torch.cat([train[0].flatten(), val[0].flatten()]))[:12] + \

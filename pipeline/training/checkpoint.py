@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from diffusers.training_utils import EMAModel
 
 from pipeline.core.io import atomic_path, sha256_tensor
 from pipeline.errors import DataError
@@ -73,9 +74,11 @@ def _read(path: Path) -> dict:
     return state
 
 
-def resume(ckpt_dir: Path, chash: str, objects: dict) -> Resumed:
+def resume(ckpt_dir: Path, chash: str, objects: dict, device: str | torch.device) -> Resumed:
     """Load the latest checkpoint of ``chash`` into ``objects``; a fresh ``Resumed()`` when there
-    is none. Damage is a DataError naming the file."""
+    is none. Damage is a DataError naming the file. Checkpoints are read onto the CPU; models and
+    optimizers copy the values onto their own device, EMA weights are moved to ``device`` here
+    (diffusers' ``EMAModel.load_state_dict`` keeps the tensors it is given)."""
     own, foreign = _files(Path(ckpt_dir), chash)
     if foreign:
         log.warning("ignoring %d checkpoint(s) in %s written with a different training config "
@@ -93,5 +96,8 @@ def resume(ckpt_dir: Path, chash: str, objects: dict) -> Resumed:
     except (RuntimeError, KeyError, ValueError, TypeError) as err:
         raise DataError(f"{path}: checkpoint does not fit this model ({str(err).splitlines()[0][:200]}). "
                         "Delete this file and run again.") from None
+    for obj in objects.values():
+        if isinstance(obj, EMAModel):
+            obj.to(device)
     log.info("resuming from %s (step %d)", path, state["step"])
     return Resumed(int(state["step"]), float(state["seconds"]), state["losses"])

@@ -18,7 +18,7 @@ from torch import nn
 
 from pipeline.config import TrainClassifierConfig, VariantSpec
 from pipeline.core.images import to_unit
-from pipeline.core.tensors import autocast
+from pipeline.core.device import DevicePolicy, as_policy
 from pipeline.errors import ConfigError
 from pipeline.models.classifier import build_model
 from pipeline.training.augment import crop_flip, trivial_augment_wide
@@ -70,18 +70,22 @@ def one_cycle(steps: int, warmup: float = 0.25, start: float = 1 / 25, end: floa
 
 
 @torch.no_grad()
-def predict_proba(model: nn.Module, x: torch.Tensor, batch_size: int = 256, device: str = "cpu") -> torch.Tensor:
-    """Class probabilities (float32 N,K, on CPU) for uint8 N,C,H,W images."""
-    model.eval().to(device)
+def predict_proba(model: nn.Module, x: torch.Tensor, batch_size: int = 256,
+                  device: str | DevicePolicy = "cpu") -> torch.Tensor:
+    """Class probabilities (float32 N,K, on CPU) for uint8 N,C,H,W images (``device``: a name or
+    the run's ``DevicePolicy``)."""
+    policy = as_policy(device)
+    policy.prepare(model).eval()
     out = []
     for i in range(0, len(x), batch_size):
-        with autocast(device):
-            logits = model(to_unit(x[i:i + batch_size].to(device, non_blocking=True)))
+        with policy.autocast():
+            logits = model(policy.inputs(to_unit(policy.to_device(x[i:i + batch_size]))))
         out.append(logits.float().softmax(-1).cpu())
     return torch.cat(out) if out else torch.zeros(0, 0)
 
 
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: str) -> float:
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: str | DevicePolicy
+             ) -> float:
     if len(x) == 0:
         return float("nan")
     return float((predict_proba(model, x, batch_size, device).argmax(1) == y.cpu()).float().mean())
@@ -100,7 +104,7 @@ def sharpen(p: torch.Tensor, temperature: float) -> torch.Tensor:
 
 def fit_classifier(model: nn.Module, train_x: torch.Tensor | None, train_y: torch.Tensor | None,
                    val_x: torch.Tensor, val_y: torch.Tensor, *, steps: int, batch_size: int, lr: float,
-                   weight_decay: float, seed: int, device: str = "cpu", augment: str = "standard",
+                   weight_decay: float, seed: int, device: str | DevicePolicy = "cpu", augment: str = "standard",
                    synthetic: tuple[torch.Tensor, torch.Tensor] | None = None, synthetic_ratio: float = 0.0,
                    pseudo: tuple[torch.Tensor, torch.Tensor] | None = None, pseudo_share: float | None = None,
                    eval_every: int = 100, label_smoothing: float = 0.0, progress: bool = True
@@ -116,7 +120,8 @@ def fit_classifier(model: nn.Module, train_x: torch.Tensor | None, train_y: torc
     pool's share of the two sets). Labels are class ids or,
     for any source, probabilities (N,K: soft labels, a cross-entropy with soft targets).
     ``augment``: standard = random crop + flip; classic = TrivialAugmentWide (one draw per image,
-    batched on ``device``: ``training.augment``), then crop + flip.
+    batched on ``device``: ``training.augment``), then crop + flip. ``device``: a name or the run's
+    ``DevicePolicy`` (precision, memory format, fused AdamW, compile, pinned batches).
     """
     if augment not in AUGMENTS:
         raise ConfigError(f"augment must be one of {AUGMENTS}, got {augment!r}")
@@ -136,13 +141,16 @@ def fit_classifier(model: nn.Module, train_x: torch.Tensor | None, train_y: torc
     k = next((y.shape[1] for (_, y), _ in parts if y.ndim == 2), None)  # soft labels anywhere: all soft
     streams = [(x, soft_targets(y, k) if k else y, n, _Stream(len(x), gen)) for (x, y), n in parts]
 
-    model.to(device).train()
-    opt = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=weight_decay)  # no decay on norms, biases
+    policy = as_policy(device)
+    policy.prepare(model).train()
+    forward = policy.compiled(model)  # weights shared with model: best_state is taken from model
+    opt = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=weight_decay,  # no decay on norms, biases
+                              fused=policy.fused_optimizer or None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, one_cycle(steps))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     hist = {"step": [], "val_acc": [], "train_loss": [], "lr": []}
     best_acc, best_step, best_state = -1.0, 0, None
-    running, seen, t0 = 0.0, 0, time.time()
+    running, seen, t0 = torch.zeros((), device=policy.device), 0, time.time()  # loss summed on the device
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -151,27 +159,27 @@ def fit_classifier(model: nn.Module, train_x: torch.Tensor | None, train_y: torc
         idx = [stream.take(n) for _, _, n, stream in streams]
         xb = torch.cat([x[i] for (x, _, _, _), i in zip(streams, idx)])
         yb = torch.cat([y[i] for (_, y, _, _), i in zip(streams, idx)])
-        xb = xb.to(device, non_blocking=True)
+        xb = policy.to_device(xb)
         if augment == "classic":  # one op and magnitude per image, on the device, in batch
             xb = trivial_augment_wide(xb, gen)
         xb = crop_flip(xb, gen)
-        yb = yb.to(device, non_blocking=True)
-        with autocast(device):
-            loss = loss_fn(model(to_unit(xb)).float(), yb)
+        yb = policy.to_device(yb)
+        with policy.autocast():
+            loss = loss_fn(forward(policy.inputs(to_unit(xb))).float(), yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        running += float(loss.detach())
+        running += loss.detach()  # read every eval_every steps: no host sync per step
         seen += 1
         if bar is not None:
             bar.update(1)
         if step % eval_every == 0 or step == steps:
-            acc = accuracy(model, val_x, val_y, max(256, batch_size), device)
+            acc = accuracy(model, val_x, val_y, max(256, batch_size), policy)
             model.train()
             hist["step"].append(step), hist["val_acc"].append(acc)
-            hist["train_loss"].append(running / seen), hist["lr"].append(sched.get_last_lr()[0])
-            running, seen = 0.0, 0
+            hist["train_loss"].append(float(running) / seen), hist["lr"].append(sched.get_last_lr()[0])
+            running, seen = torch.zeros((), device=policy.device), 0
             if best_state is None or (not math.isnan(acc) and acc >= best_acc):
                 best_acc, best_step = acc, step
                 best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
@@ -206,7 +214,7 @@ RATIO_RULE = ("a synthetic share above 0 is used only when it beats share 0 on v
 
 def train_variant(cfg: TrainClassifierConfig, spec: VariantSpec, real: tuple[torch.Tensor, torch.Tensor],
                   val: tuple[torch.Tensor, torch.Tensor], synthetic: tuple[torch.Tensor, torch.Tensor] | None,
-                  seeds: list[int], device: str, num_classes: int,
+                  seeds: list[int], device: str | DevicePolicy, num_classes: int,
                   pseudo: tuple[torch.Tensor, torch.Tensor] | None = None
                   ) -> tuple[list[tuple[nn.Module, dict]], float, dict | None]:
     """One model per seed of a variant; returns them, the synthetic share used and the ratio sweep

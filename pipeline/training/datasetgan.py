@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from pipeline.config import Params
+from pipeline.core.device import DevicePolicy
 from pipeline.core.images import pad_images, to_unit
 from pipeline.core.seeding import derived_seed
 from pipeline.core.tensors import num_parameters
@@ -36,7 +37,7 @@ def fit_interpreter(feats: torch.Tensor, labels: torch.Tensor, num_classes: int,
     return model.eval()
 
 
-def fit(params: Params, data: TrainData, accelerator, ckpt_dir: Path, chash: str) -> Fitted:
+def fit(params: Params, data: TrainData, accelerator, ckpt_dir: Path, chash: str, policy: DevicePolicy) -> Fitted:
     cfg, dcfg = params.train_generator, params.train_generator.datasetgan
     device = accelerator.device
     # every step unconditional, on train + pool: the "pretrain" phase of the diffusion loop
@@ -45,7 +46,8 @@ def fit(params: Params, data: TrainData, accelerator, ckpt_dir: Path, chash: str
     n_params = num_parameters(unet)
     log.info("datasetgan: unconditional UNet %.2fM params, %d steps of batch %d on %d train + pool images",
              n_params / 1e6, cfg.steps, cfg.batch_size, len(data.unlabeled))
-    res = train(unet, ucfg, data, seed=params.base.seed, ckpt_dir=ckpt_dir, chash=chash, accelerator=accelerator)
+    res = train(unet, ucfg, data, seed=params.base.seed, ckpt_dir=ckpt_dir, chash=chash, accelerator=accelerator,
+                policy=policy)
     sched = train_scheduler(cfg)
     ema = res.ema_model.to(device).eval()
     size, t = ema.config.sample_size, dcfg.feature_timestep
@@ -70,7 +72,7 @@ def fit(params: Params, data: TrainData, accelerator, ckpt_dir: Path, chash: str
     log.info("datasetgan: interpreter on %d features (t=%d): train accuracy %.3f, val accuracy %s",
              train_f.shape[1], t, train_acc, "n/a" if val_acc is None else f"{val_acc:.3f}")
 
-    pipe = make_pipeline(ema, dict(sched.config), data.class_names, data.image_size)
+    pipe = make_pipeline(ema, dict(sched.config), data.class_names, data.image_size, policy)
 
     def save(folder: Path) -> Path:
         save_file({k: v.contiguous().cpu() for k, v in interpreter.state_dict().items()}, folder / INTERPRETER_FILE)

@@ -21,6 +21,7 @@ import torch
 from diffusers.training_utils import EMAModel, compute_snr
 
 from pipeline.config import Params, TrainGeneratorConfig
+from pipeline.core.device import DevicePolicy, as_policy
 from pipeline.core.images import pad_images, to_unit
 from pipeline.core.seeding import step_rng
 from pipeline.core.tensors import num_parameters
@@ -98,10 +99,10 @@ def diffusion_loss(unet, scheduler, x0: torch.Tensor, labels: torch.Tensor, rng:
 
 
 def noised_loss(unet, scheduler, x0: torch.Tensor, labels: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
-                snr_gamma: float = 0.0) -> torch.Tensor:
+                snr_gamma: float = 0.0, memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
     """DDPM training loss of ``x0`` noised with ``noise`` to timesteps ``t``; with ``snr_gamma`` each
     image's loss is weighted by Min-SNR-gamma (min(SNR, gamma) in x0 terms, as diffusers' examples)."""
-    xt = scheduler.add_noise(x0, noise, t)
+    xt = scheduler.add_noise(x0, noise, t).contiguous(memory_format=memory_format)
     v = scheduler.config.prediction_type == "v_prediction"
     target = scheduler.get_velocity(x0, noise, t) if v else noise
     err = (unet(xt, t, class_labels=labels).sample.float() - target).pow(2).mean(dim=(1, 2, 3))
@@ -112,8 +113,10 @@ def noised_loss(unet, scheduler, x0: torch.Tensor, labels: torch.Tensor, noise: 
 
 
 def train(model: torch.nn.Module, cfg: TrainGeneratorConfig, data: TrainData, *, seed: int, ckpt_dir: Path,
-          chash: str, accelerator=None, stop_at: int | None = None) -> TrainResult:
-    """Train ``model`` (resuming from ``ckpt_dir`` if a checkpoint of ``chash`` is there).
+          chash: str, accelerator=None, policy: DevicePolicy | None = None, stop_at: int | None = None
+          ) -> TrainResult:
+    """Train ``model`` (resuming from ``ckpt_dir`` if a checkpoint of ``chash`` is there) under
+    ``policy`` (default: the device's; its precision is the accelerator's mixed_precision).
 
     ``stop_at`` ends the run early after that step's checkpointing (used to test resume).
     """
@@ -126,22 +129,22 @@ def train(model: torch.nn.Module, cfg: TrainGeneratorConfig, data: TrainData, *,
         raise ConfigError(f"train_generator.batch_size {cfg.batch_size} must be a multiple of the "
                           f"{accelerator.num_processes} processes launched x gradient_accumulation_steps {accum}")
     device = accelerator.device
+    policy = policy or as_policy(str(device))
     n_total = total_steps(cfg)
     scheduler = train_scheduler(cfg)
-    cuda = device.type == "cuda"
-    model = model.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cuda)
+    model = policy.prepare(model).train()
+    optimizer = policy.adamw(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    ema = EMAModel(model.parameters(), decay=cfg.ema_decay, foreach=cuda, model_cls=type(model),
+    ema = EMAModel(model.parameters(), decay=cfg.ema_decay, foreach=policy.fused_optimizer, model_cls=type(model),
                    model_config=model.config)
     losses = torch.zeros(n_total, device=device)
     state = {"model": model, "optimizer": optimizer, "lr_scheduler": lr_sched, "ema": ema}
-    resumed = checkpoint.resume(ckpt_dir, chash, state)
+    resumed = checkpoint.resume(ckpt_dir, chash, state, device)
     start = resumed.step
     if start:
         losses[:start] = resumed.losses.to(device)
-    ema.to(device)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
+    forward = policy.compiled(wrapped)  # weights shared with wrapped: checkpoints are taken from model
     sample_size = model.config.sample_size
     first_row = accelerator.process_index * accum * micro  # this process's share of each global batch
     t0 = time.perf_counter()
@@ -153,8 +156,9 @@ def train(model: torch.nn.Module, cfg: TrainGeneratorConfig, data: TrainData, *,
         for k in range(accum):
             rows = slice(first_row + k * micro, first_row + (k + 1) * micro)
             with accelerator.accumulate(wrapped):  # no gradient sync and no optimizer step until the last pass
-                with accelerator.autocast():
-                    loss = noised_loss(wrapped, scheduler, x0[rows], labels[rows], noise[rows], t[rows], cfg.snr_gamma)
+                with policy.autocast():
+                    loss = noised_loss(forward, scheduler, x0[rows], labels[rows], noise[rows], t[rows], cfg.snr_gamma,
+                                       policy.memory_format)
                 accelerator.backward(loss)  # divided by accum
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip)
@@ -201,7 +205,7 @@ def make_backbone(cfg: TrainGeneratorConfig, data: TrainData) -> tuple[torch.nn.
     return model, missing
 
 
-def fit(params: Params, data: TrainData, accelerator, ckpt_dir: Path, chash: str) -> Fitted:
+def fit(params: Params, data: TrainData, accelerator, ckpt_dir: Path, chash: str, policy: DevicePolicy) -> Fitted:
     """Kinds unet and dit: DDPM training of a class-conditional backbone."""
     cfg = params.train_generator
     model, missing = make_backbone(cfg, data)
@@ -209,11 +213,12 @@ def fit(params: Params, data: TrainData, accelerator, ckpt_dir: Path, chash: str
     log.info("train_generator: %s, %.2fM params, %d steps of batch %d (%d process(es) x %d pass(es)) on %s, padded "
              "size %d", cfg.kind, n_params / 1e6, total_steps(cfg), cfg.batch_size, accelerator.num_processes,
              cfg.gradient_accumulation_steps, accelerator.device, model.config.sample_size)
-    res = train(model, cfg, data, seed=params.base.seed, ckpt_dir=ckpt_dir, chash=chash, accelerator=accelerator)
+    res = train(model, cfg, data, seed=params.base.seed, ckpt_dir=ckpt_dir, chash=chash, accelerator=accelerator,
+                policy=policy)
     schedule = dict(train_scheduler(cfg).config)
     meta = generator_meta(cfg, data)
     ema = res.ema_model.to(accelerator.device)
-    pipe = make_pipeline(ema, schedule, data.class_names, data.image_size)
+    pipe = make_pipeline(ema, schedule, data.class_names, data.image_size, policy)
     return Fitted(DiffusionGenerator(pipe, meta), lambda folder: save_pipeline(folder, pipe),
                   {"loss": res.losses, "lr": res.lrs}, res.seconds_per_step, res.resumed_from, n_params,
                   {"sample_size": ema.config.sample_size, "prediction_type": cfg.prediction_type,

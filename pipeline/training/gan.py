@@ -21,6 +21,7 @@ from diffusers.training_utils import EMAModel
 from torch import nn
 
 from pipeline.config import Params
+from pipeline.core.device import DevicePolicy, as_policy
 from pipeline.core.images import to_unit
 from pipeline.core.seeding import step_rng
 from pipeline.core.tensors import num_parameters
@@ -116,28 +117,31 @@ def standing_stats(g: CondGenerator, num_classes: int, batch_size: int, rng: tor
     return g.eval()
 
 
-def fit(params: Params, data: TrainData, accelerator, ckpt_dir: Path, chash: str, *,
-        stop_at: int | None = None) -> Fitted:
-    """Train (or resume) the GAN. ``stop_at`` ends early after that step's checkpoint (tests)."""
+def fit(params: Params, data: TrainData, accelerator, ckpt_dir: Path, chash: str,
+        policy: DevicePolicy | None = None, *, stop_at: int | None = None) -> Fitted:
+    """Train (or resume) the GAN under ``policy`` (default: the data's device's). ``stop_at`` ends
+    early after that step's checkpoint (tests)."""
     cfg, gc, seed = params.train_generator, params.train_generator.cgan, params.base.seed
-    device = accelerator.device if accelerator is not None else data.images.device
+    policy = policy or as_policy(str(accelerator.device if accelerator is not None else data.images.device))
+    device = torch.device(policy.device)
     parse_policy(gc.diffaugment)
     if accelerator is not None and accelerator.num_processes > 1:
         raise ConfigError(f"kind cgan trains in one process (launched with {accelerator.num_processes}); "
                           "run it without accelerate launch / torchrun and with num_processes: 1")
     if cfg.init != "scratch":
         log.warning("train_generator.init=%s is ignored by kind cgan (it trains from scratch on train)", cfg.init)
-    g = CondGenerator(gc.z_dim, data.num_classes, data.channels, data.image_size, gc.g_channels).to(device).train()
-    d = ProjectionDiscriminator(data.num_classes, data.channels, gc.d_channels).to(device).train()
-    ema = EMAModel(g.parameters(), decay=cfg.ema_decay)
-    opt_g = torch.optim.Adam(g.parameters(), lr=gc.lr_g, betas=(0.0, 0.99))
-    opt_d = torch.optim.Adam(d.parameters(), lr=gc.lr_d, betas=(0.0, 0.99))
+    g = policy.prepare(CondGenerator(gc.z_dim, data.num_classes, data.channels, data.image_size, gc.g_channels)).train()
+    d = policy.prepare(ProjectionDiscriminator(data.num_classes, data.channels, gc.d_channels)).train()
+    ema = EMAModel(g.parameters(), decay=cfg.ema_decay, foreach=policy.fused_optimizer)
+    fused = policy.fused_optimizer or None
+    opt_g = torch.optim.Adam(g.parameters(), lr=gc.lr_g, betas=(0.0, 0.99), fused=fused)
+    opt_d = torch.optim.Adam(d.parameters(), lr=gc.lr_d, betas=(0.0, 0.99), fused=fused)
     n_g, n_d = num_parameters(g), num_parameters(d)
     log.info("train_generator: cgan, G %.2fM + D %.2fM params, %d steps of batch %d on %s, diffaugment %r",
              n_g / 1e6, n_d / 1e6, cfg.steps, cfg.batch_size, device, gc.diffaugment)
     losses = torch.zeros(2, cfg.steps, device=device)  # rows: D loss, G loss
     state = {"g": g, "d": d, "ema": ema, "opt_g": opt_g, "opt_d": opt_d}
-    resumed = checkpoint.resume(ckpt_dir, chash, state)
+    resumed = checkpoint.resume(ckpt_dir, chash, state, device)  # the EMA back on the device
     start = resumed.step
     if start:
         losses[:, :start] = resumed.losses.to(device)
@@ -145,14 +149,17 @@ def fit(params: Params, data: TrainData, accelerator, ckpt_dir: Path, chash: str
     for step in range(start, cfg.steps):
         rng = step_rng(seed, 0, step, device)
         real, y = draw_real(data, cfg.batch_size, cfg.hflip, rng)
-        fake = g(torch.randn(len(y), gc.z_dim, generator=rng, device=device), y)
-        out = d(diff_augment(torch.cat([real, fake.detach()]), gc.diffaugment, rng), torch.cat([y, y]))
+        with policy.autocast():
+            fake = g(torch.randn(len(y), gc.z_dim, generator=rng, device=device), y).float()
+            out = d(policy.inputs(diff_augment(torch.cat([real, fake.detach()]), gc.diffaugment, rng)),
+                    torch.cat([y, y])).float()
         d_loss = F.relu(1 - out[:len(y)]).mean() + F.relu(1 + out[len(y):]).mean()
         opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         opt_d.step()
         d.requires_grad_(False)  # the G step needs gradients through D, not for it
-        g_loss = -d(diff_augment(fake, gc.diffaugment, rng), y).mean()
+        with policy.autocast():
+            g_loss = -d(policy.inputs(diff_augment(fake, gc.diffaugment, rng)), y).float().mean()
         opt_g.zero_grad(set_to_none=True)
         g_loss.backward()
         opt_g.step()
@@ -174,5 +181,5 @@ def fit(params: Params, data: TrainData, accelerator, ckpt_dir: Path, chash: str
     g_ema = standing_stats(g_ema, data.num_classes, cfg.batch_size, step_rng(seed, 0, cfg.steps, device))
     extra = {"z_dim": gc.z_dim, "image_size_padded": g.base * 4, "discriminator_parameters": n_d}
     history = {"loss": losses[0, :n_done].tolist(), "lr": [gc.lr_g] * n_done, "g_loss": losses[1, :n_done].tolist()}
-    return Fitted(GanGenerator(g_ema, {**generator_meta(cfg, data), **extra}), lambda folder: gan.save(folder, g_ema),
+    return Fitted(GanGenerator(g_ema, {**generator_meta(cfg, data), **extra}, policy), lambda folder: gan.save(folder, g_ema),
                   history, (resumed.seconds + time.perf_counter() - t0) / max(1, n_done), start, n_g, extra)

@@ -85,7 +85,7 @@ def chosen_share(params: Params, paths: Paths, variant: str, data) -> tuple[floa
 
 
 def train_seed(params: Params, paths: Paths, variant: str, data, seeds: list[int], index: int,
-               ratio: float | None, device: str) -> dict:
+               ratio: float | None, device) -> dict:
     """Seed ``index`` of ``variant`` at ``ratio`` (None: the share the sweep chose) into
     models/classifier_seeds/ (kept when already there, made with the same params and data)."""
     cfg = params.train_classifier
