@@ -104,7 +104,7 @@ def unet_cfg(args):
     from pipeline.config import params_from_dict
 
     cfg = params_from_dict({"base": {"profile": "micro" if args.tiny else "gpu"}}).train_generator
-    return cfg.model_copy(update={"batch_size": 8 if args.tiny else 256})
+    return cfg.model_copy(update={"batch_size": 8 if args.tiny else 256, "init": "scratch"})  # conditional steps
 
 
 def matmul_peak(device: str, tiny: bool) -> float:

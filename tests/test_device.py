@@ -35,7 +35,7 @@ def forced_cuda_policy(monkeypatch):
 def test_policy_follows_the_device_and_params():
     cuda = DevicePolicy.for_device("cuda")  # no GPU needed to decide
     assert (cuda.bf16, cuda.channels_last, cuda.fused_optimizer, cuda.pin_memory, cuda.compile) == (
-        True, True, True, True, False)
+        True, False, True, True, False)  # channels_last measured slower for the UNet on an H200
     assert DevicePolicy.for_device("cuda", "no").autocast_dtype is None
     cpu = DevicePolicy.for_device("cpu", "no")
     assert (cpu.bf16, cpu.channels_last, cpu.fused_optimizer, cpu.pin_memory) == (False, False, False, False)
