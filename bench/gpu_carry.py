@@ -1,4 +1,4 @@
-"""What a bare GPU machine needs to run ``bench/gpu_check.py``, put in ``.gpu/`` (``make gpu-carry``).
+"""What a bare GPU machine needs to run ``bench/gpu_check.py``, put in ``.gpu/`` (``make gpu-wheels``).
 
 Such a machine has Python, torch, timm, accelerate, pandas, pyarrow, safetensors, scipy and pytest,
 but not the packages below, and it cannot install from a registry. This downloads their wheels at

@@ -4,7 +4,7 @@
     python -m bench.gpu_check --device cpu --tiny   # the rehearsal (a slow test runs it)
 
 It runs on a GPU machine's own Python and torch, from a working tree, plus the wheels that
-``make gpu-carry`` puts in ``.gpu/`` (the packages such a machine lacks) and a Fashion-MNIST subset.
+``make gpu-wheels`` puts in ``.gpu/`` (the packages such a machine lacks) and a Fashion-MNIST subset.
 Parts (each in its own process, killed at its cap; the JSON says which finished):
 
 - ``tests``: ``pytest -m gpu tests/test_gpu.py`` (micro runs of every generator kind on the device);
@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = {"tests": 90, "train": 180, "sample": 90, "classifier": 45, "ops": 20}  # caps in seconds on a GPU (x3 on CPU)
+PARTS = {"tests": 90, "train": 240, "sample": 90, "classifier": 45, "ops": 20}  # caps in seconds on a GPU (x3 on CPU)
 
 
 # ---- shared ------------------------------------------------------------------------------

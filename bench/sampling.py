@@ -46,9 +46,7 @@ def get_generator(device: str, arch: str):
         return unet, sched_conf, meta, f"trained generator {paths.generator} ({meta.get('fingerprint', '')[:12]})"
     cfg = params_from_dict({"base": {"profile": arch}}).train_generator
     torch.manual_seed(0)
-    unet = build_unet(cfg, 28, 1, 10).to(device).eval()
-    if device == "cuda":
-        unet = unet.to(memory_format=torch.channels_last)
+    unet = DevicePolicy.for_device(device).prepare(build_unet(cfg, 28, 1, 10)).eval()
     meta = {"null_label": 10, "image_size": 28, "channels": 1, "num_classes": 10,
             "class_names": [str(c) for c in range(10)]}
     desc = (f"randomly initialised UNet2DModel, {arch} profile architecture (block_out_channels "
@@ -119,7 +117,7 @@ def main(argv=None) -> dict:
         args.images, args.stock_images, args.steps, args.fd_resolution = 4, 4, 2, 32
     n = args.images or (1024 if cuda else 32)
     n_stock = min(n, args.stock_images or (128 if cuda else n))
-    batch = args.batch_size or min(n, AUTO_BATCH[device])
+    batch = args.batch_size or min(n, AUTO_BATCH[cuda])
     unet, sched_conf, meta, desc = get_generator(device, args.arch)
     per_class = max(1, n // meta.get("num_classes", 10))
     stock_unet = copy.deepcopy(unet).to(memory_format=torch.contiguous_format).float().eval()
@@ -180,8 +178,7 @@ def main(argv=None) -> dict:
                                                    "prediction_type", "beta_schedule", "set_alpha_to_one",
                                                    "num_train_timesteps")}, "steps": args.steps,
                      "guidance_scale": args.guidance, "repeats": args.repeats, "order": "alternated",
-                     "ours_precision": "bf16 autocast + channels_last" if cuda else
-                     ("bf16 autocast" if DevicePolicy.for_device(device).bf16 else "fp32"),
+                     "ours_precision": DevicePolicy.for_device(device).as_record()["precision"],
                      "stock_precision": "fp32", "compile": bool(args.compile and cuda), "quick": args.quick,
                      "generator": desc},
         "ours": {**r_ours, "images_per_second": r_ours["per_second_best"], "peak_memory_mib": max(mem["ours"])},

@@ -1,13 +1,15 @@
-"""Stage 2, pseudo_label: label the unlabeled pool with a classifier of the labeled set (self-training).
+"""Stage 2, pseudo_label: label the unlabeled pool with a semi-supervised classifier (DPT, step one).
 
-A timm classifier (``pseudo_label.arch``) trains on the labeled train split, is selected on val,
-and predicts every pool image; the confident ones (``threshold``), at most ``per_class_cap`` per
-class (``balance``: as many in every class), keep their predicted class as a pseudo-label (DPT,
-You et al. 2023, step one). Writes ``data/pseudo/``: ``dataset`` (image, label = pseudo-label,
-confidence, the labeler's probabilities, the row in the pool), ``labeler.safetensors``
-and ``summary.json`` (kept per class and, where the pool's source labels are known, how many
-pseudo-labels are right: a diagnostic only, no stage trains on those labels). With no pool the
-dataset is empty and the generators learn from the labeled set alone.
+A timm classifier (``pseudo_label.arch``) trains on the labeled train split and the pool (``method:
+fixmatch``, pipeline/training/semi.py; ``supervised``: on the labeled split alone), is selected on val,
+and predicts every pool image. Every pool image keeps its predicted class and probabilities by default
+(DPT, You et al. 2023); ``threshold`` / ``per_class_cap`` / ``balance`` keep fewer. Writes
+``data/pseudo/``: ``dataset`` (image, label = pseudo-label, confidence, the labeler's probabilities,
+the row in the pool), ``labeler.safetensors`` and ``summary.json`` (kept per class; the labeler's
+validation and test accuracy, since a user could simply use it; where the pool's source labels are
+known, how many pseudo-labels are right, per class: a diagnostic only, no stage trains on those
+labels). With no pool the labeler is supervised, the dataset is empty and the generators learn from
+the labeled set alone.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from pipeline.errors import DataError
 from pipeline.models.classifier import build_model, check_input_size
 from pipeline.quality.selection import confident_per_class
 from pipeline.training.classifier import fit_classifier, predict_proba
+from pipeline.training.semi import fit_fixmatch
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +55,22 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
     model = None
     if len(pool_x):
         check_input_size(cfg.arch, k, tx.shape[1], tx.shape[-1], key="pseudo_label.arch")
-        log.info("pseudo_label: training %s on %d labeled images (%d steps, %s), then labeling %d pool images",
-                 cfg.arch, len(tx), cfg.steps, cfg.augment, len(pool_x))
+        log.info("pseudo_label: training %s (%s) on %d labeled images%s (%d steps), then labeling %d pool images",
+                 cfg.arch, cfg.method, len(tx), " and the pool" if cfg.method == "fixmatch" else "", cfg.steps,
+                 len(pool_x))
         torch.manual_seed(seed)
-        model, hist = fit_classifier(build_model(cfg.arch, k, tx.shape[1]), tx, ty, vx, vy, steps=cfg.steps,
-                                     batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay, seed=seed,
-                                     device=device, augment=cfg.augment, eval_every=max(1, cfg.steps // 10))
+        model = build_model(cfg.arch, k, tx.shape[1])
+        if cfg.method == "fixmatch":
+            model, hist = fit_fixmatch(model, (tx, ty), pool_x, (vx, vy), cfg, seed=seed, device=device)
+        else:
+            model, hist = fit_classifier(model, tx, ty, vx, vy, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                                         weight_decay=cfg.weight_decay, seed=seed, device=device, augment=cfg.augment,
+                                         eval_every=max(1, cfg.steps // 10))
         proba = predict_proba(model, pool_x, 512, device)
         keep = confident_per_class(proba, cfg.threshold, cfg.per_class_cap, cfg.balance)
-        summary["labeler"] = {"arch": cfg.arch, "val_accuracy": hist["best_val_acc"], "best_step": hist["best_step"],
-                              "n_val": len(vy), "seconds": round(hist["seconds"], 1)}
+        summary["labeler"] = {"arch": cfg.arch, "method": hist.get("method", "supervised"),
+                              "val_accuracy": hist["best_val_acc"], "best_step": hist["best_step"], "n_val": len(vy),
+                              "seconds": round(hist["seconds"], 1), **labeler_test(model, dd, device)}
     else:
         log.warning("pseudo_label: the prepared data has no pool split (prepare.unlabeled_pool = 0): no pseudo-labels")
     conf, pred = proba.max(1)
@@ -98,6 +107,16 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
         write_json(tmp / "summary.json", summary)
     log.info(summary["headline"])
     return summary
+
+
+def labeler_test(model, dd, device) -> dict:
+    """The labeler's accuracy on the test split (a user could use it as the classifier: the report
+    weighs it against the variants)."""
+    if "test" not in dd:
+        return {}
+    x, y = dataset_to_tensors(dd["test"])
+    right = predict_proba(model, x, 512, device).argmax(1) == y
+    return {"test_accuracy": round(float(right.float().mean()), 4), "n_test": len(y)}
 
 
 def main(argv: list[str] | None = None) -> None:

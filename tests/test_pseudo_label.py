@@ -172,3 +172,19 @@ def test_balance_cuts_every_class_to_the_poorest_class_most_confident_first():
     assert confident_per_class(PROBA, 0.85, 0, balance=True).tolist() == [2, 4, 6]
     assert confident_per_class(PROBA, 0.0, 0, balance=True).tolist() == [2, 4, 6]  # class 2 has one row
     assert confident_per_class(PROBA, 0.99, 0, balance=True).tolist() == []
+
+
+def test_fixmatch_labels_every_pool_image_and_records_the_labelers_test_accuracy(tmp_path):
+    paths = prepared(tmp_path, hidden=True)
+    params = params_from_dict({"base": {"profile": "micro", "device": "cpu", "seed": 3}, "pseudo_label": {
+        "arch": "test_resnet", "steps": 4, "batch_size": 8, "unlabeled_ratio": 2}})  # the default method and keep-all
+    out = pseudo_label.run(params, paths)
+    assert out["kept"] == out["pool_size"] == 32 and sum(out["kept_per_class"].values()) == 32
+    assert out["labeler"]["method"] == "fixmatch+flexmatch"
+    assert 0 <= out["labeler"]["test_accuracy"] <= 1 and out["labeler"]["n_test"] == 16
+    assert out["pool_accuracy_all"] == out["pseudo_label_accuracy"]  # every pool image kept
+
+
+def test_supervised_method_trains_on_the_labeled_images_alone(tmp_path):
+    out = pseudo_label.run(pl_params(method="supervised"), prepared(tmp_path))
+    assert out["labeler"]["method"] == "supervised" and "test_accuracy" in out["labeler"]

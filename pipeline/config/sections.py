@@ -49,15 +49,25 @@ class PrepareConfig(_Section):
 
 
 class PseudoLabelConfig(_Section):
-    """A classifier trained on the labeled set (best on val) labels the unlabeled pool (self-training, DPT)."""
+    """A classifier of the labeled set and the pool (best on val) labels every pool image (DPT, step one)."""
+    # fixmatch: semi-supervised on the labeled set + the pool (pipeline/training/semi.py) |
+    # supervised: on the labeled set alone (self-training's labeler)
+    method: Literal["fixmatch", "supervised"] = "fixmatch"
     arch: str = "resnet10t"  # timm model of the labeler
     steps: int = Field(1500, ge=1)  # its optimizer steps (AdamW, one-cycle, best validation checkpoint kept)
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1)  # labeled images per step
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(0.05, ge=0)
-    augment: Literal["standard", "classic"] = "classic"  # crop + flip | TrivialAugmentWide, then crop + flip
-    threshold: float = Field(0.9, ge=0, le=1)  # keep pool images whose top class has at least this probability
-    per_class_cap: int = Field(1000, ge=0)  # at most this many per class, the most confident first (0 = no cap)
+    augment: Literal["standard", "classic"] = "classic"  # labeled images: crop + flip | TrivialAugmentWide, then crop + flip
+    unlabeled_ratio: int = Field(3, ge=1)  # fixmatch: pool images per labeled image in each step (FixMatch's mu)
+    fixmatch_threshold: float = Field(0.95, gt=0, le=1)  # fixmatch: teacher confidence that makes a pool image count
+    fairness: Literal["flexmatch", "da", "none"] = "flexmatch"  # fixmatch: class-wise thresholds | distribution alignment
+    unlabeled_weight: float = Field(1.0, ge=0)  # fixmatch: weight of the pool loss
+    ema_decay: float = Field(0.999, ge=0, lt=1)  # fixmatch: the teacher is this EMA of the student
+    # which pool images keep their label: all by default (every pool image with its probabilities, as DPT);
+    # a threshold keeps those whose top class has at least this probability
+    threshold: float = Field(0.0, ge=0, le=1)
+    per_class_cap: int = Field(0, ge=0)  # at most this many per class, the most confident first (0 = no cap)
     balance: bool = False  # every class keeps as many as the class with the fewest confident images
 
 
