@@ -24,8 +24,8 @@ from pipeline.core.plotting import png_b64
 from pipeline.core.provenance import check_classifiers, earlier_outputs, params_made_with, run_metadata
 from pipeline.reporting.figures import (class_grids, fig_loss, fig_per_class_gain, fig_ratio_sweep, fig_scores,
                                         fig_variants)
-from pipeline.reporting.tables import (QUALITY, add_points, baseline_of, caveats, generator_quality, pct,
-                                       per_class_gain, quality_rows, variant_table, verdict)
+from pipeline.reporting.tables import (QUALITY, add_points, baseline_of, caveats, generator_quality, labeler_point,
+                                       pct, per_class_gain, quality_rows, variant_table, verdict)
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,8 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
     baseline = baseline_of(specs, variants)
     table = variant_table(variants, baseline)
     answer = verdict(table, variants, specs, baseline)
-    add_points(answer, caveats(variants, specs, missing, outputs) + drift + notes)
+    labeler = labeler_point(outputs.get("pseudo") or {}, table)
+    add_points(answer, ([labeler] if labeler else []) + caveats(variants, specs, missing, outputs) + drift + notes)
     figs, csvs = {"variants": fig_variants(table)}, {}
     if answer.get("synthetic_variant"):
         gain = per_class_gain(variants, answer["synthetic_variant"], names, baseline)
@@ -122,7 +123,8 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
                    "detectable_difference": answer["detectable_difference"]} if "gain" in answer else {}),
                "comparisons": answer["comparisons"], "stage_seconds": stage_times,
                "generator_quality": generator_quality(filt, table, params.train_classifier.variants) if filt else None,
-               "pseudo_labels": {k: pseudo.get(k) for k in ("kept", "pool_size", "pseudo_label_accuracy", "threshold")},
+               "pseudo_labels": {k: pseudo.get(k) for k in ("kept", "pool_size", "pseudo_label_accuracy", "threshold",
+                                                            "labeler")},
                "variants": {v: {k: (None if pd.isna(x) else float(x)) for k, x in table.loc[v].items()
                                 if k in ("accuracy", "accuracy_low", "accuracy_high", "val_accuracy", "macro_f1", "ece",
                                          "diff", "p_value", "synthetic_ratio")}

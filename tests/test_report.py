@@ -12,10 +12,10 @@ from pipeline import report
 from pipeline.config import Paths, TrainClassifierConfig, VariantSpec, params_from_dict
 from pipeline.core.curves import CURVES, write_curves
 from pipeline.core.images import tensors_to_dataset
-from pipeline.core.io import save_dataset, write_json
+from pipeline.core.io import read_json, save_dataset, write_json
 from pipeline.core.stats import detectable_difference
 from pipeline.errors import DataError
-from pipeline.reporting.tables import quality_rows, variant_table, verdict
+from pipeline.reporting.tables import labeler_point, quality_rows, variant_table, verdict
 
 NAMES = ["a", "b"]
 PREPARED_FP, FILTERED_FP, PSEUDO_FP, SYNTHETIC_FP, GENERATOR_FP = "p" * 64, "f" * 64, "s" * 64, "y" * 64, "g" * 64
@@ -174,6 +174,19 @@ def test_verdict_without_a_synthetic_variant_cannot_answer():
     assert v["text"].startswith("No synthetic variant was compared with real") and v["best_variant"] == "real+classic"
 
 
+def test_the_labeler_is_weighed_against_the_best_variant_and_no_pool_is_said():
+    t = table(real=variant(REAL), **{"real+classic": variant(CLASSIC)})
+    lab = {"arch": "test_resnet", "method": "fixmatch+flexmatch", "val_accuracy": 0.86, "test_accuracy": 0.85,
+           "n_test": 200}
+    point = labeler_point({"pool_size": 100, "labeler": lab}, t)
+    assert point == ("The pool labeler on its own (test_resnet, fixmatch+flexmatch, one seed, 86.0% on validation): "
+                     "85.0% test accuracy (N=200); it beats the best variant on validation, real+classic "
+                     "(82.0%, mean of 3 seeds).")
+    assert "does not beat" in labeler_point({"pool_size": 100, "labeler": {**lab, "test_accuracy": 0.8}}, t)
+    assert "no semi-supervised learner" in labeler_point({"pool_size": 0}, t)
+    assert labeler_point({}, t) is None and labeler_point({"pool_size": 5, "labeler": {"arch": "x"}}, t) is None
+
+
 def test_paired_difference_in_table_matches_seedwise_mean():
     t = table(real=variant([0.5, 0.6]), **{"real+synthetic": variant([0.6, 0.8])})
     assert t.loc["real+synthetic", "diff"] == pytest.approx(0.15)
@@ -233,7 +246,8 @@ def fake_run(root, names=NAMES, params=MICRO):
         "fingerprint": PSEUDO_FP, "inputs": {"prepared": PREPARED_FP}, "pool_size": 20, "threshold": 0.9, "kept": 12,
         "kept_per_class": dict(zip(names, [7, 5])), "coverage_per_class": dict(zip(names, [0.7, 0.5])),
         "pseudo_label_accuracy": 0.75, "pseudo_label_accuracy_per_class": dict(zip(names, [0.8571, 0.6])),
-        "labeler": {"arch": "test_resnet", "val_accuracy": 0.6, "best_step": 10, "n_val": 8, "seconds": 2.0},
+        "labeler": {"arch": "test_resnet", "method": "fixmatch+flexmatch", "val_accuracy": 0.6, "best_step": 10,
+                    "n_val": 8, "seconds": 2.0, "test_accuracy": 0.55, "n_test": 200},
         "headline": "pseudo_label: kept 12 of 20 pool images at confidence >= 0.9", "seconds": 3.0})
     for name, accs in {"real": [0.7, 0.72, 0.71], "real+classic": [0.73, 0.74, 0.72],
                        "real+pseudo+classic": [0.74, 0.75, 0.74], "real+synthetic+classic": [0.78, 0.79, 0.80]}.items():
@@ -271,9 +285,12 @@ def test_report_stage_writes_everything(tmp_path):
     assert metrics["variants"]["real+synthetic+classic"]["synthetic_ratio"] == 0.25
     assert metrics["variants"]["real"]["val_accuracy"] == pytest.approx(0.71)
     # the pseudo-label section: its headline, the labeler, kept and right per class
-    assert metrics["pseudo_labels"] == {"kept": 12, "pool_size": 20, "pseudo_label_accuracy": 0.75, "threshold": 0.9}
+    assert metrics["pseudo_labels"] == {"kept": 12, "pool_size": 20, "pseudo_label_accuracy": 0.75, "threshold": 0.9,
+                                        "labeler": read_json(paths.pseudo / "summary.json")["labeler"]}
+    assert "fixmatch+flexmatch, 60.0% on val (N=8), 55.0% on test (N=200)" in (paths.reports / "report.md").read_text()
+    assert any(p.startswith("The pool labeler on its own") for p in metrics["answer"])
     assert "## Pseudo-labels" in md and "kept 12 of 20 pool images" in md and "a 7 (85.7% right)" in md
-    assert 'id="pseudo-per-class"' in html and "Labeler: test_resnet, 60.0% on val (N=8)" in html
+    assert 'id="pseudo-per-class"' in html and "Labeler: test_resnet, fixmatch+flexmatch, 60.0% on val (N=8), 55.0% on test (N=200)" in html
     assert metrics["stage_seconds"]["pseudo_label"] == 3.0
     assert "Kind <b>datasetgan</b>, 1.23M parameters, 50 training steps in 12 s" in html
     assert "interpreter accuracy on val 75.0% (N=8)" in html and metrics["generator_kind"] == "datasetgan"

@@ -233,6 +233,25 @@ def caveats(variants: dict[str, dict], specs: dict, missing: list[str], outputs:
     return out
 
 
+def labeler_point(pseudo: dict, table: pd.DataFrame) -> str | None:
+    """The pool labeler as a classifier of its own (a user could use it as it is) beside the best
+    variant on validation; or, without a pool, that no semi-supervised opponent could be trained."""
+    if not pseudo:
+        return None
+    if not pseudo.get("pool_size"):
+        return ("No unlabeled pool (prepare.unlabeled_pool: 0): no semi-supervised learner could be trained, "
+                "so no variant was weighed against one.")
+    lab = pseudo.get("labeler") or {}
+    if lab.get("test_accuracy") is None:
+        return None
+    best = str(table["val_accuracy"].idxmax())
+    acc, best_acc, seeds = lab["test_accuracy"], table.loc[best, "accuracy"], int(table["seeds"].min())
+    return (f"The pool labeler on its own ({lab['arch']}, {lab.get('method', 'supervised')}, one seed, "
+            f"{pct(lab['val_accuracy'])}% on validation): {pct(acc)}% test accuracy (N={lab.get('n_test')}); it "
+            f"{'beats' if acc > best_acc else 'does not beat'} the best variant on validation, {best} "
+            f"({pct(best_acc)}%, mean of {seeds} seeds).")
+
+
 def add_points(answer: dict, points: list[str]) -> None:
     answer["points"] = answer["points"] + points
     answer["text"] = " ".join([answer["text"], *points])
