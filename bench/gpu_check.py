@@ -356,13 +356,27 @@ def part_ops(args, device: str) -> dict:
 
 # ---- driver ------------------------------------------------------------------------------
 
+def cpu_model() -> str:
+    """The CPU's model name and its widest vector / matrix units (machines of one kind differ 3-6x)."""
+    import platform
+
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    units = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name or platform.machine()} ({os.cpu_count()} CPUs; {', '.join(units) or 'no AVX2'})"
+
+
 def environment(device: str) -> dict:
     import platform
 
     import torch
 
-    return {"device": device, "device_name": torch.cuda.get_device_name() if device.startswith("cuda")
-            else platform.processor() or platform.machine(), "torch": torch.__version__,
+    return {"device": device, "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else cpu_model(),
+            "torch": torch.__version__,
             "cuda": torch.version.cuda if device.startswith("cuda") else None, "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
