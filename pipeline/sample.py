@@ -182,8 +182,8 @@ def run(params: Params, paths: Paths = Paths(), shard_only: bool = False) -> dic
     with atomic_path(paths.synthetic, is_dir=True) as tmp:
         merged.save_to_disk(str(tmp / "dataset"))
         for c, (name, order) in enumerate(zip(meta["class_names"], orders)):
-            save_png(make_grid_image(dataset_to_tensors(merged.select(order))[0], nrow=nrow),
-                     tmp / "preview" / f"{c:02d}_{safe_name(name)}.png")
+            grid = plan.with_sources(dataset_to_tensors(merged.select(order))[0], order)  # img2img: source first
+            save_png(make_grid_image(grid, nrow=nrow), tmp / "preview" / f"{c:02d}_{safe_name(name)}.png")
         write_json(tmp / "summary.json", summary)
     log.info("sample: merged %d shards into %s (%d images)", cfg.num_shards, paths.synthetic, len(merged))
     return {"complete": True, **summary}

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import datasets
 import pytest
 import torch
+from PIL import Image
 
 from pipeline import sample as sp
 from pipeline import train_generator as tg
@@ -182,6 +183,13 @@ def test_img2img_plan_is_strength_major_and_keeps_each_source_label():
                         origins=[("train", 0), ("train", 1), ("pool", 7)])
     assert len(plan) == 12 and plan.strengths.tolist() == [0.25] * 6 + [1.0] * 6
     assert plan.source_rows.tolist() == [0, 0, 1, 1, 2, 2] * 2 and plan.labels.tolist() == [0, 0, 1, 1, 1, 1] * 2
+    # the preview: whole sources, each row the source image then its 4 variations, weakest strength first
+    orders, nrow = plan.preview(2, per_class=9)
+    assert nrow == 5 and orders == [[0, 1, 6, 7], [2, 3, 8, 9, 4, 5, 10, 11]]
+    made = torch.full((8, 1, 2, 2), 200, dtype=torch.uint8)
+    grid = plan.with_sources(made, orders[1])
+    assert grid.shape[0] == 10 and torch.equal(grid[0], src[1]) and torch.equal(grid[5], src[2])
+    assert (grid[1:5] == 200).all() and (grid[6:] == 200).all()
 
 
 def test_strength_sets_how_far_a_variation_moves_from_its_source():
@@ -207,6 +215,8 @@ def test_img2img_stage_records_sources_and_strengths(generator_root, tmp_path):
     assert list(ds["source_split"]) == ["train"] * 16 and list(ds["source_index"]) == list(range(8)) * 2
     train_y = list(datasets.load_from_disk(str(Paths(root=root).prepared / "dataset"))["train"]["label"])
     assert list(ds["label"]) == train_y * 2  # each variation keeps its source's class
+    with Image.open(Paths(root=root).synthetic / "preview" / "00_left.png") as grid:
+        assert grid.width == 3 * (SIZE + 1) + 1  # a row: the source, then its variation at each strength
     with pytest.raises(DataError, match="pool_per_class"):  # no pool was pseudo-labeled here
         sp.run(tiny_params(mode="img2img", pool_per_class=2), Paths(root=root))
 

@@ -39,13 +39,24 @@ class Plan:
 
     def preview(self, num_classes: int, per_class: int) -> tuple[list[list[int]], int]:
         """Up to ``per_class`` indices of each class for a preview grid, and the grid's row length.
-        img2img: each row is one source image's variations, weakest strength first."""
+        img2img: whole sources only, each row one source's variations, weakest strength first (the
+        row length counts the source image that ``with_sources`` puts in front)."""
+        per_source = 1 if self.sources is None else int((self.source_rows == self.source_rows[0]).sum())
+        take = max(1, per_class // per_source) * per_source
         orders = [sorted(torch.nonzero(self.labels == c).flatten().tolist(),
-                         key=lambda i: (int(self.source_rows[i]), float(self.strengths[i])))[:per_class]
+                         key=lambda i: (int(self.source_rows[i]), float(self.strengths[i])))[:take]
                   for c in range(num_classes)]
-        nrow = len(self.strengths.unique()) if self.sources is not None else \
-            math.ceil(math.sqrt(max(map(len, orders))))
+        nrow = per_source + 1 if self.sources is not None else math.ceil(math.sqrt(max(map(len, orders))))
         return orders, nrow
+
+    def with_sources(self, images: torch.Tensor, order: list[int]) -> torch.Tensor:
+        """The preview ``images`` of ``order`` (from ``preview``) with each img2img source image in front
+        of its variations; generated images as they are."""
+        if self.sources is None or not order:
+            return images
+        per_source = int((self.source_rows == self.source_rows[0]).sum())
+        rows = zip(self.sources[self.source_rows[order[::per_source]]], images.split(per_source))
+        return torch.cat([torch.cat([source[None], variations]) for source, variations in rows])
 
 
 def generation_plan(num_classes: int, per_class: int) -> Plan:
