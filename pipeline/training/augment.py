@@ -39,6 +39,19 @@ def crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int | None = None) -> 
 
 # ---- TrivialAugmentWide: op set and magnitudes (torchvision's _AUGMENTATION_SPACE) -------------
 
+def cutout(x: torch.Tensor, gen: torch.Generator, ratio: float = 0.5) -> torch.Tensor:
+    """Zero one square of ``ratio`` of the side at a random centre per image (it may reach past the
+    border): DiffAugment's and FixMatch's Cutout. Drawn on ``gen``'s device, applied on ``x``'s."""
+    n, _, h, w = x.shape
+    ch, cw = int(h * ratio + 0.5), int(w * ratio + 0.5)
+    oy = (torch.randint(0, h + 1 - ch % 2, (n, 1, 1), generator=gen, device=gen.device) - ch // 2).to(x.device)
+    ox = (torch.randint(0, w + 1 - cw % 2, (n, 1, 1), generator=gen, device=gen.device) - cw // 2).to(x.device)
+    ys = torch.arange(h, device=x.device)[None, :, None]
+    xs = torch.arange(w, device=x.device)[None, None, :]
+    inside = (ys >= oy) & (ys < oy + ch) & (xs >= ox) & (xs < ox + cw)
+    return x * ~inside[:, None]
+
+
 def _lin(start: float, end: float):
     return lambda bins: torch.linspace(start, end, bins)
 

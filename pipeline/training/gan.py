@@ -25,6 +25,7 @@ from pipeline.core.device import DevicePolicy, as_policy
 from pipeline.core.images import to_unit
 from pipeline.core.seeding import step_rng
 from pipeline.core.tensors import num_parameters
+from pipeline.training.augment import cutout
 from pipeline.errors import ConfigError
 from pipeline.models import gan
 from pipeline.models.gan import CondGenerator, GanGenerator, ProjectionDiscriminator
@@ -61,19 +62,7 @@ def _translation(x, rng, ratio: float = 0.125):
     return padded.permute(0, 2, 3, 1)[torch.arange(n, device=x.device)[:, None, None], iy, ix].permute(0, 3, 1, 2)
 
 
-def _cutout(x, rng, ratio: float = 0.5):
-    """Zero one square of ratio of the side at a random center (may reach past the border)."""
-    n, _, h, w = x.shape
-    ch, cw = int(h * ratio + 0.5), int(w * ratio + 0.5)
-    oy = torch.randint(0, h + 1 - ch % 2, (n, 1, 1), generator=rng, device=x.device) - ch // 2
-    ox = torch.randint(0, w + 1 - cw % 2, (n, 1, 1), generator=rng, device=x.device) - cw // 2
-    ys = torch.arange(h, device=x.device)[None, :, None]
-    xs = torch.arange(w, device=x.device)[None, None, :]
-    inside = (ys >= oy) & (ys < oy + ch) & (xs >= ox) & (xs < ox + cw)
-    return x * ~inside[:, None]
-
-
-AUGMENTS = {"color": _color, "translation": _translation, "cutout": _cutout}
+AUGMENTS = {"color": _color, "translation": _translation, "cutout": cutout}
 
 
 def parse_policy(policy: str) -> list[str]:

@@ -5,7 +5,7 @@ FixMatch (Sohn et al. 2020): each step takes ``batch_size`` labeled images and `
 times as many pool images. The teacher (an EMA of the student's weights, timm's ``ModelEmaV3``)
 predicts a weakly augmented view of each pool image (crop + flip); where its confidence clears the
 threshold, the class trains the student on a strongly augmented view (TrivialAugmentWide + crop +
-flip) of the same image. Confident pseudo-labels come out skewed towards easy classes (DebiasPL,
+flip + Cutout, FixMatch's RandAugment + Cutout) of the same image. Confident pseudo-labels come out skewed towards easy classes (DebiasPL,
 CVPR 2022), so one of:
 
 - ``flexmatch`` (Zhang et al. 2021): a threshold per class, scaled by how many pool images that
@@ -34,7 +34,7 @@ from torch import nn
 from pipeline.config import PseudoLabelConfig
 from pipeline.core.device import DevicePolicy, as_policy
 from pipeline.core.images import to_unit
-from pipeline.training.augment import crop_flip, trivial_augment_wide
+from pipeline.training.augment import crop_flip, cutout, trivial_augment_wide
 from pipeline.training.classifier import _Stream, accuracy, one_cycle
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def fit_fixmatch(model: nn.Module, labeled: tuple[torch.Tensor, torch.Tensor], p
             xl = trivial_augment_wide(xl, gen)
         xl, yl = crop_flip(xl, gen), policy.to_device(ly[li])
         xu = policy.to_device(pool[pi])
-        weak, strong = crop_flip(xu, gen), crop_flip(trivial_augment_wide(xu, gen), gen)
+        weak, strong = crop_flip(xu, gen), cutout(crop_flip(trivial_augment_wide(xu, gen), gen), gen)
         with torch.no_grad(), policy.autocast():
             p = teacher.module(policy.inputs(to_unit(weak))).float().softmax(1)
         pseudo, mask = fair(p, pi.to(policy.device))
