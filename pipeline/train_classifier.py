@@ -165,7 +165,8 @@ def run(params: Params, paths: Paths, variant: str, seed_index: int | None = Non
                          "temperature": cfg.pseudo_temperature} if data.pseudo else None,
               "synthetic_labels": cfg.synthetic_labels if synthetic else None,
               "n_train_real": len(train_x) if spec.real else 0, "n_pseudo_labeled": n_pseudo,
-              "n_synthetic": len(synthetic[0]) if synthetic else 0, "n_val": len(val_x), "n_test": len(test_y),
+              "n_synthetic": len(synthetic[0]) if synthetic else 0, **synthetic_use(synthetic, ratio, cfg, class_names),
+              "n_val": len(val_x), "n_test": len(test_y),
               "class_names": class_names, "test_classes_missing": absent,
               "inputs": data.inputs,  # the report refuses metrics of other data or other settings
               "params": params.made_with("train_classifier", variant)}
@@ -189,6 +190,16 @@ def run(params: Params, paths: Paths, variant: str, seed_index: int | None = Non
     write_json(paths.classifier_metrics / f"{variant}.json", summary)
     log.info("train_classifier %s", summary["headline"])
     return summary
+
+
+def synthetic_use(synthetic, ratio: float, cfg, class_names: list[str]) -> dict:
+    """How many synthetic images of each class a variant trained on, and how often each was seen."""
+    if not synthetic or not len(synthetic[0]):
+        return {"synthetic_per_class": None, "synthetic_seen_per_image": 0.0}
+    y = synthetic[1].argmax(1) if synthetic[1].ndim == 2 else synthetic[1]  # soft labels: their top class
+    per_batch = int(round(cfg.batch_size * ratio))
+    return {"synthetic_per_class": dict(zip(class_names, torch.bincount(y, minlength=len(class_names)).tolist())),
+            "synthetic_seen_per_image": round(cfg.steps * per_batch / len(y), 2)}
 
 
 def main(argv: list[str] | None = None) -> None:

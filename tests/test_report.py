@@ -15,7 +15,7 @@ from pipeline.core.images import tensors_to_dataset
 from pipeline.core.io import read_json, save_dataset, write_json
 from pipeline.core.stats import detectable_difference
 from pipeline.errors import DataError
-from pipeline.reporting.tables import labeler_point, quality_rows, variant_table, verdict
+from pipeline.reporting.tables import caveats, labeler_point, quality_rows, variant_table, verdict
 
 NAMES = ["a", "b"]
 PREPARED_FP, FILTERED_FP, PSEUDO_FP, SYNTHETIC_FP, GENERATOR_FP = "p" * 64, "f" * 64, "s" * 64, "y" * 64, "g" * 64
@@ -185,6 +185,14 @@ def test_the_labeler_is_weighed_against_the_best_variant_and_no_pool_is_said():
     assert "does not beat" in labeler_point({"pool_size": 100, "labeler": {**lab, "test_accuracy": 0.8}}, t)
     assert "no semi-supervised learner" in labeler_point({"pool_size": 0}, t)
     assert labeler_point({}, t) is None and labeler_point({"pool_size": 5, "labeler": {"arch": "x"}}, t) is None
+
+
+def test_the_report_says_how_many_synthetic_images_each_variant_used_and_how_often():
+    m = {**syn([0.8]), "n_synthetic": 30, "synthetic_per_class": {"a": 10, "b": 20}, "synthetic_seen_per_image": 12.5}
+    assert caveats({"real+synthetic+classic": m, "real": variant([0.8])}, SPECS, [], {}) == [
+        "real+synthetic+classic trained on 30 synthetic images (a 10, b 20), each seen about 12.5 times "
+        "(share 0.25 of each batch)."]
+    assert caveats({"real+synthetic+classic": {**m, "synthetic_ratio": 0.0}}, SPECS, [], {}) == []  # none used
 
 
 def test_paired_difference_in_table_matches_seedwise_mean():

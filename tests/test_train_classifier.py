@@ -329,6 +329,9 @@ def test_pseudo_variant_adds_the_pseudo_labeled_pool_and_records_it(tmp_path, mo
     both = tc.run(micro_params(seeds=1, ratio_sweep=()), paths, variant="real+pseudo+synthetic+classic")
     assert both["inputs"] == {"prepared": "p" * 64, "filtered": "filtered" * 8, "pseudo": "q" * 64}
     assert both["n_pseudo_labeled"] == 12 and both["n_synthetic"] == 24
+    # how many synthetic images of each class it used and how often each was seen: 6 steps x 4 of 8 / 24
+    assert both["synthetic_per_class"] == {"top": 6, "upper": 6, "lower": 6, "bottom": 6}
+    assert both["synthetic_ratio"] == 0.5 and both["synthetic_seen_per_image"] == 1.0
 
 
 def test_pseudo_variant_refuses_stale_or_empty_pseudo_labels(tmp_path):

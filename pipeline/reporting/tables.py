@@ -227,6 +227,11 @@ def caveats(variants: dict[str, dict], specs: dict, missing: list[str], outputs:
         out.append(f"No metrics for {', '.join(missing)}{why}: this report compares the other variants only.")
     if (outputs.get("prepared") or {}).get("upscaled"):
         out.append(f"Data: {outputs['prepared']['upscaled']}.")
+    for v, m in variants.items():
+        if m.get("synthetic_per_class") and m.get("synthetic_ratio"):
+            counts = ", ".join(f"{c} {n}" for c, n in m["synthetic_per_class"].items())
+            out.append(f"{v} trained on {m['n_synthetic']} synthetic images ({counts}), each seen about "
+                       f"{m['synthetic_seen_per_image']:g} times (share {m['synthetic_ratio']:g} of each batch).")
     absent = sorted({c for m in variants.values() for c in m.get("test_classes_missing") or []})
     if absent:
         out.append(f"The test split has no image of {', '.join(absent)}: accuracies are over the other classes only.")
