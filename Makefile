@@ -4,26 +4,42 @@ SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+LOCK := requirements.lock
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | sha1sum | cut -c1-12)
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 # Prefect's settings are in prefect.toml; the offline flags are set by the entry points
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup venv data browser run test bench clean help
+.PHONY: setup venv lock data browser run test bench clean help
 
 help:
 	@echo "make run    set up (venv, packages, Fashion-MNIST) and run the pipeline: dvc repro"
 	@echo "make test   set up and run the test suite"
 	@echo "make bench  run the CPU benchmarks (results in bench/results/)"
+	@echo "make lock   re-resolve pyproject.toml and pin the result in requirements.lock"
 
-$(STAMP): pyproject.toml
+# The packages come from the lock file (the versions the tests passed with); the project itself is
+# installed editable on top, without resolving anything again.
+$(STAMP): pyproject.toml $(LOCK)
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python >= 3.11) on PATH, or run: make PYTHON=python3 ..."; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip wheel
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -r $(LOCK)
+	$(BIN)/pip install --quiet --no-deps -e .
+	$(BIN)/pip check
 	rm -f $(VENV)/.installed-* && touch $@
 
 venv: $(STAMP)
+
+# Re-resolve pyproject.toml's ranges in a scratch venv and pin the result: after changing a
+# dependency, or to take newer releases. Then run make test and commit the lock with the change.
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet --upgrade pip wheel
+	.lock-venv/bin/pip install --quiet -e '.[test]'
+	{ sed -n '/^#/p' $(LOCK); .lock-venv/bin/pip freeze --exclude-editable; } > $(LOCK).tmp && mv $(LOCK).tmp $(LOCK)
+	rm -rf .lock-venv
+	@echo "$(LOCK) refreshed: run make test, then commit it"
 
 data:
 	@if [ -f "$(FMNIST_DIR)/t10k-labels-idx1-ubyte.gz" ]; then \
