@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 LOCK := requirements.lock
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | sha1sum | cut -c1-12)
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
-# Prefect's settings are in prefect.toml; the offline flags are set by the entry points
+# Prefect's settings and the offline flags are set by the entry points (pipeline/core/env.py; also prefect.toml)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: setup venv lock data browser run test bench clean help

@@ -1,6 +1,8 @@
 """Prefect flows: thin wrappers over ``pipeline.<stage>.run`` (see flows/stages.py).
 
-Prefect's own settings for this project are in ``prefect.toml`` at the project root.
+Prefect's settings for this project are put in the environment here, before Prefect is imported
+(``pipeline.core.env``), so they apply whatever the working directory; ``prefect.toml`` holds the same
+values for the ``prefect`` command run from the project root.
 """
 import logging
 
