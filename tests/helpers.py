@@ -6,7 +6,6 @@ import struct
 
 import datasets
 import numpy as np
-import pytest
 import torch
 
 from pipeline.config import Paths, params_from_dict
@@ -131,13 +130,3 @@ def make_tiny_clip(path):
     ip = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
     CLIPProcessor(image_processor=ip, tokenizer=tok).save_pretrained(path)
     return path
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot on a busy machine (autouse in
-    the modules that import it)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

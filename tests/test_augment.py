@@ -9,7 +9,6 @@ import pipeline.training.classifier as training
 from pipeline.models.classifier import build_model
 from pipeline.training.augment import (OPS, TRIVIAL_AUGMENT_WIDE, _tables, apply_trivial_augment,
                                        sample_trivial_augment, trivial_augment_wide)
-from tests.helpers import one_thread  # noqa: F401 (autouse fixture)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

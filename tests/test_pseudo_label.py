@@ -16,7 +16,7 @@ from pipeline.errors import DataError
 from pipeline.models.classifier import build_model
 from pipeline.quality.selection import confident_per_class
 from pipeline.training.classifier import predict_proba
-from tests.helpers import make_prepared, one_thread, tiny_params, toy_images  # noqa: F401 (autouse fixture)
+from tests.helpers import make_prepared, tiny_params, toy_images
 
 PREPARED_FP = "p" * 64
 

@@ -23,7 +23,7 @@ from pipeline.core.curves import CURVES, read_curve
 from pipeline.training import checkpoint
 from pipeline.training import diffusion as td
 from pipeline.training.generator import hashed_config
-from tests.helpers import fresh_backbone, make_prepared, one_thread, tiny_data, tiny_params  # noqa: F401 (fixture)
+from tests.helpers import fresh_backbone, make_prepared, tiny_data, tiny_params
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 40

@@ -7,7 +7,6 @@ import pytest
 import pipeline.train_classifier as tc
 from pipeline.errors import ConfigError, DataError
 from pipeline.training.seed_runs import fanout_runs
-from tests.helpers import one_thread  # noqa: F401 (autouse fixture)
 from tests.test_train_classifier import micro_params, write_project
 
 VARIANT = "real+synthetic"

@@ -12,7 +12,6 @@ from pipeline.core.io import save_dataset, write_json
 from pipeline.errors import ConfigError, DataError
 from pipeline.models.classifier import build_model, efficientnet_lite0_state
 from pipeline.training.classifier import crop_flip, fit_classifier, predict_proba
-from tests.helpers import one_thread  # noqa: F401 (autouse fixture)
 
 CLASSES = ["top", "upper", "lower", "bottom"]
 ARCH = "test_resnet"  # timm's tiny test network: same code paths as resnet10t, a fraction of the cost
