@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import gzip
+import os
 import struct
+import subprocess
+import time
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -130,3 +134,22 @@ def make_tiny_clip(path):
     ip = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
     CLIPProcessor(image_processor=ip, tokenizer=tok).save_pretrained(path)
     return path
+
+
+# ---- a run held after its first checkpoint, for the kill tests -------------------------------
+
+HOOKS = Path(__file__).resolve().parent / "hooks"  # sitecustomize.py: hold a run after its first checkpoint
+
+
+def held_after_first_checkpoint(cmd, env, marker: Path, **popen) -> subprocess.Popen:
+    """Start ``cmd`` with the hook that holds the process that writes the first training checkpoint
+    (it writes ``marker`` next and waits); return once the marker is there. The test then kills a run
+    that has a checkpoint and cannot have finished, whatever the machine's speed."""
+    env = {**env, "SYNTHAUG_TEST_HOLD_AFTER_CHECKPOINT": str(marker),
+           "PYTHONPATH": os.pathsep.join([str(HOOKS), *filter(None, [env.get("PYTHONPATH")])])}
+    proc = subprocess.Popen(cmd, env=env, **popen)
+    while not marker.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"{cmd} ended ({proc.returncode}) before its first checkpoint")
+        time.sleep(0.05)  # waiting for the marker; the run cannot move past it
+    return proc

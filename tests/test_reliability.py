@@ -3,7 +3,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from pipeline import prepare
 from pipeline.config import Paths
 from pipeline.core.images import dataset_to_tensors
 from pipeline.core.io import atomic_path, load_dataset_dir, write_json
-from tests.helpers import TINY, make_idx_dir, make_prepared, prepare_params
+from tests.helpers import TINY, held_after_first_checkpoint, make_idx_dir, make_prepared, prepare_params
 
 
 def test_crash_inside_atomic_write_keeps_the_old_file_and_leaves_no_partial(tmp_path):
@@ -44,26 +43,26 @@ def test_generator_killed_mid_training_resumes_to_the_same_weights(tmp_path):
     """SIGKILL after the first checkpoint; the re-run resumes and ends where an uninterrupted run ends."""
     params = {"base": {"profile": "micro", "device": "cpu", "seed": 1},
               "train_generator": {**{k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()},
-                                  "steps": 40, "checkpoint_every": 5}}
+                                  "steps": 10, "checkpoint_every": 5}}
     pfile = tmp_path / "params.yaml"
     pfile.write_text(yaml.safe_dump(params))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     for root in (straight, killed):
         make_prepared(root)
-    subprocess.run(_train_cmd(straight, pfile), check=True, env=env, capture_output=True)
+    from pipeline import train_generator
+    from pipeline.config import load_params
 
-    proc = subprocess.Popen(_train_cmd(killed, pfile), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpts = Paths(root=killed).generator_checkpoints
-    deadline = time.time() + 120
-    while time.time() < deadline and not (ckpts.exists() and any(p.suffix == ".pt" or p.is_dir() for p in ckpts.iterdir()
-                                                                 if not p.name.startswith("."))):
-        time.sleep(0.05)
+    train_generator.run(load_params(pfile), Paths(root=straight))  # uninterrupted, in this process
+
+    proc = held_after_first_checkpoint(_train_cmd(killed, pfile), env, tmp_path / "checkpointed",
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (Paths(root=killed).generator / "generator.json").exists(), "killed too late: training had finished"
-    out = subprocess.run(_train_cmd(killed, pfile), check=True, env=env, capture_output=True, text=True)
-    assert "resum" in (out.stdout + out.stderr).lower()
+    assert proc.wait() == -signal.SIGKILL
+    assert [p.name for p in Paths(root=killed).generator_checkpoints.glob("ckpt-*.pt")] != []
+    assert not (Paths(root=killed).generator / "generator.json").exists()
+    resumed = train_generator.run(load_params(pfile), Paths(root=killed))
+    assert resumed["resumed_from_step"] == 5
     a = load_file(str(Paths(root=straight).generator / "unet/diffusion_pytorch_model.safetensors"))
     b = load_file(str(Paths(root=killed).generator / "unet/diffusion_pytorch_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

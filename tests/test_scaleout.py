@@ -23,10 +23,10 @@ from pipeline.core.curves import CURVES, read_curve
 from pipeline.training import checkpoint
 from pipeline.training import diffusion as td
 from pipeline.training.generator import hashed_config
-from tests.helpers import fresh_backbone, make_prepared, tiny_data, tiny_params
+from tests.helpers import fresh_backbone, held_after_first_checkpoint, make_prepared, tiny_data, tiny_params
 
 ROOT = Path(__file__).resolve().parent.parent
-STEPS = 40
+STEPS = 10
 RUN = dict(steps=STEPS, batch_size=8, checkpoint_every=5, labels="labeled", preview_per_class=0)
 FP32 = {"mixed_precision": "no"}  # 1 and N processes compared in fp32 (bf16 on AMX CPUs would round apart)
 
@@ -112,13 +112,11 @@ def test_two_process_run_killed_then_resumed_on_one_process_ends_as_uninterrupte
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PREFECT_HOME": str(tmp_path / "prefect")}
     env.pop("PREFECT_API_URL", None)  # a temporary local Prefect server, as under dvc repro
     with open(tmp_path / "killed.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "flows", "train_generator", "--params", str(params),
-                                 "--root", str(root)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        # held once rank 0 has written the first checkpoint (tests/hooks): the run cannot finish first
+        proc = held_after_first_checkpoint([sys.executable, "-m", "flows", "train_generator", "--params", str(params),
+                                            "--root", str(root)], env, tmp_path / "checkpointed", cwd=ROOT,
+                                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            deadline = time.time() + 300
-            while not list(ckpts.glob("ckpt-*.pt")) and proc.poll() is None and time.time() < deadline:
-                time.sleep(0.05)
             os.kill(proc.pid, signal.SIGTERM)  # the flow run is killed; it stops torchrun, which stops its workers
             proc.wait(timeout=120)
         finally:
