@@ -23,6 +23,7 @@ from pipeline.core.sources import READERS
 from pipeline.core.splits import make_splits
 
 log = logging.getLogger(__name__)
+IMBALANCE = 10  # a source class with this many times the images of another is remarked in the summary
 
 
 def run(params: Params, paths: Paths = Paths()) -> dict:
@@ -32,6 +33,14 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
     log.info("prepare: reading %s from %s", cfg.source, cfg.path)
     src = READERS[cfg.source](cfg)
     split_idx, notes = make_splits(src, cfg, params.base.seed)
+    source_counts = np.bincount(src.labels, minlength=len(src.class_names))
+    if source_counts.min() and source_counts.max() >= IMBALANCE * source_counts.min():
+        big, small = int(source_counts.argmax()), int(source_counts.argmin())
+        notes["class_imbalance"] = (
+            f"class {src.class_names[big]!r} has {source_counts[big]} source images, {source_counts[big] / source_counts[small]:.0f}x "
+            f"the {source_counts[small]} of {src.class_names[small]!r}: the labeled set takes labeled_per_class of each, "
+            f"but the unlabeled pool (pseudo-labels, generator pre-training) keeps the imbalance; see pool_counts_per_class")
+        log.warning("prepare: %s", notes["class_imbalance"])
     if src.upscale > 2:
         notes["upscaled"] = (f"the smallest source images ({src.min_side}px) were enlarged {src.upscale:.0f}x to "
                              f"prepare.image_size {cfg.image_size}: they hold little detail at that size")
@@ -57,7 +66,10 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
         "source": cfg.source, "source_path": cfg.path, "source_fingerprint": src.fingerprint,
         "image_size": cfg.image_size, "channels": cfg.channels, "class_names": src.class_names,
         "num_classes": len(src.class_names), "sizes": {k: len(v) for k, v in dd.items()}, "fingerprint": data_fp,
-        "counts_per_class": counts, "skipped_images": src.skipped, **notes,
+        "counts_per_class": counts, "source_counts_per_class": dict(zip(src.class_names, source_counts.tolist())),
+        # the pool's source labels, which no training step reads: how its classes are balanced
+        "pool_counts_per_class": np.bincount(src.labels[split_idx["pool"]], minlength=len(src.class_names)).tolist(),
+        "skipped_images": src.skipped, **notes,
         "seed": params.base.seed, "params": params.resolved(),
     }
     summary["headline"] = (

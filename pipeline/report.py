@@ -106,7 +106,7 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
             reasons[c] = ", ".join(f"{k} x{n}" for k, n in r.value_counts().items())
 
     generator = generator_facts(outputs)
-    device = resolve_device(params.base)
+    device = resolve_device(params.base, compute=False)  # reads results: a gpu run's report renders anywhere
     meta = run_metadata(paths.root, device)
     pseudo = outputs.get("pseudo") or {}
     timing = paths.stage_timing / "prepare.json"

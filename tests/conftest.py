@@ -1,11 +1,24 @@
 """Fixtures and hooks for every test: offline flags and Prefect settings first (before any library
-reads them), one torch thread, a fresh accelerate state, and the gpu marker's skip."""
+reads them), one torch thread, a fresh accelerate state, the gpu marker's skip, and one Prefect server
+for the session."""
 from pipeline.core.env import offline_defaults
 
 offline_defaults()
 
+import os  # noqa: E402
+import secrets  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import urllib.error  # noqa: E402
+import urllib.request  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+BIN = Path(sys.executable).parent
 
 
 def pytest_collection_modifyitems(config, items):
@@ -35,3 +48,42 @@ def _fresh_accelerate_state():
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A real Prefect server on a free loopback port for the whole session, with API auth on as README's
+    GPU-worker setup has it; stopped with everything it started. Holds the environment a client or worker
+    needs: PREFECT_API_URL, PREFECT_API_AUTH_STRING, PREFECT_HOME (tests create their own work pools and
+    deployments, each under names of its own or with --overwrite)."""
+    home = tmp_path_factory.mktemp("prefect_home")
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    auth = f"synthaug:{secrets.token_hex(16)}"
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": "",
+           "PREFECT_HOME": str(home), "PREFECT_SERVER_API_AUTH_STRING": auth}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen([BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{api}/health", timeout=5)
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise AssertionError(f"Prefect server did not start (exit {proc.poll()})") from None
+                time.sleep(0.5)
+        with pytest.raises(urllib.error.HTTPError, match="401"):  # the door is closed without the auth string
+            urllib.request.urlopen(urllib.request.Request(f"{api}/flows/filter", data=b"{}", method="POST"), timeout=10)
+        yield {"PREFECT_API_URL": api, "PREFECT_API_AUTH_STRING": auth, "PREFECT_HOME": str(home)}
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)

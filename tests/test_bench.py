@@ -4,6 +4,9 @@ import json
 import pytest
 
 from bench import e2e, generators, sampling
+from bench.common import rate, ratio
+from pipeline.config import params_from_dict
+from pipeline.models.diffusion import build_backbone
 
 
 def test_sampling_quick_writes_ratios_and_agreement(tmp_path, monkeypatch):
@@ -15,11 +18,13 @@ def test_sampling_quick_writes_ratios_and_agreement(tmp_path, monkeypatch):
     assert doc["packages"]["torch"] and doc["date"]
     assert "randomly initialised" in doc["settings"]["generator"]
     assert doc["ours"]["images_per_second"] > 0 and doc["stock"]["images_per_second"] > 0
-    assert doc["ratio_images_per_second"]["best"] == pytest.approx(
-        doc["ours"]["images_per_second"] / doc["stock"]["images_per_second"])
+    assert doc["settings"]["images_ours"] == doc["agreement"]["images_compared"] == 4  # --quick: 4 images each
+    assert len(doc["ours"]["seconds"]) == len(doc["stock"]["seconds"]) == 1  # --repeats 1
     if doc["settings"]["ours_precision"] == "fp32":  # same seeds, same fp32 weights: only batch-size rounding differs
         assert res["agreement"]["mean_abs_pixel_difference_uint8"] < 1.0
         assert res["agreement"]["fraction_pixels_equal"] > 0.9
+        # one image per batch, as the stock loop makes them: the same pixels up to one level of rounding
+        assert res["agreement"]["ours_at_batch_1_vs_stock"]["max_abs_pixel_difference_uint8"] <= 1
     else:  # bf16 autocast on a CPU with AMX / AVX512-BF16 (the stock loop is fp32): the same images up to bf16 rounding
         assert doc["settings"]["ours_precision"] == "bf16 autocast"
         assert res["agreement"]["mean_abs_pixel_difference_uint8"] < 8
@@ -44,7 +49,20 @@ def test_generators_quick_times_every_kind_side_by_side(tmp_path):
     doc = json.loads((tmp_path / "generators-cpu.json").read_text())
     assert set(doc["kinds"]) == set(generators.KINDS) and doc["settings"]["weights"].startswith("random")
     assert all(v["images_per_second"] > 0 and v["parameters"] > 0 for v in doc["kinds"].values())
-    assert res["ratio_images_per_second_vs_unet"]["unet"]["best"] == pytest.approx(1.0)
+    # the sizes are those of the models the pipeline builds for the micro profile (the reference)
+    cfg = params_from_dict({"base": {"profile": "micro"}, "train_generator": {"kind": "unet"}}).train_generator
+    assert doc["kinds"]["unet"]["parameters"] == sum(p.numel() for p in build_backbone(cfg, 28, 1, 10).parameters())
+    assert res["settings"]["images"] == 4 and doc["settings"]["profile"] == "micro"
+
+
+def test_rates_and_ratios_against_hand_computed_values():
+    """bench.common's throughput arithmetic, on timings whose answers are known."""
+    ours, ref = rate(8, [2.0, 1.0, 4.0]), rate(4, [1.0, 1.0, 2.0])
+    assert ours["per_second_best"] == 8.0 and ours["per_second_median"] == 4.0
+    assert ref["per_second_best"] == 4.0 and ref["per_second_median"] == 4.0
+    r = ratio(ours, ref)  # per repeat: (8/2)/(4/1) = 1, (8/1)/(4/1) = 2, (8/4)/(4/2) = 1
+    assert r["best"] == 2.0 and r["median"] == 1.0
+    assert r["paired"] == [1.0, 1.0, 2.0] and r["paired_median"] == 1.0
 
 
 @pytest.mark.slow

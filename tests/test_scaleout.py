@@ -102,15 +102,14 @@ def worker_pids(root: Path) -> list[int]:
 
 
 @pytest.mark.slow
-def test_two_process_run_killed_then_resumed_on_one_process_ends_as_uninterrupted(tmp_path):
+def test_two_process_run_killed_then_resumed_on_one_process_ends_as_uninterrupted(tmp_path, prefect_server):
     reference = stage(tmp_path / "reference")
     root = tmp_path / "killed"
     make_prepared(root)
     params = root / "params.yaml"
     params.write_text(yaml.safe_dump(tiny_params(FP32, **RUN, num_processes=2).resolved()))
     ckpts = Paths(root=root).generator_checkpoints
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PREFECT_HOME": str(tmp_path / "prefect")}
-    env.pop("PREFECT_API_URL", None)  # a temporary local Prefect server, as under dvc repro
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **prefect_server}  # the session's server (conftest)
     with open(tmp_path / "killed.log", "w") as log:
         # held once rank 0 has written the first checkpoint (tests/hooks): the run cannot finish first
         proc = held_after_first_checkpoint([sys.executable, "-m", "flows", "train_generator", "--params", str(params),
@@ -121,7 +120,7 @@ def test_two_process_run_killed_then_resumed_on_one_process_ends_as_uninterrupte
             proc.wait(timeout=120)
         finally:
             try:
-                os.killpg(proc.pid, signal.SIGKILL)  # whatever of ours is left (its temporary Prefect server)
+                os.killpg(proc.pid, signal.SIGKILL)  # whatever of ours is left
             except ProcessLookupError:
                 pass
     deadline = time.time() + 60

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import reprlib
 from pathlib import Path
 from typing import Any, get_args, get_origin
 
@@ -20,6 +21,32 @@ from pipeline.errors import ConfigError
 log = logging.getLogger(__name__)
 PARAMS_FILE = "params.yaml"
 PROFILES_FILE = Path(__file__).resolve().parent.parent / "profiles.yaml"
+MAX_VALUES = 100_000  # params are small; more values than this (a YAML alias bomb) is refused at once
+_SHORT = reprlib.Repr()
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlevel = 80, 80, 2
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 5
+
+
+def short(value: Any) -> str:
+    """A bounded repr of a user's value for an error message (a huge or deeply nested value is cut)."""
+    return _SHORT.repr(value)
+
+
+def _check_size(raw: Any, source: str) -> None:
+    """Refuse params that expand to more than MAX_VALUES values, counting each alias as the copy it
+    stands for; stops counting at the limit, so a bomb costs no more than that to detect."""
+    seen, stack = 0, [raw]
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > MAX_VALUES:
+            raise ConfigError(f"{source}: the params expand to more than {MAX_VALUES:,} values (YAML anchors and "
+                              "aliases that repeat each other?). Params are a few hundred values: write them out.")
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
 
 
 def _allowed_keys(loc: tuple) -> list[str]:
@@ -39,7 +66,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
         if e["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key (allowed here: {', '.join(_allowed_keys(e['loc']))})")
         else:
-            got = "" if isinstance(e.get("input"), dict) else f" (got {e.get('input')!r})"  # a section: its message says
+            got = "" if isinstance(e.get("input"), dict) else f" (got {short(e.get('input'))})"  # a section: its message says
             lines.append(f"  {key}: {e['msg']}{got}")
     return f"{source}: invalid params:\n" + "\n".join(lines) + "\nFix these keys and run again."
 
@@ -110,15 +137,16 @@ def params_diff(made: dict, now: dict, prefix: str = "") -> list[str]:
 def params_from_dict(raw: dict | None, source: str = "<params>") -> Params:
     if not isinstance(raw or {}, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    _check_size(raw, source)
     raw = dict(raw or {})
     base_raw = raw.get("base") or {}
     profile = base_raw.get("profile", BaseParams().profile) if isinstance(base_raw, dict) else "cpu"
-    if profile not in PROFILES:
-        raise ConfigError(f"{source}: base.profile: unknown profile {profile!r} (allowed: {', '.join(PROFILES)})")
+    if not isinstance(profile, str) or profile not in PROFILES:
+        raise ConfigError(f"{source}: base.profile: unknown profile {short(profile)} (allowed: {', '.join(PROFILES)})")
     merged: dict[str, Any] = {}
     for section, value in raw.items():
         if section in STAGES and not isinstance(value, (dict, type(None))):
-            raise ConfigError(f"{source}: {section}: must be a mapping of keys, got {value!r}")
+            raise ConfigError(f"{source}: {section}: must be a mapping of keys, got {short(value)}")
         merged[section] = dict(value or {}) if isinstance(value, dict) or value is None else value
     for stage, preset in PROFILES[profile].items():
         merged[stage] = deep_merge(preset, merged.get(stage) or {})
@@ -148,7 +176,7 @@ def load_params(path: str | os.PathLike = PARAMS_FILE, overrides: dict | None = 
             node = node[p]
             if not isinstance(node, dict):
                 where = ".".join(parents[:i + 1])
-                raise ConfigError(f"override {dotted}: {where} is a value ({node!r}), not a section; set {where}=... "
+                raise ConfigError(f"override {dotted}: {where} is a value ({short(node)}), not a section; set {where}=... "
                                   "or a key inside a section")
         node[leaf] = value
     return params_from_dict(raw, str(path))

@@ -20,7 +20,9 @@ Location = Annotated[str, AfterValidator(os.path.expanduser)]  # a file or folde
 
 
 class BaseParams(_Section):
-    seed: int = Field(0, ge=0)  # master seed: splits, initialisation, sampling seeds, classifier seeds
+    # master seed: splits, initialisation, sampling seeds, classifier seeds. At most 2^32 - 1: each synthetic
+    # image's seed is seed * 1,000,000,007 + its index, which must stay within torch's 64-bit seeds
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
     profile: Literal["micro", "cpu", "gpu"] = "cpu"  # size preset, see PROFILES
     # the device policy of every stage (pipeline/core/device.py): bf16 autocast for generator training,
@@ -359,11 +361,21 @@ class Params(_Section):
 STAGES = {name: f.annotation for name, f in Params.model_fields.items() if name != "base"}  # stage -> its config
 
 
-def resolve_device(base: BaseParams) -> str:
+def resolve_device(base: BaseParams, compute: bool = True) -> str:
+    """The device a stage runs on. ``compute``: the stage trains or samples at the profile's sizes, so the
+    gpu profile without a CUDA device is refused (days of CPU time) unless ``base.device: cpu`` asks for it
+    (then a warning); a stage that only reads results (report) passes False."""
     import torch
 
     if base.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("base.device: cuda was asked for but no CUDA device is visible; use auto or cpu")
-    if base.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return base.device
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if base.device == "auto" else base.device
+    if compute and base.profile == "gpu" and device == "cpu":
+        if base.device == "auto":
+            raise ConfigError("base.profile: gpu sizes every model for a GPU (a 36M-parameter generator, thousands of "
+                              "steps: days on a CPU), but no CUDA device is visible here. Use base.profile: cpu on this "
+                              "machine, or run on a GPU machine; base.device: cpu runs it on the CPU anyway.")
+        import logging
+
+        logging.getLogger(__name__).warning("base.profile: gpu on the CPU (base.device: cpu): expect days, not hours")
+    return device

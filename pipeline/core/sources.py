@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import logging
+import os
 import struct
 import warnings
 from dataclasses import dataclass, field
@@ -159,9 +160,11 @@ def read_imagefolder(cfg: PrepareConfig) -> Source:
         raise DataError(f"{root}: no class sub-folders. Expected {root}/<class name>/<image files>.")
     images, labels, skipped, sides, h = [], [], [], [], hashlib.sha256()
     for label, d in enumerate(class_dirs):
-        for f in sorted(p for p in d.rglob("*") if p.is_file() and not p.name.startswith(".")):
-            h.update(f"{f.relative_to(root)}:{sha256_file(f)}".encode())
+        for f in sorted(p for p in d.rglob("*") if not p.is_dir() and not p.name.startswith(".")):
             try:
+                if not f.is_file():  # never opened: a named pipe blocks, a link to /dev/zero never ends
+                    raise DataError(f"{f}: {_not_a_file(f)}, not an image file")
+                h.update(f"{f.relative_to(root)}:{sha256_file(f)}".encode())
                 images.append(load_image_file(f, cfg, sides))
                 labels.append(label)
             except DataError as err:
@@ -176,14 +179,37 @@ def read_imagefolder(cfg: PrepareConfig) -> Source:
                   fingerprint=h.hexdigest(), skipped=skipped, min_side=min(sides, default=None))
 
 
+def _not_a_file(path: Path) -> str:
+    """What a path that is not a regular file is (what it links to, for a link)."""
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return f"a broken link (to {os.readlink(path)})" if path.is_symlink() else "unreadable"
+    kind = ("a named pipe" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+    return f"a link to {kind} ({os.readlink(path)})" if path.is_symlink() else kind
+
+
 def _is_class_label(split, column: str) -> bool:
     return hasattr(split.features[column], "names")
 
 
-def _class_names(split, column: str) -> list[str]:
-    """The ClassLabel names of a split, or its distinct label values as text."""
+def _class_names(split, column: str, where: str = "") -> list[str]:
+    """The ClassLabel names of a split, or its distinct label values as text. Rows without a label
+    (None, or a negative number: Hugging Face's -1 for "no label") are refused, not made a class."""
+    values = split[column]
+    unlabeled = [v for v in values if v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0)]
+    if unlabeled:
+        missing, first = len(unlabeled), unlabeled[0]
+        raise DataError(f"{where}: {missing} of {len(values)} rows have no label in column {column!r} ({first!r}: "
+                        f"None or -1 means unlabeled in Hugging Face datasets). prepare needs a label on every row "
+                        f"of a saved dataset: drop those rows (ds.filter(lambda r: r[{column!r}] is not None and "
+                        f"r[{column!r}] >= 0)) and save it again; prepare makes the unlabeled pool itself "
+                        f"(prepare.unlabeled_pool).")
     return list(split.features[column].names) if _is_class_label(split, column) else \
-        [str(v) for v in sorted(set(split[column]))]
+        [str(v) for v in sorted(set(values))]
 
 
 def read_hf_disk(cfg: PrepareConfig) -> Source:
@@ -201,13 +227,13 @@ def read_hf_disk(cfg: PrepareConfig) -> Source:
             if col not in split.column_names:
                 raise DataError(f"{root}: split {name!r} has no column {col!r} (columns: {split.column_names}). "
                                 f"Set prepare.image_column / prepare.label_column.")
-    names = _class_names(splits["train"], cfg.label_column)
+    names = _class_names(splits["train"], cfg.label_column, f"{root}: split 'train'")
     skipped: list[dict] = []
     sides: list[int] = []
 
     def convert(split, name):
         """Images fitted to the config; labels matched to train's classes by name, not by index."""
-        own = _class_names(split, cfg.label_column)
+        own = _class_names(split, cfg.label_column, f"{root}: split {name!r}")
         unknown = sorted(set(own) - set(names))
         if unknown:
             raise DataError(f"{root}: split {name!r} has labels {unknown} that the train split does not have "
