@@ -6,6 +6,9 @@ from pipeline.core.env import offline_defaults
 offline_defaults()
 
 import os  # noqa: E402
+
+# stages run in-process here, outside any flow run, with Prefect imported and the pipeline logger forwarded
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 import secrets  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
