@@ -1,6 +1,7 @@
 """The package's shape: imports go one way, modules stay small, and dvc.yaml lists the code each
 stage runs (so editing that code re-runs the stage instead of leaving a stale cached output)."""
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -24,13 +25,18 @@ def test_every_stage_is_checked_and_dvc_runs_them_in_order():
 
 
 def test_import_layers_contract_is_kept(capsys):
-    """pyproject.toml's import-linter contract, checked in this process (import-linter's lint_imports)."""
-    from importlinter.cli import lint_imports
+    """pyproject.toml's import-linter contract, checked in this process. Through import-linter's
+    application function, not its CLI function: that one reconfigures logging (dictConfig), which
+    disables every logger already made, the pipeline's included, for the rest of the session."""
+    import importlinter.api  # noqa: F401 (configures import-linter's adapters)
+    from importlinter.application.use_cases import SUCCESS, lint_imports
 
-    code = lint_imports(config_filename=str(ROOT / "pyproject.toml"), no_cache=True, no_logo=True)
+    logging.getLogger("pipeline.prepare")  # exists before the check, as it does in a session
+    passed = lint_imports(config_filename=str(ROOT / "pyproject.toml"), cache_dir=None, no_logo=True)
     out = capsys.readouterr().out
-    assert code == 0, out[-3000:]
+    assert passed == SUCCESS, out[-3000:]
     assert "1 kept, 0 broken" in out
+    assert not logging.getLogger("pipeline.prepare").disabled  # later tests still see the pipeline's log
 
 
 def test_modules_stay_small():
