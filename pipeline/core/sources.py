@@ -205,8 +205,8 @@ def _class_names(split, column: str, where: str = "") -> list[str]:
         missing, first = len(unlabeled), unlabeled[0]
         raise DataError(f"{where}: {missing} of {len(values)} rows have no label in column {column!r} ({first!r}: "
                         f"None or -1 means unlabeled in Hugging Face datasets). prepare needs a label on every row "
-                        f"of a saved dataset: drop those rows (ds.filter(lambda r: r[{column!r}] is not None and "
-                        f"r[{column!r}] >= 0)) and save it again; prepare makes the unlabeled pool itself "
+                        f"of a saved dataset: drop those rows (ds.filter(lambda r: r[{column!r}] not in (None, -1))) "
+                        f"and save it again; prepare makes the unlabeled pool itself "
                         f"(prepare.unlabeled_pool).")
     return list(split.features[column].names) if _is_class_label(split, column) else \
         [str(v) for v in sorted(set(values))]
