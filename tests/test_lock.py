@@ -2,6 +2,7 @@
 environment the tests run in is the one it describes."""
 from __future__ import annotations
 
+import sysconfig
 import tomllib
 from importlib import metadata
 from pathlib import Path
@@ -39,8 +40,18 @@ def test_the_lock_pins_every_declared_dependency_within_its_range():
     assert not outside, f"locked outside pyproject's range (run make lock): {outside}"
 
 
+def installed_versions() -> dict[str, str]:
+    """Name -> version of what is installed in this environment's site-packages, as pip freeze lists it.
+    Not every distribution on sys.path: setuptools, once imported, puts its vendored copies (packaging,
+    zipp, importlib-metadata, platformdirs) there too."""
+    folders = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    return {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions(path=folders)}
+
+
 def test_the_installed_packages_are_the_locked_versions():
-    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    import setuptools  # noqa: F401 (its vendored packages on sys.path must not count, whatever ran before)
+
+    installed = installed_versions()
     differ = {name: (version, installed.get(name)) for name, version in read_lock().items()
               if installed.get(name) != version}
     assert not differ, f"locked vs installed (run make setup): {differ}"
