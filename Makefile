@@ -10,13 +10,14 @@ FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 # Prefect's settings and the offline flags are set by the entry points (pipeline/core/env.py; also prefect.toml)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup venv lock data browser run test bench clean help
+.PHONY: setup venv lock data browser run test bench gpu-wheels clean help
 
 help:
 	@echo "make run    set up (venv, packages, Fashion-MNIST) and run the pipeline: dvc repro"
 	@echo "make test   set up and run the test suite"
 	@echo "make bench  run the CPU benchmarks (results in bench/results/)"
 	@echo "make lock   re-resolve pyproject.toml and pin the result in requirements.lock"
+	@echo "make gpu-wheels  put what a bare GPU box needs for bench/gpu_check.py in .gpu/ (wheels + data)"
 
 # The packages come from the lock file (the versions the tests passed with); the project itself is
 # installed editable on top, without resolving anything again.
@@ -74,6 +75,11 @@ test: venv browser
 
 bench: venv
 	$(BIN)/python -m bench.run_all
+
+# the wheels a GPU machine without registry access lacks (the lock's versions, for its Python 3.12)
+# and a Fashion-MNIST subset, for python -m bench.gpu_check there (bench/README.md, "GPU check")
+gpu-wheels: venv data
+	$(BIN)/python -m bench.gpu_carry --fashion-mnist $(FMNIST_DIR)
 
 clean:
 	rm -rf data/prepared data/synthetic data/filtered models metrics reports/*.html

@@ -20,27 +20,16 @@ from pipeline.core.device import policy_for
 from pipeline.core.curves import write_curves
 from pipeline.core.entrypoint import stage_main
 from pipeline.core.images import class_names_of, dataset_to_tensors, image_hashes
-from pipeline.core.io import (OUTPUTS, atomic_path, check_writable, load_dataset_dir, load_pseudo_labels, read_output,
-                              write_json)
+from pipeline.core.io import (OUTPUTS, atomic_path, check_writable, load_dataset_dir, load_pseudo_labels, load_split,
+                              read_output, write_json)
 from pipeline.core.stats import classification_metrics, summarize_seeds
 from pipeline.errors import ConfigError, DataError
 from pipeline.models.classifier import check_input_size, load_classifier, save_classifier
-from pipeline.training.classifier import RATIO_RULE, predict_proba, sharpen, train_variant
+from pipeline.training.classifier import RATIO_RULE, predict_proba, sharpen, synthetic_use, train_variant
 from pipeline.training.seed_runs import CLI_OPTIONS, gather_seeds, train_seed
 
 log = logging.getLogger(__name__)
 SUMMARY_METRICS = ("accuracy", "macro_f1", "ece")
-
-
-def load_split(paths, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """One labeled split of the prepared dataset as tensors (+ class names)."""
-    dd = load_dataset_dir(paths.prepared / "dataset", "prepare")
-    if split not in dd:
-        raise DataError(f"{paths.prepared / 'dataset'}: no {split!r} split (has {list(dd)}). Run prepare again.")
-    x, y = dataset_to_tensors(dd[split])
-    if y is None:
-        raise DataError(f"{paths.prepared / 'dataset'}: split {split!r} has no labels")
-    return x, y, class_names_of(dd[split])
 
 
 def load_synthetic(paths: Paths, source: str, class_names: list[str], like: torch.Tensor
@@ -165,8 +154,8 @@ def run(params: Params, paths: Paths, variant: str, seed_index: int | None = Non
                          "temperature": cfg.pseudo_temperature} if data.pseudo else None,
               "synthetic_labels": cfg.synthetic_labels if synthetic else None,
               "n_train_real": len(train_x) if spec.real else 0, "n_pseudo_labeled": n_pseudo,
-              "n_synthetic": len(synthetic[0]) if synthetic else 0, **synthetic_use(synthetic, ratio, cfg, class_names),
-              "n_val": len(val_x), "n_test": len(test_y),
+              "n_synthetic": len(synthetic[0]) if synthetic else 0, "n_val": len(val_x), "n_test": len(test_y),
+              **synthetic_use(synthetic, ratio, cfg.steps, cfg.batch_size, class_names),
               "class_names": class_names, "test_classes_missing": absent,
               "inputs": data.inputs,  # the report refuses metrics of other data or other settings
               "params": params.made_with("train_classifier", variant)}
@@ -190,16 +179,6 @@ def run(params: Params, paths: Paths, variant: str, seed_index: int | None = Non
     write_json(paths.classifier_metrics / f"{variant}.json", summary)
     log.info("train_classifier %s", summary["headline"])
     return summary
-
-
-def synthetic_use(synthetic, ratio: float, cfg, class_names: list[str]) -> dict:
-    """How many synthetic images of each class a variant trained on, and how often each was seen."""
-    if not synthetic or not len(synthetic[0]):
-        return {"synthetic_per_class": None, "synthetic_seen_per_image": 0.0}
-    y = synthetic[1].argmax(1) if synthetic[1].ndim == 2 else synthetic[1]  # soft labels: their top class
-    per_batch = int(round(cfg.batch_size * ratio))
-    return {"synthetic_per_class": dict(zip(class_names, torch.bincount(y, minlength=len(class_names)).tolist())),
-            "synthetic_seen_per_image": round(cfg.steps * per_batch / len(y), 2)}
 
 
 def main(argv: list[str] | None = None) -> None:

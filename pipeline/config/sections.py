@@ -65,7 +65,7 @@ class PseudoLabelConfig(_Section):
     fixmatch_threshold: float = Field(0.95, gt=0, le=1)  # fixmatch: teacher confidence that makes a pool image count
     fairness: Literal["flexmatch", "da", "none"] = "flexmatch"  # fixmatch: class-wise thresholds | distribution alignment
     unlabeled_weight: float = Field(1.0, ge=0)  # fixmatch: weight of the pool loss
-    ema_decay: float = Field(0.999, ge=0, lt=1)  # fixmatch: the teacher is this EMA of the student
+    ema_decay: float = Field(0.99, ge=0, lt=1)  # fixmatch: the teacher is this EMA of the student
     # which pool images keep their label: all by default (every pool image with its probabilities, as DPT);
     # a threshold keeps those whose top class has at least this probability
     threshold: float = Field(0.0, ge=0, le=1)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from pipeline.config import Paths
-from pipeline.core.images import dataset_to_tensors
+from pipeline.core.images import class_names_of, dataset_to_tensors
 from pipeline.errors import ConfigError, DataError
 
 # each stage output whose summary records what it was made from: its summary file and the stage that writes it
@@ -233,3 +233,14 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 def sha256_tensor(x: torch.Tensor | np.ndarray) -> str:
     arr = x.cpu().numpy() if isinstance(x, torch.Tensor) else x
     return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
+
+
+def load_split(paths: Paths, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """One labeled split of the prepared dataset as tensors (+ class names)."""
+    dd = load_dataset_dir(paths.prepared / "dataset", "prepare")
+    if split not in dd:
+        raise DataError(f"{paths.prepared / 'dataset'}: no {split!r} split (has {list(dd)}). Run prepare again.")
+    x, y = dataset_to_tensors(dd[split])
+    if y is None:
+        raise DataError(f"{paths.prepared / 'dataset'}: split {split!r} has no labels")
+    return x, y, class_names_of(dd[split])

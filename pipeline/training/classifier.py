@@ -56,6 +56,17 @@ def batch_composition(batch_size: int, synthetic_ratio: float, has_real: bool, h
     return batch_size - n_syn, n_syn
 
 
+def synthetic_use(synthetic: tuple[torch.Tensor, torch.Tensor] | None, ratio: float, steps: int, batch_size: int,
+                  class_names: list[str]) -> dict:
+    """How many synthetic images of each class a variant trains on, and how often each is seen."""
+    if not synthetic or not len(synthetic[0]):
+        return {"synthetic_per_class": None, "synthetic_seen_per_image": 0.0}
+    y = synthetic[1].argmax(1) if synthetic[1].ndim == 2 else synthetic[1]  # soft labels: their top class
+    counts = torch.bincount(y, minlength=len(class_names)).tolist()
+    return {"synthetic_per_class": dict(zip(class_names, counts)),
+            "synthetic_seen_per_image": round(steps * int(round(batch_size * ratio)) / len(y), 2)}
+
+
 def one_cycle(steps: int, warmup: float = 0.25, start: float = 1 / 25, end: float = 1e-4):
     """LR multiplier of a one-cycle schedule (OneCycleLR's shape, cosine annealing) that also
     works for a handful of steps: linear warm-up from ``start`` to 1, cosine down to ``end``."""
