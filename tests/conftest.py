@@ -21,6 +21,8 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from tests.helpers import stop_process_group  # noqa: E402
+
 BIN = Path(sys.executable).parent
 
 
@@ -33,10 +35,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """Tiny models gain nothing from intra-op threads, and lose a lot on a busy machine; tests that
-    time nothing run the same on 1 or 2 cores. Subprocesses a test starts set OMP_NUM_THREADS themselves."""
+    time nothing run the same on 1 or 2 cores. Session-wide, so module fixtures (a generator trained
+    once for a module) and the tests that compare with them compute with the same thread count: float
+    sums in another order would make "same seed, same weights" depend on the machine's cores.
+    Subprocesses a test starts set OMP_NUM_THREADS themselves."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -88,5 +93,4 @@ def prefect_server(tmp_path_factory):
             urllib.request.urlopen(urllib.request.Request(f"{api}/flows/filter", data=b"{}", method="POST"), timeout=10)
         yield {"PREFECT_API_URL": api, "PREFECT_API_AUTH_STRING": auth, "PREFECT_HOME": str(home)}
     finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
+        stop_process_group(proc)

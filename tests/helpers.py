@@ -141,6 +141,22 @@ def make_tiny_clip(path):
 HOOKS = Path(__file__).resolve().parent / "hooks"  # sitecustomize.py: hold a run after its first checkpoint
 
 
+def stop_process_group(proc: subprocess.Popen, grace: float = 30) -> None:
+    """Stop a process started with ``start_new_session`` and everything it started: SIGTERM, then
+    SIGKILL for what is still there after ``grace`` seconds (a Prefect worker may take longer to
+    shut down gracefully than a test should wait; the test checks what the run did, not that)."""
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
 def held_after_first_checkpoint(cmd, env, marker: Path, **popen) -> subprocess.Popen:
     """Start ``cmd`` with the hook that holds the process that writes the first training checkpoint
     (it writes ``marker`` next and waits); return once the marker is there. The test then kills a run

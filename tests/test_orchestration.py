@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import make_idx_dir
+from tests.helpers import make_idx_dir, stop_process_group
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -115,8 +115,7 @@ def test_deployment_runs_through_process_worker(tmp_path, tiny_data, prefect_ser
         out = run([BIN / "python", "-c", script], proj, env=e, timeout=1000)
         assert out.stdout.strip().splitlines()[-1] == "COMPLETED", out.stdout + out.stderr
     finally:
-        os.killpg(worker.pid, 15)
-        worker.wait(timeout=60)
+        stop_process_group(worker)
     assert (proj / "reports/report.html").exists()  # ran in the deployed project, with its micro params
     assert (proj / "metrics/classifier/real.json").exists()
     assert json.loads((proj / "data/prepared/summary.json").read_text())["sizes"]["test"] == 30
@@ -197,9 +196,7 @@ def fanout(tmp_path_factory, tiny_data, prefect_server):
         yield {"proj": proj, "env": e, "logs": logs, "single_run": single_run}
     finally:
         for w in workers:
-            os.killpg(w.pid, 15)
-        for w in workers:
-            w.wait(timeout=60)
+            stop_process_group(w)
 
 
 def watch(fanout, deployment: str, params: dict, child: str, kill: bool = False) -> dict:

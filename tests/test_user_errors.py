@@ -380,8 +380,8 @@ def test_ctrl_c_ends_with_a_note_not_a_traceback(tmp_path):
                              str(tmp_path)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env)
     deadline = time.time() + 120
-    while time.time() < deadline and not (Paths(root=tmp_path).generator_checkpoints).exists():
-        time.sleep(0.5)  # training has started once it writes its first checkpoint folder
+    while time.time() < deadline and not any(Paths(root=tmp_path).generator_checkpoints.glob("ckpt-*.pt")):
+        time.sleep(0.5)  # training runs once its first checkpoint is written (the folder comes before the imports end)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
