@@ -14,7 +14,7 @@ from pipeline import prepare, pseudo_label, sample, train_classifier, train_gene
 from pipeline.config import Paths, load_params, params_from_dict
 from pipeline.core.io import read_json
 from pipeline.errors import ConfigError, DataError
-from tests.helpers import TINY, make_idx_dir, make_prepared, prepare_params, tiny_params
+from tests.helpers import TINY, held_after_first_checkpoint, make_idx_dir, make_prepared, prepare_params, tiny_params
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -372,18 +372,18 @@ def test_tiny_source_images_enlarged_a_lot_are_noted(tmp_path, caplog):
 
 def test_ctrl_c_ends_with_a_note_not_a_traceback(tmp_path):
     import signal
-    import time
     make_prepared(tmp_path)
     p = write_params(tmp_path / "p.yaml", train_generator={**TINY, "steps": 100_000})
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([str(BIN / "python"), "-m", "pipeline.train_generator", "--params", str(p), "--root",
-                             str(tmp_path)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
-    deadline = time.time() + 120
-    while time.time() < deadline and not any(Paths(root=tmp_path).generator_checkpoints.glob("ckpt-*.pt")):
-        time.sleep(0.5)  # training runs once its first checkpoint is written (the folder comes before the imports end)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    cmd = [str(BIN / "python"), "-m", "pipeline.train_generator", "--params", str(p), "--root", str(tmp_path)]
+    # interrupted while it trains (held after its first checkpoint), never while it still imports
+    proc = held_after_first_checkpoint(cmd, env, tmp_path / "checkpointed", cwd=tmp_path, stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True)
+    try:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()  # never left running (it would train 100,000 steps beside the rest of the suite)
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     assert "interrupted: every output is written atomically" in err
