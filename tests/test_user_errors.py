@@ -376,9 +376,11 @@ def test_ctrl_c_ends_with_a_note_not_a_traceback(tmp_path):
     p = write_params(tmp_path / "p.yaml", train_generator={**TINY, "steps": 100_000})
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     cmd = [str(BIN / "python"), "-m", "pipeline.train_generator", "--params", str(p), "--root", str(tmp_path)]
-    # interrupted while it trains (held after its first checkpoint), never while it still imports
+    # interrupted while it trains (held after its first checkpoint), never while it still imports; with
+    # SIGINT's default disposition, as in a terminal (a child inherits "ignored" from a parent that set it)
     proc = held_after_first_checkpoint(cmd, env, tmp_path / "checkpointed", cwd=tmp_path, stdout=subprocess.PIPE,
-                                       stderr=subprocess.PIPE, text=True)
+                                       stderr=subprocess.PIPE, text=True,
+                                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=120)
