@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 AUGMENTS = ("standard", "classic")
 
 
-class _Stream:
+class IndexStream:
     """Endless reshuffled indices into a source of ``n`` items."""
 
     def __init__(self, n: int, gen: torch.Generator):
@@ -150,7 +150,7 @@ def fit_classifier(model: nn.Module, train_x: torch.Tensor | None, train_y: torc
     torch.manual_seed(seed)  # dropout draws from the global generator; batches and augmentation from gen
     parts = [(src, n) for src, n in (((train_x, train_y), n_real - n_pool), (pseudo, n_pool), (synthetic, n_syn)) if n]
     k = next((y.shape[1] for (_, y), _ in parts if y.ndim == 2), None)  # soft labels anywhere: all soft
-    streams = [(x, soft_targets(y, k) if k else y, n, _Stream(len(x), gen)) for (x, y), n in parts]
+    streams = [(x, soft_targets(y, k) if k else y, n, IndexStream(len(x), gen)) for (x, y), n in parts]
 
     policy = as_policy(device)
     policy.prepare(model).train()

@@ -35,7 +35,7 @@ from pipeline.config import PseudoLabelConfig
 from pipeline.core.device import DevicePolicy, as_policy
 from pipeline.core.images import to_unit
 from pipeline.training.augment import crop_flip, cutout, trivial_augment_wide
-from pipeline.training.classifier import _Stream, accuracy, one_cycle
+from pipeline.training.classifier import IndexStream, accuracy, one_cycle
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def fit_fixmatch(model: nn.Module, labeled: tuple[torch.Tensor, torch.Tensor], p
     (lx, ly), k = labeled, int(model.num_classes)  # a timm model
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    streams = _Stream(len(lx), gen), _Stream(len(pool), gen)
+    streams = IndexStream(len(lx), gen), IndexStream(len(pool), gen)
     n_pool = cfg.unlabeled_ratio * cfg.batch_size
     prior = torch.bincount(ly, minlength=k).float() / len(ly)
     fair = ClassFairness(cfg.fairness, cfg.fixmatch_threshold, len(pool), prior, policy.device)
