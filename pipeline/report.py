@@ -62,7 +62,7 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
     shown_params, drift = params_made_with(params, outputs)
     baseline = baseline_of(specs, variants)
     table = variant_table(variants, baseline)
-    answer = verdict(table, variants, specs, baseline)
+    answer = verdict(table, variants, specs, baseline, (outputs.get("pseudo") or {}).get("labeler"))
     labeler = labeler_point(outputs.get("pseudo") or {}, table)
     add_points(answer, ([labeler] if labeler else []) + caveats(variants, specs, missing, outputs) + drift + notes)
     figs, csvs = {"variants": fig_variants(table)}, {}
@@ -122,6 +122,7 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
                **({"gain": answer["gain"], "gain_ci95_low": answer["gain_low"], "gain_ci95_high": answer["gain_high"],
                    "detectable_difference": answer["detectable_difference"]} if "gain" in answer else {}),
                "comparisons": answer["comparisons"], "stage_seconds": stage_times,
+               **{k: answer.get(k) for k in ("strongest_without_synthetic", "versus_strongest")},
                "generator_quality": generator_quality(filt, table, params.train_classifier.variants) if filt else None,
                "pseudo_labels": {k: pseudo.get(k) for k in ("kept", "pool_size", "pseudo_label_accuracy", "threshold",
                                                             "labeler")},

@@ -177,7 +177,8 @@ def fanout(tmp_path_factory, tiny_data, prefect_server):
     proj = project_copy(tmp / "proj", tiny_data)
     params = yaml.safe_load((proj / "params.yaml").read_text())
     # one variant with a ratio sweep (2 shares on the first seed) and a second seed that takes its choice
-    params["train_classifier"].update(seeds=2, sweep_seeds=1, variants={"real+synthetic": {"data": "synthetic"}})
+    params["train_classifier"].update(seeds=2, sweep_seeds=1, synthetic_ratio=0.25, ratio_sweep=[0.0],
+                                      variants={"real+synthetic": {"data": "synthetic"}})
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     # workers look for runs every second (Prefect's default is 10 s)
     e = env(**prefect_server, OMP_NUM_THREADS="1", PREFECT_WORKER_QUERY_SECONDS="1")

@@ -52,7 +52,7 @@ def test_gpu_profile_pretrains_a_30m_unet_on_the_whole_pool():
     assert (g.prediction_type, g.zero_terminal_snr, g.snr_gamma) == ("v_prediction", True, 5.0)  # the cpu recipe
     assert p.pseudo_label.arch == "resnet10t" and p.pseudo_label.steps == 3000
     c = p.train_classifier
-    assert (c.arch, c.steps, c.seeds, c.ratio_sweep) == ("resnet10t", 3000, 5, (0.0,))
+    assert (c.arch, c.steps, c.seeds, c.ratio_sweep, c.synthetic_ratio) == ("resnet10t", 3000, 5, (), 0.5)
     assert len(c.variants) == 6
 
 

@@ -110,15 +110,23 @@ def test_verdict_says_what_the_generator_adds_beyond_the_pool():
             "real+pseudo+classic": variant([0.84, 0.85, 0.86]), "real+synthetic+classic": syn([0.85, 0.86, 0.85])}
     better = judge(**base, **{"real+pseudo+synthetic+classic": syn([0.88, 0.89, 0.89], val=[0.95] * 3)})
     assert better["synthetic_variant"] == "real+pseudo+synthetic+classic" and better["generator_beyond_pool"] is True
-    assert better["text"].startswith("Yes: real+pseudo+synthetic+classic (the synthetic variant best on validation; "
-                                     "it also uses the pseudo-labeled pool) beat")
+    # the first point weighs it against the strongest option without synthetic data: here self-training
+    assert better["points"][0].startswith("Against the strongest option without synthetic data (real+pseudo+classic, "
+                                          "best on validation): real+pseudo+synthetic+classic vs real+pseudo+classic: +3.7")
+    assert better["points"][1].startswith("Yes: real+pseudo+synthetic+classic (the synthetic variant best on validation; "
+                                          "it also uses the pseudo-labeled pool) beat real and classic augmentation "
+                                          "(real+classic) and real+pseudo+classic.")
+    assert better["headline"].endswith("+3.7 points over real+pseudo+classic [+2.2, +5.1].")
+    assert better["strongest_without_synthetic"] == "real+pseudo+classic"
     assert better["text"].count("real+pseudo+synthetic+classic vs real+pseudo+classic") == 1  # said once
     assert "Beyond using the pool directly (self-training, real+pseudo+classic): the generator added accuracy" \
         in better["text"]
     pairs = {(c["a"], c["b"]): c for c in better["comparisons"]}
     # when validation gave real+pseudo+synthetic+classic no synthetic data, the answer rests on real+synthetic+classic
     none = judge(**base, **{"real+pseudo+synthetic+classic": syn([0.84, 0.85, 0.86], ratio=0.0)})
-    assert "the generator added nothing significant; real+synthetic+classic vs real+pseudo+classic: +0.3" in none["text"]
+    assert none["points"][0].startswith("Against the strongest option without synthetic data (real+pseudo+classic, best "
+                                        "on validation): real+synthetic+classic vs real+pseudo+classic: +0.3")
+    assert "the generator added nothing significant (the first point)." in none["text"]
     assert "real+pseudo+synthetic+classic vs real+pseudo+classic" not in none["text"]
     assert pairs[("real+pseudo+synthetic+classic", "real+pseudo+classic")]["diff"] == pytest.approx(0.0367, abs=1e-4)
     assert pairs[("real+pseudo+synthetic+classic", "real+pseudo+classic")]["low"] > 0
@@ -272,13 +280,17 @@ def test_report_stage_writes_everything(tmp_path):
     assert out["headline"].startswith("Use real+synthetic+classic: +8.0 points over real [")
     metrics = json.loads((paths.reports / "metrics.json").read_text())
     assert metrics["headline"] == out["headline"]
-    assert metrics["answer"][0].startswith("Yes: real+synthetic+classic (the synthetic variant best on validation) "
-                                           "beat real and classic augmentation (real+classic)")
+    assert metrics["answer"][0].startswith("Against the strongest option without synthetic data (real+pseudo+classic, "
+                                           "best on validation): real+synthetic+classic vs real+pseudo+classic: +4.7")
+    assert metrics["answer"][1].startswith("Yes: real+synthetic+classic (the synthetic variant best on validation) "
+                                           "beat real and classic augmentation (real+classic) and real+pseudo+classic")
+    assert metrics["strongest_without_synthetic"] == "real+pseudo+classic"
+    assert metrics["versus_strongest"]["diff"] == pytest.approx(0.047, abs=1e-3)
     assert any(p.startswith("Beyond using the pool directly (self-training, real+pseudo+classic)")
                for p in metrics["answer"])
     assert out["headline"] in html.replace("&#39;", "'").replace("&gt;", ">")
     md = (paths.reports / "report.md").read_text()
-    assert md.splitlines()[2] == f"**{out['headline']}**" and md.splitlines()[4].startswith("- Yes: ")
+    assert md.splitlines()[2] == f"**{out['headline']}**" and md.splitlines()[4].startswith("- Against ")
     assert html.count("data:image/png;base64,") >= 8 and "http://" not in html and "https://" not in html
     assert "low_confidence x1" in html and "not used" in html
     assert metrics["helped"] is True and metrics["variants"]["real"]["accuracy"] == pytest.approx(0.71)
@@ -550,3 +562,24 @@ def test_markup_in_title_and_class_names_is_shown_as_text(tmp_path):
     assert title != "pwned" and title.startswith("&lt;script&gt;")  # the script never ran: its text is the title
     h1 = dom.split("<h1>")[1].split("</h1>")[0]
     assert h1 == "&lt;script&gt;document.title='pwned'&lt;/script&gt;&lt;b&gt;bold&lt;/b&gt;"  # text, not elements
+
+
+def test_verdict_weighs_the_pool_labeler_when_it_is_the_strongest_option_without_synthetic_data():
+    variants = {"real": variant(REAL), "real+classic": variant(CLASSIC),
+                "real+synthetic+classic": syn([0.85, 0.86, 0.87])}
+    lab = {"arch": "test_resnet", "method": "fixmatch+flexmatch", "val_accuracy": 0.95, "test_accuracy": 0.86}
+    v = verdict(variant_table(variants), variants, SPECS, "real", lab)
+    # it beat real and classic, but not the labeler (better on validation): no, and the labeler is recommended
+    assert v["helped"] is False and v["strongest_without_synthetic"] == "the pool labeler (fixmatch+flexmatch, test_resnet)"
+    assert v["points"][0] == ("Against the strongest option without synthetic data (the pool labeler (fixmatch+flexmatch, "
+                              "test_resnet), best on validation; its one seed taken as fixed): real+synthetic+classic vs "
+                              "the pool labeler (fixmatch+flexmatch, test_resnet): +0.0 points [-2.5, +2.5], p=n/a.")
+    assert v["points"][1].startswith("Partly: real+synthetic+classic (the synthetic variant best on validation) beat real "
+                                     "and classic augmentation (real+classic) but not the pool labeler")
+    assert v["headline"] == ("Use the pool labeler (fixmatch+flexmatch, test_resnet) (data/pseudo/labeler.safetensors; 86.0% "
+                             "test accuracy, one seed, against 81.0% for real) (best on validation without synthetic "
+                             "data): synthetic data did not help here.")
+    # a labeler worse on validation than the best variant without synthetic data is not the opponent
+    v = verdict(variant_table(variants), variants, SPECS, "real", {**lab, "val_accuracy": 0.5})
+    assert v["helped"] is True and v["strongest_without_synthetic"] == "real+classic"
+    assert not v["points"][0].startswith("Against")  # classic augmentation is answered in the first point already

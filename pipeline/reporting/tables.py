@@ -73,20 +73,43 @@ def _find(specs: dict[str, VariantSpec], table: pd.DataFrame, *, synthetic: bool
     return names[0] if names else None
 
 
-def _use(rec: str, cmp_real: dict | None, cmp_classic: dict | None, classic: str | None) -> str:
-    gains = [f"{100 * c['diff']:+.1f} points over {what} [{100 * c['low']:+.1f}, {100 * c['high']:+.1f}]"
-             for c, what in ((cmp_real, cmp_real and cmp_real["b"]), (cmp_classic, f"classic augmentation ({classic})"))
-             if c]
+def _use(rec: str, comparisons: list[dict | None], classic: str | None) -> str:
+    named = {classic: f"classic augmentation ({classic})"}
+    gains = [f"{100 * c['diff']:+.1f} points over {named.get(c['b'], c['b'])} [{100 * c['low']:+.1f}, {100 * c['high']:+.1f}]"
+             for c in {c["b"]: c for c in comparisons if c}.values()]
     return f"Use {rec}" + (f": {', '.join(gains)}" if gains else "")
 
 
+def strongest_without(table: pd.DataFrame, specs: dict[str, VariantSpec], labeler: dict | None) -> dict | None:
+    """The best option on validation that needs no generator: a variant without synthetic data (mean
+    over its seeds) or the pool labeler (one model: a user could use it as it is)."""
+    plain = [v for v, s in specs.items() if v in table.index and not s.uses_synthetic]
+    best = max(plain, key=lambda v: table.loc[v, "val_accuracy"], default=None)
+    lab = labeler or {}
+    if lab.get("test_accuracy") is not None and lab.get("val_accuracy") is not None and (
+            best is None or lab["val_accuracy"] > table.loc[best, "val_accuracy"]):
+        return {"name": f"the pool labeler ({lab.get('method', 'supervised')}, {lab['arch']})", "labeler": True,
+                "test_accuracy": float(lab["test_accuracy"])}
+    return None if best is None else {"name": best, "labeler": False}
+
+
+def versus(variants: dict[str, dict], a: str, opponent: dict) -> dict:
+    """``a`` against the strongest option without synthetic data: paired by seed against a variant; against
+    the labeler, each seed of ``a`` minus the labeler's one accuracy (its own seed noise is not in the interval)."""
+    if not opponent["labeler"]:
+        return paired(variants, a, opponent["name"])
+    d = mean_ci([acc - opponent["test_accuracy"] for acc in seed_values(variants[a], "accuracy").values()])
+    return {"a": a, "b": opponent["name"], "diff": d["mean"], "low": d["low"], "high": d["high"], "p_value": None,
+            "std_diff": None, "n": d["n"]}
+
+
 def verdict(table: pd.DataFrame, variants: dict[str, dict], specs: dict[str, VariantSpec],
-            baseline: str | None = "real") -> dict:
-    """What to use, in one line, then the answers that support it, each with its paired interval:
-    did synthetic data beat real and classic augmentation, did the generator add anything beyond
-    using the pool directly. The synthetic variant that answers is the best on validation, never
-    chosen on test; without a significant gain the line recommends the best variant on validation
-    that uses no synthetic data."""
+            baseline: str | None = "real", labeler: dict | None = None) -> dict:
+    """What to use, in one line, then the answers that support it, each with its interval: did the
+    best synthetic variant beat the strongest option without synthetic data (the best such variant
+    or the pool ``labeler``, whichever is better on validation), real, and classic augmentation; did
+    the generator add anything beyond using the pool directly. Every choice is made on validation,
+    never on test; without a significant gain the line recommends that strongest option."""
     n_test = int(table["n_test"].dropna().iloc[0]) if table["n_test"].notna().any() else None
     seeds = int(table["seeds"].min())
     best = str(table["val_accuracy"].idxmax())
@@ -113,37 +136,49 @@ def verdict(table: pd.DataFrame, variants: dict[str, dict], specs: dict[str, Var
     classic = classic if classic and specs[classic].augment == "classic" else None
     pool = _find(specs, table, synthetic=False, pseudo=True, augment=aug)
     pool_syn = _find(specs, table, synthetic=True, pseudo=True, augment=aug)
+    opp = strongest_without(table, specs, labeler)
     pairs = [(syn, baseline), (syn, classic), (classic, baseline), (syn, pool), (pool_syn, pool)]
     cmp = {(a, b): paired(variants, a, b) for a, b in pairs if a and b and a != b}
     r = cmp[(syn, baseline)]
+    vs = versus(variants, syn, opp) if opp else None
     above = {b: c["low"] > 0 for (a, b), c in cmp.items() if a == syn}
+    beats_opp = vs is None or vs["low"] > 0
     syn_used = table.loc[syn, "synthetic_ratio"] != 0  # 0: validation chose none, it is its twin without them
-    helped = bool(above[baseline] and above.get(classic, True) and syn_used)
+    helped = bool(above[baseline] and above.get(classic, True) and beats_opp and syn_used)
+    extra = vs and opp["name"] not in (baseline, classic)  # the strongest opponent is neither real nor classic
     what = f"{baseline} and classic augmentation ({classic})" if classic else baseline
     who = f"{syn} (the synthetic variant best on validation{'; it also uses the pseudo-labeled pool' if specs[syn].pseudo else ''})"
     if helped:
-        answer = f"Yes: {who} beat {what}. "
-        headline = _use(syn, r, cmp.get((syn, classic)), classic) + "."
+        answer = f"Yes: {who} beat {what}{' and ' + opp['name'] if extra else ''}. "
+        headline = _use(syn, [r, cmp.get((syn, classic)), vs], classic) + "."
     else:
         if not syn_used:
             answer = f"No: {who} trained on no synthetic image: validation chose a share of 0. "
+        elif above[baseline] and above.get(classic, True):
+            answer = f"Partly: {who} beat {what} but not {opp['name']}. "
         elif above[baseline]:
             answer = f"Partly: {who} beat {baseline} but not {classic}. "
         else:
             answer = f"No: {who} did not beat {what}{'; the interval includes zero' if r['diff'] > 0 else ''}. "
-        plain = [v for v, s in specs.items() if v in table.index and not s.uses_synthetic]
-        rec = max(plain, key=lambda v: table.loc[v, "val_accuracy"]) if plain else baseline
-        headline = (_use(rec, paired(variants, rec, baseline) if rec != baseline else None, None, None)
-                    + " (best on validation without synthetic data): synthetic data did not help here.")
-    points = [answer + "; ".join(_said(cmp[k]) for k in ((syn, baseline), (syn, classic)) if k in cmp) + "."]
+        rec = opp["name"] if opp else baseline
+        if opp and opp["labeler"]:
+            headline = (f"Use {rec} (data/pseudo/labeler.safetensors; {pct(opp['test_accuracy'])}% test accuracy, "
+                        f"one seed, against {pct(table.loc[baseline, 'accuracy'])}% for {baseline})")
+        else:
+            headline = _use(rec, [paired(variants, rec, baseline) if rec != baseline else None], None)
+        headline += " (best on validation without synthetic data): synthetic data did not help here."
+    lead = (f"Against the strongest option without synthetic data ({opp['name']}, best on validation"
+            f"{'; its one seed taken as fixed' if opp['labeler'] else ''}): {_said(vs)}." if extra else None)
+    points = [p for p in (lead,) if p]
+    points.append(answer + "; ".join(_said(cmp[k]) for k in ((syn, baseline), (syn, classic)) if k in cmp) + ".")
     pool_syn_used = pool_syn is not None and table.loc[pool_syn, "synthetic_ratio"] != 0  # 0: it is the pool alone
     beyond = (cmp.get((pool_syn, pool)) if pool_syn_used else None) or (cmp.get((syn, pool)) if syn_used else None)
     if beyond:
+        said = [_said(cmp[k]) for k in dict.fromkeys(((syn, pool), (pool_syn, pool))) if k in cmp
+                and (k[0] != pool_syn or pool_syn_used) and (k[0] != syn or syn_used) and not (lead and k == (syn, opp["name"]))]
         points.append(f"Beyond using the pool directly (self-training, {pool}): the generator "
-                      f"{'added accuracy' if beyond['low'] > 0 else 'added nothing significant'}; "
-                      + "; ".join(_said(cmp[k]) for k in dict.fromkeys(((syn, pool), (pool_syn, pool)))
-                                  if k in cmp and (k[0] != pool_syn or pool_syn_used) and (k[0] != syn or syn_used))
-                      + ".")
+                      f"{'added accuracy' if beyond['low'] > 0 else 'added nothing significant'}"
+                      + (f"; {'; '.join(said)}." if said else " (the first point)."))
     if (classic, baseline) in cmp:
         points.append(f"Classic augmentation alone: {_said(cmp[(classic, baseline)])}.")
     zero = [v for v, s in specs.items() if v in table.index and s.real and s.uses_synthetic
@@ -161,6 +196,8 @@ def verdict(table: pd.DataFrame, variants: dict[str, dict], specs: dict[str, Var
     out.update({"helped": helped, "synthetic_variant": syn, "headline": headline, "points": points,
                 "text": " ".join(points),
                 "generator_beyond_pool": None if beyond is None else bool(beyond["low"] > 0),
+                "strongest_without_synthetic": opp and opp["name"],
+                "versus_strongest": vs and {k: vs[k] for k in ("a", "b", "diff", "low", "high", "p_value", "n")},
                 "gain": float(r["diff"]), "gain_low": float(r["low"]),
                 "gain_high": float(r["high"]), "detectable_difference": mde,
                 "comparisons": [{k: c[k] for k in ("a", "b", "diff", "low", "high", "p_value")} for c in cmp.values()]})

@@ -1,0 +1,395 @@
+"""The pool study: what synthetic data adds beyond the pool, on a dev split, against an oracle ceiling.
+
+    python -m bench.pool_study splits --fashion-mnist DIR --out .gpu/pool_study   # here: splits + seed-0 labeler
+    python -m bench.pool_study run --data .gpu/pool_study --out-dir OUT [--tiny]   # the GPU run
+    python -m bench.pool_study summarize OUT/pool_study-cuda.json                  # tables from (partial) runs
+
+``splits`` draws, per class and with a fixed seed, from the Fashion-MNIST *training* set: 50 labeled
++ 50 val (as the cpu profile), a 10,000-image pool (labels hidden) and a 5,000-image *dev* split that
+no stage uses; the official test set is never read. It also trains the seed-0 FixMatch labeler at the
+params in force and stores it: its labels train the DPT generator and the pseudo rows.
+
+``run`` trains, in parallel processes: two generators of the params' architecture (the labeled images
+alone; DPT: labeled + the labeler-labelled pool), samples from each (from noise, and img2img 0.5 from
+the labeled + pool images), keeps the images the labeler gives their intended class p >= 0.5, then
+trains the params' classifier with ``--seeds`` seeds per row. Every accuracy is on the dev split
+(N = 5,000; the val split only picks each run's best checkpoint, as in the pipeline). Rows: the
+labeler itself, real+classic, real+pseudo+classic, real + synthetic at several sizes (the scaling
+curve), the oracle (the same number of truly labeled pool images in place of synthetic ones), DPT's
+real+pseudo+synthetic, synthetic-only. Each finished run is appended to the JSON at once, so a run
+stopped at its time cap keeps what it measured.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SPLIT = {"labeled": 50, "val": 50, "pool": 1000, "dev": 500}  # per class
+TINY = {"labeled": 5, "val": 5, "pool": 20, "dev": 10}
+_CACHE: dict = {}
+
+
+# ---- here: splits and the seed-0 labeler -------------------------------------------------
+
+def make_splits(x: np.ndarray, y: np.ndarray, sizes: dict, seed: int = 0) -> dict:
+    """Disjoint per-class draws from one labeled set: {split: (x, y)}, class-major."""
+    rng = np.random.default_rng(seed)
+    out = {name: ([], []) for name in sizes}
+    for c in np.unique(y):
+        rows = rng.permutation(np.flatnonzero(y == c))
+        start = 0
+        for name, n in sizes.items():
+            out[name][0].append(x[rows[start:start + n]])
+            out[name][1].append(y[rows[start:start + n]])
+            start += n
+    return {name: (np.concatenate(a), np.concatenate(b)) for name, (a, b) in out.items()}
+
+
+def study_params(tiny: bool, overrides: dict | None = None):
+    """params.yaml as the pipeline reads it (micro profile when tiny), the device chosen by this machine."""
+    import yaml
+
+    from pipeline.config import deep_merge, params_from_dict
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = deep_merge(raw, {"base": {"device": "auto", **({"profile": "micro"} if tiny else {})}})
+    return params_from_dict(deep_merge(raw, overrides or {}))
+
+
+def splits(args) -> None:
+    from safetensors.torch import save_file
+
+    from pipeline.core.device import policy_for
+    from pipeline.core.sources import read_idx
+    from pipeline.models.classifier import build_model
+    from pipeline.training.classifier import predict_proba
+    from pipeline.training.semi import fit_fixmatch
+
+    x = read_idx(args.fashion_mnist / "train-images-idx3-ubyte.gz").astype(np.uint8)[:, None]
+    y = read_idx(args.fashion_mnist / "train-labels-idx1-ubyte.gz").astype(np.int64)
+    parts = make_splits(x, y, TINY if args.tiny else SPLIT)
+    params = study_params(args.tiny)
+    t = {k: (torch.from_numpy(a), torch.from_numpy(b)) for k, (a, b) in parts.items()}
+    cfg, policy = params.pseudo_label, policy_for(params.base)
+    torch.manual_seed(0)
+    model = build_model(cfg.arch, 10, 1)
+    t0 = time.time()
+    model, hist = fit_fixmatch(model, t["labeled"], t["pool"][0], t["val"], cfg, seed=0, device=policy)
+    proba = predict_proba(model, t["pool"][0], 512, policy)
+    args.out.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(args.out / "splits.npz", **{f"{k}_{v}": a for k, (xa, ya) in parts.items()
+                                                     for v, a in (("x", xa), ("y", ya))},
+                        pool_proba=proba.numpy())
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.out / "labeler.safetensors")
+    info = {"sizes_per_class": TINY if args.tiny else SPLIT, "labeler": cfg.model_dump(mode="json"),
+            "labeler_val_accuracy": hist["best_val_acc"], "labeler_seconds": round(time.time() - t0, 1),
+            "labeler_pool_accuracy": float((proba.argmax(1) == t["pool"][1]).float().mean()),
+            "device": policy.as_record(), "torch_threads": torch.get_num_threads()}
+    (args.out / "splits.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(json.dumps(info, indent=2))
+
+
+# ---- the GPU run: workers ------------------------------------------------------------------
+
+def _init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _data(data_dir: str, tiny: bool) -> dict:
+    """The splits as tensors, loaded once per worker process."""
+    if data_dir not in _CACHE:
+        z = np.load(Path(data_dir) / "splits.npz")
+        d = {k: torch.from_numpy(z[k]) for k in z.files}
+        d["params"], d["dir"] = study_params(tiny), data_dir
+        _CACHE[data_dir] = d
+    return _CACHE[data_dir]
+
+
+def _labeler(d: dict, policy):
+    from safetensors.torch import load_file
+
+    from pipeline.models.classifier import build_model
+
+    model = build_model(d["params"].pseudo_label.arch, 10, 1)
+    model.load_state_dict(load_file(Path(d["dir"]) / "labeler.safetensors"))
+    return policy.prepare(model).eval()
+
+
+def task_generator(name: str, data_dir: str, work: str, tiny: bool, steps: int, batch: int, per_class: int,
+                   min_conf: float) -> dict:
+    """Train one generator (name: labeled | dpt), sample from noise (and img2img for dpt), score by the labeler."""
+    from pipeline.config import SampleConfig
+    from pipeline.core.device import policy_for
+    from pipeline.models.diffusion import DiffusionGenerator, make_pipeline, train_scheduler
+    from pipeline.models.sampling import generate, generation_plan, img2img_plan
+    from pipeline.training.classifier import predict_proba
+    from pipeline.training.diffusion import make_backbone, train
+    from pipeline.training.generator import TrainData, generator_meta
+
+    d = _data(data_dir, tiny)
+    params = d["params"]
+    policy = policy_for(params.base)
+    cfg = params.train_generator.model_copy(update={"steps": steps, "batch_size": batch,
+                                                     "checkpoint_every": steps, "log_every": max(1, steps // 8)})
+    lx, ly = d["labeled_x"], d["labeled_y"]
+    px, py = d["pool_x"], d["pool_proba"].argmax(1)
+    if name == "dpt":  # DPT step two: the labeled images + the whole pool with the labeler's labels
+        x, y = torch.cat([lx, px]), torch.cat([ly, py])
+        weights = torch.cat([torch.full((len(lx),), cfg.labeled_weight), torch.ones(len(px))]).to(policy.device)
+    else:
+        x, y, weights = lx, ly, None
+    names = [str(i) for i in range(10)]
+    data = TrainData(x.to(policy.device), y.to(policy.device), 10, class_names=names, weights=weights,
+                     num_pseudo=len(px) if name == "dpt" else 0)
+    t0 = time.time()
+    model, _ = make_backbone(cfg, data)
+    res = train(model, cfg, data, seed=0, ckpt_dir=Path(work) / f"ckpt-{name}", chash=name, policy=policy)
+    train_s = time.time() - t0
+    gen = DiffusionGenerator(make_pipeline(res.ema_model.to(policy.device), dict(train_scheduler(cfg).config), names,
+                                           data.image_size, policy), generator_meta(cfg, data))
+    scfg = params.sample
+    batch_s = 1024 if policy.is_cuda else 64
+    labeler = _labeler(d, policy)
+    out, t1 = {"generator": name, "train_seconds": round(train_s, 1), "steps": steps, "batch": batch,
+               "final_loss": float(np.mean(res.losses[-50:]))}, time.time()
+    plans = {"generate": generation_plan(10, per_class)}
+    if name == "dpt":  # img2img of the labeled images and the pool, each with its (pseudo) label, once
+        src, lab = torch.cat([lx, px]), torch.cat([ly, py])
+        plans["img2img"] = img2img_plan(src, lab, (0.5,), 1, [("src", i) for i in range(len(src))])
+    for mode, plan in plans.items():
+        xs, ys, _ = generate(gen, plan, range(len(plan)), SampleConfig(**{**scfg.model_dump(), "mode": mode}),
+                             1, batch_s, progress=False)
+        conf = predict_proba(labeler, xs, 1024, policy).gather(1, ys[:, None]).squeeze(1)
+        torch.save({"x": xs, "y": ys, "conf": conf}, Path(work) / f"syn-{name}-{mode}.pt")
+        out[f"{mode}_images"] = len(xs)
+        out[f"{mode}_accepted"] = int((conf >= min_conf).sum())
+        out[f"{mode}_accepted_per_class"] = [int(((conf >= min_conf) & (ys == c)).sum()) for c in range(10)]
+    out["sample_seconds"] = round(time.time() - t1, 1)
+    return out
+
+
+def balanced(x: torch.Tensor, y: torch.Tensor, n: int, keep: torch.Tensor | None = None):
+    """Up to n / 10 images of each class (the first ones, among ``keep``)."""
+    keep = torch.ones(len(y), dtype=torch.bool) if keep is None else keep
+    rows = torch.cat([torch.nonzero(keep & (y == c)).flatten()[: n // 10] for c in range(10)])
+    return x[rows], y[rows]
+
+
+def task_labeler(seed: int, data_dir: str, tiny: bool, row: str = "labeler (FixMatch)", steps_scale: int = 1) -> dict:
+    from pipeline.core.device import policy_for
+    from pipeline.models.classifier import build_model
+    from pipeline.training.classifier import predict_proba
+    from pipeline.training.semi import fit_fixmatch
+
+    d = _data(data_dir, tiny)
+    params = d["params"]
+    policy = policy_for(params.base)
+    cfg = params.pseudo_label.model_copy(update={"steps": params.pseudo_label.steps * steps_scale})
+    torch.manual_seed(seed)
+    t0 = time.time()
+    model, hist = fit_fixmatch(build_model(cfg.arch, 10, 1), (d["labeled_x"], d["labeled_y"]),
+                               d["pool_x"], (d["val_x"], d["val_y"]), cfg, seed=seed, device=policy, progress=False)
+    dev = predict_proba(model, d["dev_x"], 1024, policy).argmax(1)
+    pool = predict_proba(model, d["pool_x"], 1024, policy).argmax(1)
+    return {"row": row, "seed": seed, "steps": cfg.steps, **_scores(dev, d["dev_y"]), "val": hist["best_val_acc"],
+            "pool_label_accuracy": float((pool == d["pool_y"]).float().mean()),
+            "pool_label_accuracy_per_class": [float((pool == d["pool_y"])[d["pool_y"] == c].float().mean())
+                                              for c in range(10)], "seconds": round(time.time() - t0, 1)}
+
+
+def _scores(pred: torch.Tensor, y: torch.Tensor) -> dict:
+    right = pred == y
+    return {"dev": float(right.float().mean()), "dev_per_class": [float(right[y == c].float().mean()) for c in range(10)]}
+
+
+def task_classifier(row: str, spec: dict, seed: int, data_dir: str, work: str, tiny: bool) -> dict:
+    """One classifier of one row and seed: the params' classifier, classic augmentation, scored on dev."""
+    from pipeline.core.device import policy_for
+    from pipeline.models.classifier import build_model
+    from pipeline.training.classifier import fit_classifier, predict_proba, sharpen
+
+    d = _data(data_dir, tiny)
+    params = d["params"]
+    cfg, policy = params.train_classifier, policy_for(params.base)
+    syn, info = None, {}
+    if spec.get("source") == "oracle":  # truly labeled pool images in place of synthetic ones
+        syn = balanced(d["pool_x"], d["pool_y"], spec["n"])
+    elif spec.get("source"):
+        s = torch.load(Path(work) / f"syn-{spec['source']}.pt")
+        syn = balanced(s["x"], s["y"], spec["n"], s["conf"] >= spec["min_conf"])
+    if syn is not None and not len(syn[1]):
+        raise ValueError(f"{row}: the labeler accepted none of the synthetic images")
+    if syn is not None:
+        info = {"synthetic_images": len(syn[1]), "synthetic_per_class": torch.bincount(syn[1], minlength=10).tolist()}
+    pseudo = (d["pool_x"], sharpen(d["pool_proba"].float(), cfg.pseudo_temperature)) if spec.get("pseudo") else None
+    real = spec.get("real", True)
+    ratio = spec.get("ratio", 0.5) if real else 1.0
+    torch.manual_seed(seed)
+    t0 = time.time()
+    model, hist = fit_classifier(build_model(cfg.arch, 10, 1), *((d["labeled_x"], d["labeled_y"]) if real else (None, None)),
+                                 d["val_x"], d["val_y"], steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                                 weight_decay=cfg.weight_decay, seed=seed, device=policy, augment="classic" if real else "standard",
+                                 synthetic=syn, synthetic_ratio=ratio if syn is not None else 0.0, pseudo=pseudo,
+                                 pseudo_share=cfg.pseudo_share, eval_every=cfg.eval_every, progress=False)
+    pred = predict_proba(model, d["dev_x"], 1024, policy).argmax(1)
+    return {"row": row, "seed": seed, **_scores(pred, d["dev_y"]), "val": hist["best_val_acc"],
+            "ratio": ratio if syn is not None else 0.0, **info, "seconds": round(time.time() - t0, 1)}
+
+
+# ---- the GPU run: the driver ---------------------------------------------------------------
+
+BASE, LABELER = "real+classic", "labeler (FixMatch)"
+
+
+def rows(sizes: list[int], min_conf: float) -> dict[str, dict]:
+    """Classifier rows: name -> spec (source of synthetic images and their number, pseudo, real, ratio)."""
+    big = max(sizes)
+    out = {BASE: {}, "real+pseudo+classic": {"pseudo": True}}
+    for n in sizes:
+        out[f"real+synthetic (DPT, generate) n={n}"] = {"source": "dpt-generate", "n": n, "gen": "dpt"}
+    for n in sorted({min(sizes), big}):
+        out[f"real+oracle (true pool labels) n={n}"] = {"source": "oracle", "n": n}
+    out.update({
+        f"real+synthetic (DPT, generate) n={big}, share 0.25": {"source": "dpt-generate", "n": big, "ratio": 0.25, "gen": "dpt"},
+        f"real+synthetic (DPT, img2img 0.5) n={big}": {"source": "dpt-img2img", "n": big, "gen": "dpt"},
+        f"real+synthetic (labeled-only generator) n={big}": {"source": "labeled-generate", "n": big, "gen": "labeled"},
+        f"real+pseudo+synthetic (DPT, generate) n={big}": {"source": "dpt-generate", "n": big, "pseudo": True, "gen": "dpt"},
+        f"synthetic-only (DPT, generate) n={big}": {"source": "dpt-generate", "n": big, "real": False, "gen": "dpt"},
+    })
+    for spec in out.values():
+        if spec.get("gen"):
+            spec["min_conf"] = min_conf
+    return out
+
+
+def run(args) -> None:
+    from pipeline.core.io import write_json
+
+    tiny = args.tiny
+    sizes = [40, 80] if tiny else [500, 2000, 10000]
+    seeds = list(range(args.seeds))
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    dev_name = "cuda" if torch.cuda.is_available() else "cpu"
+    out = Path(args.out_dir) / f"pool_study-{dev_name}.json"
+    gen_steps, gen_batch = (10, 16) if tiny else (args.gen_steps, args.gen_batch)
+    per_class = max(sizes) // 10 + (4 if tiny else 200)  # room for the labeler's rejections
+    min_conf = 0.0 if tiny else args.min_confidence  # an untrained tiny labeler must not reject everything
+    doc = {"benchmark": "pool_study", "device": dev_name,
+           "device_name": torch.cuda.get_device_name() if dev_name == "cuda" else "cpu", "torch": torch.__version__,
+           "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tiny": tiny, "seeds": seeds,
+           "splits": json.loads((Path(args.data) / "splits.json").read_text()),
+           "generator": {"steps": gen_steps, "batch": gen_batch, "per_class_sampled": per_class},
+           "min_confidence": min_conf, "rows": rows(sizes, min_conf), "generators": {}, "runs": []}
+    t_start = time.time()
+    ctx = get_context("spawn")
+    data_dir = str(Path(args.data).resolve())
+    with ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_init, initargs=(args.threads,)) as ex:
+        pending = {ex.submit(task_generator, g, data_dir, str(work), tiny, gen_steps, gen_batch, per_class,
+                             min_conf): ("gen", g)
+                   for g in ("dpt", "labeled")}
+        long = f"{LABELER}, steps x{args.labeler_scale}"
+        pending.update({ex.submit(task_labeler, s, data_dir, tiny, long, args.labeler_scale): ("run", long)
+                        for s in seeds[:3] if args.labeler_scale > 1})
+        pending.update({ex.submit(task_labeler, s, data_dir, tiny): ("run", LABELER) for s in seeds})
+        waiting = []
+        for name, spec in doc["rows"].items():
+            for s in seeds:
+                if "gen" in spec:
+                    waiting.append((name, spec, s))
+                else:
+                    pending[ex.submit(task_classifier, name, spec, s, data_dir, str(work), tiny)] = ("run", name)
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for f in done:
+                kind, name = pending.pop(f)
+                try:
+                    result = f.result()
+                except Exception as e:  # keep going: the JSON says which task failed and why
+                    result = {"row": name, "error": f"{type(e).__name__}: {e}"}
+                    print(f"[{time.time() - t_start:6.1f} s] {kind} {name} FAILED: {result['error']}", flush=True)
+                if kind == "gen":
+                    doc["generators"][name] = result
+                    if "error" not in result:
+                        for row, spec, s in [w for w in waiting if w[1]["gen"] == name]:
+                            pending[ex.submit(task_classifier, row, spec, s, data_dir, str(work), tiny)] = ("run", row)
+                else:
+                    doc["runs"].append(result)
+                print(f"[{time.time() - t_start:6.1f} s] {kind} {name}: "
+                      + json.dumps({k: v for k, v in result.items() if "per_class" not in k}), flush=True)
+                doc["seconds"] = round(time.time() - t_start, 1)
+                doc["summary"] = summarize(doc)
+                write_json(out, doc)
+    print(json.dumps(doc["summary"], indent=2))
+    print(f"wrote {out}")
+
+
+def summarize(doc: dict) -> dict:
+    """Per row: mean dev accuracy over its seeds and the paired difference (same seeds) against
+    real+classic and against real+pseudo+classic and the labeler, the strongest rows without synthetic data."""
+    from pipeline.core.stats import mean_ci, paired_difference
+
+    by_row: dict[str, dict[int, dict]] = {}
+    for r in doc["runs"]:
+        if "error" not in r:
+            by_row.setdefault(r["row"], {})[r["seed"]] = r
+    out = {}
+    for row, runs in by_row.items():
+        entry = {"n_seeds": len(runs), "dev": mean_ci([r["dev"] for r in runs.values()])}
+        for ref in (BASE, "real+pseudo+classic", LABELER):
+            common = sorted(set(runs) & set(by_row.get(ref, {})))
+            if ref != row and len(common) >= 2:
+                entry[f"vs {ref}"] = paired_difference([runs[s]["dev"] for s in common],
+                                                       [by_row[ref][s]["dev"] for s in common])
+        if row != BASE and BASE in by_row:
+            common = sorted(set(runs) & set(by_row[BASE]))
+            if common:
+                entry["per_class_gain_vs_base"] = [round(float(np.mean([runs[s]["dev_per_class"][c]
+                                                                        - by_row[BASE][s]["dev_per_class"][c]
+                                                                        for s in common])), 4) for c in range(10)]
+        out[row] = entry
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("splits")
+    s.add_argument("--fashion-mnist", type=Path, required=True)
+    s.add_argument("--out", type=Path, default=ROOT / ".gpu" / "pool_study")
+    s.add_argument("--tiny", action="store_true")
+    r = sub.add_parser("run")
+    r.add_argument("--data", default=str(ROOT / ".gpu" / "pool_study"))
+    r.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
+    r.add_argument("--work", default="/tmp/synthaug-pool-study")
+    r.add_argument("--seeds", type=int, default=5)
+    r.add_argument("--workers", type=int, default=max(2, min(8, (os.cpu_count() or 2) // 2)))
+    r.add_argument("--threads", type=int, default=2, help="torch threads per worker")
+    r.add_argument("--gen-steps", type=int, default=6000)
+    r.add_argument("--gen-batch", type=int, default=128)
+    r.add_argument("--labeler-scale", type=int, default=4, help="a labeler row with this many times the steps (3 seeds)")
+    r.add_argument("--min-confidence", type=float, default=0.5, help="labeler probability of the intended class to keep")
+    r.add_argument("--tiny", action="store_true")
+    m = sub.add_parser("summarize")
+    m.add_argument("file", type=Path)
+    args = p.parse_args(argv)
+    if args.cmd == "splits":
+        splits(args)
+    elif args.cmd == "run":
+        run(args)
+    else:
+        doc = json.loads(args.file.read_text())
+        print(json.dumps(summarize(doc), indent=2))
+
+
+if __name__ == "__main__":
+    main()
