@@ -183,6 +183,9 @@ def markdown(result: dict) -> str:
              "", "Read the accuracy column with its noise in mind: one seed on 500 validation images has a standard "
                  "error of about 1.8 points, so differences of a point or less between rows are within noise, and a "
                  "lever kept by a few tenths is a coin toss; the generator's quality columns move far beyond theirs.",
+             "", "The questions this table cannot answer with 500 validation images (the labeler, self-training, "
+                 "synthetic data at 10,000 images, the oracle ceiling of truly labeled pool images) are measured on "
+                 "a 5,000-image dev split with paired intervals in `reports/pool_study.md` (`bench/pool_study.py`).",
              "", "| # | lever | judged by | val % (per seed) | vs best before | kept | FD all / floor | "
                  "FD accepted / floor | judge agreement % | accepted | synthetic-only val % |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

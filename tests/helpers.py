@@ -3,14 +3,17 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
 import struct
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import datasets
 import numpy as np
 import torch
+import yaml
 
 from pipeline.config import Paths, params_from_dict
 from pipeline.core.images import tensors_to_dataset
@@ -169,3 +172,52 @@ def held_after_first_checkpoint(cmd, env, marker: Path, **popen) -> subprocess.P
             raise AssertionError(f"{cmd} ended ({proc.returncode}) before its first checkpoint")
         time.sleep(0.05)  # waiting for the marker; the run cannot move past it
     return proc
+
+
+# ---- a project copy that runs the pipeline as a user does (dvc repro, Prefect workers) ------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def project_copy(dst: Path, data: Path) -> Path:
+    # prefect.toml: the project's Prefect settings (read from the project root, where the flows run)
+    for name in ("pipeline", "flows", "dvc.yaml", "params.yaml", "prefect.yaml", "prefect.toml"):
+        src = ROOT / name
+        (shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__"))
+         if src.is_dir() else shutil.copy(src, dst / name))
+    params = yaml.safe_load((dst / "params.yaml").read_text())
+    params["base"]["profile"] = "micro"
+    params["prepare"].update(path=str(data), labeled_per_class=10, val_per_class=5)
+    # random-pixel data and a 20-step generator: let every sample through so each variant runs
+    params["filter"].update(min_confidence=0.0, require_realism=False, memorization_ratio=0.0)
+    # three of the six variants: the baseline, classic augmentation and one synthetic (each variant is one
+    # more flow process under dvc repro, about 15 s of start-up on a slow core); the report's logic for any
+    # set of variants is tested in test_report
+    variants = params["train_classifier"]["variants"]
+    params["train_classifier"]["variants"] = {v: variants[v] for v in ("real", "real+classic", "real+synthetic+classic")}
+    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "init", "-q"], dst)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "init"], dst)
+    run(["dvc", "init", "-q"], dst)
+    run(["dvc", "config", "core.analytics", "false"], dst)
+    return dst
+
+
+def env(**extra) -> dict:
+    e = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", PYTHONPATH="", **extra)
+    e.pop("PREFECT_API_URL", None)
+    e.update(extra)
+    return e
+
+
+def run(cmd, cwd, check=True, **kw):
+    e = {**kw.pop("env", env()), "PWD": str(cwd)}
+    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=e, **kw)
+    if check and out.returncode:
+        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({out.returncode}):\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}")
+    return out
+
+
+def ran_stages(output: str) -> set[str]:
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}

@@ -74,7 +74,7 @@ def test_gpu_budget_counts_the_gpu_profile(tmp_path):
     assert unet["parameters"] > 30e6 and 11e9 < unet["forward_flops_per_image"] < 12e9  # 11.5 GFLOP at 32 px
     assert unet["train_flops_per_image"] == pytest.approx(3 * unet["forward_flops_per_image"], rel=0.01)
     assert res["per_model"]["img2img_backbone_rows_per_image_by_strength"] == {0.5: 24.0}  # 12 steps, cond + uncond
-    assert res["settings"]["classifier_runs"] == 34  # 6 variants x 5 seeds + 2 synthetic variants x 2 sweep seeds
+    assert res["settings"]["classifier_runs"] == 30  # 6 variants x 5 seeds (the gpu profile sweeps no share)
     for s in res["scenarios"].values():  # each step the longer of its compute and its host time
         assert s["minutes"]["train_generator"] >= res["stages"]["train_generator"]["flops"] / (990e12 * 0.35) / 60
         assert s["workers_for_classifier_under_generator"] >= 1

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.pool_study import BASE, LABELER, balanced, make_splits, rows, summarize
+from bench.pool_study import BASE, LABELER, balanced, make_splits, markdown, rows, summarize
 
 
 def test_splits_are_disjoint_class_balanced_and_fixed_by_the_seed():
@@ -46,3 +46,15 @@ def test_summary_pairs_rows_by_seed_and_gives_per_class_gains():
     assert s[LABELER]["vs real+classic"]["mean_diff"] == pytest.approx(0.0267, abs=1e-4)
     assert s["x"]["vs real+classic"]["n"] == 2 and s["x"]["vs real+classic"]["mean_diff"] == pytest.approx(0.015)
     assert s["x"]["per_class_gain_vs_base"] == [pytest.approx(0.015)] * 10
+
+
+def test_markdown_shows_each_row_with_its_intervals_and_the_findings():
+    def run(row, seed, dev):
+        return {"row": row, "seed": seed, "dev": dev, "dev_per_class": [dev] * 10}
+    doc = {"device_name": "cpu", "device": "cpu", "date": "2026-12-04T00:00:00Z", "findings": ["it did not help"],
+           "splits": {"sizes_per_class": {"labeled": 5, "val": 5, "pool": 20, "dev": 10}},
+           "runs": [run(BASE, s, a) for s, a in enumerate([0.80, 0.81])] + [run(LABELER, s, a) for s, a in enumerate([0.83, 0.85])]}
+    doc["summary"] = summarize(doc)
+    md = markdown(doc)
+    assert "dev split of 100" in md and "- it did not help" in md
+    assert f"| {LABELER} | 2 | 84.00 | +3.50 [" in md and "Per-class gain over real+classic" in md
