@@ -71,7 +71,7 @@ browser:
 	  || echo "Chromium not installed: the report browser test will be skipped"; }
 
 test: venv browser
-	$(BIN)/python -m pytest -q -n auto --dist loadscope -m "not gpu" tests
+	$(BIN)/python -m pytest -q -n auto --dist loadscope --durations=10 -m "not gpu" tests
 
 bench: venv
 	$(BIN)/python -m bench.run_all
