@@ -144,20 +144,28 @@ def make_tiny_clip(path):
 HOOKS = Path(__file__).resolve().parent / "hooks"  # sitecustomize.py: hold a run after its first checkpoint
 
 
-def stop_process_group(proc: subprocess.Popen, grace: float = 30) -> None:
-    """Stop a process started with ``start_new_session`` and everything it started: SIGTERM, then
-    SIGKILL for what is still there after ``grace`` seconds (a Prefect worker may take longer to
-    shut down gracefully than a test should wait; the test checks what the run did, not that)."""
+def stop_process_group(*procs: subprocess.Popen, grace: float = 30) -> None:
+    """Stop processes started with ``start_new_session`` and everything they started: SIGTERM to all,
+    then SIGKILL for what is still there ``grace`` seconds later, one wait for all of them (a Prefect
+    worker may take longer to shut down gracefully than a test should wait; the test checks what the
+    run did, not that)."""
     import signal
 
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=grace)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + grace
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=30)
 
 
 def held_after_first_checkpoint(cmd, env, marker: Path, **popen) -> subprocess.Popen:

@@ -74,8 +74,7 @@ def fanout(tmp_path_factory, tiny_fmnist, prefect_server):
     try:
         yield {"proj": proj, "env": e, "logs": logs, "single_run": single_run}
     finally:
-        for w in workers:
-            stop_process_group(w)
+        stop_process_group(*workers)
 
 
 def watch(fanout, deployment: str, params: dict, child: str, kill: bool = False) -> dict:
