@@ -54,15 +54,11 @@ def make_splits(x: np.ndarray, y: np.ndarray, sizes: dict, seed: int = 0) -> dic
     return {name: (np.concatenate(a), np.concatenate(b)) for name, (a, b) in out.items()}
 
 
-def study_params(tiny: bool, overrides: dict | None = None):
+def study_params(tiny: bool):
     """params.yaml as the pipeline reads it (micro profile when tiny), the device chosen by this machine."""
-    import yaml
+    from pipeline.config import load_params
 
-    from pipeline.config import deep_merge, params_from_dict
-
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw = deep_merge(raw, {"base": {"device": "auto", **({"profile": "micro"} if tiny else {})}})
-    return params_from_dict(deep_merge(raw, overrides or {}))
+    return load_params(ROOT / "params.yaml", {"base.device": "auto", **({"base.profile": "micro"} if tiny else {})})
 
 
 def splits(args) -> None:
@@ -198,7 +194,7 @@ def task_labeler(seed: int, data_dir: str, tiny: bool, row: str = "labeler (FixM
     t0 = time.time()
     model, hist = fit_fixmatch(build_model(cfg.arch, 10, 1), (d["labeled_x"], d["labeled_y"]),
                                d["pool_x"], (d["val_x"], d["val_y"]), cfg, seed=seed, device=policy, progress=False)
-    dev = predict_proba(model, d["dev_x"], 1024, policy).argmax(1)
+    dev = predict_proba(model, d["dev_x"], 1024, policy)
     pool = predict_proba(model, d["pool_x"], 1024, policy).argmax(1)
     return {"row": row, "seed": seed, "steps": cfg.steps, **_scores(dev, d["dev_y"]), "val": hist["best_val_acc"],
             "pool_label_accuracy": float((pool == d["pool_y"]).float().mean()),
@@ -206,9 +202,11 @@ def task_labeler(seed: int, data_dir: str, tiny: bool, row: str = "labeler (FixM
                                               for c in range(10)], "seconds": round(time.time() - t0, 1)}
 
 
-def _scores(pred: torch.Tensor, y: torch.Tensor) -> dict:
-    right = pred == y
-    return {"dev": float(right.float().mean()), "dev_per_class": [float(right[y == c].float().mean()) for c in range(10)]}
+def _scores(probs: torch.Tensor, y: torch.Tensor) -> dict:
+    from pipeline.core.stats import classification_metrics
+
+    m = classification_metrics(probs, y, 10)
+    return {"dev": m["accuracy"], "dev_per_class": m["per_class_accuracy"]}
 
 
 def task_classifier(row: str, spec: dict, seed: int, data_dir: str, work: str, tiny: bool) -> dict:
@@ -240,8 +238,8 @@ def task_classifier(row: str, spec: dict, seed: int, data_dir: str, work: str, t
                                  weight_decay=cfg.weight_decay, seed=seed, device=policy, augment="classic" if real else "standard",
                                  synthetic=syn, synthetic_ratio=ratio if syn is not None else 0.0, pseudo=pseudo,
                                  pseudo_share=cfg.pseudo_share, eval_every=cfg.eval_every, progress=False)
-    pred = predict_proba(model, d["dev_x"], 1024, policy).argmax(1)
-    return {"row": row, "seed": seed, **_scores(pred, d["dev_y"]), "val": hist["best_val_acc"],
+    probs = predict_proba(model, d["dev_x"], 1024, policy)
+    return {"row": row, "seed": seed, **_scores(probs, d["dev_y"]), "val": hist["best_val_acc"],
             "ratio": ratio if syn is not None else 0.0, **info, "seconds": round(time.time() - t0, 1)}
 
 

@@ -18,18 +18,14 @@ import base64  # noqa: E402
 import secrets  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 import urllib.error  # noqa: E402
 import urllib.request  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tests.helpers import make_idx_dir, stop_process_group  # noqa: E402
-
-BIN = Path(sys.executable).parent
+from tests.helpers import BIN, make_idx_dir, stop_process_group  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

@@ -169,7 +169,7 @@ def verdict(table: pd.DataFrame, variants: dict[str, dict], specs: dict[str, Var
         headline += " (best on validation without synthetic data): synthetic data did not help here."
     lead = (f"Against the strongest option without synthetic data ({opp['name']}, best on validation"
             f"{'; its one seed taken as fixed' if opp['labeler'] else ''}): {_said(vs)}." if extra else None)
-    points = [p for p in (lead,) if p]
+    points = [lead] if lead else []
     points.append(answer + "; ".join(_said(cmp[k]) for k in ((syn, baseline), (syn, classic)) if k in cmp) + ".")
     pool_syn_used = pool_syn is not None and table.loc[pool_syn, "synthetic_ratio"] != 0  # 0: it is the pool alone
     beyond = (cmp.get((pool_syn, pool)) if pool_syn_used else None) or (cmp.get((syn, pool)) if syn_used else None)
