@@ -18,6 +18,7 @@ help:
 	@echo "make bench  run the CPU benchmarks (results in bench/results/)"
 	@echo "make lock   re-resolve pyproject.toml and pin the result in requirements.lock"
 	@echo "make gpu-wheels  put what a bare GPU box needs for bench/gpu_check.py in .gpu/ (wheels + data)"
+	@echo "make clean  delete the stage outputs git does not track (data/, models/, report.html); dvc repro re-makes them"
 
 # The packages come from the lock file (the versions the tests passed with); the project itself is
 # installed editable on top, without resolving anything again.
@@ -81,5 +82,7 @@ bench: venv
 gpu-wheels: venv data
 	$(BIN)/python -m bench.gpu_carry --fashion-mnist $(FMNIST_DIR)
 
+# every stage output that is not tracked by git (data/, models/, report.html); metrics/ and
+# reports/metrics.json, report.md are the committed record of the last run: git checkout restores them
 clean:
-	rm -rf data/prepared data/synthetic data/filtered models metrics reports/*.html
+	rm -rf data/prepared data/pseudo data/synthetic data/synthetic_shards data/filtered data/cache models reports/*.html

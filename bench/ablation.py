@@ -5,7 +5,7 @@ in order; a lever is kept when the validation accuracy of the variant it serves 
 ``--seeds`` seeds, N = the val split) beats the best so far, and dropped otherwise, so every
 row says what that lever did on top of the levers kept before it. Test accuracy is never
 computed here: the classifiers are trained and selected on train / val only
-(``train_variant``), and nothing reads the test split except the filter's set metrics, which
+(``training.plan.carry_out``), and nothing reads the test split except the filter's set metrics, which
 are reported beside each generator lever and never used to choose.
 
 Stages run through their ``run`` functions, each output in a folder keyed by the params that
@@ -110,7 +110,8 @@ class Runner:
         """Mean validation accuracy of ``variant`` over ``seeds`` seeds (cached)."""
         from pipeline.config import resolve_device
         from pipeline.train_classifier import load_variant_data
-        from pipeline.training.classifier import train_variant
+        from pipeline.training.classifier import train_one
+        from pipeline.training.plan import carry_out
 
         raw = deep_merge(raw, {"train_classifier": {"seeds": seeds, "ratio_sweep": []}})
         params = params_from_dict(raw)
@@ -123,8 +124,9 @@ class Runner:
         cfg, t0 = params.train_classifier, time.time()
         data = load_variant_data(params, Paths(root=root), variant)
         seed_list = [params.base.seed * 1000 + i for i in range(seeds)]
-        results, ratio, _ = train_variant(cfg, spec, data.train, data.val, data.synthetic, seed_list,
-                                          resolve_device(params.base), len(data.class_names), data.pseudo)
+        device = resolve_device(params.base)
+        results, ratio, _ = carry_out(cfg, spec, lambda r: train_one(cfg, spec, data, seed_list[r.seed_index], r.share,
+                                                                     device))
         accs = [h["best_val_acc"] for _, h in results]
         out = {"variant": variant, "val_accuracy": sum(accs) / len(accs), "per_seed": accs, "seeds": seed_list,
                "n_val": len(data.val[1]), "synthetic_ratio": ratio, "seconds": round(time.time() - t0, 1)}

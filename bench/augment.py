@@ -12,7 +12,7 @@ Timed side by side, alternated: the augmentation alone (per batch) and whole tra
 ``fit_classifier`` with the old augmentation put back in, otherwise the same loop).
 
 ``--accuracy``: validation accuracy (never test) of the real+classic variant through
-``train_variant`` with each side, at the cpu profile's settings, ``--seeds`` seeds on prepared
+``train_one`` with each side, at the cpu profile's settings, ``--seeds`` seeds on prepared
 Fashion-MNIST (made in ``--work`` when missing): the batched version must not lose accuracy.
 Writes ``augment-accuracy-<device>.json``.
 """
@@ -107,7 +107,7 @@ def timing(args, device: str) -> dict:
     init = build_model(args.arch, 10, int(tx.shape[1]))
 
     def fit():
-        _, hist = training.fit_classifier(copy.deepcopy(init), tx, ty, vx, vy, steps=steps, batch_size=bs, lr=3e-3,
+        _, hist = training.fit_classifier(copy.deepcopy(init), training.batch_sources(bs, (tx, ty)), (vx, vy), steps=steps, lr=3e-3,
                                           weight_decay=0.05, seed=0, device=device, augment="classic",
                                           eval_every=10**9, progress=False)
         return hist["train_loss"][-1]
@@ -136,7 +136,7 @@ def accuracy(args, device: str) -> dict:
     from pipeline.config import Paths, params_from_dict
     from pipeline.core.images import dataset_to_tensors
     from pipeline.core.io import load_dataset_dir
-    from pipeline.training.classifier import train_variant
+    from pipeline.training.classifier import VariantData, train_one
 
     params = params_from_dict({"base": {"profile": args.profile, "device": device}})
     paths = Paths(root=args.work)
@@ -149,13 +149,13 @@ def accuracy(args, device: str) -> dict:
     if args.steps:
         cfg = cfg.model_copy(update={"steps": args.steps})
     seeds = [params.base.seed * 1000 + i for i in range(args.seeds)]
-    k = len(dd["train"].features["label"].names)
+    data = VariantData(real, val, dd["train"].features["label"].names)
     out = {"batched": [], "per_image": []}
     for seed in seeds:  # alternated seed by seed, so a load change hits both sides
         for side in out:
             with per_image_in_fit() if side == "per_image" else contextlib.nullcontext():
                 with section(f"accuracy: {side}, seed {seed}, {cfg.steps} steps"):
-                    (_, hist), = train_variant(cfg, spec, real, val, None, [seed], device, k)[0]
+                    _, hist = train_one(cfg, spec, data, seed, 0.0, device)
             out[side].append({"seed": seed, "val_accuracy": hist["best_val_acc"], "best_step": hist["best_step"],
                               "seconds_per_step": hist["seconds_per_step"]})
             print(f"  {side} seed {seed}: val acc {hist['best_val_acc']:.4f}", flush=True)

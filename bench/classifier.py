@@ -83,7 +83,7 @@ def main(argv=None) -> dict:
     from pipeline.core.io import load_dataset_dir
     from pipeline.models.classifier import build_model
     from pipeline.quality.features import FeatureSpace
-    from pipeline.training.classifier import fit_classifier
+    from pipeline.training.classifier import batch_sources, fit_classifier
 
     dd = load_dataset_dir(Paths().prepared / "dataset", "prepare")
     train_ds, val_ds = dd["train"], dd["val"].select(range(64))
@@ -96,7 +96,7 @@ def main(argv=None) -> dict:
     lr, wd = 3e-3, 0.05
 
     def ours_fit():
-        _, hist = fit_classifier(copy.deepcopy(init), tx, ty, vx, vy, steps=steps, batch_size=args.batch_size,
+        _, hist = fit_classifier(copy.deepcopy(init), batch_sources(args.batch_size, (tx, ty)), (vx, vy), steps=steps,
                                  lr=lr, weight_decay=wd, seed=0, device=device, eval_every=10**9, progress=False)
         return hist["train_loss"][-1]
 
@@ -107,7 +107,7 @@ def main(argv=None) -> dict:
     effnet = build_model("tf_efficientnet_lite0", 0, 3, "efficientnet-lite0").eval().to(device)
 
     with section(f"classifier warm-up on {device}"):
-        fit_classifier(copy.deepcopy(init), tx, ty, vx[:8], vy[:8], steps=1, batch_size=args.batch_size, lr=lr,
+        fit_classifier(copy.deepcopy(init), batch_sources(args.batch_size, (tx, ty)), (vx[:8], vy[:8]), steps=1, lr=lr,
                        weight_decay=wd, seed=0, device=device, progress=False)
         plain_fit(copy.deepcopy(init), train_ds, 1, args.batch_size, lr, wd, device)
         space(fx[:args.feature_batch_size])
@@ -122,8 +122,8 @@ def main(argv=None) -> dict:
     inits = {k: build_model(a, num_classes, int(tx.shape[1])) for k, a in archs.items()}
 
     def arch_fit(side):
-        return lambda: fit_classifier(copy.deepcopy(inits[side]), tx, ty, vx, vy, steps=steps,
-                                      batch_size=args.batch_size, lr=lr, weight_decay=wd, seed=0, device=device,
+        return lambda: fit_classifier(copy.deepcopy(inits[side]), batch_sources(args.batch_size, (tx, ty)), (vx, vy),
+                                      steps=steps, lr=lr, weight_decay=wd, seed=0, device=device,
                                       augment="classic", eval_every=10**9, progress=False)[1]["train_loss"][-1]
     with section(f"classifier before/after: {archs}, classic augmentation, {steps} steps of batch {args.batch_size}"):
         arch_fit("after")()  # warm-up

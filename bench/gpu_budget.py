@@ -32,7 +32,7 @@ from bench.common import ROOT, diffusion_generator, parser, save, section, setup
 from pipeline.config import load_params, params_from_dict
 from pipeline.models.classifier import build_model
 from pipeline.models.diffusion import build_backbone, train_scheduler
-from pipeline.training.classifier import fit_classifier
+from pipeline.training.classifier import batch_sources, fit_classifier
 
 # Fashion-MNIST as prepare splits it: 60k train -> labeled + val per class, the rest the pool; 10k test
 TRAIN, TEST, CLASSES, SIZE = 60000, 10000, 10, 28
@@ -92,7 +92,7 @@ def classifier_costs(arch: str, augment: str, batch: int, tiny: int, steps: int)
     fwd = fwd_flops_per_image(model.eval(), x[:8].float() / 255)
 
     def fit(n, xb, yb):
-        fit_classifier(build_model(arch, CLASSES, 1), xb, yb, xb[:2], yb[:2], steps=n, batch_size=len(xb), lr=1e-3,
+        fit_classifier(build_model(arch, CLASSES, 1), batch_sources(len(xb), (xb, yb)), (xb[:2], yb[:2]), steps=n, lr=1e-3,
                        weight_decay=0.05, seed=0, augment=augment, eval_every=10**9, progress=False)
 
     per_step = (ops(lambda: fit(3, x, y)) - ops(lambda: fit(1, x, y))) // 2  # two steps, set-up and eval cancel

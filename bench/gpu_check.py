@@ -318,7 +318,7 @@ def part_classifier(args, device: str) -> dict:
 
     from pipeline.core.device import DevicePolicy
     from pipeline.models.classifier import build_model
-    from pipeline.training.classifier import fit_classifier
+    from pipeline.training.classifier import batch_sources, fit_classifier
 
     x, y, source = load_images(args, 512 if args.tiny else 5000)
     policy = DevicePolicy.for_device(device)
@@ -327,9 +327,9 @@ def part_classifier(args, device: str) -> dict:
     for batch in ((8,) if args.tiny else (64, 256)):
         torch.manual_seed(0)
         model = build_model("resnet10t", 10, 1)
-        fit_classifier(model, x, y, x[:64], y[:64], steps=2, batch_size=batch, lr=1e-3, weight_decay=0.05, seed=0,
+        fit_classifier(model, batch_sources(batch, (x, y)), (x[:64], y[:64]), steps=2, lr=1e-3, weight_decay=0.05, seed=0,
                        device=policy, augment="classic", eval_every=2, progress=False)  # warm-up
-        _, hist = fit_classifier(model, x, y, x[:64], y[:64], steps=steps, batch_size=batch, lr=1e-3,
+        _, hist = fit_classifier(model, batch_sources(batch, (x, y)), (x[:64], y[:64]), steps=steps, lr=1e-3,
                                  weight_decay=0.05, seed=0, device=policy, augment="classic", eval_every=steps,
                                  progress=False)
         out[f"batch_{batch}"] = {"steps_per_second": round(1 / hist["seconds_per_step"], 2),

@@ -26,7 +26,7 @@ from pipeline.core.images import class_names_of, dataset_to_tensors
 from pipeline.core.io import load_dataset_dir, write_json
 from pipeline.core.stats import mean_ci
 from pipeline.models.classifier import build_model
-from pipeline.training.classifier import fit_classifier, predict_proba
+from pipeline.training.classifier import batch_sources, fit_classifier, predict_proba
 from pipeline.training.semi import fit_fixmatch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +38,7 @@ def one_run(method: str, seed: int, cfg, data, policy) -> dict:
     model = build_model(cfg.arch, k, tx.shape[1])
     t0 = time.time()
     if method == "supervised":
-        model, hist = fit_classifier(model, tx, ty, vx, vy, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+        model, hist = fit_classifier(model, batch_sources(cfg.batch_size, (tx, ty)), (vx, vy), steps=cfg.steps, lr=cfg.lr,
                                      weight_decay=cfg.weight_decay, seed=seed, device=policy, augment=cfg.augment,
                                      eval_every=max(1, cfg.steps // 10), progress=False)
     else:

@@ -213,7 +213,7 @@ def task_classifier(row: str, spec: dict, seed: int, data_dir: str, work: str, t
     """One classifier of one row and seed: the params' classifier, classic augmentation, scored on dev."""
     from pipeline.core.device import policy_for
     from pipeline.models.classifier import build_model
-    from pipeline.training.classifier import fit_classifier, predict_proba, sharpen
+    from pipeline.training.classifier import batch_sources, fit_classifier, predict_proba, sharpen
 
     d = _data(data_dir, tiny)
     params = d["params"]
@@ -233,11 +233,11 @@ def task_classifier(row: str, spec: dict, seed: int, data_dir: str, work: str, t
     ratio = spec.get("ratio", 0.5) if real else 1.0
     torch.manual_seed(seed)
     t0 = time.time()
-    model, hist = fit_classifier(build_model(cfg.arch, 10, 1), *((d["labeled_x"], d["labeled_y"]) if real else (None, None)),
-                                 d["val_x"], d["val_y"], steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                                 weight_decay=cfg.weight_decay, seed=seed, device=policy, augment="classic" if real else "standard",
-                                 synthetic=syn, synthetic_ratio=ratio if syn is not None else 0.0, pseudo=pseudo,
-                                 pseudo_share=cfg.pseudo_share, eval_every=cfg.eval_every, progress=False)
+    sources = batch_sources(cfg.batch_size, (d["labeled_x"], d["labeled_y"]) if real else None, pseudo, syn,
+                            ratio if syn is not None else 0.0, cfg.pseudo_share)
+    model, hist = fit_classifier(build_model(cfg.arch, 10, 1), sources, (d["val_x"], d["val_y"]), steps=cfg.steps,
+                                 lr=cfg.lr, weight_decay=cfg.weight_decay, seed=seed, device=policy,
+                                 augment="classic" if real else "standard", eval_every=cfg.eval_every, progress=False)
     probs = predict_proba(model, d["dev_x"], 1024, policy)
     return {"row": row, "seed": seed, **_scores(probs, d["dev_y"]), "val": hist["best_val_acc"],
             "ratio": ratio if syn is not None else 0.0, **info, "seconds": round(time.time() - t0, 1)}

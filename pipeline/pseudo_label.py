@@ -29,7 +29,7 @@ from pipeline.core.io import (atomic_path, check_writable, fingerprint, load_dat
 from pipeline.errors import DataError
 from pipeline.models.classifier import build_model, check_input_size
 from pipeline.quality.selection import confident_per_class
-from pipeline.training.classifier import fit_classifier, predict_proba
+from pipeline.training.classifier import batch_sources, fit_classifier, predict_proba
 from pipeline.training.semi import fit_fixmatch
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
     prepared_fp = read_output(paths, "prepared").get("fingerprint")
     dd = load_dataset_dir(paths.prepared / "dataset", "prepare")
     class_names = class_names_of(dd["train"])
-    k = len(class_names)
+    num_classes = len(class_names)
     (tx, ty), (vx, vy) = dataset_to_tensors(dd["train"]), dataset_to_tensors(dd["val"])
     if "pool" in dd:
         pool_x, hidden = dataset_to_tensors(dd["pool"], label_column="hidden_label")
@@ -51,21 +51,21 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
     summary = {"inputs": {"prepared": prepared_fp}, "pool_size": len(pool_x), "threshold": cfg.threshold,
                "per_class_cap": cfg.per_class_cap, "class_names": class_names}
     keep = torch.zeros(0, dtype=torch.long)
-    proba = torch.zeros(0, k)
+    proba = torch.zeros(0, num_classes)
     model = None
     if len(pool_x):
-        check_input_size(cfg.arch, k, tx.shape[1], tx.shape[-1], key="pseudo_label.arch")
+        check_input_size(cfg.arch, num_classes, tx.shape[1], tx.shape[-1], key="pseudo_label.arch")
         log.info("pseudo_label: training %s (%s) on %d labeled images%s (%d steps), then labeling %d pool images",
                  cfg.arch, cfg.method, len(tx), " and the pool" if cfg.method == "fixmatch" else "", cfg.steps,
                  len(pool_x))
         torch.manual_seed(seed)
-        model = build_model(cfg.arch, k, tx.shape[1])
+        model = build_model(cfg.arch, num_classes, tx.shape[1])
         if cfg.method == "fixmatch":
             model, hist = fit_fixmatch(model, (tx, ty), pool_x, (vx, vy), cfg, seed=seed, device=device)
         else:
-            model, hist = fit_classifier(model, tx, ty, vx, vy, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                                         weight_decay=cfg.weight_decay, seed=seed, device=device, augment=cfg.augment,
-                                         eval_every=max(1, cfg.steps // 10))
+            model, hist = fit_classifier(model, batch_sources(cfg.batch_size, (tx, ty)), (vx, vy), steps=cfg.steps,
+                                         lr=cfg.lr, weight_decay=cfg.weight_decay, seed=seed, device=device,
+                                         augment=cfg.augment, eval_every=max(1, cfg.steps // 10))
         proba = predict_proba(model, pool_x, 512, device)
         keep = confident_per_class(proba, cfg.threshold, cfg.per_class_cap, cfg.balance)
         summary["labeler"] = {"arch": cfg.arch, "method": hist.get("method", "supervised"),
@@ -75,8 +75,8 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
         log.warning("pseudo_label: the prepared data has no pool split (prepare.unlabeled_pool = 0): no pseudo-labels")
     conf, pred = proba.max(1)
     labels = pred[keep]
-    kept = np.bincount(labels.numpy(), minlength=k)
-    predicted = np.bincount(pred.numpy(), minlength=k)
+    kept = np.bincount(labels.numpy(), minlength=num_classes)
+    predicted = np.bincount(pred.numpy(), minlength=num_classes)
     summary.update(kept=int(len(keep)), kept_per_class=dict(zip(class_names, kept.tolist())),
                    coverage_per_class={c: round(float(kept[i] / predicted[i]), 4) if predicted[i] else None
                                        for i, c in enumerate(class_names)})
@@ -103,7 +103,7 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
             str(tmp / "dataset"))
         if model is not None:
             save_file({n: v.detach().cpu().contiguous() for n, v in model.state_dict().items()},
-                      str(tmp / "labeler.safetensors"), metadata={"arch": cfg.arch, "num_classes": str(k)})
+                      str(tmp / "labeler.safetensors"), metadata={"arch": cfg.arch, "num_classes": str(num_classes)})
         write_json(tmp / "summary.json", summary)
     log.info(summary["headline"])
     return summary

@@ -25,7 +25,7 @@ from pathlib import Path
 import datasets
 import torch
 
-from pipeline.config import Paths, Params, SampleConfig
+from pipeline.config import Paths, Params, SampleConfig, keeps_output
 from pipeline.core.device import policy_for
 from pipeline.core.entrypoint import stage_main
 from pipeline.core.images import dataset_to_tensors, make_grid_image, tensors_to_dataset
@@ -70,9 +70,9 @@ def to_dataset(images: torch.Tensor, labels: torch.Tensor, seeds: list[int], cfg
 
 
 def recipe(cfg: SampleConfig) -> dict:
-    """The settings that change an image (besides its seed, source and the generator)."""
-    return {k: v for k, v in cfg.model_dump(mode="json").items()
-            if k not in ("batch_size", "shard_index", "num_shards", "grid_per_class")}
+    """The settings that change an image (besides its seed, source and the generator): every field not
+    marked ``changes_images: False``. A shard made with the same recipe is reused."""
+    return cfg.model_dump(mode="json", exclude=keeps_output(type(cfg)))
 
 
 def shard_recipe(record: Path) -> dict | None:

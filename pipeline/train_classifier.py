@@ -10,7 +10,6 @@ A variant with ``pseudo: true`` adds the pseudo-labeled pool (``data/pseudo/``) 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,14 +21,16 @@ from pipeline.core.entrypoint import stage_main
 from pipeline.core.images import class_names_of, dataset_to_tensors, image_hashes
 from pipeline.core.io import (OUTPUTS, atomic_path, check_writable, load_dataset_dir, load_pseudo_labels, load_split,
                               read_output, write_json)
-from pipeline.core.stats import classification_metrics, summarize_seeds
+from pipeline.core.stats import summarize_seeds
 from pipeline.errors import ConfigError, DataError
 from pipeline.models.classifier import check_input_size, load_classifier, save_classifier
-from pipeline.training.classifier import RATIO_RULE, predict_proba, sharpen, synthetic_use, train_variant
+from pipeline.training.classifier import VariantData, predict_proba, sharpen, synthetic_use, score_on_test, train_one
+from pipeline.training.plan import RATIO_RULE, carry_out
 from pipeline.training.seed_runs import CLI_OPTIONS, gather_seeds, train_seed
 
 log = logging.getLogger(__name__)
 SUMMARY_METRICS = ("accuracy", "macro_f1", "ece")
+PER_SEED = ("seed", *SUMMARY_METRICS, "best_val_accuracy", "best_step", "steps", "seconds", "per_class_accuracy")
 
 
 def load_synthetic(paths: Paths, source: str, class_names: list[str], like: torch.Tensor
@@ -53,18 +54,6 @@ def load_synthetic(paths: Paths, source: str, class_names: list[str], like: torc
         raise DataError(f"{where}: images are {tuple(x.shape[1:])} (C,H,W) but the real ones are "
                           f"{tuple(like.shape[1:])}. Re-run sample with the generator trained on this data.")
     return x, y, where, summary.get("fingerprint")
-
-
-@dataclass
-class VariantData:
-    """What a variant trains and selects on (never the test split)."""
-    train: tuple[torch.Tensor, torch.Tensor]  # the labeled images
-    val: tuple[torch.Tensor, torch.Tensor]
-    class_names: list[str]
-    pseudo: tuple[torch.Tensor, torch.Tensor] | None = None  # pool images, pseudo-labels (ids or probabilities)
-    synthetic: tuple[torch.Tensor, torch.Tensor] | None = None
-    synthetic_path: Path | None = None
-    inputs: dict = field(default_factory=dict)  # stage output -> fingerprint of what it read (the report checks)
 
 
 def load_variant_data(params: Params, paths: Paths, variant: str) -> VariantData:
@@ -110,75 +99,85 @@ def run(params: Params, paths: Paths, variant: str, seed_index: int | None = Non
     data = load_variant_data(params, paths, variant)
     spec, policy = cfg.variants[variant], policy_for(params.base)
     check_writable(paths.classifier / variant, paths.classifier_metrics / variant)
-    (train_x, train_y), (val_x, val_y), class_names = data.train, data.val, data.class_names
-    k, synthetic = len(class_names), data.synthetic
-    n_pseudo = len(data.pseudo[0]) if data.pseudo else 0
     seeds = [params.base.seed * 1000 + i for i in range(cfg.seeds)]
     log.info("train_classifier %s: %s, %d labeled + %d pseudo-labeled + %d synthetic training images, %d val, "
-             "%d seeds x %d steps on %s", variant, cfg.arch, len(train_x) if spec.real else 0, n_pseudo,
-             len(synthetic[0]) if synthetic else 0, len(val_x), len(seeds), cfg.steps, policy.device)
+             "%d seeds x %d steps on %s", variant, cfg.arch, len(data.train[0]) if spec.real else 0, _n(data.pseudo),
+             _n(data.synthetic), len(data.val[0]), len(seeds), cfg.steps, policy.device)
     if seed_index is not None:
         return train_seed(params, paths, variant, data, seeds, seed_index, ratio, policy)
-    results, ratio, sweep = gather_seeds(params, paths, variant, data) if gather else \
-        train_variant(cfg, spec, data.train, data.val, synthetic, seeds, policy, k, data.pseudo)
-
-    test_x, test_y, _ = load_split(paths, "test")  # read once every model is trained and selected
-    seen = set(image_hashes(val_x)) | (set(image_hashes(train_x)) if spec.real else set()) | \
-        (set(image_hashes(data.pseudo[0])) if data.pseudo else set())
-    leaked = set(image_hashes(test_x)) & seen
-    if leaked:
-        raise DataError(f"{len(leaked)} test images also appear in train/val. Run prepare again.")
-    absent = [name for c, name in enumerate(class_names) if not bool((test_y == c).any())]
-    if absent:
-        log.warning("train_classifier %s: the test split has no image of class(es) %s: accuracy is over the other "
-                    "classes only", variant, absent)
-    per_seed, evaluated = [], []
-    for seed, (model, hist) in zip(seeds, results):
-        m = classification_metrics(predict_proba(model, test_x, cfg.eval_batch_size, policy), test_y, k, cfg.ece_bins)
-        m["per_class_accuracy"] = dict(zip(class_names, m["per_class_accuracy"]))
-        m.update(seed=seed, best_val_accuracy=hist["best_val_acc"], best_step=hist["best_step"],
-                 steps=hist["steps"], seconds=round(hist["seconds"], 2))
-        log.info("train_classifier %s seed %d: test acc %.4f, macro-F1 %.4f, ECE %.4f (val %.4f @ step %d, %.0fs)",
-                 variant, seed, m["accuracy"], m["macro_f1"], m["ece"], hist["best_val_acc"], hist["best_step"],
-                 hist["seconds"])
-        evaluated.append((model, m, hist))
-        per_seed.append({key: m[key] for key in ("seed", *SUMMARY_METRICS, "best_val_accuracy", "best_step",
-                                                 "steps", "seconds", "per_class_accuracy")})
-
-    common = {"variant": variant, "arch": cfg.arch, "pretrained": cfg.pretrained, "augment": spec.augment,
-              "trains_on_real": spec.real,
-              "synthetic_source": str(data.synthetic_path) if data.synthetic_path else None,
-              "synthetic_ratio": ratio, "ratio_rule": RATIO_RULE if sweep else None, "steps": cfg.steps,
-              "batch_size": cfg.batch_size,
-              "pseudo": {"share": cfg.pseudo_share, "labels": cfg.pseudo_labels,
-                         "temperature": cfg.pseudo_temperature} if data.pseudo else None,
-              "synthetic_labels": cfg.synthetic_labels if synthetic else None,
-              "n_train_real": len(train_x) if spec.real else 0, "n_pseudo_labeled": n_pseudo,
-              "n_synthetic": len(synthetic[0]) if synthetic else 0, "n_val": len(val_x), "n_test": len(test_y),
-              **synthetic_use(synthetic, ratio, cfg.steps, cfg.batch_size, class_names),
-              "class_names": class_names, "test_classes_missing": absent,
-              "inputs": data.inputs,  # the report refuses metrics of other data or other settings
-              "params": params.made_with("train_classifier", variant)}
-    with atomic_path(paths.classifier / variant, is_dir=True) as tmp:
-        for i, (model, m, hist) in enumerate(evaluated):
-            d = tmp / f"seed{i}"
-            d.mkdir(parents=True)
-            save_classifier(model, d / "model.safetensors", cfg.arch, k, val_x.shape[1])
-            write_json(d / "metrics.json", {**common, **m, "history": hist})
-            write_json(d / "config.json", {**common, "seed": m["seed"], "params": params.resolved()})
-    summary = {**common, "seeds": seeds, **summarize_seeds(per_seed, SUMMARY_METRICS)}
-    summary["ratio_sweep"] = {str(r): sum(a) / len(a) for r, a in sweep.items()} if sweep else None
-    summary["ratio_sweep_per_seed"] = {str(r): a for r, a in sweep.items()} if sweep else None
+    results, share, sweep = gather_seeds(params, paths, variant, data) if gather else \
+        carry_out(cfg, spec, lambda r: train_one(cfg, spec, data, seeds[r.seed_index], r.share, policy))
+    test = load_test(paths, data, spec, variant)  # read once every model is trained and selected
+    per_seed = [score_on_test(model, hist, seed, test, data.class_names, cfg, policy, variant)
+                for seed, (model, hist) in zip(seeds, results)]
+    common = variant_record(params, variant, data, share, sweep, test)
+    write_models(paths, variant, params, results, per_seed, common, data)
+    summary = {**common, "seeds": seeds, **summarize_seeds(per_seed, SUMMARY_METRICS),
+               "ratio_sweep": {str(r): sum(a) / len(a) for r, a in sweep.items()} if sweep else None,
+               "ratio_sweep_per_seed": {str(r): a for r, a in sweep.items()} if sweep else None}
     acc = summary["aggregate"]["accuracy"]
-    summary["headline"] = (f"{variant}: test accuracy {acc['mean']:.2%} "
-                           f"(95% CI {acc['low']:.2%} to {acc['high']:.2%}, {len(seeds)} seeds, {len(test_y)} test images)")
-    summary["per_seed"] = per_seed
+    summary["headline"] = (f"{variant}: test accuracy {acc['mean']:.2%} (95% CI {acc['low']:.2%} to "
+                           f"{acc['high']:.2%}, {len(seeds)} seeds, {len(test[1])} test images)")
+    summary["per_seed"] = [{key: m[key] for key in PER_SEED} for m in per_seed]
     with atomic_path(paths.classifier_metrics / variant, is_dir=True) as tmp:  # curves for `dvc plots show`
         write_curves(tmp, {f"seed{i}/{name}": (hist["step"], hist[name]) for i, (_, hist) in enumerate(results)
                            for name in ("val_acc", "train_loss")})
     write_json(paths.classifier_metrics / f"{variant}.json", summary)
     log.info("train_classifier %s", summary["headline"])
     return summary
+
+
+def _n(pair) -> int:
+    return len(pair[0]) if pair else 0
+
+
+def load_test(paths: Paths, data: VariantData, spec, variant: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """The test split, refused when an image also appears in what the variant trained or selected on;
+    also the classes it lacks (accuracy is then over the others)."""
+    test_x, test_y, _ = load_split(paths, "test")
+    seen = set(image_hashes(data.val[0])) | (set(image_hashes(data.train[0])) if spec.real else set()) | \
+        (set(image_hashes(data.pseudo[0])) if data.pseudo else set())
+    leaked = set(image_hashes(test_x)) & seen
+    if leaked:
+        raise DataError(f"{len(leaked)} test images also appear in train/val. Run prepare again.")
+    absent = [name for c, name in enumerate(data.class_names) if not bool((test_y == c).any())]
+    if absent:
+        log.warning("train_classifier %s: the test split has no image of class(es) %s: accuracy is over the other "
+                    "classes only", variant, absent)
+    return test_x, test_y, absent
+
+
+def variant_record(params: Params, variant: str, data: VariantData, share: float, sweep, test) -> dict:
+    """What every output of the variant says about how it was trained."""
+    cfg = params.train_classifier
+    spec, synthetic = cfg.variants[variant], data.synthetic
+    return {"variant": variant, "arch": cfg.arch, "pretrained": cfg.pretrained, "augment": spec.augment,
+            "trains_on_real": spec.real,
+            "synthetic_source": str(data.synthetic_path) if data.synthetic_path else None,
+            "synthetic_ratio": share, "ratio_rule": RATIO_RULE if sweep else None, "steps": cfg.steps,
+            "batch_size": cfg.batch_size,
+            "pseudo": {"share": cfg.pseudo_share, "labels": cfg.pseudo_labels,
+                       "temperature": cfg.pseudo_temperature} if data.pseudo else None,
+            "synthetic_labels": cfg.synthetic_labels if synthetic else None,
+            "n_train_real": len(data.train[0]) if spec.real else 0, "n_pseudo_labeled": _n(data.pseudo),
+            "n_synthetic": _n(synthetic), "n_val": len(data.val[0]), "n_test": len(test[1]),
+            **synthetic_use(synthetic, share, cfg.steps, cfg.batch_size, data.class_names),
+            "class_names": data.class_names, "test_classes_missing": test[2],
+            "inputs": data.inputs,  # the report refuses metrics of other data or other settings
+            "params": params.made_with("train_classifier", variant)}
+
+
+def write_models(paths: Paths, variant: str, params: Params, results, per_seed: list[dict], common: dict,
+                 data: VariantData) -> None:
+    """``models/classifier/<variant>/seed<k>/``: weights, metrics with the training history, config."""
+    cfg = params.train_classifier
+    with atomic_path(paths.classifier / variant, is_dir=True) as tmp:
+        for i, ((model, hist), m) in enumerate(zip(results, per_seed)):
+            d = tmp / f"seed{i}"
+            d.mkdir(parents=True)
+            save_classifier(model, d / "model.safetensors", cfg.arch, len(data.class_names), data.val[0].shape[1])
+            write_json(d / "metrics.json", {**common, **m, "history": hist})
+            write_json(d / "config.json", {**common, "seed": m["seed"], "params": params.resolved()})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,7 +1,8 @@
 import pytest
 import yaml
 
-from pipeline.config import PROFILES, ConfigError, Paths, load_params, params_from_dict
+from pipeline.config import (IGNORED_BY_KIND, PROFILES, ConfigError, Paths, TrainGeneratorConfig, load_params,
+                             params_from_dict)
 
 
 def write(tmp_path, obj):
@@ -65,6 +66,25 @@ def test_nested_preset_merges_key_by_key_and_kinds_are_checked(tmp_path):
     assert p.train_generator.dit.num_layers == PROFILES["micro"]["train_generator"]["dit"]["num_layers"]  # preset
     with pytest.raises(ConfigError, match=r"train_generator\.kind.*'unet', 'dit', 'cgan' or 'datasetgan'"):
         load_params(write(tmp_path, {"train_generator": {"kind": "vae"}}))
+
+
+def test_keys_a_generator_kind_ignores_are_named_when_the_user_sets_them(tmp_path, caplog):
+    """The gpu preset sets lr, init, block_out_channels for every kind: only what params.yaml or an
+    override sets is named, with the kinds that read it."""
+    assert all(IGNORED_BY_KIND[k] <= set(TrainGeneratorConfig.model_fields) for k in IGNORED_BY_KIND)
+    p = write(tmp_path, {"base": {"profile": "gpu"}, "train_generator": {"kind": "cgan", "warmup_steps": 5}})
+    with caplog.at_level("WARNING", logger="pipeline.config"):
+        load_params(p, {"train_generator.lr": 1e-4, "train_generator.steps": 9})
+    assert caplog.messages == [f"{p}: train_generator.kind cgan ignores train_generator.lr, warmup_steps (they apply "
+                               "to kind unet, dit, datasetgan only); remove them or set train_generator.kind to one "
+                               "of those"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pipeline.config"):
+        params_from_dict({"train_generator": {"kind": "datasetgan", "p_uncond": 0.2, "lr": 1e-4}})
+        params_from_dict({"base": {"profile": "gpu"}, "train_generator": {"kind": "cgan"}})
+        params_from_dict({"train_generator": {"kind": "unet", "p_uncond": 0.2, "lr": 1e-4}})
+    assert caplog.messages == ["<params>: train_generator.kind datasetgan ignores train_generator.p_uncond (they "
+                               "apply to kind unet, dit only); remove them or set train_generator.kind to one of those"]
 
 
 def test_overrides_and_missing_file(tmp_path):

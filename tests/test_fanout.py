@@ -1,4 +1,4 @@
-"""The two fan-outs (flows/deploy.py) over two process workers of a real Prefect server on loopback,
+"""The two fan-outs (flows/fanout.py) over two process workers of a real Prefect server on loopback,
 in one project copy both tests share (the session's tiny Fashion-MNIST-format dataset)."""
 import json
 import subprocess
@@ -11,7 +11,7 @@ from tests.helpers import BIN, env, project_copy, ran_stages, run, stop_process_
 
 pytestmark = pytest.mark.slow
 
-# The fan-outs (flows/deploy.py): a `gpu` pool with two process workers (one slot each) and a
+# The fan-outs (flows/fanout.py): a `gpu` pool with two process workers (one slot each) and a
 # `control` pool for the fan-out flows, all on loopback, in one project copy both tests share.
 FANOUT_DEPLOYMENTS = ("sample-shard", "sample-fanout", "classifier-seed", "classifier-fanout")
 

@@ -129,11 +129,17 @@ def test_stage_smoke(tmp_path):
     kept = datasets.load_from_disk(str(paths.filtered / "dataset"))
     syn = datasets.load_from_disk(str(paths.synthetic / "dataset"))
     assert len(scores) == n and scores["index"].tolist() == list(range(n))
+    assert list(scores.columns) == ["index", "label", "seed", "confidence", "margin", "predicted", "realism",
+                                    "inside_manifold", "nn_train_distance", "clip_score", "duplicate", "copy_of_train",
+                                    "copy_of_test", "strength", "source_split", "source_index", "source_distance",
+                                    "near_copy_of_source", "reason", "accepted"]
     assert scores.loc[0, "reason"] == "copy_of_train" and scores.loc[7, "reason"] == "duplicate"
     assert scores["clip_score"].isna().all() and scores["seed"].tolist() == syn["seed"]
     assert len(kept) == int(scores["accepted"].sum()) == n - 2 and kept.column_names == syn.column_names
     assert kept["seed"] == [s for s, a in zip(syn["seed"], scores["accepted"]) if a]
     on_disk = json.loads((paths.filtered / "summary.json").read_text())
+    assert list(on_disk) == ["feature_space", "feature_space_param", "note", "n", "acceptance", "near_copies_of_source",
+                             "thresholds", "judge", "clip", "metrics", "inputs", "fingerprint", "timing", "params"]
     assert on_disk["clip"] == summary["clip"] and on_disk["clip"]["used"] is False
     assert "filter.clip.checkpoint not set" in on_disk["clip"]["why"]
     m = on_disk["metrics"]

@@ -8,10 +8,11 @@ import datasets
 import pytest
 import torch
 from PIL import Image
+from pydantic import Field
 
 from pipeline import sample as sp
 from pipeline import train_generator as tg
-from pipeline.config import Paths, TrainGeneratorConfig, params_from_dict
+from pipeline.config import Paths, SampleConfig, TrainGeneratorConfig, params_from_dict
 from pipeline.core.images import dataset_to_tensors, tensors_to_dataset
 from pipeline.core.io import read_json, write_json
 from pipeline.core.seeding import image_seed
@@ -230,6 +231,8 @@ def test_complete_shard_is_skipped_and_stale_shard_redone(generator_root, tmp_pa
     stamp = (shard / "state.json").stat().st_mtime_ns
     sp.run(params, Paths(root=root), shard_only=True)
     assert (shard / "state.json").stat().st_mtime_ns == stamp  # kept, not regenerated
+    sp.run(tiny_params(num_shards=2, shard_index=0, batch_size=2, grid_per_class=1), Paths(root=root), shard_only=True)
+    assert (shard / "state.json").stat().st_mtime_ns == stamp  # batch size and preview change no image: kept
     sp.run(tiny_params(num_shards=2, shard_index=0, guidance_scale=3.0), Paths(root=root), shard_only=True)
     assert datasets.load_from_disk(str(shard))["guidance"] == [3.0] * 3
     assert "other settings" in caplog.text
@@ -238,6 +241,26 @@ def test_complete_shard_is_skipped_and_stale_shard_redone(generator_root, tmp_pa
     record.write_text("{not json")
     sp.run(tiny_params(num_shards=2, shard_index=0, guidance_scale=3.0), Paths(root=root), shard_only=True)
     assert "shard-000-of-002.json: damaged or unreadable" in caplog.text and read_json(record)["recipe"]
+
+
+def test_a_setting_is_in_a_shards_recipe_unless_marked_as_changing_no_image():
+    class Extended(SampleConfig):
+        new_knob: int = 0
+        quiet_knob: int = Field(0, json_schema_extra={"changes_images": False})
+
+    recipe = sp.recipe(Extended())
+    assert "new_knob" in recipe and "quiet_knob" not in recipe
+    assert set(Extended.model_fields) - set(recipe) == {"batch_size", "shard_index", "num_shards", "grid_per_class",
+                                                        "quiet_knob"}
+
+
+def test_a_fan_outs_shard_count_is_not_reported_as_params_changed_since():
+    """A fan-out's merge runs with sample.num_shards=N as an override and dvc.lock then records
+    params.yaml's values: dvc repro would not re-run sample, and its images are those of one shard."""
+    from pipeline.core.provenance import params_made_with
+
+    merged = {"params": tiny_params(num_shards=4).resolved()}
+    assert params_made_with(tiny_params(), {"synthetic": merged})[1] == []
 
 
 class OracleEps:

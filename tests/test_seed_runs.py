@@ -6,7 +6,7 @@ import pytest
 
 import pipeline.train_classifier as tc
 from pipeline.errors import ConfigError, DataError
-from pipeline.training.seed_runs import fanout_runs
+from pipeline.training.plan import Run, plan_runs
 from tests.test_train_classifier import micro_params, write_project
 
 VARIANT = "real+synthetic"
@@ -21,15 +21,16 @@ def without_timing(d):
 def test_seed_runs_then_gather_write_what_one_process_writes(tmp_path):
     paths, _ = write_project(tmp_path)
     params = micro_params(seeds=3, ratio_sweep=(0.0,))
-    first, then = fanout_runs(params, VARIANT)
-    assert first == [{"seed_index": i, "ratio": r} for r in (0.5, 0.0) for i in (0, 1)]  # the sweep: 2 shares x 2 seeds
-    assert then == [{"seed_index": 2}]  # takes the sweep's choice
-    assert fanout_runs(params, "real") == ([{"seed_index": i} for i in range(3)], [])  # no sweep: every seed at once
+    cfg = params.train_classifier
+    runs = plan_runs(cfg, cfg.variants[VARIANT])
+    assert runs == [Run(i, r) for r in (0.5, 0.0) for i in (0, 1)] + [Run(2, None)]  # the sweep: 2 shares x 2 seeds,
+    assert [r.waits for r in runs] == [False] * 4 + [True]  # then a seed that takes the sweep's choice
+    assert plan_runs(cfg, cfg.variants["real"]) == [Run(i, 0.0) for i in range(3)]  # no sweep: every seed at once
 
-    with pytest.raises(DataError, match="ratio sweep is not finished"):  # a seed that needs the choice, too early
+    with pytest.raises(DataError, match="--seed_index 0 --ratio 0.5 is not finished"):  # needs the choice, too early
         tc.run(params, paths, VARIANT, seed_index=2)
-    for kw in first + then:
-        tc.run(params, paths, VARIANT, **kw)
+    for r in runs:
+        tc.run(params, paths, VARIANT, seed_index=r.seed_index, ratio=r.share)
     with pytest.raises(ConfigError, match="--seed_index 3"):
         tc.run(params, paths, VARIANT, seed_index=3)
     gathered = tc.run(params, paths, VARIANT, gather=True)
@@ -50,9 +51,9 @@ def test_gather_refuses_missing_or_stale_seed_runs(tmp_path):
     for i in range(2):
         tc.run(params, paths, "real", seed_index=i)
     tc.run(micro_params(seeds=2, lr=0.01), paths, "real", seed_index=0)  # other params: replaces seed 0's run
-    with pytest.raises(DataError, match=r"seed run\(s\) \[0\] "):
+    with pytest.raises(DataError, match=r"seed run --seed_index 0 --ratio 0 is not finished"):
         tc.run(params, paths, "real", gather=True)
-    with pytest.raises(DataError, match=r"seed run\(s\) \[0, 1\] "):  # none made with these params
+    with pytest.raises(DataError, match=r"seed run --seed_index 0 --ratio 0 is not finished"):  # none with these params
         tc.run(micro_params(seeds=2, lr=0.02), paths, "real", gather=True)
     tc.run(params, paths, "real", seed_index=0)
     assert tc.run(params, paths, "real", gather=True)["seeds"] == [3000, 3001]

@@ -11,7 +11,8 @@ from pipeline.core.images import tensors_to_dataset
 from pipeline.core.io import save_dataset, write_json
 from pipeline.errors import ConfigError, DataError
 from pipeline.models.classifier import build_model, efficientnet_lite0_state
-from pipeline.training.classifier import crop_flip, fit_classifier, predict_proba
+from pipeline.training.classifier import batch_sources, crop_flip, fit_classifier, predict_proba
+from pipeline.training.plan import carry_out, choose_share
 
 CLASSES = ["top", "upper", "lower", "bottom"]
 ARCH = "test_resnet"  # timm's tiny test network: same code paths as resnet10t, a fraction of the cost
@@ -28,11 +29,12 @@ def toy(n: int, seed: int, size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def fit(x, y, vx, vy, **kw):
+def fit(x, y, vx, vy, batch_size=32, synthetic=None, synthetic_ratio=0.0, pseudo=None, pseudo_share=None, **kw):
     torch.manual_seed(0)
     model = build_model(ARCH, 4, 1)
-    args = dict(steps=40, batch_size=32, lr=3e-3, weight_decay=0.05, seed=0, eval_every=20, progress=False)
-    return fit_classifier(model, x, y, vx, vy, **{**args, **kw})
+    sources = batch_sources(batch_size, None if x is None else (x, y), pseudo, synthetic, synthetic_ratio, pseudo_share)
+    args = dict(steps=40, lr=3e-3, weight_decay=0.05, seed=0, eval_every=20, progress=False)
+    return fit_classifier(model, sources, (vx, vy), **{**args, **kw})
 
 
 def test_tiny_model_learns_separable_data():
@@ -186,18 +188,17 @@ def test_stage_reads_test_only_after_training_and_sets_are_disjoint(tmp_path, mo
     events, trained_on = [], []
     real_fit, real_load = training.fit_classifier, tc.load_split
 
-    def fit(model, x, y, vx, vy, **kw):
+    def fit(model, sources, val, **kw):
         events.append("fit")
-        for t in (x, vx, (kw.get("synthetic") or (None,))[0]):
-            if t is not None:
-                trained_on.extend(hashlib.sha1(im.numpy().tobytes()).hexdigest() for im in t)
-        return real_fit(model, x, y, vx, vy, **{**kw, "progress": False})
+        for t in (*(s.x for s in sources if s.per_batch), val[0]):
+            trained_on.extend(hashlib.sha1(im.numpy().tobytes()).hexdigest() for im in t)
+        return real_fit(model, sources, val, **{**kw, "progress": False})
 
     def load(p, split):
         events.append(f"load:{split}")
         return real_load(p, split)
 
-    monkeypatch.setattr(training, "fit_classifier", fit)  # what train_variant calls
+    monkeypatch.setattr(training, "fit_classifier", fit)  # what train_one calls
     monkeypatch.setattr(tc, "load_split", load)
     tc.run(micro_params(), paths, variant="real+synthetic-unfiltered")
     assert events.index("load:test") > events.index("fit")
@@ -307,21 +308,22 @@ def test_pseudo_variant_adds_the_pseudo_labeled_pool_and_records_it(tmp_path, mo
     trained_on = []
     real_fit = training.fit_classifier
 
-    def fit(model, x, y, vx, vy, **kw):
-        trained_on.append((x, y, kw["pseudo"], kw["pseudo_share"]))
-        return real_fit(model, x, y, vx, vy, **{**kw, "progress": False})
+    def fit(model, sources, val, **kw):
+        trained_on.append({s.name: s for s in sources})
+        return real_fit(model, sources, val, **{**kw, "progress": False})
 
     monkeypatch.setattr(training, "fit_classifier", fit)
     out = tc.run(micro_params(seeds=1, pseudo_share=0.5, pseudo_labels="hard"), paths, variant="real+pseudo+classic")
     assert out["n_pseudo_labeled"] == 12 and out["n_train_real"] == 40
     assert out["inputs"] == {"prepared": "p" * 64, "pseudo": "q" * 64}
     assert out["pseudo"] == {"share": 0.5, "labels": "hard", "temperature": 1.0}
-    x, y, (px, py), share = trained_on[0]
-    assert torch.equal(x, images["train"]) and torch.equal(px, pseudo_x) and share == 0.5  # the pool drawn beside
-    assert torch.equal(py, toy(12, 5)[1])  # with their pseudo-labels
+    real, pool = trained_on[0]["real"], trained_on[0]["pseudo"]
+    assert torch.equal(real.x, images["train"]) and torch.equal(pool.x, pseudo_x)  # the pool drawn beside
+    assert pool.per_batch == real.per_batch == 4  # share 0.5 of a batch of 8
+    assert torch.equal(pool.y, toy(12, 5)[1])  # with their pseudo-labels
     soft = tc.run(micro_params(seeds=1, pseudo_labels="soft", pseudo_temperature=0.5), paths,
                   variant="real+pseudo+classic")
-    assert soft["pseudo"]["labels"] == "soft" and trained_on[-1][2][1].shape == (12, 4)  # sharpened probabilities
+    assert soft["pseudo"]["labels"] == "soft" and trained_on[-1]["pseudo"].y.shape == (12, 4)  # sharpened probabilities
     on_disk = json.loads((paths.classifier_metrics / "real+pseudo+classic.json").read_text())
     assert on_disk["n_pseudo_labeled"] == 12 and on_disk["inputs"]["pseudo"] == "q" * 64
     # with synthetic images too: both recorded
@@ -345,25 +347,22 @@ def test_pseudo_variant_refuses_stale_or_empty_pseudo_labels(tmp_path):
         tc.run(micro_params(seeds=1), paths, variant="real+pseudo+classic")
 
 
-def test_choose_ratio_takes_synthetic_data_only_when_it_wins_on_every_sweep_seed():
-    assert training.choose_ratio({0.0: [0.80, 0.80], 0.25: [0.82, 0.81], 0.5: [0.85, 0.79]}) == 0.25
-    assert training.choose_ratio({0.0: [0.80, 0.80], 0.25: [0.90, 0.79]}) == 0.0  # one seed's luck is not enough
-    assert training.choose_ratio({0.0: [0.80, 0.80], 0.25: [0.80, 0.81]}) == 0.0  # a tie is not a win
-    assert training.choose_ratio({0.25: [0.8, 0.7], 0.5: [0.7, 0.7]}) == 0.25  # without 0: best mean
+def test_choose_share_takes_synthetic_data_only_when_it_wins_on_every_sweep_seed():
+    assert choose_share({0.0: [0.80, 0.80], 0.25: [0.82, 0.81], 0.5: [0.85, 0.79]}) == 0.25
+    assert choose_share({0.0: [0.80, 0.80], 0.25: [0.90, 0.79]}) == 0.0  # one seed's luck is not enough
+    assert choose_share({0.0: [0.80, 0.80], 0.25: [0.80, 0.81]}) == 0.0  # a tie is not a win
+    assert choose_share({0.25: [0.8, 0.7], 0.5: [0.7, 0.7]}) == 0.25  # without 0: best mean
 
 
-def test_sweep_runs_every_share_on_the_sweep_seeds_and_reuses_them(monkeypatch):
+def test_sweep_runs_every_share_on_the_sweep_seeds_and_reuses_them():
     calls = []
 
-    def fake_fit(model, *a, seed, synthetic_ratio, **kw):
-        calls.append((seed, synthetic_ratio))
-        return model, {"best_val_acc": 0.5 + synthetic_ratio * (1 if seed == 0 else -1)}
-    monkeypatch.setattr(training, "fit_classifier", fake_fit)
-    (x, y), (sx, sy) = toy(8, 1), toy(8, 2)
-    cfg = TrainClassifierConfig(arch=ARCH, synthetic_ratio=0.25, ratio_sweep=(0.0,), sweep_seeds=2, steps=1)
-    results, ratio, sweep = training.train_variant(cfg, VariantSpec(data="filtered"), (x, y), (x, y), (sx, sy),
-                                                   [0, 1, 2], "cpu", 4)
-    assert sweep == {0.25: [0.75, 0.25], 0.0: [0.5, 0.5]} and ratio == 0.0  # 0.25 lost on seed 1
+    def get(run):
+        calls.append((run.seed_index, run.share))
+        return None, {"best_val_acc": 0.5 + run.share * (1 if run.seed_index == 0 else -1)}
+    cfg = TrainClassifierConfig(arch=ARCH, synthetic_ratio=0.25, ratio_sweep=(0.0,), sweep_seeds=2, steps=1, seeds=3)
+    results, share, sweep = carry_out(cfg, VariantSpec(data="filtered"), get)
+    assert sweep == {0.25: [0.75, 0.25], 0.0: [0.5, 0.5]} and share == 0.0  # 0.25 lost on seed 1
     assert calls == [(0, 0.25), (1, 0.25), (0, 0.0), (1, 0.0), (2, 0.0)] and len(results) == 3
 
 

@@ -12,10 +12,11 @@ from typing import Any, get_args, get_origin
 import yaml
 from pydantic import ValidationError
 
-from pipeline.config.sections import (STAGES, BaseParams, CganConfig, ClipConfig, DatasetGanConfig,  # noqa: F401
-                                      DitConfig, FilterConfig, Location, Params, Paths, PrepareConfig,
-                                      PseudoLabelConfig, ReportConfig, SampleConfig, TrainClassifierConfig,
-                                      TrainGeneratorConfig, VariantSpec, resolve_device)
+from pipeline.config.sections import (IGNORED_BY_KIND, STAGES, BaseParams, CganConfig, ClipConfig,  # noqa: F401
+                                      DatasetGanConfig, DitConfig, FilterConfig, Location, Params, Paths,
+                                      PrepareConfig, PseudoLabelConfig, ReportConfig, SampleConfig,
+                                      TrainClassifierConfig, TrainGeneratorConfig, VariantSpec, keeps_output,
+                                      resolve_device)
 from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,8 @@ def _yaml_to_model_types(raw: dict) -> dict:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML that refuses a key given twice in one mapping (YAML itself keeps the last silently)."""
+    """YAML that refuses a key given twice in one mapping (YAML itself keeps the last silently).
+    Kept: ruamel.yaml refuses them too, but reads YAML 1.2 (``1e-3`` a float, ``yes`` a string), names one key."""
 
     def construct_mapping(self, node, deep=False):
         keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
@@ -115,7 +117,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
 
 
 def deep_merge(base: dict, over: dict) -> dict:
-    """``over`` wins, key by key, also inside nested sections (e.g. train_generator.dit)."""
+    """``over`` wins, key by key, also inside nested sections (e.g. train_generator.dit).
+    Kept: OmegaConf.merge turns tuples into lists and refuses dates and non-string keys that pydantic reports."""
     out = dict(base)
     for k, v in over.items():
         out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
@@ -151,9 +154,23 @@ def params_from_dict(raw: dict | None, source: str = "<params>") -> Params:
     for stage, preset in PROFILES[profile].items():
         merged[stage] = deep_merge(preset, merged.get(stage) or {})
     try:
-        return Params.model_validate(_yaml_to_model_types(merged))
+        params = Params.model_validate(_yaml_to_model_types(merged))
     except ValidationError as err:
         raise ConfigError(_format_errors(err, source)) from None
+    _warn_ignored(raw.get("train_generator") or {}, params.train_generator.kind, source)
+    return params
+
+
+def _warn_ignored(user: dict, kind: str, source: str) -> None:
+    """Name the train_generator keys the user set (not the profile: it sets some for every kind) that ``kind``
+    does not read, and the kinds that do."""
+    ignored = IGNORED_BY_KIND.get(kind, frozenset()) & set(user)
+    if ignored:
+        readers = [k for k in get_args(TrainGeneratorConfig.model_fields["kind"].annotation)
+                   if not ignored & IGNORED_BY_KIND.get(k, frozenset())]
+        log.warning("%s: train_generator.kind %s ignores train_generator.%s (they apply to kind %s only); remove "
+                    "them or set train_generator.kind to one of those", source, kind, ", ".join(sorted(ignored)),
+                    ", ".join(readers))
 
 
 def load_params(path: str | os.PathLike = PARAMS_FILE, overrides: dict | None = None) -> Params:

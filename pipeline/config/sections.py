@@ -84,7 +84,8 @@ class DitConfig(_Section):
 class CganConfig(_Section):
     """kind: cgan (DCGAN generator, projection discriminator with spectral norm, hinge loss). Shared keys
     that apply: steps, batch_size, ema_decay, hflip, checkpoint_every, log_every, preview_per_class, labels;
-    the diffusion keys (lr, lr_schedule, warmup_steps, init, ...) are ignored: learning rates are set here."""
+    the diffusion keys (lr, lr_schedule, warmup_steps, init, ...) are ignored (IGNORED_BY_KIND): learning rates are
+    set here."""
     z_dim: int = Field(64, ge=1)  # latent size
     g_channels: int = Field(64, ge=8)  # generator width at the lowest resolution (halved at each 2x upsampling)
     d_channels: int = Field(32, ge=8)  # discriminator width at half resolution (x2, x4 deeper)
@@ -99,6 +100,17 @@ class DatasetGanConfig(_Section):
     feature_draws: int = Field(4, ge=1)  # noised copies of each labeled image for the interpreter
     interpreter_steps: int = Field(500, ge=1)  # optimizer steps of the interpreter (an MLP)
     label_tries: int = Field(4, ge=1)  # unconditional candidates per requested image; the most confident wins
+
+
+# the top-level train_generator keys a kind does not read: loading params warns when params.yaml or an override
+# sets one for that kind (the profiles set some of them for every kind)
+_CONDITIONAL_DIFFUSION = frozenset({"init", "pretrain_steps", "p_uncond"})
+IGNORED_BY_KIND = {
+    "cgan": _CONDITIONAL_DIFFUSION | {"block_out_channels", "layers_per_block", "attention", "prediction_type",
+                                      "num_train_timesteps", "beta_schedule", "zero_terminal_snr", "snr_gamma", "lr",
+                                      "lr_schedule", "warmup_steps", "weight_decay", "grad_clip"},
+    "datasetgan": _CONDITIONAL_DIFFUSION | {"labeled_weight"},  # unconditional: every step a pre-training step
+}
 
 
 class TrainGeneratorConfig(_Section):
@@ -174,10 +186,11 @@ class SampleConfig(_Section):
     strengths: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)  # img2img: noise levels, 1 = from pure noise
     variations: int = Field(1, ge=1)  # img2img: variations of each source image at each strength
     pool_per_class: int = Field(0, ge=0)  # img2img: pseudo-labeled pool images per class also used as sources
-    batch_size: int = Field(0, ge=0)  # images per forward; 0 = automatic (64 on cpu, 256 on cuda)
-    shard_index: int = Field(0, ge=0)  # which shard this run generates
-    num_shards: int = Field(1, ge=1)  # shards (each a contiguous range of image indices)
-    grid_per_class: int = Field(64, ge=1)  # images in each preview grid
+    # how images are made and shown, not what they are: changes_images False keeps a field out of sample.recipe
+    batch_size: int = Field(0, ge=0, json_schema_extra={"changes_images": False})  # per forward; 0 = 64 cpu, 256 cuda
+    shard_index: int = Field(0, ge=0, json_schema_extra={"changes_images": False})  # which shard this run generates
+    num_shards: int = Field(1, ge=1, json_schema_extra={"changes_images": False})  # shards, contiguous index ranges
+    grid_per_class: int = Field(64, ge=1, json_schema_extra={"changes_images": False})  # images in each preview grid
 
     @model_validator(mode="after")
     def _shard_in_range(self):
@@ -273,7 +286,7 @@ class TrainClassifierConfig(_Section):
     weight_decay: float = Field(0.05, ge=0)
     synthetic_ratio: float = Field(0.5, ge=0, le=1)  # share of each batch drawn from synthetic
     # extra shares tried with the first sweep_seeds seeds (real+synthetic* variants); a share above 0
-    # is used only if it beats 0 on validation with each of those seeds (training.classifier.choose_ratio)
+    # is used only if it beats 0 on validation with each of those seeds (training.plan.choose_share)
     ratio_sweep: tuple[float, ...] = ()
     sweep_seeds: int = Field(2, ge=1)
     # pseudo: true variants: share of the real part of each batch drawn from the pseudo-labeled pool, the
@@ -289,7 +302,7 @@ class TrainClassifierConfig(_Section):
     synthetic_labels: Literal["intended", "labeler"] = "intended"
     eval_every: int = Field(100, ge=1)  # steps between validation checks (model selection)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    eval_batch_size: int = Field(512, ge=1)  # batch size for validation and test predictions
+    eval_batch_size: int = Field(512, ge=1)  # batch size of test predictions (validation: max(256, batch_size))
     ece_bins: int = Field(15, ge=2)  # bins of the expected calibration error
 
     @model_validator(mode="after")
@@ -330,7 +343,7 @@ class Paths(BaseModel):
     feature_cache = _under_root("data/cache")
     classifier = _under_root("models/classifier")
     classifier_metrics = _under_root("metrics/classifier")
-    classifier_seeds = _under_root("models/classifier_seeds")  # a fan-out's seed runs (flows/deploy.py)
+    classifier_seeds = _under_root("models/classifier_seeds")  # a fan-out's seed runs (flows/fanout.py)
     stage_timing = _under_root("metrics/stages")  # run times kept out of the stage outputs they describe
     reports = _under_root("reports")
 
@@ -359,6 +372,11 @@ class Params(_Section):
 
 
 STAGES = {name: f.annotation for name, f in Params.model_fields.items() if name != "base"}  # stage -> its config
+
+
+def keeps_output(section: type[BaseModel]) -> frozenset[str]:
+    """A section's fields marked ``changes_images: False``: how its stage works, not what it makes."""
+    return frozenset(k for k, f in section.model_fields.items() if f.json_schema_extra == {"changes_images": False})
 
 
 def resolve_device(base: BaseParams, compute: bool = True) -> str:

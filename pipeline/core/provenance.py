@@ -9,7 +9,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from pipeline.config import Params, Paths, params_diff
+from pipeline.config import STAGES, Params, Paths, keeps_output, params_diff
 from pipeline.core.io import OUTPUTS, read_output, sha256_file
 from pipeline.errors import DataError
 
@@ -104,7 +104,9 @@ def params_made_with(params: Params, outputs: dict[str, dict]) -> tuple[dict, li
         if stage not in made:
             continue
         shown[stage] = made[stage]
-        changed = params_diff({k: made.get(k) for k in ("base", stage)}, {k: now[k] for k in ("base", stage)})
+        same = keeps_output(STAGES[stage])  # e.g. sample's shard count: the same images whatever it is
+        changed = params_diff(*({"base": p.get("base"), stage: {k: v for k, v in (p.get(stage) or {}).items()
+                                                                if k not in same}} for p in (made, now)))
         if changed:
             notes.append(f"{name} was made with other params than params.yaml's now ({', '.join(changed[:4])}"
                          f"{', ...' if len(changed) > 4 else ''}): this report describes it as it was made; dvc "

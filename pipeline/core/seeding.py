@@ -32,6 +32,9 @@ def derived_seed(seed: int, k: int) -> int:
 
 
 def seeded_noise(seeds: list[int], shape: tuple[int, ...], device) -> torch.Tensor:
-    """One standard-normal tensor per seed, each from its own CPU generator (device independent)."""
+    """One standard-normal tensor per seed, each from its own CPU generator (device independent).
+
+    Kept: diffusers' ``randn_tensor`` with a generator per seed gives identical tensors but is no shorter, is a
+    diffusers-internal helper and would import diffusers (seconds) into every user of this module."""
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s)))
                         for s in seeds]).to(device)

@@ -1,1 +1,1 @@
-"""Layer 5: feature spaces, set metrics, the judge, CLIP scores and the selection rule."""
+"""Layer 5: feature spaces, set metrics, the judge, CLIP scores, the selection rule and the filter's score table."""

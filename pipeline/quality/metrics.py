@@ -134,10 +134,10 @@ def quality_summary(f_syn: torch.Tensor, syn_y: torch.Tensor, keep: torch.Tensor
     real-vs-real floor (real labeled images vs the same reference, at the synthetic N and at the
     accepted N: the metrics are biased by N), overall and per class."""
     kw = {"k": k, "kid_subsets": kid_subsets, "seed": seed}
-    K = len(class_names)
+    num_classes = len(class_names)
 
     def floor(n: int) -> torch.Tensor:
-        return f_real[stratified_subset(real_y, min(len(f_real), n), K, seed)]
+        return f_real[stratified_subset(real_y, min(len(f_real), n), num_classes, seed)]
 
     return {
         "feature_space": label, "reference": f"real test subset, class-stratified (n={len(f_ref)})",

@@ -1,8 +1,9 @@
 """Classifier training on tensors: exactly ``steps`` AdamW steps, best-on-validation weights.
 
 Images are uint8 N,C,H,W tensors, labels int64; the network sees ``to_unit(x)`` =
-``(x/255 - 0.5)/0.5``. No file I/O here: the train_classifier stage and the filter's judge
-both call ``fit_classifier`` / ``predict_proba``.
+``(x/255 - 0.5)/0.5``. A batch draws from sources (``Source``: labeled, pseudo-labeled, synthetic;
+``batch_sources``). No file I/O here: the train_classifier stage (``train_one``), the labeler
+and the filter's judge all call ``fit_classifier`` / ``predict_proba``.
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import copy
 import logging
 import math
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +21,7 @@ from torch import nn
 
 from pipeline.config import TrainClassifierConfig, VariantSpec
 from pipeline.core.images import to_unit
+from pipeline.core.stats import classification_metrics
 from pipeline.core.device import DevicePolicy, as_policy
 from pipeline.errors import ConfigError
 from pipeline.models.classifier import build_model
@@ -29,7 +33,9 @@ AUGMENTS = ("standard", "classic")
 
 
 class IndexStream:
-    """Endless reshuffled indices into a source of ``n`` items."""
+    """Endless reshuffled indices into a source of ``n`` items. (Not a seeded ``RandomSampler``: that
+    draws one more permutation at each epoch's end, which would shift the augmentation's draws from
+    the same generator and so change every result.)"""
 
     def __init__(self, n: int, gen: torch.Generator):
         self.n, self.gen, self.perm, self.pos = n, gen, torch.empty(0, dtype=torch.long), 0
@@ -46,14 +52,38 @@ class IndexStream:
         return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
 
-def batch_composition(batch_size: int, synthetic_ratio: float, has_real: bool, has_synthetic: bool) -> tuple[int, int]:
-    """(real, synthetic) images per batch."""
-    if not has_synthetic:
-        return batch_size, 0
-    if not has_real:
-        return 0, batch_size
-    n_syn = int(round(batch_size * synthetic_ratio))
-    return batch_size - n_syn, n_syn
+@dataclass
+class Source:
+    """Training images (uint8 N,C,H,W) with labels (class ids N, or probabilities N,K) and how many of
+    them each batch draws (``name``: what the training history calls the source)."""
+    name: str
+    x: torch.Tensor | None
+    y: torch.Tensor | None
+    per_batch: int
+
+
+Pair = tuple[torch.Tensor, torch.Tensor]
+
+
+def batch_sources(batch_size: int, real: Pair | None = None, pseudo: Pair | None = None,
+                  synthetic: Pair | None = None, synthetic_share: float = 0.0, pseudo_share: float | None = None
+                  ) -> list[Source]:
+    """The labeled, pseudo-labeled and synthetic sources of a batch of ``batch_size``:
+    ``round(batch_size * synthetic_share)`` synthetic images and real ones for the rest (all synthetic
+    without real images); of the real part, ``round(pseudo_share * real)`` from the pool (``pseudo_share``
+    None: the pool's share of the two sets) and the rest from the labeled images."""
+    has_real = real is not None and len(real[0]) > 0
+    has_syn = synthetic is not None and len(synthetic[0]) > 0 and (synthetic_share > 0 or not has_real)
+    if not has_real and not has_syn:
+        raise ValueError("fit_classifier: no training images (neither real nor synthetic)")
+    n_syn = 0 if not has_syn else batch_size if not has_real else int(round(batch_size * synthetic_share))
+    n_real, n_pool = batch_size - n_syn, 0
+    if pseudo is not None and len(pseudo[0]) and has_real:
+        share = len(pseudo[0]) / (len(pseudo[0]) + len(real[0])) if pseudo_share is None else pseudo_share
+        n_pool = int(round(n_real * share))
+    none = (None, None)
+    return [Source("real", *(real or none), n_real - n_pool), Source("pseudo", *(pseudo or none), n_pool),
+            Source("synthetic", *(synthetic or none), n_syn)]
 
 
 def synthetic_use(synthetic: tuple[torch.Tensor, torch.Tensor] | None, ratio: float, steps: int, batch_size: int,
@@ -69,7 +99,8 @@ def synthetic_use(synthetic: tuple[torch.Tensor, torch.Tensor] | None, ratio: fl
 
 def one_cycle(steps: int, warmup: float = 0.25, start: float = 1 / 25, end: float = 1e-4):
     """LR multiplier of a one-cycle schedule (OneCycleLR's shape, cosine annealing) that also
-    works for a handful of steps: linear warm-up from ``start`` to 1, cosine down to ``end``."""
+    works for a handful of steps: linear warm-up from ``start`` to 1, cosine down to ``end``. (diffusers'
+    and timm's cosine schedules warm up from 0 and end at 0: the same shape, other numbers.)"""
     warm = max(1, round(warmup * steps))
 
     def factor(i: int) -> float:
@@ -113,44 +144,30 @@ def sharpen(p: torch.Tensor, temperature: float) -> torch.Tensor:
     return (q / q.sum(1, keepdim=True)).float()
 
 
-def fit_classifier(model: nn.Module, train_x: torch.Tensor | None, train_y: torch.Tensor | None,
-                   val_x: torch.Tensor, val_y: torch.Tensor, *, steps: int, batch_size: int, lr: float,
+def fit_classifier(model: nn.Module, sources: list[Source], val: Pair, *, steps: int, lr: float,
                    weight_decay: float, seed: int, device: str | DevicePolicy = "cpu", augment: str = "standard",
-                   synthetic: tuple[torch.Tensor, torch.Tensor] | None = None, synthetic_ratio: float = 0.0,
-                   pseudo: tuple[torch.Tensor, torch.Tensor] | None = None, pseudo_share: float | None = None,
                    eval_every: int = 100, label_smoothing: float = 0.0, progress: bool = True
                    ) -> tuple[nn.Module, dict]:
     """Train ``model`` for exactly ``steps`` AdamW steps (one-cycle LR; timm's optimizer factory,
     so norms and biases get no weight decay) and return the weights
     with the best validation accuracy (checked every ``eval_every`` steps and at the end).
 
-    Each batch holds ``round(batch_size * synthetic_ratio)`` synthetic images and real ones
-    for the rest; with no real data (``train_x`` None or empty) batches are all synthetic. With
-    ``pseudo`` (pseudo-labeled pool images), ``round(pseudo_share * real)`` of the real part of
-    each batch come from the pool and the rest from the labeled images (``pseudo_share`` None: the
-    pool's share of the two sets). Labels are class ids or,
-    for any source, probabilities (N,K: soft labels, a cross-entropy with soft targets).
-    ``augment``: standard = random crop + flip; classic = TrivialAugmentWide (one draw per image,
-    batched on ``device``: ``training.augment``), then crop + flip. ``device``: a name or the run's
-    ``DevicePolicy`` (precision, memory format, fused AdamW, compile, pinned batches).
+    Each batch draws ``per_batch`` images from each of the ``sources`` (``batch_sources``). Labels
+    are class ids or, for any source, probabilities (N,K: soft labels, a cross-entropy with soft
+    targets). ``augment``: standard = random crop + flip; classic = TrivialAugmentWide (one draw per
+    image, batched on ``device``: ``training.augment``), then crop + flip. ``device``: a name or the
+    run's ``DevicePolicy`` (precision, memory format, fused AdamW, compile, pinned batches).
     """
     if augment not in AUGMENTS:
         raise ConfigError(f"augment must be one of {AUGMENTS}, got {augment!r}")
-    has_real = train_x is not None and len(train_x) > 0
-    has_syn = synthetic is not None and len(synthetic[0]) > 0 and (synthetic_ratio > 0 or not has_real)
-    if not has_real and not has_syn:
-        raise ValueError("fit_classifier: no training images (neither real nor synthetic)")
-    n_real, n_syn = batch_composition(batch_size, synthetic_ratio, has_real, has_syn)
-    if pseudo is not None and len(pseudo[0]) and has_real:
-        share = len(pseudo[0]) / (len(pseudo[0]) + len(train_x)) if pseudo_share is None else pseudo_share
-        n_pool = int(round(n_real * share))
-    else:
-        n_pool = 0
+    active = [s for s in sources if s.per_batch]
+    if not active:
+        raise ValueError("fit_classifier: no training images (no source draws any)")
+    batch_size = sum(s.per_batch for s in active)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout draws from the global generator; batches and augmentation from gen
-    parts = [(src, n) for src, n in (((train_x, train_y), n_real - n_pool), (pseudo, n_pool), (synthetic, n_syn)) if n]
-    k = next((y.shape[1] for (_, y), _ in parts if y.ndim == 2), None)  # soft labels anywhere: all soft
-    streams = [(x, soft_targets(y, k) if k else y, n, IndexStream(len(x), gen)) for (x, y), n in parts]
+    k = next((s.y.shape[1] for s in active if s.y.ndim == 2), None)  # soft labels anywhere: all soft
+    streams = [(s.x, soft_targets(s.y, k) if k else s.y, s.per_batch, IndexStream(len(s.x), gen)) for s in active]
 
     policy = as_policy(device)
     policy.prepare(model).train()
@@ -186,7 +203,7 @@ def fit_classifier(model: nn.Module, train_x: torch.Tensor | None, train_y: torc
         if bar is not None:
             bar.update(1)
         if step % eval_every == 0 or step == steps:
-            acc = accuracy(model, val_x, val_y, max(256, batch_size), policy)
+            acc = accuracy(model, *val, max(256, batch_size), policy)
             model.train()
             hist["step"].append(step), hist["val_acc"].append(acc)
             hist["train_loss"].append(float(running) / seen), hist["lr"].append(sched.get_last_lr()[0])
@@ -202,59 +219,46 @@ def fit_classifier(model: nn.Module, train_x: torch.Tensor | None, train_y: torc
         bar.close()
     model.load_state_dict(best_state)
     model.eval()
-    hist.update(steps=steps, best_step=best_step, best_val_acc=best_acc, real_per_batch=n_real - n_pool,
-                pseudo_per_batch=n_pool, synthetic_per_batch=n_syn, augment=augment, soft_labels=k is not None, seconds=time.time() - t0,
-                seconds_per_step=(time.time() - t0) / steps)
+    hist.update(steps=steps, best_step=best_step, best_val_acc=best_acc,
+                **{f"{s.name}_per_batch": s.per_batch for s in sources}, augment=augment, soft_labels=k is not None,
+                seconds=time.time() - t0, seconds_per_step=(time.time() - t0) / steps)
     return model, hist
 
 
-def choose_ratio(sweep: dict[float, list[float]]) -> float:
-    """The synthetic share to use from validation accuracies per candidate share (one per sweep
-    seed): with 0 among the candidates, a share above 0 is taken only when it beats 0 on every
-    seed (a gain that holds across seeds, not one seed's noise), the best mean of those; otherwise 0."""
-    mean = {r: sum(v) / len(v) for r, v in sweep.items()}
-    if 0.0 not in sweep:
-        return max(mean, key=mean.get)
-    wins = [r for r in sweep if r != 0.0 and all(a > b for a, b in zip(sweep[r], sweep[0.0]))]
-    return max(wins, key=mean.get) if wins else 0.0
+@dataclass
+class VariantData:
+    """What a variant trains and selects on (never the test split)."""
+    train: tuple[torch.Tensor, torch.Tensor]  # the labeled images
+    val: tuple[torch.Tensor, torch.Tensor]
+    class_names: list[str]
+    pseudo: tuple[torch.Tensor, torch.Tensor] | None = None  # pool images, pseudo-labels (ids or probabilities)
+    synthetic: tuple[torch.Tensor, torch.Tensor] | None = None
+    synthetic_path: Path | None = None
+    inputs: dict = field(default_factory=dict)  # stage output -> fingerprint of what it read (the report checks)
 
 
-RATIO_RULE = ("a synthetic share above 0 is used only when it beats share 0 on validation with every sweep seed; "
-              "otherwise the variant trains without synthetic images")
+def train_one(cfg: TrainClassifierConfig, spec: VariantSpec, data: VariantData, seed: int, share: float,
+              device: str | DevicePolicy) -> tuple[nn.Module, dict]:
+    """One model of a variant: seed ``seed`` at synthetic share ``share``."""
+    torch.manual_seed(seed)
+    model = build_model(cfg.arch, len(data.class_names), data.val[0].shape[1], cfg.pretrained)
+    sources = batch_sources(cfg.batch_size, data.train if spec.real else None, data.pseudo, data.synthetic, share,
+                            cfg.pseudo_share)
+    return fit_classifier(model, sources, data.val, steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                          seed=seed, device=device, augment=spec.augment, eval_every=cfg.eval_every,
+                          label_smoothing=cfg.label_smoothing)
 
 
-def train_variant(cfg: TrainClassifierConfig, spec: VariantSpec, real: tuple[torch.Tensor, torch.Tensor],
-                  val: tuple[torch.Tensor, torch.Tensor], synthetic: tuple[torch.Tensor, torch.Tensor] | None,
-                  seeds: list[int], device: str | DevicePolicy, num_classes: int,
-                  pseudo: tuple[torch.Tensor, torch.Tensor] | None = None
-                  ) -> tuple[list[tuple[nn.Module, dict]], float, dict | None]:
-    """One model per seed of a variant; returns them, the synthetic share used and the ratio sweep
-    (share -> validation accuracy per sweep seed).
-
-    With ``cfg.ratio_sweep`` (and real + synthetic data) every candidate share is tried with the
-    first ``cfg.sweep_seeds`` seeds and ``choose_ratio`` picks one for all seeds (the sweep's
-    models of that share are kept).
-    """
-    def one(seed: int, ratio: float):
-        torch.manual_seed(seed)
-        model = build_model(cfg.arch, num_classes, val[0].shape[1], cfg.pretrained)
-        return fit_classifier(model, *(real if spec.real else (None, None)), *val, steps=cfg.steps,
-                              batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay, seed=seed,
-                              device=device, augment=spec.augment, synthetic=synthetic, synthetic_ratio=ratio,
-                              pseudo=pseudo, pseudo_share=cfg.pseudo_share,
-                              eval_every=cfg.eval_every, label_smoothing=cfg.label_smoothing)
-
-    ratio = cfg.synthetic_ratio if spec.real else 1.0
-    if synthetic is None:
-        ratio = 0.0
-    sweep, done = None, {}
-    if synthetic is not None and spec.real and cfg.ratio_sweep:
-        sweep = {}
-        for r in dict.fromkeys((cfg.synthetic_ratio, *cfg.ratio_sweep)):
-            for seed in seeds[:cfg.sweep_seeds]:
-                done[(r, seed)] = one(seed, r)
-            sweep[r] = [done[(r, s)][1]["best_val_acc"] for s in seeds[:cfg.sweep_seeds]]
-            log.info("ratio %.2f -> val acc %s", r, ", ".join(f"{a:.4f}" for a in sweep[r]))
-        ratio = choose_ratio(sweep)
-    results = [done.get((ratio, seed)) or one(seed, ratio) for seed in seeds]
-    return results, ratio, sweep
+def score_on_test(model: nn.Module, hist: dict, seed: int, test: tuple, class_names: list[str],
+                  cfg: TrainClassifierConfig, device: str | DevicePolicy, variant: str) -> dict:
+    """One seed's model on the test split, with its training record."""
+    num_classes = len(class_names)
+    m = classification_metrics(predict_proba(model, test[0], cfg.eval_batch_size, device), test[1], num_classes,
+                               cfg.ece_bins)
+    m["per_class_accuracy"] = dict(zip(class_names, m["per_class_accuracy"]))
+    m.update(seed=seed, best_val_accuracy=hist["best_val_acc"], best_step=hist["best_step"],
+             steps=hist["steps"], seconds=round(hist["seconds"], 2))
+    log.info("train_classifier %s seed %d: test acc %.4f, macro-F1 %.4f, ECE %.4f (val %.4f @ step %d, %.0fs)",
+             variant, seed, m["accuracy"], m["macro_f1"], m["ece"], hist["best_val_acc"], hist["best_step"],
+             hist["seconds"])
+    return m

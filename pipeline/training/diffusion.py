@@ -51,6 +51,7 @@ def lr_factor(step: int, cfg: TrainGeneratorConfig) -> float:
     """LR multiplier at 0-based optimizer step: linear warm-up, then constant or cosine.
 
     The schedule restarts when conditional fine-tuning follows unconditional pre-training.
+    Kept: diffusers' and timm's warm-up schedules start at 0 (or warmup_lr_init), not 1/warmup, and have no restart.
     """
     pre = cfg.pretrain_steps if cfg.init == "pretrain" else 0
     s, n = (step, pre) if step < pre else (step - pre, cfg.steps)
