@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 def test_deployment_runs_through_process_worker(tmp_path, tiny_fmnist, prefect_server):
     proj = project_copy(tmp_path / "proj", tiny_fmnist)
-    e = env(**prefect_server)
+    e = env(**prefect_server, PREFECT_WORKER_QUERY_SECONDS="1")  # the worker looks for runs every second (10 s)
     run(["prefect", "work-pool", "create", "test-gpu", "--type", "process"], proj, env=e)
     run(["prefect", "--no-prompt", "deploy", "--name", "augment", "--pool", "test-gpu"], proj, env=e)
     worker = subprocess.Popen([BIN / "prefect", "worker", "start", "--pool", "test-gpu", "--limit", "1"],
@@ -20,7 +20,7 @@ def test_deployment_runs_through_process_worker(tmp_path, tiny_fmnist, prefect_s
                               start_new_session=True)
     try:
         script = ("from prefect.deployments import run_deployment\n"
-                  "r = run_deployment('augment/augment', timeout=900, poll_interval=2)\n"
+                  "r = run_deployment('augment/augment', timeout=900, poll_interval=1)\n"
                   "print(r.state.type.value)\n")
         out = run([BIN / "python", "-c", script], proj, env=e, timeout=1000)
         assert out.stdout.strip().splitlines()[-1] == "COMPLETED", out.stdout + out.stderr

@@ -16,7 +16,7 @@ from pipeline.core.images import tensors_to_dataset
 from pipeline.core.io import read_json, save_dataset, write_json
 from pipeline.core.stats import detectable_difference
 from pipeline.errors import DataError
-from pipeline.reporting.tables import caveats, labeler_point, quality_rows, variant_table, verdict
+from pipeline.reporting.tables import caveats, decide, labeler_point, quality_rows, variant_table, verdict, words
 
 NAMES = ["a", "b"]
 PREPARED_FP, FILTERED_FP, PSEUDO_FP, SYNTHETIC_FP, GENERATOR_FP = "p" * 64, "f" * 64, "s" * 64, "y" * 64, "g" * 64
@@ -583,3 +583,58 @@ def test_verdict_weighs_the_pool_labeler_when_it_is_the_strongest_option_without
     v = verdict(variant_table(variants), variants, SPECS, "real", {**lab, "val_accuracy": 0.5})
     assert v["helped"] is True and v["strongest_without_synthetic"] == "real+classic"
     assert not v["points"][0].startswith("Against")  # classic augmentation is answered in the first point already
+
+
+def test_verdict_words_are_pinned_sentence_for_sentence():
+    """Every sentence of three verdicts, as written before the verdict was split into deciding and
+    saying: helped; not helped, with the pool labeler the opponent; not helped, with self-training."""
+    helped = judge(real=variant(REAL), **{"real+classic": variant(CLASSIC),
+                                          "real+synthetic+classic": syn([0.85, 0.87, 0.86])})
+    tail = "Best variant on validation: real+synthetic+classic (86.0% test accuracy; 3 seeds, N=200 real test images)."
+    classic = "Classic augmentation alone: real+classic vs real: +1.0 points [+1.0, +1.0], p=0."
+    assert helped["points"] == [
+        "Yes: real+synthetic+classic (the synthetic variant best on validation) beat real and classic augmentation "
+        "(real+classic). real+synthetic+classic vs real: +5.0 points [+2.5, +7.5], p=0.013; real+synthetic+classic vs "
+        "real+classic: +4.0 points [+1.5, +6.5], p=0.02.",
+        classic, "Smallest difference this run can detect: 2.5 points (80% power, paired t-test at 5%, 3 seeds).", tail]
+    variants = {"real": variant(REAL), "real+classic": variant(CLASSIC), "real+synthetic+classic": syn([0.85, 0.86, 0.87])}
+    lab = {"arch": "test_resnet", "method": "fixmatch+flexmatch", "val_accuracy": 0.95, "test_accuracy": 0.86}
+    labeler = verdict(variant_table(variants), variants, SPECS, "real", lab)
+    assert labeler["points"][1:] == [
+        "Partly: real+synthetic+classic (the synthetic variant best on validation) beat real and classic augmentation "
+        "(real+classic) but not the pool labeler (fixmatch+flexmatch, test_resnet). real+synthetic+classic vs real: "
+        "+5.0 points [+5.0, +5.0], p=0; real+synthetic+classic vs real+classic: +4.0 points [+4.0, +4.0], p=0.",
+        classic, "Smallest difference this run can detect: 0.0 points (80% power, paired t-test at 5%, 3 seeds).", tail]
+    pool = judge(real=variant(REAL), **{"real+classic": variant(CLASSIC), "real+pseudo+classic": variant([0.84, 0.85, 0.86]),
+                                        "real+synthetic+classic": syn([0.85, 0.86, 0.85]),
+                                        "real+pseudo+synthetic+classic": syn([0.84, 0.86, 0.85], val=[0.95] * 3)})
+    assert pool["headline"] == ("Use real+pseudo+classic: +4.0 points over real [+4.0, +4.0] (best on validation without "
+                                "synthetic data): synthetic data did not help here.")
+    assert pool["points"] == [
+        "Against the strongest option without synthetic data (real+pseudo+classic, best on validation): "
+        "real+pseudo+synthetic+classic vs real+pseudo+classic: +0.0 points [-2.5, +2.5], p=1.",
+        "Partly: real+pseudo+synthetic+classic (the synthetic variant best on validation; it also uses the pseudo-labeled "
+        "pool) beat real and classic augmentation (real+classic) but not real+pseudo+classic. real+pseudo+synthetic+classic "
+        "vs real: +4.0 points [+1.5, +6.5], p=0.02; real+pseudo+synthetic+classic vs real+classic: +3.0 points "
+        "[+0.5, +5.5], p=0.035.",
+        "Beyond using the pool directly (self-training, real+pseudo+classic): the generator added nothing significant "
+        "(the first point).",
+        classic, "Smallest difference this run can detect: 2.7 points (80% power, paired t-test at 5%, 3 seeds).",
+        "Best variant on validation: real+pseudo+synthetic+classic (85.0% test accuracy; 3 seeds, N=200 real test images)."]
+    assert pool["text"] == " ".join(pool["points"])
+
+
+def test_the_verdict_decides_before_it_words():
+    """``decide`` makes every choice (here: the pool labeler, better on validation, is the opponent it
+    did not beat, so it is what to use); ``words`` only says them."""
+    variants = {"real": variant(REAL), "real+classic": variant(CLASSIC), "real+synthetic+classic": syn([0.85, 0.86, 0.87])}
+    lab = {"arch": "test_resnet", "method": "fixmatch+flexmatch", "val_accuracy": 0.95, "test_accuracy": 0.86}
+    d = decide(variant_table(variants), variants, SPECS, "real", lab)
+    assert (d.syn, d.classic, d.pool, d.helped, d.beats_baseline, d.beats_classic, d.lead) == (
+        "real+synthetic+classic", "real+classic", None, False, True, True, True)
+    assert d.recommend == d.opponent["name"] == "the pool labeler (fixmatch+flexmatch, test_resnet)"
+    assert set(d.cmp) == {("real+synthetic+classic", "real"), ("real+synthetic+classic", "real+classic"),
+                          ("real+classic", "real")}
+    assert words(d) == verdict(variant_table(variants), variants, SPECS, "real", lab)
+    none = decide(variant_table({"real": variants["real"]}), {"real": variants["real"]}, SPECS)
+    assert none.syn is None and none.measured and none.helped is None and none.cmp == {}

@@ -83,8 +83,12 @@ def _json_default(o):
 
 
 def save_figure(fig, path: str | os.PathLike) -> None:
+    """Save a matplotlib figure and release it from pyplot (it can still be drawn or saved again)."""
+    import matplotlib.pyplot as plt
+
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
 
 
 def save_dataset(ds, path: str | os.PathLike) -> None:

@@ -6,6 +6,7 @@ import pandas as pd
 
 from pipeline.core.images import dataset_to_tensors, make_grid_image
 from pipeline.core.plotting import png_b64, pyplot
+from pipeline.reporting.tables import per_class_gain
 
 
 def fig_variants(table: pd.DataFrame):
@@ -82,3 +83,43 @@ def class_grids(ds, labels: np.ndarray, per_class: int, num_classes: int) -> dic
             k = max(1, 48 // grid.height)  # small images: integer upscale, so pixels stay square
             out[c] = png_b64(grid.resize((grid.width * k, grid.height * k), resample=0))
     return out
+
+
+def report_figures(table: pd.DataFrame, variants: dict[str, dict], answer: dict, names: list[str],
+                   loss: pd.DataFrame | None, scores: pd.DataFrame | None, thresholds: dict
+                   ) -> tuple[dict, dict[str, pd.DataFrame]]:
+    """The report's figures by name, and the tables behind those that ``dvc plots`` shows."""
+    figs, csvs = {"variants": fig_variants(table)}, {}
+    if answer.get("synthetic_variant"):
+        gain = per_class_gain(variants, answer["synthetic_variant"], names, answer["baseline"])
+        figs["per_class_gain"], csvs["per_class_gain"] = fig_per_class_gain(gain), gain
+    sweeps = {k: [{"ratio": float(r), "val_accuracy": a} for r, a in v["ratio_sweep"].items()]
+              for k, v in variants.items() if v.get("ratio_sweep")}
+    if sweeps:
+        figs["ratio_sweep"] = fig_ratio_sweep(sweeps)
+    if loss is not None:
+        figs["generator_loss"], csvs["generator_loss"] = fig_loss(loss), loss
+    if scores is not None and len(scores):
+        figs["filter_scores"] = fig_scores(scores, {"confidence": thresholds.get("min_confidence"),
+                                                    "nn_train_distance": thresholds.get("memorization_distance"),
+                                                    "clip_score": thresholds.get("clip_min_score")})
+    return figs, csvs
+
+
+def sample_grids(real, synthetic, scores: pd.DataFrame | None, num_classes: int, per_class: int
+                 ) -> tuple[dict[str, dict], dict[int, str]]:
+    """Grids of real, accepted and rejected synthetic images (``synthetic`` None: real only) per
+    class, and why each class's rejected ones were rejected."""
+    grids = {"real": class_grids(real, np.asarray(real["label"]), per_class, num_classes)}
+    reasons: dict[int, str] = {}
+    if synthetic is not None:
+        accepted = scores["accepted"].to_numpy()
+        for key, mask in (("accepted", accepted), ("rejected", ~accepted)):
+            labels = np.full(len(synthetic), -1)
+            labels[scores["index"].to_numpy()[mask]] = scores["label"].to_numpy()[mask]
+            grids[key] = class_grids(synthetic, labels, per_class, num_classes)
+        rejected = scores[~accepted]
+        for c in range(num_classes):
+            r = rejected[rejected["label"] == c]["reason"].head(per_class)
+            reasons[c] = ", ".join(f"{k} x{n}" for k, n in r.value_counts().items())
+    return grids, reasons

@@ -1,6 +1,8 @@
-"""The report's numbers (pure): variant table with paired differences, the verdict, per-class
-gain, set-quality rows."""
+"""The report's numbers (pure): variant table with paired differences, the verdict (decided, then
+put into words), per-class gain, set-quality rows."""
 from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -103,34 +105,49 @@ def versus(variants: dict[str, dict], a: str, opponent: dict) -> dict:
             "std_diff": None, "n": d["n"]}
 
 
-def verdict(table: pd.DataFrame, variants: dict[str, dict], specs: dict[str, VariantSpec],
-            baseline: str | None = "real", labeler: dict | None = None) -> dict:
-    """What to use, in one line, then the answers that support it, each with its interval: did the
-    best synthetic variant beat the strongest option without synthetic data (the best such variant
-    or the pool ``labeler``, whichever is better on validation), real, and classic augmentation; did
-    the generator add anything beyond using the pool directly. Every choice is made on validation,
-    never on test; without a significant gain the line recommends that strongest option."""
+@dataclass(frozen=True)
+class Decision:
+    """What the verdict decided, every choice on validation, before any word of it is written. With
+    no synthetic variant or no baseline (``syn`` None) only the fields before ``syn`` are set."""
+    best: str  # the best variant on validation
+    best_accuracy: float
+    baseline: str | None
+    n_test: int | None
+    seeds: int
+    measured: bool = False  # the baseline is among the variants
+    syn: str | None = None  # the synthetic variant best on validation
+    syn_pseudo: bool = False  # it also uses the pseudo-labeled pool
+    syn_used: bool = False  # validation gave it a share above 0
+    classic: str | None = None  # classic augmentation without synthetic data
+    pool: str | None = None  # the pool without synthetic data (self-training)
+    opponent: dict | None = None  # the strongest option without synthetic data (``strongest_without``)
+    versus: dict | None = None  # ``syn`` against it
+    cmp: dict = field(default_factory=dict)  # (a, b) -> ``paired``
+    gain: dict | None = None  # ``syn`` against the baseline
+    beats_baseline: bool = False
+    beats_classic: bool = True  # also when there is no classic variant
+    helped: bool | None = None
+    lead: bool = False  # the opponent is neither baseline nor classic: weighed in a point of its own
+    recommend: str | None = None  # what to use
+    gains: list = field(default_factory=list)  # the comparisons that support ``recommend``
+    baseline_accuracy: float | None = None
+    beyond_pool: bool | None = None  # did the generator add accuracy beyond the pool
+    beyond_cited: list = field(default_factory=list)  # the comparisons that show it, not said already
+    zero: list = field(default_factory=list)  # synthetic variants validation gave a share of 0
+    mde: float | None = None  # smallest detectable difference
+
+
+def decide(table: pd.DataFrame, variants: dict[str, dict], specs: dict[str, VariantSpec],
+           baseline: str | None = "real", labeler: dict | None = None) -> Decision:
+    """The verdict's choices and numbers (``words`` says them)."""
     n_test = int(table["n_test"].dropna().iloc[0]) if table["n_test"].notna().any() else None
     seeds = int(table["seeds"].min())
     best = str(table["val_accuracy"].idxmax())
-    out = {"best_variant": best, "baseline": baseline, "n_test": n_test, "seeds": seeds, "helped": None,
-           "comparisons": [], "points": []}
-    tail = (f"Best variant on validation: {best} ({pct(table.loc[best, 'accuracy'])}% test accuracy; "
-            f"{seeds} seed{'s' if seeds != 1 else ''}, N={n_test} real test images).")
-    few = (f"Only {seeds} seed{'s' if seeds != 1 else ''} per variant: " +
-           ("no interval can be computed from one seed" if seeds == 1 else
-            "a 95% interval over 2 seeds uses t = 12.7, so intervals are very wide") +
-           "; use train_classifier.seeds of 3 or more (5 to detect differences of about 1 point).") if seeds < 3 else None
+    d = Decision(best, table.loc[best, "accuracy"], baseline, n_test, seeds, measured=baseline in table.index)
     syn = max((v for v, s in specs.items() if v in table.index and s.real and s.uses_synthetic),
               key=lambda v: table.loc[v, "val_accuracy"], default=None)
-    if baseline not in table.index or syn is None:
-        out["headline"] = (f"No synthetic variant was compared with {baseline}, so this run cannot say whether "
-                           "synthetic data helps." if baseline in table.index else
-                           "No variant trains on the real images alone with standard augmentation (data: prepared, "
-                           "no pseudo, augment: standard), so this run has no baseline to measure a gain against.")
-        out["points"] = [p for p in (few, tail) if p]
-        out["text"] = " ".join([out["headline"], *out["points"]])
-        return out
+    if not d.measured or syn is None:
+        return d
     aug = specs[syn].augment
     classic = _find(specs, table, synthetic=False, pseudo=False, augment="classic")
     classic = classic if classic and specs[classic].augment == "classic" else None
@@ -139,69 +156,103 @@ def verdict(table: pd.DataFrame, variants: dict[str, dict], specs: dict[str, Var
     opp = strongest_without(table, specs, labeler)
     pairs = [(syn, baseline), (syn, classic), (classic, baseline), (syn, pool), (pool_syn, pool)]
     cmp = {(a, b): paired(variants, a, b) for a, b in pairs if a and b and a != b}
-    r = cmp[(syn, baseline)]
+    gain = cmp[(syn, baseline)]
     vs = versus(variants, syn, opp) if opp else None
     above = {b: c["low"] > 0 for (a, b), c in cmp.items() if a == syn}
-    beats_opp = vs is None or vs["low"] > 0
     syn_used = table.loc[syn, "synthetic_ratio"] != 0  # 0: validation chose none, it is its twin without them
-    helped = bool(above[baseline] and above.get(classic, True) and beats_opp and syn_used)
-    extra = vs and opp["name"] not in (baseline, classic)  # the strongest opponent is neither real nor classic
-    what = f"{baseline} and classic augmentation ({classic})" if classic else baseline
-    who = f"{syn} (the synthetic variant best on validation{'; it also uses the pseudo-labeled pool' if specs[syn].pseudo else ''})"
-    if helped:
-        answer = f"Yes: {who} beat {what}{' and ' + opp['name'] if extra else ''}. "
-        headline = _use(syn, [r, cmp.get((syn, classic)), vs], classic) + "."
-    else:
-        if not syn_used:
-            answer = f"No: {who} trained on no synthetic image: validation chose a share of 0. "
-        elif above[baseline] and above.get(classic, True):
-            answer = f"Partly: {who} beat {what} but not {opp['name']}. "
-        elif above[baseline]:
-            answer = f"Partly: {who} beat {baseline} but not {classic}. "
-        else:
-            answer = f"No: {who} did not beat {what}{'; the interval includes zero' if r['diff'] > 0 else ''}. "
-        rec = opp["name"] if opp else baseline
-        if opp and opp["labeler"]:
-            headline = (f"Use {rec} (data/pseudo/labeler.safetensors; {pct(opp['test_accuracy'])}% test accuracy, "
-                        f"one seed, against {pct(table.loc[baseline, 'accuracy'])}% for {baseline})")
-        else:
-            headline = _use(rec, [paired(variants, rec, baseline) if rec != baseline else None], None)
-        headline += " (best on validation without synthetic data): synthetic data did not help here."
-    lead = (f"Against the strongest option without synthetic data ({opp['name']}, best on validation"
-            f"{'; its one seed taken as fixed' if opp['labeler'] else ''}): {_said(vs)}." if extra else None)
-    points = [lead] if lead else []
-    points.append(answer + "; ".join(_said(cmp[k]) for k in ((syn, baseline), (syn, classic)) if k in cmp) + ".")
+    helped = bool(above[baseline] and above.get(classic, True) and (vs is None or vs["low"] > 0) and syn_used)
+    lead = bool(vs and opp["name"] not in (baseline, classic))
+    rec = syn if helped else opp["name"] if opp else baseline
+    gains = ([gain, cmp.get((syn, classic)), vs] if helped else
+             [paired(variants, rec, baseline)] if rec != baseline and not (opp and opp["labeler"]) else [])
     pool_syn_used = pool_syn is not None and table.loc[pool_syn, "synthetic_ratio"] != 0  # 0: it is the pool alone
     beyond = (cmp.get((pool_syn, pool)) if pool_syn_used else None) or (cmp.get((syn, pool)) if syn_used else None)
-    if beyond:
-        said = [_said(cmp[k]) for k in dict.fromkeys(((syn, pool), (pool_syn, pool))) if k in cmp
-                and (k[0] != pool_syn or pool_syn_used) and (k[0] != syn or syn_used) and not (lead and k == (syn, opp["name"]))]
-        points.append(f"Beyond using the pool directly (self-training, {pool}): the generator "
-                      f"{'added accuracy' if beyond['low'] > 0 else 'added nothing significant'}"
-                      + (f"; {'; '.join(said)}." if said else " (the first point)."))
-    if (classic, baseline) in cmp:
-        points.append(f"Classic augmentation alone: {_said(cmp[(classic, baseline)])}.")
-    zero = [v for v, s in specs.items() if v in table.index and s.real and s.uses_synthetic
-            and table.loc[v, "synthetic_ratio"] == 0]
-    if zero:
-        points.append(f"Validation chose no synthetic data for {', '.join(zero)} (a share above 0 is used only when "
+    cited = [cmp[k] for k in dict.fromkeys(((syn, pool), (pool_syn, pool))) if k in cmp
+             and (k[0] != pool_syn or pool_syn_used) and (k[0] != syn or syn_used)
+             and not (lead and k == (syn, opp["name"]))]
+    sds = [c["std_diff"] for c in cmp.values() if c["std_diff"] is not None]
+    return replace(
+        d, syn=syn, syn_pseudo=specs[syn].pseudo, syn_used=syn_used, classic=classic, pool=pool, opponent=opp,
+        versus=vs, cmp=cmp, gain=gain, beats_baseline=above[baseline], beats_classic=above.get(classic, True),
+        helped=helped, lead=lead, recommend=rec, gains=gains, baseline_accuracy=table.loc[baseline, "accuracy"],
+        beyond_pool=None if beyond is None else bool(beyond["low"] > 0), beyond_cited=cited if beyond else [],
+        zero=[v for v, s in specs.items() if v in table.index and s.real and s.uses_synthetic
+              and table.loc[v, "synthetic_ratio"] == 0],
+        mde=detectable_difference(float(np.sqrt(np.mean(np.square(sds)))), seeds) if sds else None)
+
+
+def words(d: Decision) -> dict:
+    """The decision in words: a headline (what to use), the points that support it and their
+    ``text``, beside the decision's numbers."""
+    s = "s" if d.seeds != 1 else ""
+    few = (f"Only {d.seeds} seed{s} per variant: " +
+           ("no interval can be computed from one seed" if d.seeds == 1 else
+            "a 95% interval over 2 seeds uses t = 12.7, so intervals are very wide") +
+           "; use train_classifier.seeds of 3 or more (5 to detect differences of about 1 point).") if d.seeds < 3 else None
+    tail = (f"Best variant on validation: {d.best} ({pct(d.best_accuracy)}% test accuracy; "
+            f"{d.seeds} seed{s}, N={d.n_test} real test images).")
+    out = {"best_variant": d.best, "baseline": d.baseline, "n_test": d.n_test, "seeds": d.seeds, "helped": d.helped,
+           "comparisons": [{k: c[k] for k in ("a", "b", "diff", "low", "high", "p_value")} for c in d.cmp.values()]}
+    if d.syn is None:
+        headline = (f"No synthetic variant was compared with {d.baseline}, so this run cannot say whether synthetic "
+                    "data helps." if d.measured else
+                    "No variant trains on the real images alone with standard augmentation (data: prepared, "
+                    "no pseudo, augment: standard), so this run has no baseline to measure a gain against.")
+        points = [p for p in (few, tail) if p]
+        return out | {"points": points, "headline": headline, "text": " ".join([headline, *points])}
+    syn, base, classic, opp, cmp = d.syn, d.baseline, d.classic, d.opponent, d.cmp
+    what = f"{base} and classic augmentation ({classic})" if classic else base
+    who = (f"{syn} (the synthetic variant best on validation"
+           f"{'; it also uses the pseudo-labeled pool' if d.syn_pseudo else ''})")
+    if d.helped:
+        answer = f"Yes: {who} beat {what}{' and ' + opp['name'] if d.lead else ''}. "
+        headline = _use(syn, d.gains, classic) + "."
+    else:
+        if not d.syn_used:
+            answer = f"No: {who} trained on no synthetic image: validation chose a share of 0. "
+        elif d.beats_baseline and d.beats_classic:
+            answer = f"Partly: {who} beat {what} but not {opp['name']}. "
+        elif d.beats_baseline:
+            answer = f"Partly: {who} beat {base} but not {classic}. "
+        else:
+            answer = f"No: {who} did not beat {what}{'; the interval includes zero' if d.gain['diff'] > 0 else ''}. "
+        headline = (f"Use {d.recommend} (data/pseudo/labeler.safetensors; {pct(opp['test_accuracy'])}% test accuracy, "
+                    f"one seed, against {pct(d.baseline_accuracy)}% for {base})" if opp and opp["labeler"] else
+                    _use(d.recommend, d.gains, None))
+        headline += " (best on validation without synthetic data): synthetic data did not help here."
+    points = [f"Against the strongest option without synthetic data ({opp['name']}, best on validation"
+              f"{'; its one seed taken as fixed' if opp['labeler'] else ''}): {_said(d.versus)}."] if d.lead else []
+    points.append(answer + "; ".join(_said(cmp[k]) for k in ((syn, base), (syn, classic)) if k in cmp) + ".")
+    if d.beyond_pool is not None:
+        points.append(f"Beyond using the pool directly (self-training, {d.pool}): the generator "
+                      f"{'added accuracy' if d.beyond_pool else 'added nothing significant'}"
+                      + (f"; {'; '.join(map(_said, d.beyond_cited))}." if d.beyond_cited else " (the first point)."))
+    if (classic, base) in cmp:
+        points.append(f"Classic augmentation alone: {_said(cmp[(classic, base)])}.")
+    if d.zero:
+        points.append(f"Validation chose no synthetic data for {', '.join(d.zero)} (a share above 0 is used only when "
                       "it beats no synthetic data on validation with every sweep seed): those rows are the result "
                       "without synthetic images.")
-    sds = [c["std_diff"] for c in cmp.values() if c["std_diff"] is not None]
-    mde = detectable_difference(float(np.sqrt(np.mean(np.square(sds)))), seeds) if sds else None
-    if mde is not None:
-        points.append(f"Smallest difference this run can detect: {100 * mde:.1f} points (80% power, paired t-test at "
-                      f"5%, {seeds} seeds).")
+    if d.mde is not None:
+        points.append(f"Smallest difference this run can detect: {100 * d.mde:.1f} points (80% power, paired t-test at "
+                      f"5%, {d.seeds} seeds).")
     points += [p for p in (few, tail) if p]
-    out.update({"helped": helped, "synthetic_variant": syn, "headline": headline, "points": points,
-                "text": " ".join(points),
-                "generator_beyond_pool": None if beyond is None else bool(beyond["low"] > 0),
-                "strongest_without_synthetic": opp and opp["name"],
-                "versus_strongest": vs and {k: vs[k] for k in ("a", "b", "diff", "low", "high", "p_value", "n")},
-                "gain": float(r["diff"]), "gain_low": float(r["low"]),
-                "gain_high": float(r["high"]), "detectable_difference": mde,
-                "comparisons": [{k: c[k] for k in ("a", "b", "diff", "low", "high", "p_value")} for c in cmp.values()]})
-    return out
+    vs = d.versus
+    return out | {"points": points, "synthetic_variant": syn, "headline": headline, "text": " ".join(points),
+                  "generator_beyond_pool": d.beyond_pool, "strongest_without_synthetic": opp and opp["name"],
+                  "versus_strongest": vs and {k: vs[k] for k in ("a", "b", "diff", "low", "high", "p_value", "n")},
+                  "gain": float(d.gain["diff"]), "gain_low": float(d.gain["low"]), "gain_high": float(d.gain["high"]),
+                  "detectable_difference": d.mde}
+
+
+def verdict(table: pd.DataFrame, variants: dict[str, dict], specs: dict[str, VariantSpec],
+            baseline: str | None = "real", labeler: dict | None = None) -> dict:
+    """What to use, in one line, then the answers that support it, each with its interval: did the
+    best synthetic variant beat the strongest option without synthetic data (the best such variant
+    or the pool ``labeler``, whichever is better on validation), real, and classic augmentation; did
+    the generator add anything beyond using the pool directly. Every choice is made on validation,
+    never on test; without a significant gain the line recommends that strongest option."""
+    return words(decide(table, variants, specs, baseline, labeler))
 
 
 def per_class_gain(variants: dict[str, dict], variant: str, class_names: list[str], baseline: str = "real"
@@ -294,6 +345,11 @@ def labeler_point(pseudo: dict, table: pd.DataFrame) -> str | None:
             f"({pct(best_acc)}%, mean of {seeds} seeds).")
 
 
-def add_points(answer: dict, points: list[str]) -> None:
-    answer["points"] = answer["points"] + points
-    answer["text"] = " ".join([answer["text"], *points])
+def conclude(table: pd.DataFrame, variants: dict[str, dict], specs: dict[str, VariantSpec], baseline: str | None,
+             outputs: dict[str, dict], missing: list[str], notes: list[str]) -> dict:
+    """The ``verdict``, then what limits it: the pool labeler on its own, the ``caveats``, ``notes``."""
+    pseudo = outputs.get("pseudo") or {}
+    answer = verdict(table, variants, specs, baseline, pseudo.get("labeler"))
+    labeler = labeler_point(pseudo, table)
+    points = ([labeler] if labeler else []) + caveats(variants, specs, missing, outputs) + notes
+    return answer | {"points": answer["points"] + points, "text": " ".join([answer["text"], *points])}

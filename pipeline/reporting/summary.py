@@ -1,0 +1,63 @@
+"""The report's record of a run (pure): metrics.json, the generator's facts, each stage's time, the
+variant table as rows for the page."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from pipeline.config import VariantSpec
+from pipeline.core.io import OUTPUTS
+from pipeline.reporting.tables import generator_quality
+
+VARIANT_KEYS = ("accuracy", "accuracy_low", "accuracy_high", "val_accuracy", "macro_f1", "ece", "diff", "p_value",
+                "synthetic_ratio")
+
+
+def generator_facts(outputs: dict[str, dict]) -> dict:
+    """Kind, size, training and sampling cost of the generator (for the report's Generator section)."""
+    g = outputs.get("generator")
+    if not g:
+        return {}
+    facts = {"kind": g.get("kind", "unet"), "parameters_m": g.get("num_parameters", 0) / 1e6, "steps": g.get("steps"),
+             "seconds": (g.get("timing") or {}).get("seconds"), "device": g.get("device"),
+             "images_per_second": (outputs.get("synthetic") or {}).get("images_per_second")}
+    if g.get("interpreter_val_accuracy") is not None:
+        facts["interpreter"] = f"interpreter accuracy on val {100 * g['interpreter_val_accuracy']:.1f}% " \
+                               f"(N={g.get('interpreter_val_n')})"
+    return facts
+
+
+def stage_seconds(outputs: dict[str, dict], variants: dict[str, dict], prepare: float | None) -> dict:
+    """Seconds each stage took: ``prepare``'s, each earlier output's own, the classifiers' summed."""
+    times = {"prepare": prepare}
+    for name, facts in outputs.items():
+        if name != "prepared":
+            times[OUTPUTS[name][0]] = (facts.get("timing") or facts).get("seconds")
+    times["train_classifier"] = sum(r.get("seconds") or 0 for v in variants.values() for r in v["per_seed"]) or None
+    return times
+
+
+def metrics(answer: dict, table: pd.DataFrame, outputs: dict[str, dict], specs: dict[str, VariantSpec],
+            stage_times: dict) -> dict:
+    """What metrics.json says (for ``dvc metrics``): the answer with its numbers, each variant's,
+    the generator's quality, the pseudo-labels."""
+    filt, pseudo = outputs.get("filtered") or {}, outputs.get("pseudo") or {}
+    return {"headline": answer["headline"], "answer": answer["points"], "helped": answer["helped"],
+            "best_variant": answer["best_variant"], "synthetic_variant": answer.get("synthetic_variant"),
+            "baseline": answer["baseline"], "generator_kind": generator_facts(outputs).get("kind"),
+            "n_test": answer["n_test"], "seeds": answer["seeds"],
+            **({"gain": answer["gain"], "gain_ci95_low": answer["gain_low"], "gain_ci95_high": answer["gain_high"],
+                "detectable_difference": answer["detectable_difference"]} if "gain" in answer else {}),
+            "comparisons": answer["comparisons"], "stage_seconds": stage_times,
+            **{k: answer.get(k) for k in ("strongest_without_synthetic", "versus_strongest")},
+            "generator_quality": generator_quality(filt, table, specs) if filt else None,
+            "pseudo_labels": {k: pseudo.get(k) for k in ("kept", "pool_size", "pseudo_label_accuracy", "threshold",
+                                                         "labeler")},
+            "variants": {v: {k: None if pd.isna(x) else float(x) for k, x in table.loc[v].items()
+                             if k in VARIANT_KEYS} for v in table.index}}
+
+
+def rows(table: pd.DataFrame) -> list[dict]:
+    """The variant table as records, NaN as None."""
+    return [{k: (None if isinstance(x, float) and np.isnan(x) else x) for k, x in r.items()}
+            for r in table.reset_index().to_dict("records")]
