@@ -213,7 +213,10 @@ def project_copy(dst: Path, data: Path) -> Path:
 
 
 def env(**extra) -> dict:
-    e = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", PYTHONPATH="", **extra)
+    """The environment of a command run in a project copy: the venv first on PATH, no Prefect server
+    but the one in ``extra``, and one OpenMP thread (pytest-xdist runs a test per core: two torch
+    processes with a thread per core each wait on each other's threads)."""
+    e = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", PYTHONPATH="", OMP_NUM_THREADS="1")
     e.pop("PREFECT_API_URL", None)
     e.update(extra)
     return e

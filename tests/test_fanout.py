@@ -59,7 +59,7 @@ def fanout(tmp_path_factory, tiny_fmnist, prefect_server):
                                       variants={"real+synthetic": {"data": "synthetic"}})
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     # workers look for runs every second (Prefect's default is 10 s)
-    e = env(**prefect_server, OMP_NUM_THREADS="1", PREFECT_WORKER_QUERY_SECONDS="1")
+    e = env(**prefect_server, PREFECT_WORKER_QUERY_SECONDS="1")
     run(["dvc", "repro", "sample"], proj, env=e)
     single_run = dataset_files(proj / "data/synthetic/dataset")
     for pool in ("gpu", "control"):
