@@ -17,7 +17,8 @@ trains the params' classifier with ``--seeds`` seeds per row. Every accuracy is 
 labeler itself, real+classic, real+pseudo+classic, real + synthetic at several sizes (the scaling
 curve), the oracle (the same number of truly labeled pool images in place of synthetic ones), DPT's
 real+pseudo+synthetic, synthetic-only. Each finished run is appended to the JSON at once, so a run
-stopped at its time cap keeps what it measured.
+stopped at its time cap keeps what it measured, and ``run --resume THAT.json`` runs only the rest
+(the generators again only when a row that needs them is missing: their samples are not kept).
 """
 from __future__ import annotations
 
@@ -269,6 +270,26 @@ def rows(sizes: list[int], min_conf: float) -> dict[str, dict]:
     return out
 
 
+def plan(row_specs: dict[str, dict], seeds: list[int], labeler_scale: int, done: set = frozenset()
+         ) -> tuple[list[tuple], dict[str, list[tuple]]]:
+    """The (kind, row, seed) tasks of a run: those that can start at once, in order, and per generator
+    those that wait for it. Seed-major, the generators first: a worker takes a task only when it is
+    free, and a generator's rows go ahead of the plain rows still waiting once it is ready, so every
+    row gets its first seeds early and a run stopped at its time cap has something of each. ``done``:
+    (row, seed) pairs an earlier run finished (``--resume``); a generator is trained only for rows
+    that still need it."""
+    long = f"{LABELER}, steps x{labeler_scale}"  # last: the longest and the least needed
+    ready = [("labeler", LABELER, s) for s in seeds]
+    later: dict[str, list[tuple]] = {"dpt": [], "labeled": []}
+    for s in seeds:
+        for name, spec in row_specs.items():
+            (later[spec["gen"]] if "gen" in spec else ready).append(("classifier", name, s))
+    ready += [("labeler", long, s) for s in seeds[:3] if labeler_scale > 1]
+    later = {g: [t for t in ts if t[1:] not in done] for g, ts in later.items()}
+    later = {g: ts for g, ts in later.items() if ts}
+    return [("gen", g, None) for g in later] + [t for t in ready if t[1:] not in done], later
+
+
 def run(args) -> None:
     from pipeline.core.io import write_json
 
@@ -288,32 +309,36 @@ def run(args) -> None:
            "splits": json.loads((Path(args.data) / "splits.json").read_text()),
            "generator": {"steps": gen_steps, "batch": gen_batch, "per_class_sampled": per_class},
            "min_confidence": min_conf, "rows": rows(sizes, min_conf), "generators": {}, "runs": []}
+    done = set()
+    if args.resume:  # an earlier run's finished runs are kept and not run again
+        earlier = json.loads(Path(args.resume).read_text())
+        doc["runs"] = [r for r in earlier["runs"] if "error" not in r]
+        doc["generators"] = earlier.get("generators", {})  # replaced by any generator trained again
+        done = {(r["row"], r["seed"]) for r in doc["runs"]}
+        doc["resumed_from"] = {"date": earlier.get("date"), "runs": len(doc["runs"]), "seconds": earlier.get("seconds")}
     t_start = time.time()
     ctx = get_context("spawn")
     data_dir = str(Path(args.data).resolve())
-    # tasks wait in a queue and go to a worker only when one is free, seed-major and rows that need a
-    # generator first as soon as it is ready: every row gets its first seeds early, so a run stopped at its
-    # time cap still has something of each (all at once, a FIFO pool ran the plain rows' every seed first)
-    ready = [(task_generator, (g, data_dir, str(work), tiny, gen_steps, gen_batch, per_class, min_conf), "gen", g)
-             for g in ("dpt", "labeled")]
-    ready += [(task_labeler, (s, data_dir, tiny), "run", LABELER) for s in seeds]
-    later = {g: [] for g in ("dpt", "labeled")}
-    for s in seeds:
-        for name, spec in doc["rows"].items():
-            task = (task_classifier, (name, spec, s, data_dir, str(work), tiny), "run", name)
-            (later[spec["gen"]] if "gen" in spec else ready).append(task)
-    long = f"{LABELER}, steps x{args.labeler_scale}"  # last: the longest and the least needed
-    ready += [(task_labeler, (s, data_dir, tiny, long, args.labeler_scale), "run", long)
-              for s in seeds[:3] if args.labeler_scale > 1]
+
+    def call(task):
+        kind, name, seed = task
+        if kind == "gen":
+            return task_generator, (name, data_dir, str(work), tiny, gen_steps, gen_batch, per_class, min_conf)
+        if kind == "labeler":
+            return task_labeler, (seed, data_dir, tiny) + (() if name == LABELER else (name, args.labeler_scale))
+        return task_classifier, (name, doc["rows"][name], seed, data_dir, str(work), tiny)
+
+    ready, later = plan(doc["rows"], seeds, args.labeler_scale, done)
     with ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_init, initargs=(args.threads,)) as ex:
         pending: dict = {}
         while ready or pending:
             while ready and len(pending) < args.workers:
-                fn, fargs, kind, name = ready.pop(0)
-                pending[ex.submit(fn, *fargs)] = (kind, name)
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for f in done:
-                kind, name = pending.pop(f)
+                task = ready.pop(0)
+                fn, fargs = call(task)
+                pending[ex.submit(fn, *fargs)] = task
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for f in finished:
+                kind, name, _ = pending.pop(f)
                 try:
                     result = f.result()
                 except Exception as e:  # keep going: the JSON says which task failed and why
@@ -431,6 +456,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--labeler-scale", type=int, default=4, help="a labeler row with this many times the steps (3 seeds)")
     r.add_argument("--min-confidence", type=float, default=0.5, help="labeler probability of the intended class to keep")
     r.add_argument("--tiny", action="store_true")
+    r.add_argument("--resume", type=Path, help="an earlier run's JSON: keep its finished runs, run only the rest")
     m = sub.add_parser("report")
     m.add_argument("file", type=Path)
     m.add_argument("--out", type=Path, default=ROOT / "reports" / "pool_study.md")

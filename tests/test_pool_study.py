@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.pool_study import BASE, LABELER, balanced, make_splits, markdown, rows, summarize
+from bench.pool_study import BASE, LABELER, balanced, make_splits, markdown, plan, rows, summarize
 
 
 def test_splits_are_disjoint_class_balanced_and_fixed_by_the_seed():
@@ -58,3 +58,17 @@ def test_markdown_shows_each_row_with_its_intervals_and_the_findings():
     md = markdown(doc)
     assert "dev split of 100" in md and "- it did not help" in md
     assert f"| {LABELER} | 2 | 84.00 | +3.50 [" in md and "Per-class gain over real+classic" in md
+
+
+def test_plan_puts_generators_first_and_a_resumed_run_does_only_what_is_missing():
+    specs = {BASE: {}, "syn": {"gen": "dpt"}, "lab": {"gen": "labeled"}}
+    ready, later = plan(specs, [0, 1], labeler_scale=4)
+    assert ready == [("gen", "dpt", None), ("gen", "labeled", None), ("labeler", LABELER, 0), ("labeler", LABELER, 1),
+                     ("classifier", BASE, 0), ("classifier", BASE, 1), ("labeler", f"{LABELER}, steps x4", 0),
+                     ("labeler", f"{LABELER}, steps x4", 1)]
+    assert later == {"dpt": [("classifier", "syn", 0), ("classifier", "syn", 1)],
+                     "labeled": [("classifier", "lab", 0), ("classifier", "lab", 1)]}
+    done = {(BASE, 0), (BASE, 1), (LABELER, 0), ("lab", 0), ("lab", 1), ("syn", 0)}
+    ready, later = plan(specs, [0, 1], labeler_scale=1, done=done)
+    assert ready == [("gen", "dpt", None), ("labeler", LABELER, 1)]  # no labeled-only generator: its rows are done
+    assert later == {"dpt": [("classifier", "syn", 1)]}
