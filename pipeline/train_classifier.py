@@ -26,7 +26,7 @@ from pipeline.errors import ConfigError, DataError
 from pipeline.models.classifier import check_input_size, load_classifier, save_classifier
 from pipeline.training.classifier import VariantData, predict_proba, sharpen, synthetic_use, score_on_test, train_one
 from pipeline.training.plan import RATIO_RULE, carry_out
-from pipeline.training.seed_runs import CLI_OPTIONS, gather_seeds, train_seed
+from pipeline.training.seed_runs import CLI_OPTIONS, SeedRuns, train_seed
 
 log = logging.getLogger(__name__)
 SUMMARY_METRICS = ("accuracy", "macro_f1", "ece")
@@ -105,8 +105,9 @@ def run(params: Params, paths: Paths, variant: str, seed_index: int | None = Non
              _n(data.synthetic), len(data.val[0]), len(seeds), cfg.steps, policy.device)
     if seed_index is not None:
         return train_seed(params, paths, variant, data, seeds, seed_index, ratio, policy)
-    results, share, sweep = gather_seeds(params, paths, variant, data) if gather else \
-        carry_out(cfg, spec, lambda r: train_one(cfg, spec, data, seeds[r.seed_index], r.share, policy))
+    get = SeedRuns(params, paths, variant, data).read if gather else \
+        (lambda r: train_one(cfg, spec, data, seeds[r.seed_index], r.share, policy))  # the same plan either way
+    results, share, sweep = carry_out(cfg, spec, get)
     test = load_test(paths, data, spec, variant)  # read once every model is trained and selected
     per_seed = [score_on_test(model, hist, seed, test, data.class_names, cfg, policy, variant)
                 for seed, (model, hist) in zip(seeds, results)]

@@ -19,7 +19,7 @@ from pipeline.core.io import atomic_path, fingerprint, read_json, write_json
 from pipeline.errors import ConfigError, DataError
 from pipeline.models.classifier import load_classifier, save_classifier
 from pipeline.training.classifier import train_one
-from pipeline.training.plan import Run, carry_out, decide_share
+from pipeline.training.plan import Run, decide_share
 
 log = logging.getLogger(__name__)
 CLI_OPTIONS = {  # python -m pipeline.train_classifier's fan-out flags (run's keywords)
@@ -92,9 +92,3 @@ def train_seed(params: Params, paths: Paths, variant: str, data, seeds: list[int
     share = decide_share(cfg, cfg.variants[variant], runs.finished)[0] if ratio is None else ratio
     runs.train(Run(index, share), seeds[index], device)
     return {"headline": f"{variant}: seed {index} at synthetic share {share:g} in {runs.where(Run(index, share))}"}
-
-
-def gather_seeds(params: Params, paths: Paths, variant: str, data):
-    """What one process's ``carry_out`` returns, read from a fan-out's finished seed runs."""
-    cfg = params.train_classifier
-    return carry_out(cfg, cfg.variants[variant], SeedRuns(params, paths, variant, data).read)
