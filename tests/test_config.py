@@ -82,6 +82,7 @@ def test_keys_a_generator_kind_ignores_are_named_when_the_user_sets_them(tmp_pat
     with caplog.at_level("WARNING", logger="pipeline.config"):
         params_from_dict({"train_generator": {"kind": "datasetgan", "p_uncond": 0.2, "lr": 1e-4}})
         params_from_dict({"base": {"profile": "gpu"}, "train_generator": {"kind": "cgan"}})
+        params_from_dict({"train_generator": {"kind": "cgan", "p_uncond": 0.1}})  # its default: changes nothing
         params_from_dict({"train_generator": {"kind": "unet", "p_uncond": 0.2, "lr": 1e-4}})
     assert caplog.messages == ["<params>: train_generator.kind datasetgan ignores train_generator.p_uncond (they "
                                "apply to kind unet, dit only); remove them or set train_generator.kind to one of those"]

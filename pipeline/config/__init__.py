@@ -163,8 +163,9 @@ def params_from_dict(raw: dict | None, source: str = "<params>") -> Params:
 
 def _warn_ignored(user: dict, kind: str, source: str) -> None:
     """Name the train_generator keys the user set (not the profile: it sets some for every kind) that ``kind``
-    does not read, and the kinds that do."""
-    ignored = IGNORED_BY_KIND.get(kind, frozenset()) & set(user)
+    does not read, and the kinds that do; a key set to its default (params.yaml's p_uncond) changes nothing."""
+    fields = TrainGeneratorConfig.model_fields
+    ignored = {k for k in IGNORED_BY_KIND.get(kind, frozenset()) & set(user) if user[k] != fields[k].default}
     if ignored:
         readers = [k for k in get_args(TrainGeneratorConfig.model_fields["kind"].annotation)
                    if not ignored & IGNORED_BY_KIND.get(k, frozenset())]
