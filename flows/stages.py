@@ -87,8 +87,7 @@ def filter_flow(params_file: str = "params.yaml", overrides: Optional[dict[str, 
 def train_classifier_flow(variant: str = "real", params_file: str = "params.yaml",
                           overrides: Optional[dict[str, Any]] = None, root: str = ".", gather: bool = False) -> dict:
     """``gather``: test and write the runs a fan-out's workers trained (flows/fanout.py) instead of training."""
-    return run_stage("train_classifier", params_file, overrides, root, variant=variant,
-                     **({"gather": True} if gather else {}))
+    return run_stage("train_classifier", params_file, overrides, root, variant=variant, gather=gather)
 
 
 @flow(name="report", **_COMMON)

@@ -167,7 +167,7 @@ def _warn_ignored(user: dict, kind: str, source: str) -> None:
     fields = TrainGeneratorConfig.model_fields
     ignored = {k for k in IGNORED_BY_KIND.get(kind, frozenset()) & set(user) if user[k] != fields[k].default}
     if ignored:
-        readers = [k for k in get_args(TrainGeneratorConfig.model_fields["kind"].annotation)
+        readers = [k for k in get_args(fields["kind"].annotation)
                    if not ignored & IGNORED_BY_KIND.get(k, frozenset())]
         log.warning("%s: train_generator.kind %s ignores train_generator.%s (they apply to kind %s only); remove "
                     "them or set train_generator.kind to one of those", source, kind, ", ".join(sorted(ignored)),

@@ -29,9 +29,8 @@ def train_judge(cfg: FilterConfig, train: tuple[torch.Tensor, torch.Tensor], val
     torch.manual_seed(seed)
     model = build_model(cfg.judge_arch, num_classes, int(train[0].shape[1]))
     return fit_classifier(model, batch_sources(cfg.judge_batch_size, train), val, steps=cfg.judge_steps,
-                          lr=cfg.judge_lr, weight_decay=0.05, seed=seed,
-                          device=device, augment="standard", eval_every=max(1, cfg.judge_steps // 5),
-                          progress=False)
+                          lr=cfg.judge_lr, weight_decay=0.05, seed=seed, device=device, augment="standard",
+                          eval_every=max(1, cfg.judge_steps // 5), progress=False)
 
 
 def judge_scores(judge: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, device

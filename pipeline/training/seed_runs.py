@@ -89,6 +89,6 @@ def train_seed(params: Params, paths: Paths, variant: str, data, seeds: list[int
         raise ConfigError(f"--seed_index {index}: train_classifier.seeds is {len(seeds)}, so it must be 0 to "
                           f"{len(seeds) - 1}")
     runs = SeedRuns(params, paths, variant, data)
-    share = decide_share(cfg, cfg.variants[variant], runs.finished)[0] if ratio is None else ratio
-    runs.train(Run(index, share), seeds[index], device)
-    return {"headline": f"{variant}: seed {index} at synthetic share {share:g} in {runs.where(Run(index, share))}"}
+    run = Run(index, decide_share(cfg, cfg.variants[variant], runs.finished)[0] if ratio is None else ratio)
+    runs.train(run, seeds[index], device)
+    return {"headline": f"{variant}: seed {index} at synthetic share {run.share:g} in {runs.where(run)}"}
