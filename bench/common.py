@@ -50,10 +50,22 @@ def setup(args) -> str:
 
 # ---- environment ------------------------------------------------------------------------
 
+def cpu_model() -> str:
+    """The CPU's model name and its widest vector / matrix units (machines of one kind differ 3-6x)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    units = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name or platform.machine()} ({os.cpu_count()} CPUs; {', '.join(units) or 'no AVX2'})"
+
+
 def device_name(device: str) -> str:
     if str(device).startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} logical CPUs)"
+    return cpu_model()
 
 
 def environment(device: str) -> dict:

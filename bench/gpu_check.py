@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench.common import cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = {"tests": 90, "train": 240, "sample": 90, "classifier": 45, "ops": 20}  # caps in seconds on a GPU (x3 on CPU)
 
@@ -355,20 +357,6 @@ def part_ops(args, device: str) -> dict:
 
 
 # ---- driver ------------------------------------------------------------------------------
-
-def cpu_model() -> str:
-    """The CPU's model name and its widest vector / matrix units (machines of one kind differ 3-6x)."""
-    import platform
-
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    units = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{name or platform.machine()} ({os.cpu_count()} CPUs; {', '.join(units) or 'no AVX2'})"
-
 
 def environment(device: str) -> dict:
     import platform

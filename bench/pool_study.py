@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from multiprocessing import get_context
@@ -32,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from bench.common import device_name
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLIT = {"labeled": 50, "val": 50, "pool": 1000, "dev": 500}  # per class
@@ -122,8 +125,9 @@ def _labeler(d: dict, policy):
 
 
 def task_generator(name: str, data_dir: str, work: str, tiny: bool, steps: int, batch: int, per_class: int,
-                   min_conf: float) -> dict:
-    """Train one generator (name: labeled | dpt), sample from noise (and img2img for dpt), score by the labeler."""
+                   min_conf: float, modes: tuple[str, ...] = ("generate", "img2img")) -> dict:
+    """Train one generator (name: labeled | dpt), sample from noise (and img2img for dpt) as ``modes`` ask,
+    score by the labeler."""
     from pipeline.config import SampleConfig
     from pipeline.core.device import policy_for
     from pipeline.models.diffusion import DiffusionGenerator, make_pipeline, train_scheduler
@@ -158,8 +162,8 @@ def task_generator(name: str, data_dir: str, work: str, tiny: bool, steps: int, 
     labeler = _labeler(d, policy)
     out, t1 = {"generator": name, "train_seconds": round(train_s, 1), "steps": steps, "batch": batch,
                "final_loss": float(np.mean(res.losses[-50:]))}, time.time()
-    plans = {"generate": generation_plan(10, per_class)}
-    if name == "dpt":  # img2img of the labeled images and the pool, each with its (pseudo) label, once
+    plans = {"generate": generation_plan(10, per_class)} if "generate" in modes else {}
+    if name == "dpt" and "img2img" in modes:  # img2img of the labeled images and the pool, each with its label, once
         src, lab = torch.cat([lx, px]), torch.cat([ly, py])
         plans["img2img"] = img2img_plan(src, lab, (0.5,), 1, [("src", i) for i in range(len(src))])
     for mode, plan in plans.items():
@@ -203,6 +207,16 @@ def task_labeler(seed: int, data_dir: str, tiny: bool, row: str = "labeler (FixM
                                               for c in range(10)], "seconds": round(time.time() - t0, 1)}
 
 
+def teacher_scores(data_dir: str, tiny: bool) -> dict:
+    """The seed-0 labeler (the teacher of the rows with ``taught`` sources) on the dev split."""
+    from pipeline.core.device import policy_for
+    from pipeline.training.classifier import predict_proba
+
+    d = _data(data_dir, tiny)
+    policy = policy_for(d["params"].base)
+    return _scores(predict_proba(_labeler(d, policy), d["dev_x"], 1024, policy), d["dev_y"])
+
+
 def _scores(probs: torch.Tensor, y: torch.Tensor) -> dict:
     from pipeline.core.stats import classification_metrics
 
@@ -214,7 +228,7 @@ def task_classifier(row: str, spec: dict, seed: int, data_dir: str, work: str, t
     """One classifier of one row and seed: the params' classifier, classic augmentation, scored on dev."""
     from pipeline.core.device import policy_for
     from pipeline.models.classifier import build_model
-    from pipeline.training.classifier import batch_sources, fit_classifier, predict_proba, sharpen
+    from pipeline.training.classifier import Teacher, batch_sources, fit_classifier, predict_proba, sharpen
 
     d = _data(data_dir, tiny)
     params = d["params"]
@@ -232,13 +246,16 @@ def task_classifier(row: str, spec: dict, seed: int, data_dir: str, work: str, t
     pseudo = (d["pool_x"], sharpen(d["pool_proba"].float(), cfg.pseudo_temperature)) if spec.get("pseudo") else None
     real = spec.get("real", True)
     ratio = spec.get("ratio", 0.5) if real else 1.0
+    taught = tuple(spec.get("taught", ()))  # labeled by the seed-0 labeler from each augmented view
+    teacher = Teacher(_labeler(d, policy)) if taught else None
     torch.manual_seed(seed)
     t0 = time.time()
     sources = batch_sources(cfg.batch_size, (d["labeled_x"], d["labeled_y"]) if real else None, pseudo, syn,
-                            ratio if syn is not None else 0.0, cfg.pseudo_share)
+                            ratio if syn is not None else 0.0, cfg.pseudo_share, taught)
     model, hist = fit_classifier(build_model(cfg.arch, 10, 1), sources, (d["val_x"], d["val_y"]), steps=cfg.steps,
                                  lr=cfg.lr, weight_decay=cfg.weight_decay, seed=seed, device=policy,
-                                 augment="classic" if real else "standard", eval_every=cfg.eval_every, progress=False)
+                                 augment="classic" if real else "standard", eval_every=cfg.eval_every, teacher=teacher,
+                                 progress=False)
     probs = predict_proba(model, d["dev_x"], 1024, policy)
     return {"row": row, "seed": seed, **_scores(probs, d["dev_y"]), "val": hist["best_val_acc"],
             "ratio": ratio if syn is not None else 0.0, **info, "seconds": round(time.time() - t0, 1)}
@@ -246,7 +263,7 @@ def task_classifier(row: str, spec: dict, seed: int, data_dir: str, work: str, t
 
 # ---- the GPU run: the driver ---------------------------------------------------------------
 
-BASE, LABELER = "real+classic", "labeler (FixMatch)"
+BASE, LABELER, TAUGHT = "real+classic", "labeler (FixMatch)", "real+pseudo+classic, teacher"
 
 
 def rows(sizes: list[int], min_conf: float) -> dict[str, dict]:
@@ -263,6 +280,11 @@ def rows(sizes: list[int], min_conf: float) -> dict[str, dict]:
         f"real+synthetic (labeled-only generator) n={big}": {"source": "labeled-generate", "n": big, "gen": "labeled"},
         f"real+pseudo+synthetic (DPT, generate) n={big}": {"source": "dpt-generate", "n": big, "pseudo": True, "gen": "dpt"},
         f"synthetic-only (DPT, generate) n={big}": {"source": "dpt-generate", "n": big, "real": False, "gen": "dpt"},
+        # consistent distillation: the labeler labels each augmented view of pool (and synthetic) images
+        TAUGHT: {"pseudo": True, "taught": ["pseudo"]},
+        f"real+pseudo+synthetic (DPT, generate), teacher n={big}": {"source": "dpt-generate", "n": big, "pseudo": True,
+                                                                    "taught": ["pseudo", "synthetic"], "gen": "dpt"},
+        f"real+pseudo+oracle, teacher n={big}": {"source": "oracle", "n": big, "pseudo": True, "taught": ["pseudo"]},
     })
     for spec in out.values():
         if spec.get("gen"):
@@ -270,21 +292,21 @@ def rows(sizes: list[int], min_conf: float) -> dict[str, dict]:
     return out
 
 
-def plan(row_specs: dict[str, dict], seeds: list[int], labeler_scale: int, done: set = frozenset()
-         ) -> tuple[list[tuple], dict[str, list[tuple]]]:
+def plan(row_specs: dict[str, dict], seeds: list[int], labeler_scale: int, done: set = frozenset(),
+         labelers: bool = True) -> tuple[list[tuple], dict[str, list[tuple]]]:
     """The (kind, row, seed) tasks of a run: those that can start at once, in order, and per generator
     those that wait for it. Seed-major, the generators first: a worker takes a task only when it is
     free, and a generator's rows go ahead of the plain rows still waiting once it is ready, so every
     row gets its first seeds early and a run stopped at its time cap has something of each. ``done``:
     (row, seed) pairs an earlier run finished (``--resume``); a generator is trained only for rows
-    that still need it."""
+    that still need it; ``labelers``: False leaves the labeler rows out."""
     long = f"{LABELER}, steps x{labeler_scale}"  # last: the longest and the least needed
-    ready = [("labeler", LABELER, s) for s in seeds]
+    ready = [("labeler", LABELER, s) for s in seeds if labelers]
     later: dict[str, list[tuple]] = {"dpt": [], "labeled": []}
     for s in seeds:
         for name, spec in row_specs.items():
             (later[spec["gen"]] if "gen" in spec else ready).append(("classifier", name, s))
-    ready += [("labeler", long, s) for s in seeds[:3] if labeler_scale > 1]
+    ready += [("labeler", long, s) for s in seeds[:3] if labeler_scale > 1 and labelers]
     later = {g: [t for t in ts if t[1:] not in done] for g, ts in later.items()}
     later = {g: ts for g, ts in later.items() if ts}
     return [("gen", g, None) for g in later] + [t for t in ready if t[1:] not in done], later
@@ -294,21 +316,22 @@ def run(args) -> None:
     from pipeline.core.io import write_json
 
     tiny = args.tiny
-    sizes = [40, 80] if tiny else [500, 2000, 10000]
+    sizes = [40, 80] if tiny else args.sizes
     seeds = list(range(args.seeds))
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     dev_name = "cuda" if torch.cuda.is_available() else "cpu"
     out = Path(args.out_dir) / f"pool_study-{dev_name}.json"
     gen_steps, gen_batch = (10, 16) if tiny else (args.gen_steps, args.gen_batch)
-    per_class = max(sizes) // 10 + (4 if tiny else 200)  # room for the labeler's rejections
+    per_class = max(sizes) * 12 // 100 + (4 if tiny else 0)  # 20% room for the labeler's rejections (about 10%)
     min_conf = 0.0 if tiny else args.min_confidence  # an untrained tiny labeler must not reject everything
     doc = {"benchmark": "pool_study", "device": dev_name,
-           "device_name": torch.cuda.get_device_name() if dev_name == "cuda" else "cpu", "torch": torch.__version__,
+           "device_name": device_name(dev_name), "torch": torch.__version__,
            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tiny": tiny, "seeds": seeds,
            "splits": json.loads((Path(args.data) / "splits.json").read_text()),
            "generator": {"steps": gen_steps, "batch": gen_batch, "per_class_sampled": per_class},
-           "min_confidence": min_conf, "rows": rows(sizes, min_conf), "generators": {}, "runs": []}
+           "min_confidence": min_conf, "rows": {n: r for n, r in rows(sizes, min_conf).items() if re.search(args.rows, n)},
+           "teacher": teacher_scores(str(Path(args.data).resolve()), tiny), "generators": {}, "runs": []}
     done = set()
     if args.resume:  # an earlier run's finished runs are kept and not run again
         earlier = json.loads(Path(args.resume).read_text())
@@ -322,13 +345,14 @@ def run(args) -> None:
 
     def call(task):
         kind, name, seed = task
-        if kind == "gen":
-            return task_generator, (name, data_dir, str(work), tiny, gen_steps, gen_batch, per_class, min_conf)
+        if kind == "gen":  # only the sampling modes its rows ask for
+            modes = tuple(sorted({r["source"].split("-", 1)[1] for r in doc["rows"].values() if r.get("gen") == name}))
+            return task_generator, (name, data_dir, str(work), tiny, gen_steps, gen_batch, per_class, min_conf, modes)
         if kind == "labeler":
             return task_labeler, (seed, data_dir, tiny) + (() if name == LABELER else (name, args.labeler_scale))
         return task_classifier, (name, doc["rows"][name], seed, data_dir, str(work), tiny)
 
-    ready, later = plan(doc["rows"], seeds, args.labeler_scale, done)
+    ready, later = plan(doc["rows"], seeds, args.labeler_scale, done, labelers=bool(re.search(args.rows, LABELER)))
     with ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_init, initargs=(args.threads,)) as ex:
         pending: dict = {}
         while ready or pending:
@@ -370,7 +394,7 @@ def summarize(doc: dict) -> dict:
     out = {}
     for row, runs in by_row.items():
         entry = {"n_seeds": len(runs), "dev": mean_ci([r["dev"] for r in runs.values()])}
-        for ref in (BASE, "real+pseudo+classic", LABELER):
+        for ref in (BASE, "real+pseudo+classic", TAUGHT, LABELER):
             common = sorted(set(runs) & set(by_row.get(ref, {})))
             if ref != row and len(common) >= 2:
                 entry[f"vs {ref}"] = paired_difference([runs[s]["dev"] for s in common],
@@ -408,11 +432,12 @@ def markdown(doc: dict) -> str:
         lines += [f"Note: {doc['stopped']}.", ""]
     if doc.get("findings"):  # written by whoever read the runs, stored beside them
         lines += ["## What it says", ""] + [f"- {f}" for f in doc["findings"]] + ["", "## Rows", ""]
-    lines += ["| row | seeds | dev accuracy % | vs real+classic (points) | vs the FixMatch labeler (points) |",
-              "|---|---|---|---|---|"]
+    refs = [r for r in (BASE, TAUGHT, LABELER) if r in s]  # the columns: the strongest rows without synthetic data
+    lines += ["| row | seeds | dev accuracy % | " + " | ".join(f"vs {r} (points)" for r in refs) + " |",
+              "|---|---|---|" + "---|" * len(refs)]
     for row, e in s.items():
-        lines.append(f"| {row} | {e['n_seeds']} | {100 * e['dev']['mean']:.2f} | {ci(e.get('vs ' + BASE))} | "
-                     f"{ci(e.get('vs ' + LABELER))} |")
+        lines.append(f"| {row} | {e['n_seeds']} | {100 * e['dev']['mean']:.2f} | "
+                     + " | ".join(ci(e.get("vs " + r)) for r in refs) + " |")
     gains = {row: e["per_class_gain_vs_base"] for row, e in s.items() if "per_class_gain_vs_base" in e}
     if gains:
         lines += ["", "Per-class gain over real+classic (points, mean over the common seeds):", "",
@@ -424,6 +449,11 @@ def markdown(doc: dict) -> str:
         lines += ["", f"The FixMatch labeler's labels of the {10 * sp['sizes_per_class']['pool']:,} pool images "
                   f"(mean of {len(labs)} seeds): {100 * np.mean([r['pool_label_accuracy'] for r in labs]):.1f}% right; "
                   "per class " + ", ".join(f"{c} {100 * a:.0f}%" for c, a in zip(CLASSES, per)) + "."]
+    if doc.get("teacher"):
+        t = doc["teacher"]
+        lines += ["", f"The teacher of the rows marked teacher (the seed-0 FixMatch labeler of `splits`): "
+                  f"{100 * t['dev']:.2f}% on dev; per class " + ", ".join(f"{c} {100 * a:.0f}%" for c, a in
+                                                                    zip(CLASSES, t["dev_per_class"])) + "."]
     gens = doc.get("generators") or {}
     if gens:
         lines += ["", "Generators (the cpu profile's UNet, " + ", ".join(
@@ -432,8 +462,8 @@ def markdown(doc: dict) -> str:
             + (f", {v['img2img_accepted']:,} of {v['img2img_images']:,} img2img kept" if "img2img_images" in v else "")
             for g, v in gens.items() if "steps" in v) + f"; kept = the labeler gives the intended class p >= "
             f"{doc.get('min_confidence', 0.5)}).",
-            "dpt learns the labeled images and the whole pool with the seed-0 labeler's labels (DPT's step two), "
-            "labeled the 500 labeled images alone."]
+            "dpt learns the labeled images and the whole pool with the seed-0 labeler's labels (DPT's step two)"
+            + (", labeled the 500 labeled images alone." if "labeled" in gens else ".")]
     return "\n".join(lines) + "\n"
 
 
@@ -457,6 +487,8 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--min-confidence", type=float, default=0.5, help="labeler probability of the intended class to keep")
     r.add_argument("--tiny", action="store_true")
     r.add_argument("--resume", type=Path, help="an earlier run's JSON: keep its finished runs, run only the rest")
+    r.add_argument("--rows", default="", help="only the rows whose name matches this regular expression")
+    r.add_argument("--sizes", type=int, nargs="+", default=[500, 2000, 10000], help="synthetic / oracle set sizes")
     m = sub.add_parser("report")
     m.add_argument("file", type=Path)
     m.add_argument("--out", type=Path, default=ROOT / "reports" / "pool_study.md")

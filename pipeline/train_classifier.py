@@ -24,7 +24,8 @@ from pipeline.core.io import (OUTPUTS, atomic_path, check_writable, load_dataset
 from pipeline.core.stats import summarize_seeds
 from pipeline.errors import ConfigError, DataError
 from pipeline.models.classifier import check_input_size, load_classifier, save_classifier
-from pipeline.training.classifier import VariantData, predict_proba, sharpen, synthetic_use, score_on_test, train_one
+from pipeline.training.classifier import (Teacher, VariantData, predict_proba, sharpen, synthetic_use, score_on_test,
+                                         train_one)
 from pipeline.training.plan import RATIO_RULE, carry_out
 from pipeline.training.seed_runs import CLI_OPTIONS, SeedRuns, train_seed
 
@@ -67,8 +68,7 @@ def load_variant_data(params: Params, paths: Paths, variant: str) -> VariantData
     train_x, train_y, class_names = load_split(paths, "train")
     val_x, val_y, _ = load_split(paths, "val")
     check_input_size(cfg.arch, len(class_names), val_x.shape[1], val_x.shape[-1])
-    data = VariantData((train_x, train_y), (val_x, val_y), class_names,
-                       inputs={"prepared": prepared_fp})
+    data = VariantData((train_x, train_y), (val_x, val_y), class_names, inputs={"prepared": prepared_fp})
     if spec.pseudo:  # the pseudo-labeled pool, drawn beside the labeled images (self-training)
         pseudo, kept = load_pseudo_labels(paths)
         if kept is None:
@@ -84,11 +84,20 @@ def load_variant_data(params: Params, paths: Paths, variant: str) -> VariantData
     if spec.uses_synthetic:
         sx, sy, data.synthetic_path, data.inputs[spec.data] = load_synthetic(paths, spec.data, class_names, val_x)
         if cfg.synthetic_labels == "labeler":  # distillation: the labeler's probabilities, not the intended class
-            labeler = load_classifier(paths.pseudo / "labeler.safetensors", len(class_names), sx.shape[1],
-                                      "train_classifier.synthetic_labels: labeler needs pseudo_label's labeler")
-            sy = sharpen(predict_proba(labeler, sx, 512, policy_for(params.base)), cfg.pseudo_temperature)
+            sy = sharpen(predict_proba(labeler(paths, data), sx, 512, policy_for(params.base)), cfg.pseudo_temperature)
         data.synthetic = (sx, sy)
+    chosen = {"pseudo": (cfg.pseudo_labels, data.pseudo), "synthetic": (cfg.synthetic_labels, data.synthetic)}
+    data.taught = tuple(name for name, (labels, xy) in chosen.items() if labels == "teacher" and xy)
+    if data.taught:  # the labeler labels each augmented view as the student sees it
+        data.teacher = Teacher(labeler(paths, data), cfg.pseudo_temperature)
     return data
+
+
+def labeler(paths: Paths, data: VariantData) -> torch.nn.Module:
+    """pseudo_label's labeler: the labels of synthetic images (synthetic_labels: labeler) and the teacher."""
+    data.inputs.setdefault("pseudo", read_output(paths, "pseudo").get("fingerprint"))
+    return load_classifier(paths.pseudo / "labeler.safetensors", len(data.class_names), data.val[0].shape[1],
+                           "the labels train_classifier.pseudo_labels / synthetic_labels ask for need it")
 
 
 def run(params: Params, paths: Paths, variant: str, seed_index: int | None = None, ratio: float | None = None,

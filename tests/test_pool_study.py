@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.pool_study import BASE, LABELER, balanced, make_splits, markdown, plan, rows, summarize
+from bench.pool_study import BASE, LABELER, TAUGHT, balanced, make_splits, markdown, plan, rows, summarize
 
 
 def test_splits_are_disjoint_class_balanced_and_fixed_by_the_seed():
@@ -33,6 +33,10 @@ def test_rows_name_what_they_train_on():
     assert r["real+oracle (true pool labels) n=10000"] == {"source": "oracle", "n": 10000}
     assert r["synthetic-only (DPT, generate) n=10000"]["real"] is False
     assert all(s["min_conf"] == 0.5 for s in r.values() if s.get("gen"))
+    assert r[TAUGHT] == {"pseudo": True, "taught": ["pseudo"]}  # the labeler labels each augmented view
+    assert r["real+pseudo+synthetic (DPT, generate), teacher n=10000"]["taught"] == ["pseudo", "synthetic"]
+    assert r["real+pseudo+oracle, teacher n=10000"] == {"source": "oracle", "n": 10000, "pseudo": True,
+                                                         "taught": ["pseudo"]}  # the ceiling of the row above
 
 
 def test_summary_pairs_rows_by_seed_and_gives_per_class_gains():
@@ -72,3 +76,8 @@ def test_plan_puts_generators_first_and_a_resumed_run_does_only_what_is_missing(
     ready, later = plan(specs, [0, 1], labeler_scale=1, done=done)
     assert ready == [("gen", "dpt", None), ("labeler", LABELER, 1)]  # no labeled-only generator: its rows are done
     assert later == {"dpt": [("classifier", "syn", 1)]}
+
+
+def test_plan_without_labelers_runs_only_the_classifier_rows():
+    ready, later = plan({BASE: {}, "syn": {"gen": "dpt"}}, [0], labeler_scale=4, labelers=False)
+    assert ready == [("gen", "dpt", None), ("classifier", BASE, 0)] and later == {"dpt": [("classifier", "syn", 0)]}

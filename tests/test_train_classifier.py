@@ -10,7 +10,7 @@ from pipeline.config import Paths, TrainClassifierConfig, VariantSpec, params_fr
 from pipeline.core.images import tensors_to_dataset
 from pipeline.core.io import save_dataset, write_json
 from pipeline.errors import ConfigError, DataError
-from pipeline.models.classifier import build_model, efficientnet_lite0_state
+from pipeline.models.classifier import build_model, efficientnet_lite0_state, save_classifier
 from pipeline.training.classifier import batch_sources, crop_flip, fit_classifier, predict_proba
 from pipeline.training.plan import carry_out, choose_share
 
@@ -152,6 +152,7 @@ def write_pseudo(paths, n=12, prepared_fp="p" * 64):
                                                     "probabilities": proba}), paths.pseudo / "dataset")
     write_json(paths.pseudo / "summary.json", {"inputs": {"prepared": prepared_fp}, "fingerprint": "q" * 64,
                                                "kept": n, "headline": f"pseudo_label: kept {n} of 30 pool images"})
+    save_classifier(build_model(ARCH, len(CLASSES), 1), paths.pseudo / "labeler.safetensors", ARCH, len(CLASSES), 1)
     return x
 
 
@@ -309,7 +310,7 @@ def test_pseudo_variant_adds_the_pseudo_labeled_pool_and_records_it(tmp_path, mo
     real_fit = training.fit_classifier
 
     def fit(model, sources, val, **kw):
-        trained_on.append({s.name: s for s in sources})
+        trained_on.append({"teacher": kw["teacher"], **{s.name: s for s in sources}})
         return real_fit(model, sources, val, **{**kw, "progress": False})
 
     monkeypatch.setattr(training, "fit_classifier", fit)
@@ -324,10 +325,16 @@ def test_pseudo_variant_adds_the_pseudo_labeled_pool_and_records_it(tmp_path, mo
     soft = tc.run(micro_params(seeds=1, pseudo_labels="soft", pseudo_temperature=0.5), paths,
                   variant="real+pseudo+classic")
     assert soft["pseudo"]["labels"] == "soft" and trained_on[-1]["pseudo"].y.shape == (12, 4)  # sharpened probabilities
+    assert trained_on[-1]["teacher"] is None and not trained_on[-1]["pseudo"].taught
+    taught = tc.run(micro_params(seeds=1), paths, variant="real+pseudo+classic")  # the default: the labeler teaches
+    assert taught["pseudo"]["labels"] == "teacher" and trained_on[-1]["pseudo"].taught
+    assert isinstance(trained_on[-1]["teacher"].model, torch.nn.Module) and not trained_on[-1]["real"].taught
     on_disk = json.loads((paths.classifier_metrics / "real+pseudo+classic.json").read_text())
     assert on_disk["n_pseudo_labeled"] == 12 and on_disk["inputs"]["pseudo"] == "q" * 64
     # with synthetic images too: both recorded
-    both = tc.run(micro_params(seeds=1, ratio_sweep=()), paths, variant="real+pseudo+synthetic+classic")
+    both = tc.run(micro_params(seeds=1, ratio_sweep=(), synthetic_labels="teacher"), paths,
+                  variant="real+pseudo+synthetic+classic")
+    assert trained_on[-1]["pseudo"].taught and trained_on[-1]["synthetic"].taught and both["synthetic_labels"] == "teacher"
     assert both["inputs"] == {"prepared": "p" * 64, "filtered": "filtered" * 8, "pseudo": "q" * 64}
     assert both["n_pseudo_labeled"] == 12 and both["n_synthetic"] == 24
     # how many synthetic images of each class it used and how often each was seen: 6 steps x 4 of 8 / 24
@@ -379,3 +386,21 @@ def test_pseudo_share_fixes_the_labeled_part_of_each_batch_and_soft_labels_train
     assert torch.allclose(training.sharpen(torch.tensor([[0.6, 0.4]]), 0.5), torch.tensor([[0.6923, 0.3077]]),
                           atol=1e-4)
     assert torch.allclose(training.sharpen(soft[:3], 1.0), soft[:3])
+
+
+def test_a_teacher_labels_the_taught_rows_from_the_very_view_the_student_sees():
+    (x, y), (vx, vy), (px, _) = toy(32, 1), toy(16, 2), toy(64, 3)
+    teacher_net, seen = build_model(ARCH, 4, 1), {"teacher": [], "student": []}
+    teacher_net.register_forward_pre_hook(lambda m, a: seen["teacher"].append(a[0].clone()))
+    torch.manual_seed(0)
+    student = build_model(ARCH, 4, 1)
+    student.register_forward_pre_hook(lambda m, a: seen["student"].append(a[0].clone()) if m.training else None)
+    sources = batch_sources(8, (x, y), (px, torch.zeros(64, dtype=torch.long)), pseudo_share=0.5, taught=("pseudo",))
+    assert [(s.name, s.per_batch, s.taught) for s in sources[:2]] == [("real", 4, False), ("pseudo", 4, True)]
+    args = dict(steps=3, lr=3e-3, weight_decay=0.05, seed=0, eval_every=3, augment="classic", progress=False)
+    _, hist = fit_classifier(student, sources, (vx, vy), teacher=training.Teacher(teacher_net), **args)
+    assert len(seen["teacher"]) == len(seen["student"]) == 3 and hist["taught"] == ["pseudo"] and hist["soft_labels"]
+    for t, s in zip(seen["teacher"], seen["student"]):  # the pool rows of each augmented batch, as the student saw them
+        assert torch.equal(t, s[4:])
+    with pytest.raises(ValueError, match="no teacher was given"):
+        fit_classifier(build_model(ARCH, 4, 1), sources, (vx, vy), **args)

@@ -293,13 +293,13 @@ class TrainClassifierConfig(_Section):
     # labeled images the rest; None = in proportion to the two sets' sizes (as if concatenated; a tie with
     # 0.5 on validation, reports/ablation.md)
     pseudo_share: Optional[float] = Field(None, ge=0, le=1)
-    # pseudo-labels as the labeler's class (hard) or its probabilities (soft), sharpened by
-    # pseudo_temperature (< 1 sharpens; Noisy Student trains on soft labels with strong augmentation)
-    pseudo_labels: Literal["hard", "soft"] = "soft"
+    # pool images learn the labeler's class (hard), its probabilities of the clean image (soft), or of the very
+    # augmented view the student sees (teacher: consistent distillation, +0.8 over soft on the dev split,
+    # reports/pool_study.md); probabilities sharpened by pseudo_temperature (< 1 sharpens)
+    pseudo_labels: Literal["hard", "soft", "teacher"] = "teacher"
     pseudo_temperature: float = Field(1.0, gt=0)
-    # synthetic images learn their intended class, or the pseudo-labeler's probabilities for them
-    # (sharpened by pseudo_temperature: distillation, which corrects images that drifted off their class)
-    synthetic_labels: Literal["intended", "labeler"] = "intended"
+    # synthetic images learn their intended class, or the labeler's probabilities (of the clean image | the view)
+    synthetic_labels: Literal["intended", "labeler", "teacher"] = "intended"
     eval_every: int = Field(100, ge=1)  # steps between validation checks (model selection)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     eval_batch_size: int = Field(512, ge=1)  # batch size of test predictions (validation: max(256, batch_size))

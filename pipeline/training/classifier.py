@@ -60,18 +60,34 @@ class Source:
     x: torch.Tensor | None
     y: torch.Tensor | None
     per_batch: int
+    taught: bool = False  # labels from the teacher's prediction of the very view the student sees
+
+
+@dataclass
+class Teacher:
+    """A trained classifier whose predictions of each augmented batch label the ``taught`` sources
+    (consistent distillation, "function matching": Beyer et al., CVPR 2022), softened or sharpened by
+    ``temperature`` (softmax(logits / T))."""
+    model: nn.Module
+    temperature: float = 1.0
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, policy: DevicePolicy) -> torch.Tensor:
+        with policy.autocast():
+            return (self.model(x).float() / self.temperature).softmax(1)
 
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 
 
 def batch_sources(batch_size: int, real: Pair | None = None, pseudo: Pair | None = None,
-                  synthetic: Pair | None = None, synthetic_share: float = 0.0, pseudo_share: float | None = None
-                  ) -> list[Source]:
+                  synthetic: Pair | None = None, synthetic_share: float = 0.0, pseudo_share: float | None = None,
+                  taught: tuple[str, ...] = ()) -> list[Source]:
     """The labeled, pseudo-labeled and synthetic sources of a batch of ``batch_size``:
     ``round(batch_size * synthetic_share)`` synthetic images and real ones for the rest (all synthetic
     without real images); of the real part, ``round(pseudo_share * real)`` from the pool (``pseudo_share``
-    None: the pool's share of the two sets) and the rest from the labeled images."""
+    None: the pool's share of the two sets) and the rest from the labeled images. ``taught``: the sources
+    (pseudo, synthetic) labeled by a ``Teacher`` as they are drawn."""
     has_real = real is not None and len(real[0]) > 0
     has_syn = synthetic is not None and len(synthetic[0]) > 0 and (synthetic_share > 0 or not has_real)
     if not has_real and not has_syn:
@@ -82,8 +98,9 @@ def batch_sources(batch_size: int, real: Pair | None = None, pseudo: Pair | None
         share = len(pseudo[0]) / (len(pseudo[0]) + len(real[0])) if pseudo_share is None else pseudo_share
         n_pool = int(round(n_real * share))
     none = (None, None)
-    return [Source("real", *(real or none), n_real - n_pool), Source("pseudo", *(pseudo or none), n_pool),
-            Source("synthetic", *(synthetic or none), n_syn)]
+    return [Source("real", *(real or none), n_real - n_pool),
+            Source("pseudo", *(pseudo or none), n_pool, "pseudo" in taught),
+            Source("synthetic", *(synthetic or none), n_syn, "synthetic" in taught)]
 
 
 def synthetic_use(synthetic: tuple[torch.Tensor, torch.Tensor] | None, ratio: float, steps: int, batch_size: int,
@@ -146,8 +163,8 @@ def sharpen(p: torch.Tensor, temperature: float) -> torch.Tensor:
 
 def fit_classifier(model: nn.Module, sources: list[Source], val: Pair, *, steps: int, lr: float,
                    weight_decay: float, seed: int, device: str | DevicePolicy = "cpu", augment: str = "standard",
-                   eval_every: int = 100, label_smoothing: float = 0.0, progress: bool = True
-                   ) -> tuple[nn.Module, dict]:
+                   eval_every: int = 100, label_smoothing: float = 0.0, teacher: Teacher | None = None,
+                   progress: bool = True) -> tuple[nn.Module, dict]:
     """Train ``model`` for exactly ``steps`` AdamW steps (one-cycle LR; timm's optimizer factory,
     so norms and biases get no weight decay) and return the weights
     with the best validation accuracy (checked every ``eval_every`` steps and at the end).
@@ -155,7 +172,8 @@ def fit_classifier(model: nn.Module, sources: list[Source], val: Pair, *, steps:
     Each batch draws ``per_batch`` images from each of the ``sources`` (``batch_sources``). Labels
     are class ids or, for any source, probabilities (N,K: soft labels, a cross-entropy with soft
     targets). ``augment``: standard = random crop + flip; classic = TrivialAugmentWide (one draw per
-    image, batched on ``device``: ``training.augment``), then crop + flip. ``device``: a name or the
+    image, batched on ``device``: ``training.augment``), then crop + flip. ``teacher``: labels the
+    images of ``taught`` sources from the augmented view itself. ``device``: a name or the
     run's ``DevicePolicy`` (precision, memory format, fused AdamW, compile, pinned batches).
     """
     if augment not in AUGMENTS:
@@ -166,11 +184,19 @@ def fit_classifier(model: nn.Module, sources: list[Source], val: Pair, *, steps:
     batch_size = sum(s.per_batch for s in active)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout draws from the global generator; batches and augmentation from gen
+    taught = torch.cat([torch.full((s.per_batch,), s.taught) for s in active])
+    if taught.any() and teacher is None:
+        raise ValueError("fit_classifier: a source is to be labeled by a teacher, and no teacher was given")
     k = next((s.y.shape[1] for s in active if s.y.ndim == 2), None)  # soft labels anywhere: all soft
+    if k is None and taught.any():
+        k = int(model.num_classes)  # a timm model
     streams = [(s.x, soft_targets(s.y, k) if k else s.y, s.per_batch, IndexStream(len(s.x), gen)) for s in active]
 
     policy = as_policy(device)
     policy.prepare(model).train()
+    if teacher is not None:
+        policy.prepare(teacher.model).eval()
+        taught = policy.to_device(taught)
     forward = policy.compiled(model)  # weights shared with model: best_state is taken from model
     opt = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=weight_decay,  # no decay on norms, biases
                               fused=policy.fused_optimizer or None)
@@ -190,10 +216,12 @@ def fit_classifier(model: nn.Module, sources: list[Source], val: Pair, *, steps:
         xb = policy.to_device(xb)
         if augment == "classic":  # one op and magnitude per image, on the device, in batch
             xb = trivial_augment_wide(xb, gen)
-        xb = crop_flip(xb, gen)
+        xb = policy.inputs(to_unit(crop_flip(xb, gen)))
         yb = policy.to_device(yb)
+        if teacher is not None:
+            yb[taught] = teacher(xb[taught], policy)
         with policy.autocast():
-            loss = loss_fn(forward(policy.inputs(to_unit(xb))).float(), yb)
+            loss = loss_fn(forward(xb).float(), yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -221,6 +249,7 @@ def fit_classifier(model: nn.Module, sources: list[Source], val: Pair, *, steps:
     model.eval()
     hist.update(steps=steps, best_step=best_step, best_val_acc=best_acc,
                 **{f"{s.name}_per_batch": s.per_batch for s in sources}, augment=augment, soft_labels=k is not None,
+                taught=[s.name for s in active if s.taught],
                 seconds=time.time() - t0, seconds_per_step=(time.time() - t0) / steps)
     return model, hist
 
@@ -235,6 +264,8 @@ class VariantData:
     synthetic: tuple[torch.Tensor, torch.Tensor] | None = None
     synthetic_path: Path | None = None
     inputs: dict = field(default_factory=dict)  # stage output -> fingerprint of what it read (the report checks)
+    taught: tuple[str, ...] = ()  # sources (pseudo, synthetic) the teacher labels as they are drawn
+    teacher: Teacher | None = None
 
 
 def train_one(cfg: TrainClassifierConfig, spec: VariantSpec, data: VariantData, seed: int, share: float,
@@ -243,10 +274,10 @@ def train_one(cfg: TrainClassifierConfig, spec: VariantSpec, data: VariantData, 
     torch.manual_seed(seed)
     model = build_model(cfg.arch, len(data.class_names), data.val[0].shape[1], cfg.pretrained)
     sources = batch_sources(cfg.batch_size, data.train if spec.real else None, data.pseudo, data.synthetic, share,
-                            cfg.pseudo_share)
+                            cfg.pseudo_share, data.taught)
     return fit_classifier(model, sources, data.val, steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay,
                           seed=seed, device=device, augment=spec.augment, eval_every=cfg.eval_every,
-                          label_smoothing=cfg.label_smoothing)
+                          label_smoothing=cfg.label_smoothing, teacher=data.teacher)
 
 
 def score_on_test(model: nn.Module, hist: dict, seed: int, test: tuple, class_names: list[str],
