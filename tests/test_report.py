@@ -202,6 +202,10 @@ def test_the_report_says_how_many_synthetic_images_each_variant_used_and_how_oft
         "real+synthetic+classic trained on 30 synthetic images (a 10, b 20), each seen about 12.5 times "
         "(share 0.25 of each batch)."]
     assert caveats({"real+synthetic+classic": {**m, "synthetic_ratio": 0.0}}, SPECS, [], {}) == []  # none used
+    pool = {**variant([0.8]), "n_pseudo_labeled": 1200, "pseudo": {"share": None, "labels": "teacher", "temperature": 1.0}}
+    assert caveats({"real+pseudo+classic": pool}, SPECS, [], {}) == [
+        "real+pseudo+classic learned the 1,200 pool images from the labeler's prediction of the very augmented view "
+        "it saw (consistent distillation)."]
 
 
 def test_paired_difference_in_table_matches_seedwise_mean():

@@ -304,6 +304,10 @@ def generator_quality(filter_summary: dict, table: pd.DataFrame, specs: dict[str
             "synthetic_only_accuracy": float(table.loc[only[0], "accuracy"]) if only else None}
 
 
+POOL_LABELS = {"hard": "the labeler's class of each", "soft": "the labeler's probabilities of each clean image",
+               "teacher": "the labeler's prediction of the very augmented view it saw (consistent distillation)"}
+
+
 def caveats(variants: dict[str, dict], specs: dict, missing: list[str], outputs: dict[str, dict]) -> list[str]:
     """What limits this run's conclusions, said in the report rather than only in a log."""
     out = []
@@ -316,6 +320,9 @@ def caveats(variants: dict[str, dict], specs: dict, missing: list[str], outputs:
     if (outputs.get("prepared") or {}).get("upscaled"):
         out.append(f"Data: {outputs['prepared']['upscaled']}.")
     for v, m in variants.items():
+        if (m.get("pseudo") or {}).get("labels") in POOL_LABELS:
+            out.append(f"{v} learned the {m['n_pseudo_labeled']:,} pool images from "
+                       f"{POOL_LABELS[m['pseudo']['labels']]}.")
         if m.get("synthetic_per_class") and m.get("synthetic_ratio"):
             counts = ", ".join(f"{c} {n}" for c, n in m["synthetic_per_class"].items())
             out.append(f"{v} trained on {m['n_synthetic']} synthetic images ({counts}), each seen about "

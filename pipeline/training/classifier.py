@@ -194,7 +194,8 @@ def fit_classifier(model: nn.Module, sources: list[Source], val: Pair, *, steps:
 
     policy = as_policy(device)
     policy.prepare(model).train()
-    if teacher is not None:
+    teach = teacher is not None and bool(taught.any())
+    if teach:
         policy.prepare(teacher.model).eval()
         taught = policy.to_device(taught)
     forward = policy.compiled(model)  # weights shared with model: best_state is taken from model
@@ -218,7 +219,7 @@ def fit_classifier(model: nn.Module, sources: list[Source], val: Pair, *, steps:
             xb = trivial_augment_wide(xb, gen)
         xb = policy.inputs(to_unit(crop_flip(xb, gen)))
         yb = policy.to_device(yb)
-        if teacher is not None:
+        if teach:
             yb[taught] = teacher(xb[taught], policy)
         with policy.autocast():
             loss = loss_fn(forward(xb).float(), yb)
