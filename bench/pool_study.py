@@ -428,6 +428,8 @@ def markdown(doc: dict) -> str:
              "picks each run's best checkpoint, as in the pipeline; the test set was never read. Intervals: paired "
              "by seed, 95%, Student t. Classifier: the cpu profile's (test_resnet, 1,500 steps of 64, classic "
              "augmentation); synthetic or oracle images fill half of each batch unless the row says otherwise.", ""]
+    if doc.get("command"):
+        lines += [f"Run: `{doc['command']}` ({doc['seconds']:,.0f} s; {doc.get('load', 'load not recorded')}).", ""]
     if doc.get("stopped"):
         lines += [f"Note: {doc['stopped']}.", ""]
     if doc.get("findings"):  # written by whoever read the runs, stored beside them
