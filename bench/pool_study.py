@@ -251,8 +251,9 @@ def task_classifier(row: str, spec: dict, seed: int, data_dir: str, work: str, t
     torch.manual_seed(seed)
     t0 = time.time()
     sources = batch_sources(cfg.batch_size, (d["labeled_x"], d["labeled_y"]) if real else None, pseudo, syn,
-                            ratio if syn is not None else 0.0, cfg.pseudo_share, taught)
-    model, hist = fit_classifier(build_model(cfg.arch, 10, 1), sources, (d["val_x"], d["val_y"]), steps=cfg.steps,
+                            ratio if syn is not None else 0.0, spec.get("pseudo_share", cfg.pseudo_share), taught)
+    model, hist = fit_classifier(build_model(cfg.arch, 10, 1), sources, (d["val_x"], d["val_y"]),
+                                 steps=cfg.steps * spec.get("steps_scale", 1),
                                  lr=cfg.lr, weight_decay=cfg.weight_decay, seed=seed, device=policy,
                                  augment="classic" if real else "standard", eval_every=cfg.eval_every, teacher=teacher,
                                  progress=False)
@@ -267,7 +268,8 @@ BASE, LABELER, TAUGHT = "real+classic", "labeler (FixMatch)", "real+pseudo+class
 
 
 def rows(sizes: list[int], min_conf: float) -> dict[str, dict]:
-    """Classifier rows: name -> spec (source of synthetic images and their number, pseudo, real, ratio)."""
+    """Classifier rows: name -> spec (source of synthetic images and their number, pseudo, real, ratio,
+    taught sources, pool share, steps_scale)."""
     big = max(sizes)
     out = {BASE: {}, "real+pseudo+classic": {"pseudo": True}}
     for n in sizes:
@@ -282,6 +284,8 @@ def rows(sizes: list[int], min_conf: float) -> dict[str, dict]:
         f"synthetic-only (DPT, generate) n={big}": {"source": "dpt-generate", "n": big, "real": False, "gen": "dpt"},
         # consistent distillation: the labeler labels each augmented view of pool (and synthetic) images
         TAUGHT: {"pseudo": True, "taught": ["pseudo"]},
+        f"{TAUGHT}, pool share 0.5": {"pseudo": True, "taught": ["pseudo"], "pseudo_share": 0.5},
+        f"{TAUGHT}, 2x steps": {"pseudo": True, "taught": ["pseudo"], "steps_scale": 2},  # a patient student
         f"real+pseudo+synthetic (DPT, generate), teacher n={big}": {"source": "dpt-generate", "n": big, "pseudo": True,
                                                                     "taught": ["pseudo", "synthetic"], "gen": "dpt"},
         f"real+pseudo+oracle, teacher n={big}": {"source": "oracle", "n": big, "pseudo": True, "taught": ["pseudo"]},
