@@ -286,6 +286,7 @@ def rows(sizes: list[int], min_conf: float) -> dict[str, dict]:
         TAUGHT: {"pseudo": True, "taught": ["pseudo"]},
         f"{TAUGHT}, pool share 0.5": {"pseudo": True, "taught": ["pseudo"], "pseudo_share": 0.5},
         f"{TAUGHT}, 2x steps": {"pseudo": True, "taught": ["pseudo"], "steps_scale": 2},  # a patient student
+        f"{BASE}, 2x steps": {"steps_scale": 2},  # its base
         f"real+pseudo+synthetic (DPT, generate), teacher n={big}": {"source": "dpt-generate", "n": big, "pseudo": True,
                                                                     "taught": ["pseudo", "synthetic"], "gen": "dpt"},
         f"real+pseudo+oracle, teacher n={big}": {"source": "oracle", "n": big, "pseudo": True, "taught": ["pseudo"]},
