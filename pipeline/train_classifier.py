@@ -83,21 +83,20 @@ def load_variant_data(params: Params, paths: Paths, variant: str) -> VariantData
         data.pseudo, data.inputs["pseudo"] = (px, py), pseudo.get("fingerprint")
     if spec.uses_synthetic:
         sx, sy, data.synthetic_path, data.inputs[spec.data] = load_synthetic(paths, spec.data, class_names, val_x)
-        if cfg.synthetic_labels == "labeler":  # distillation: the labeler's probabilities, not the intended class
-            sy = sharpen(predict_proba(labeler(paths, data), sx, 512, policy_for(params.base)), cfg.pseudo_temperature)
         data.synthetic = (sx, sy)
     chosen = {"pseudo": (cfg.pseudo_labels, data.pseudo), "synthetic": (cfg.synthetic_labels, data.synthetic)}
     data.taught = tuple(name for name, (labels, xy) in chosen.items() if labels == "teacher" and xy)
-    if data.taught:  # the labeler labels each augmented view as the student sees it
-        data.teacher = Teacher(labeler(paths, data), cfg.pseudo_temperature)
+    relabel = data.synthetic is not None and cfg.synthetic_labels == "labeler"
+    if data.taught or relabel:  # pseudo_label's labeler, read once
+        data.inputs.setdefault("pseudo", read_output(paths, "pseudo").get("fingerprint"))
+        labeler = load_classifier(paths.pseudo / "labeler.safetensors", len(class_names), val_x.shape[1],
+                                  "the labels train_classifier.pseudo_labels / synthetic_labels ask for need it")
+        if relabel:  # distillation: the labeler's probabilities, not the intended class
+            data.synthetic = (sx, sharpen(predict_proba(labeler, sx, 512, policy_for(params.base)),
+                                          cfg.pseudo_temperature))
+        if data.taught:  # the labeler labels each augmented view as the student sees it
+            data.teacher = Teacher(labeler, cfg.pseudo_temperature)
     return data
-
-
-def labeler(paths: Paths, data: VariantData) -> torch.nn.Module:
-    """pseudo_label's labeler: the labels of synthetic images (synthetic_labels: labeler) and the teacher."""
-    data.inputs.setdefault("pseudo", read_output(paths, "pseudo").get("fingerprint"))
-    return load_classifier(paths.pseudo / "labeler.safetensors", len(data.class_names), data.val[0].shape[1],
-                           "the labels train_classifier.pseudo_labels / synthetic_labels ask for need it")
 
 
 def run(params: Params, paths: Paths, variant: str, seed_index: int | None = None, ratio: float | None = None,

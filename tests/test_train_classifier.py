@@ -335,6 +335,11 @@ def test_pseudo_variant_adds_the_pseudo_labeled_pool_and_records_it(tmp_path, mo
     both = tc.run(micro_params(seeds=1, ratio_sweep=(), synthetic_labels="teacher"), paths,
                   variant="real+pseudo+synthetic+classic")
     assert trained_on[-1]["pseudo"].taught and trained_on[-1]["synthetic"].taught and both["synthetic_labels"] == "teacher"
+    loads = []
+    monkeypatch.setattr(tc, "load_classifier", lambda *a: loads.append(a) or build_model(ARCH, len(CLASSES), 1).eval())
+    tc.run(micro_params(seeds=1, ratio_sweep=(), synthetic_labels="labeler"), paths, variant="real+pseudo+synthetic+classic")
+    assert trained_on[-1]["synthetic"].y.shape == (24, 4) and not trained_on[-1]["synthetic"].taught  # its probabilities
+    assert trained_on[-1]["pseudo"].taught and len(loads) == 1  # one labeler read for both uses
     assert both["inputs"] == {"prepared": "p" * 64, "filtered": "filtered" * 8, "pseudo": "q" * 64}
     assert both["n_pseudo_labeled"] == 12 and both["n_synthetic"] == 24
     # how many synthetic images of each class it used and how often each was seen: 6 steps x 4 of 8 / 24

@@ -294,8 +294,8 @@ class TrainClassifierConfig(_Section):
     # 0.5 on validation, reports/ablation.md)
     pseudo_share: Optional[float] = Field(None, ge=0, le=1)
     # pool images learn the labeler's class (hard), its probabilities of the clean image (soft), or of the very
-    # augmented view the student sees (teacher: consistent distillation, +0.8 over soft on the dev split,
-    # reports/pool_study.md); probabilities sharpened by pseudo_temperature (< 1 sharpens)
+    # augmented view the student sees (teacher: consistent distillation, +0.75 over soft on the dev split,
+    # reports/pool_study-cpu.md); probabilities sharpened by pseudo_temperature (< 1 sharpens)
     pseudo_labels: Literal["hard", "soft", "teacher"] = "teacher"
     pseudo_temperature: float = Field(1.0, gt=0)
     # synthetic images learn their intended class, or the labeler's probabilities (of the clean image | the view)

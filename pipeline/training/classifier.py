@@ -195,9 +195,9 @@ def fit_classifier(model: nn.Module, sources: list[Source], val: Pair, *, steps:
     policy = as_policy(device)
     policy.prepare(model).train()
     teach = teacher is not None and bool(taught.any())
-    if teach:
+    if teach:  # the taught rows as indices, on the device: no host sync per step
         policy.prepare(teacher.model).eval()
-        taught = policy.to_device(taught)
+        taught = policy.to_device(taught.nonzero().squeeze(1))
     forward = policy.compiled(model)  # weights shared with model: best_state is taken from model
     opt = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=weight_decay,  # no decay on norms, biases
                               fused=policy.fused_optimizer or None)
