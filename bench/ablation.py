@@ -125,8 +125,8 @@ class Runner:
         data = load_variant_data(params, Paths(root=root), variant)
         seed_list = [params.base.seed * 1000 + i for i in range(seeds)]
         device = resolve_device(params.base)
-        results, ratio, _ = carry_out(cfg, spec, lambda r: train_one(cfg, spec, data, seed_list[r.seed_index], r.share,
-                                                                     device))
+        results, ratio, _ = carry_out(cfg, spec, lambda runs: [train_one(cfg, spec, data, seed_list[r.seed_index],
+                                                                         r.share, device) for r in runs])
         accs = [h["best_val_acc"] for _, h in results]
         out = {"variant": variant, "val_accuracy": sum(accs) / len(accs), "per_seed": accs, "seeds": seed_list,
                "n_val": len(data.val[1]), "synthetic_ratio": ratio, "seconds": round(time.time() - t0, 1)}

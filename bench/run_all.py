@@ -15,6 +15,7 @@ CPU_RUNS = {
     "sampling": ["--device", "cpu"],
     "train_generator": ["--device", "cpu"],
     "classifier": ["--device", "cpu"],
+    "seeds": ["--device", "cpu"],
     "augment": ["--device", "cpu"],
     "scaling": ["--device", "cpu", "--sizes", "1000", "5000", "20000", "--steps", "1", "--blocks", "8", "16",
                 "--kid-subsets", "10"],

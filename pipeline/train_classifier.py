@@ -25,7 +25,7 @@ from pipeline.core.stats import summarize_seeds
 from pipeline.errors import ConfigError, DataError
 from pipeline.models.classifier import check_input_size, load_classifier, save_classifier
 from pipeline.training.classifier import (Teacher, VariantData, predict_proba, sharpen, synthetic_use, score_on_test,
-                                         train_one)
+                                         train_runs)
 from pipeline.training.plan import RATIO_RULE, carry_out
 from pipeline.training.seed_runs import CLI_OPTIONS, SeedRuns, train_seed
 
@@ -114,7 +114,7 @@ def run(params: Params, paths: Paths, variant: str, seed_index: int | None = Non
     if seed_index is not None:
         return train_seed(params, paths, variant, data, seeds, seed_index, ratio, policy)
     get = SeedRuns(params, paths, variant, data).read if gather else \
-        (lambda r: train_one(cfg, spec, data, seeds[r.seed_index], r.share, policy))  # the same plan either way
+        (lambda runs: train_runs(cfg, spec, data, [(seeds[r.seed_index], r.share) for r in runs], policy, cfg.workers))
     results, share, sweep = carry_out(cfg, spec, get)
     test = load_test(paths, data, spec, variant)  # read once every model is trained and selected
     per_seed = [score_on_test(model, hist, seed, test, data.class_names, cfg, policy, variant)

@@ -3,10 +3,11 @@ import json
 
 import pytest
 
-from bench import e2e, generators, sampling
+from bench import e2e, generators, sampling, seeds
 from bench.common import rate, ratio
 from pipeline.config import params_from_dict
 from pipeline.models.diffusion import build_backbone
+from tests.helpers import make_idx_dir
 
 
 def test_sampling_quick_writes_ratios_and_agreement(tmp_path, monkeypatch):
@@ -79,3 +80,12 @@ def test_gpu_budget_counts_the_gpu_profile(tmp_path):
         assert s["minutes"]["train_generator"] >= res["stages"]["train_generator"]["flops"] / (990e12 * 0.35) / 60
         assert s["workers_for_classifier_under_generator"] >= 1
     assert (tmp_path / "gpu_budget-cpu.json").exists()
+
+
+def test_seeds_quick_times_both_sides_on_the_same_runs(tmp_path):
+    src = make_idx_dir(tmp_path / "fmnist", n_train=120, classes=10, size=28)
+    res = seeds.main(["--quick", "--device", "cpu", "--repeats", "1", "--fashion-mnist", str(src),
+                      "--out-dir", str(tmp_path)])
+    assert set(res["runs"]) == {"side by side", "one after another"} and res["ratio_runs_per_second"]["best"] > 0
+    assert all(len(v) == res["settings"]["seeds"] == 2 for v in res["best_val_accuracy"].values())
+    assert json.loads((tmp_path / "seeds-cpu.json").read_text())["benchmark"] == "seeds"

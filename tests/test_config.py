@@ -41,7 +41,7 @@ def test_wrong_type_names_key(tmp_path):
     ("sample.per_class", -1), ("sample.guidance_scale", -0.5), ("prepare.labeled_per_class", 0),
     ("base.device", "tpu"), ("prepare.channels", 2), ("base.profile", "huge"), ("sample.shard_index", 1),
     ("pseudo_label.threshold", 1.5), ("pseudo_label.per_class_cap", -1), ("train_generator.labels", "pool"),
-    ("train_generator.labeled_weight", 0),
+    ("train_generator.labeled_weight", 0), ("train_classifier.workers", 0), ("train_classifier.workers", "all"),
 ])
 def test_out_of_range_values_rejected(tmp_path, key, value):
     section, leaf = key.split(".")

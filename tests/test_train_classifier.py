@@ -7,6 +7,7 @@ import torch
 import pipeline.train_classifier as tc
 import pipeline.training.classifier as training
 from pipeline.config import Paths, TrainClassifierConfig, VariantSpec, params_from_dict
+from pipeline.core.device import DevicePolicy
 from pipeline.core.images import tensors_to_dataset
 from pipeline.core.io import save_dataset, write_json
 from pipeline.errors import ConfigError, DataError
@@ -366,16 +367,30 @@ def test_choose_share_takes_synthetic_data_only_when_it_wins_on_every_sweep_seed
     assert choose_share({0.25: [0.8, 0.7], 0.5: [0.7, 0.7]}) == 0.25  # without 0: best mean
 
 
+def test_seeds_train_side_by_side_as_they_do_one_after_another():
+    cfg = TrainClassifierConfig(arch=ARCH, steps=4, batch_size=8, eval_every=2, eval_batch_size=16)
+    spec = VariantSpec(data="prepared", pseudo=True, augment="classic")  # the teacher travels to the workers too
+    data = training.VariantData(toy(16, 1), toy(8, 2), CLASSES, pseudo=toy(16, 3), taught=("pseudo",),
+                                teacher=training.Teacher(build_model(ARCH, 4, 1), 1.0))
+    jobs = [(3000, 0.0), (3001, 0.0)]
+    one, two = (training.train_runs(cfg, spec, data, jobs, DevicePolicy("cpu"), workers=w) for w in (1, 2))
+    for (_, a), (model, b) in zip(one, two):  # a process of one thread: the same numbers up to float order
+        assert a["step"] == b["step"] and a["taught"] == b["taught"] == ["pseudo"]
+        assert torch.allclose(torch.tensor(a["train_loss"]), torch.tensor(b["train_loss"]), rtol=1e-3)
+        assert isinstance(model, torch.nn.Module)
+    assert one[0][1]["train_loss"] != one[1][1]["train_loss"]  # and each seed its own run
+
+
 def test_sweep_runs_every_share_on_the_sweep_seeds_and_reuses_them():
     calls = []
 
-    def get(run):
-        calls.append((run.seed_index, run.share))
-        return None, {"best_val_acc": 0.5 + run.share * (1 if run.seed_index == 0 else -1)}
+    def get(runs):
+        calls.append([(run.seed_index, run.share) for run in runs])
+        return [(None, {"best_val_acc": 0.5 + run.share * (1 if run.seed_index == 0 else -1)}) for run in runs]
     cfg = TrainClassifierConfig(arch=ARCH, synthetic_ratio=0.25, ratio_sweep=(0.0,), sweep_seeds=2, steps=1, seeds=3)
     results, share, sweep = carry_out(cfg, VariantSpec(data="filtered"), get)
     assert sweep == {0.25: [0.75, 0.25], 0.0: [0.5, 0.5]} and share == 0.0  # 0.25 lost on seed 1
-    assert calls == [(0, 0.25), (1, 0.25), (0, 0.0), (1, 0.0), (2, 0.0)] and len(results) == 3
+    assert calls == [[(0, 0.25), (1, 0.25), (0, 0.0), (1, 0.0)], [(2, 0.0)]] and len(results) == 3  # sweep, then the rest
 
 
 def test_pseudo_share_fixes_the_labeled_part_of_each_batch_and_soft_labels_train():

@@ -280,6 +280,7 @@ class TrainClassifierConfig(_Section):
     # None = from scratch | efficientnet-lite0 (ImageNet, arch tf_efficientnet_lite0) | a local .safetensors
     pretrained: Optional[Location] = None
     seeds: int = Field(3, ge=1)  # seeds per variant (seed k = base.seed * 1000 + k, paired across variants)
+    workers: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"  # runs side by side; auto: 1 per CPU core, 1 on CUDA
     steps: int = Field(1500, ge=1)  # optimizer steps, identical for every variant
     batch_size: int = Field(64, ge=1)
     lr: float = Field(3e-3, gt=0)  # peak of the one-cycle schedule (AdamW)
@@ -298,8 +299,7 @@ class TrainClassifierConfig(_Section):
     # reports/pool_study-cpu.md); probabilities sharpened by pseudo_temperature (< 1 sharpens)
     pseudo_labels: Literal["hard", "soft", "teacher"] = "teacher"
     pseudo_temperature: float = Field(1.0, gt=0)
-    # synthetic images learn their intended class, or the labeler's probabilities (of the clean image | the view)
-    synthetic_labels: Literal["intended", "labeler", "teacher"] = "intended"
+    synthetic_labels: Literal["intended", "labeler", "teacher"] = "intended"  # class; labeler: its probs; teacher: per view
     eval_every: int = Field(100, ge=1)  # steps between validation checks (model selection)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     eval_batch_size: int = Field(512, ge=1)  # batch size of test predictions (validation: max(256, batch_size))

@@ -23,6 +23,7 @@ from pipeline.config import TrainClassifierConfig, VariantSpec
 from pipeline.core.images import to_unit
 from pipeline.core.stats import classification_metrics
 from pipeline.core.device import DevicePolicy, as_policy
+from pipeline.core.parallel import cpu_cores, map_processes
 from pipeline.errors import ConfigError
 from pipeline.models.classifier import build_model
 from pipeline.training.augment import crop_flip, trivial_augment_wide
@@ -279,6 +280,16 @@ def train_one(cfg: TrainClassifierConfig, spec: VariantSpec, data: VariantData, 
     return fit_classifier(model, sources, data.val, steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay,
                           seed=seed, device=device, augment=spec.augment, eval_every=cfg.eval_every,
                           label_smoothing=cfg.label_smoothing, teacher=data.teacher)
+
+
+def train_runs(cfg: TrainClassifierConfig, spec: VariantSpec, data: VariantData, jobs: list[tuple[int, float]],
+               device: DevicePolicy, workers: int | str = "auto") -> list[tuple[nn.Module, dict]]:
+    """``train_one`` for each (seed, share) of ``jobs``, ``workers`` side by side (core.parallel; auto: one
+    per CPU core at one thread each, one after another on CUDA)."""
+    if workers == "auto":
+        workers = 1 if device.is_cuda else cpu_cores()
+    calls = [(cfg, spec, data, seed, share, device) for seed, share in jobs]
+    return map_processes(train_one, calls, workers, [f"seed {seed} share {share:g}" for seed, share in jobs])
 
 
 def score_on_test(model: nn.Module, hist: dict, seed: int, test: tuple, class_names: list[str],

@@ -4,8 +4,8 @@ A variant trains ``seeds`` models at one synthetic share. Without ``ratio_sweep`
 fixed (``fixed_share``) and every seed can start at once. With it (and real + synthetic data),
 every candidate share is tried on the first ``sweep_seeds`` seeds, ``choose_share`` picks one from
 their validation accuracies, and the remaining seeds train at that share. ``carry_out`` runs a
-plan through any ``get(seed_index, share) -> (model, history)``: training in one process
-(train_classifier), or reading what a fan-out's workers trained (training/seed_runs.py); the
+plan through any ``get(runs) -> [(model, history), ...]``: training (train_classifier, side by side
+on CPU), or reading what a fan-out's workers trained (training/seed_runs.py); the
 fan-out (flows/fanout.py) submits the same runs, those that wait for the choice last.
 """
 from __future__ import annotations
@@ -79,11 +79,14 @@ def decide_share(cfg: TrainClassifierConfig, spec: VariantSpec, history: Callabl
     return choose_share(sweep), sweep
 
 
-def carry_out(cfg: TrainClassifierConfig, spec: VariantSpec, get: Callable[[Run], tuple]
+def carry_out(cfg: TrainClassifierConfig, spec: VariantSpec, get: Callable[[list[Run]], list[tuple]]
               ) -> tuple[list[tuple], float, dict | None]:
-    """The variant's model per seed (``get(run)`` for each run of the plan, each once), the share they
-    trained at and the sweep it was chosen by."""
-    first = {run: get(run) for run in plan_runs(cfg, spec) if not run.waits}
-    share, sweep = decide_share(cfg, spec, lambda run: first[run][1])
-    results = [first.get(Run(i, share)) or get(Run(i, share)) for i in range(cfg.seeds)]
-    return results, share, sweep
+    """The variant's model per seed, the share they trained at and the sweep it was chosen by. ``get(runs)``
+    gives each run's (model, history); every run is asked for once, those that can start at once together
+    (so they can train side by side), then those that waited for the sweep's choice."""
+    now = [run for run in plan_runs(cfg, spec) if not run.waits]
+    done = dict(zip(now, get(now)))
+    share, sweep = decide_share(cfg, spec, lambda run: done[run][1])
+    rest = [Run(i, share) for i in range(cfg.seeds) if Run(i, share) not in done]
+    done.update(zip(rest, get(rest) if rest else []))
+    return [done[Run(i, share)] for i in range(cfg.seeds)], share, sweep

@@ -59,12 +59,12 @@ class SeedRuns:
                             f"every run before --gather)")
         return hist
 
-    def read(self, run: Run):
-        """A finished run as (model, history)."""
-        hist = self.finished(run)
-        model = load_classifier(self.where(run) / "model.safetensors", len(self.data.class_names),
-                                self.data.val[0].shape[1], "train_classifier --gather reads it")
-        return model, hist
+    def read(self, runs: list[Run]) -> list[tuple]:
+        """Finished runs as (model, history) each (``training.plan.carry_out``'s ``get``)."""
+        hists = [self.finished(run) for run in runs]  # every run there, or which one to start
+        return [(load_classifier(self.where(run) / "model.safetensors", len(self.data.class_names),
+                                 self.data.val[0].shape[1], "train_classifier --gather reads it"), hist)
+                for run, hist in zip(runs, hists)]
 
     def train(self, run: Run, seed: int, device) -> None:
         """Train ``run`` (at seed ``seed``) and keep it, unless it is already there."""
