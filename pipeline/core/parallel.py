@@ -1,6 +1,6 @@
 """Independent torch jobs side by side in spawned processes, for the CPU: a small network's OpenMP
-threads mostly wait on each other, so two one-thread jobs finish about as fast as one two-thread job
-(bench/results/classifier-cpu.json, "seeds")."""
+threads mostly wait on each other, so jobs at one thread each beat the same jobs one after another on
+every thread (a variant's 5 seeds on 2 cores: 1.26x the runs per second, bench/results/seeds-cpu.json)."""
 from __future__ import annotations
 
 import logging
