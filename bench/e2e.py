@@ -5,7 +5,8 @@ Default: read the times an existing run left in its outputs (stage summaries; no
   train_generator  models/generator/generator.json: steps x seconds_per_step (training loop only)
   sample           data/synthetic/summary.json: generation_seconds (sampling only)
   filter           data/filtered/summary.json: timing.seconds (whole stage body)
-  train_classifier metrics/classifier/*.json: sum of per_seed seconds (training loops only)
+  train_classifier metrics/classifier/*.json: sum of the variants' wall seconds (per_seed seconds summed
+                   where an older output lacks it: training loops only)
 These leave out process start-up, Prefect and DVC overhead and file I/O.
 
 ``--run``: run ``dvc repro <stage>`` for each stage of dvc.yaml in order and time each command
@@ -53,10 +54,10 @@ def from_outputs(paths: Paths) -> dict:
     per_variant = {}
     for f in files:
         doc = _read(f) or {}
-        per_variant[f.stem] = sum((r.get("seconds") or 0) for r in doc.get("per_seed", []))
+        per_variant[f.stem] = doc.get("seconds") or sum((r.get("seconds") or 0) for r in doc.get("per_seed", []))
     out["train_classifier"] = {"seconds": sum(per_variant.values()) if per_variant else None,
                                "source": str(paths.classifier_metrics / "*.json"),
-                               "what": "sum of per_seed seconds (training loops)" if per_variant else "no output",
+                               "what": "sum of the variants' wall seconds" if per_variant else "no output",
                                "per_variant": per_variant}
     return out
 

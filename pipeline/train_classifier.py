@@ -1,15 +1,15 @@
 """Stage 5, train_classifier: train a timm classifier per variant and seed, test on real data.
 
-A variant (``train_classifier.variants`` in params.yaml: real images or not, augmentation,
-which synthetic set) trains ``seeds`` models for the same number of steps, each selected on
-the real validation split, then tested once on the real test split. Writes
-``models/classifier/<variant>/seed<k>/`` (weights, metrics, config) and
-``metrics/classifier/<variant>.json`` (per-seed metrics, mean, std, 95% CI) and
-``metrics/classifier/<variant>/`` (each seed's validation accuracy and training loss, DVCLive logs).
+A variant (``train_classifier.variants`` in params.yaml: real images or not, augmentation, which synthetic
+set) trains ``seeds`` models for the same number of steps, each selected on the real validation split, then
+tested once on the real test split. Writes ``models/classifier/<variant>/seed<k>/`` (weights, metrics,
+config), ``metrics/classifier/<variant>.json`` (per-seed metrics, mean, std, 95% CI, the variant's wall
+seconds) and ``metrics/classifier/<variant>/`` (each seed's validation accuracy and training loss, DVCLive).
 A variant with ``pseudo: true`` adds the pseudo-labeled pool (``data/pseudo/``) to the labeled images."""
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -103,7 +103,7 @@ def run(params: Params, paths: Paths, variant: str, seed_index: int | None = Non
         gather: bool = False) -> dict:
     """Train ``variant`` (a name in train_classifier.variants) for each seed; test; write. A fan-out's parts
     (training/seed_runs.py): ``seed_index`` trains one seed alone; ``gather`` reads those instead of training."""
-    cfg = params.train_classifier
+    cfg, t0 = params.train_classifier, time.perf_counter()
     data = load_variant_data(params, paths, variant)
     spec, policy = cfg.variants[variant], policy_for(params.base)
     check_writable(paths.classifier / variant, paths.classifier_metrics / variant)
@@ -128,6 +128,7 @@ def run(params: Params, paths: Paths, variant: str, seed_index: int | None = Non
     summary["headline"] = (f"{variant}: test accuracy {acc['mean']:.2%} (95% CI {acc['low']:.2%} to "
                            f"{acc['high']:.2%}, {len(seeds)} seeds, {len(test[1])} test images)")
     summary["per_seed"] = [{key: m[key] for key in PER_SEED} for m in per_seed]
+    summary["seconds"] = round(time.perf_counter() - t0, 1)  # wall: the seeds may have trained side by side
     with atomic_path(paths.classifier_metrics / variant, is_dir=True) as tmp:  # curves for `dvc plots show`
         write_curves(tmp, {f"seed{i}/{name}": (hist["step"], hist[name]) for i, (_, hist) in enumerate(results)
                            for name in ("val_acc", "train_loss")})

@@ -38,9 +38,12 @@ def test_e2e_reads_stage_times_from_outputs(tmp_path, monkeypatch):
     (tmp_path / "models/generator/generator.json").write_text(json.dumps({"steps": 10, "seconds_per_step": 0.5}))
     (tmp_path / "metrics/classifier").mkdir(parents=True)
     (tmp_path / "metrics/classifier/real.json").write_text(json.dumps({"per_seed": [{"seconds": 3}, {"seconds": 4}]}))
+    (tmp_path / "metrics/classifier/real+classic.json").write_text(  # seeds side by side: the variant's wall time
+        json.dumps({"per_seed": [{"seconds": 3}, {"seconds": 4}], "seconds": 5}))
     res = e2e.main(["--device", "cpu", "--out-dir", str(tmp_path)])
     assert res["stages"]["train_generator"]["seconds"] == pytest.approx(5.0)
-    assert res["stages"]["train_classifier"]["seconds"] == pytest.approx(7.0)
+    assert res["stages"]["train_classifier"]["per_variant"] == {"real": 7, "real+classic": 5}
+    assert res["stages"]["train_classifier"]["seconds"] == pytest.approx(12.0)
     assert res["stages"]["sample"]["seconds"] is None and "sample" in res["stages_without_timing"]
     assert (tmp_path / "e2e-cpu.json").exists()
 

@@ -16,6 +16,7 @@ from pipeline.core.images import tensors_to_dataset
 from pipeline.core.io import read_json, save_dataset, write_json
 from pipeline.core.stats import detectable_difference
 from pipeline.errors import DataError
+from pipeline.reporting.summary import stage_seconds
 from pipeline.reporting.tables import caveats, decide, labeler_point, quality_rows, variant_table, verdict, words
 
 NAMES = ["a", "b"]
@@ -642,3 +643,9 @@ def test_the_verdict_decides_before_it_words():
     assert words(d) == verdict(variant_table(variants), variants, SPECS, "real", lab)
     none = decide(variant_table({"real": variants["real"]}), {"real": variants["real"]}, SPECS)
     assert none.syn is None and none.measured and none.helped is None and none.cmp == {}
+
+
+def test_stage_seconds_take_each_variants_wall_time_where_it_has_one():
+    side_by_side = {**variant([0.7, 0.7]), "seconds": 1.5}  # two seeds of 1 s each side by side: 1.5 s of wall time
+    older = variant([0.7, 0.7])  # no wall time: its seeds' training times summed
+    assert stage_seconds({}, {"a": side_by_side, "b": older}, 2.0) == {"prepare": 2.0, "train_classifier": 3.5}

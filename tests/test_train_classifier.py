@@ -168,6 +168,7 @@ def test_stage_writes_models_and_metrics(tmp_path, monkeypatch):
     assert out["accuracy_ci95_low"] <= out["accuracy_mean"] <= out["accuracy_ci95_high"]
     on_disk = json.loads((paths.classifier_metrics / "real+synthetic.json").read_text())
     assert on_disk["accuracy_mean"] == out["accuracy_mean"] and len(on_disk["per_seed"]) == 2
+    assert on_disk["seconds"] >= sum(r["seconds"] for r in on_disk["per_seed"]) - 0.1  # wall: one after another here
     for i in range(2):
         d = paths.classifier / "real+synthetic" / f"seed{i}"
         assert (d / "model.safetensors").stat().st_size > 0

@@ -28,12 +28,14 @@ def generator_facts(outputs: dict[str, dict]) -> dict:
 
 
 def stage_seconds(outputs: dict[str, dict], variants: dict[str, dict], prepare: float | None) -> dict:
-    """Seconds each stage took: ``prepare``'s, each earlier output's own, the classifiers' summed."""
+    """Seconds each stage took: ``prepare``'s, each earlier output's own, the classifier variants' summed (each
+    variant's wall time; its seeds' training times summed where an older output lacks it)."""
     times = {"prepare": prepare}
     for name, facts in outputs.items():
         if name != "prepared":
             times[OUTPUTS[name][0]] = (facts.get("timing") or facts).get("seconds")
-    times["train_classifier"] = sum(r.get("seconds") or 0 for v in variants.values() for r in v["per_seed"]) or None
+    times["train_classifier"] = sum(v.get("seconds") or sum(r.get("seconds") or 0 for r in v["per_seed"])
+                                    for v in variants.values()) or None
     return times
 
 
