@@ -1,6 +1,6 @@
-"""Which device policy pays on this CPU: the cpu profile's generator step and sampler, side by side.
+"""Which device policy pays on this CPU: the cpu profile's generator step, sampler and classifier step.
 
-    python -m bench.cpu_policy [--threads N] [--generator models/generator]
+    python -m bench.cpu_policy [--threads N] [--generator models/generator] [--parts train,sample,classifier]
 
 Training: the pipeline's step (bench/gpu_check.train_steps) of the cpu profile's UNet (32, 64, 64) at
 batch 64 under the CPU's own policy, then with channels_last, compile, both (and bf16 where the CPU
@@ -8,16 +8,22 @@ has bf16 matrix units), the own policy measured again last so drift shows. Sampl
 stage's sampler (DPM-Solver++, guidance 2, batch 64) with the same switches, and with fewer solver
 steps; with ``--generator`` (a trained unet folder) each step count's Frechet distance to the
 20-step images (efficientnet-lite0 features) is set beside two 20-step sets of other seeds.
-Writes ``bench/results/cpu_policy-cpu.json``.
+Classifier: the cpu profile's classifier step (test_resnet, batch 64: forward, backward, AdamW) under the
+classifier policy (``DevicePolicy.for_classifiers``: NHWC, fused AdamW) against the contiguous layout and
+the unfused optimizer, alternated ``--repeats`` times (the variants' seeds run at one thread each: pass
+``--threads 1``). Writes ``bench/results/cpu_policy-cpu.json`` (``--out``).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import statistics
+import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from bench.gpu_check import environment, frechet, load_images, timed, train_steps
 from pipeline.config import SampleConfig, params_from_dict
@@ -88,6 +94,45 @@ def bench_sample(pipe_for, base: DevicePolicy, n: int, step_counts: list[int], g
     return res
 
 
+def bench_classifier(base: DevicePolicy, arch: str, batch: int, steps: int, repeats: int) -> dict:
+    from timm.optim import create_optimizer_v2
+
+    from pipeline.models.classifier import build_model
+
+    own = base.for_classifiers()
+    sides = {"classifier policy": own, "contiguous": dataclasses.replace(own, channels_last=False),
+             "unfused AdamW": dataclasses.replace(own, fused_optimizer=False)}
+    x, y = torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+
+    def seconds_per_step(policy: DevicePolicy) -> float:
+        torch.manual_seed(0)
+        model = policy.prepare(build_model(arch, 10, 1)).train()
+        opt = create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.05, fused=policy.fused_optimizer or None)
+        xb = policy.inputs(x)
+
+        def step():
+            loss = F.cross_entropy(model(xb), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        step()  # warm-up
+        t = time.perf_counter()
+        for _ in range(steps):
+            step()
+        return (time.perf_counter() - t) / steps
+
+    times = {name: [] for name in sides}
+    for _ in range(repeats):  # alternated, so drift hits every side
+        for name, policy in sides.items():
+            times[name].append(seconds_per_step(policy))
+    own_s = statistics.median(times["classifier policy"])
+    res = {name: {"policy": sides[name].as_record(), "seconds_per_step": [round(t, 5) for t in ts],
+                  "speedup_of_classifier_policy": round(statistics.median(ts) / own_s, 2)}
+           for name, ts in times.items()}
+    print("classifier", {k: v["speedup_of_classifier_policy"] for k, v in res.items()}, flush=True)
+    return {"arch": arch, "batch_size": batch, "steps": steps, "repeats": repeats, "order": "alternated", **res}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
@@ -95,29 +140,39 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--images", type=int, default=64, help="images per timed sampling run (one batch)")
     p.add_argument("--generator", type=Path, help="a trained unet generator folder: FD at fewer solver steps")
     p.add_argument("--data", default=str(ROOT / ".gpu" / "fmnist.npz"))
+    p.add_argument("--parts", default="train,sample,classifier", help="comma-separated: train, sample, classifier")
+    p.add_argument("--repeats", type=int, default=3, help="alternated repeats of the classifier sides")
     p.add_argument("--tiny", action="store_true", help="micro profile, 2 steps: a smoke run")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "cpu_policy-cpu.json")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = params_from_dict({"base": {"profile": "micro" if args.tiny else "cpu"}}).train_generator
-    x, y, source = load_images(args, 2000)
+    params = params_from_dict({"base": {"profile": "micro" if args.tiny else "cpu"}})
+    cfg, parts = params.train_generator, set(args.parts.split(","))
     base = DevicePolicy.for_device("cpu")
     steps = 2 if args.tiny else args.steps
-    schedule = dict(train_scheduler(cfg).config)
-    if args.generator:
-        pipe_for = lambda policy: load_pipeline(args.generator, "unet", policy)  # noqa: E731
-    else:
-        torch.manual_seed(0)
-        unet = build_unet(cfg, 28, 1, 10).eval()
-        pipe_for = lambda policy: make_pipeline(policy.compiled(policy.prepare(unet)), schedule,  # noqa: E731
-                                                [str(c) for c in range(10)], 28, policy)
-    result = {**environment("cpu"), "cpu_bf16_matrix_units": bf16_matmul_units(), "torch_threads": torch.get_num_threads(),
-              "unet": f"cpu profile, block_out_channels {tuple(cfg.block_out_channels)}, batch {cfg.batch_size}",
-              "data": source, "generator": str(args.generator) if args.generator else "random weights (speed only)",
-              "train": bench_train(cfg, TrainData(x, y, 10), base, steps),
-              "sample": bench_sample(pipe_for, base, 8 if args.tiny else args.images, [10, 15] if not args.tiny else [1],
-                                     args.generator is not None)}
+    result = {**environment("cpu"), "cpu_bf16_matrix_units": bf16_matmul_units(), "torch_threads": torch.get_num_threads()}
+    if parts & {"train", "sample"}:
+        x, y, source = load_images(args, 2000)
+        schedule = dict(train_scheduler(cfg).config)
+        if args.generator:
+            pipe_for = lambda policy: load_pipeline(args.generator, "unet", policy)  # noqa: E731
+        else:
+            torch.manual_seed(0)
+            unet = build_unet(cfg, 28, 1, 10).eval()
+            pipe_for = lambda policy: make_pipeline(policy.compiled(policy.prepare(unet)), schedule,  # noqa: E731
+                                                    [str(c) for c in range(10)], 28, policy)
+        result.update(unet=f"cpu profile, block_out_channels {tuple(cfg.block_out_channels)}, batch {cfg.batch_size}",
+                      data=source, generator=str(args.generator) if args.generator else "random weights (speed only)")
+    if "train" in parts:
+        result["train"] = bench_train(cfg, TrainData(x, y, 10), base, steps)
+    if "sample" in parts:
+        result["sample"] = bench_sample(pipe_for, base, 8 if args.tiny else args.images,
+                                        [10, 15] if not args.tiny else [1], args.generator is not None)
+    if "classifier" in parts:
+        tc = params.train_classifier
+        result["classifier"] = bench_classifier(base, tc.arch, tc.batch_size, steps if args.tiny else 10 * args.steps,
+                                                1 if args.tiny else args.repeats)
     write_json(args.out, result)
     print(json.dumps(result, indent=2))
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from bench import e2e, generators, sampling, seeds
+from bench import cpu_policy, e2e, generators, sampling, seeds
 from bench.common import rate, ratio
 from pipeline.config import params_from_dict
 from pipeline.models.diffusion import build_backbone
@@ -92,3 +92,16 @@ def test_seeds_quick_times_both_sides_on_the_same_runs(tmp_path):
     assert set(res["runs"]) == {"side by side", "one after another"} and res["ratio_runs_per_second"]["best"] > 0
     assert all(len(v) == res["settings"]["seeds"] == 2 for v in res["best_val_accuracy"].values())
     assert json.loads((tmp_path / "seeds-cpu.json").read_text())["benchmark"] == "seeds"
+
+
+def test_cpu_policy_times_the_classifier_policy_against_each_switch(tmp_path):
+    out = tmp_path / "policy.json"
+    cpu_policy.main(["--tiny", "--parts", "classifier", "--out", str(out)])
+    doc = json.loads(out.read_text())
+    assert "train" not in doc and "sample" not in doc  # only the parts asked for
+    sides = doc["classifier"]
+    assert sides["classifier policy"]["policy"]["channels_last"] and sides["classifier policy"]["policy"]["fused_optimizer"]
+    assert not sides["contiguous"]["policy"]["channels_last"] and not sides["unfused AdamW"]["policy"]["fused_optimizer"]
+    assert sides["classifier policy"]["speedup_of_classifier_policy"] == 1.0
+    assert all(len(side["seconds_per_step"]) == sides["repeats"] and min(side["seconds_per_step"]) > 0
+               for name, side in sides.items() if isinstance(side, dict))

@@ -38,10 +38,10 @@ def test_policy_follows_the_device_and_params():
         True, False, True, True, False)  # channels_last measured slower for the UNet on an H200
     assert DevicePolicy.for_device("cuda", "no").autocast_dtype is None
     cpu = DevicePolicy.for_device("cpu", "no")
-    assert (cpu.bf16, cpu.channels_last, cpu.fused_optimizer, cpu.pin_memory) == (False, False, False, False)
+    assert (cpu.bf16, cpu.channels_last, cpu.fused_optimizer, cpu.pin_memory) == (False, False, True, False)
     assert DevicePolicy.for_device("cpu", "bf16").mixed_precision == "bf16"
     params = tiny_params(base={"mixed_precision": "bf16", "compile": True})
-    assert policy_for(params.base) == DevicePolicy("cpu", bf16=True, compile=True)
+    assert policy_for(params.base) == DevicePolicy("cpu", bf16=True, fused_optimizer=True, compile=True)
     assert as_policy(CUDA_LIKE) is CUDA_LIKE and as_policy("cpu").device == "cpu"
     assert CUDA_LIKE.as_record() == {"device": "cpu", "precision": "bf16 autocast", "channels_last": True,
                                      "fused_optimizer": True, "compile": False, "pin_memory": False}
@@ -144,6 +144,19 @@ def test_classifier_under_the_cuda_policy(forced_cuda_policy):
     assert len(hist["train_loss"]) == 2 and all(torch.isfinite(torch.tensor(hist["train_loss"])))
     p = predict_proba(model, x, 8, CUDA_LIKE)
     assert p.dtype == torch.float32 and torch.allclose(p.sum(1), torch.ones(len(x)), atol=1e-5)
+
+
+def test_classifiers_train_nhwc_under_the_default_policy():
+    """for_classifiers: the timm classifiers take NHWC on every device (1.3x per CPU step), the generator's
+    nets keep the policy's own layout."""
+    cpu = DevicePolicy.for_device("cpu", "no")
+    assert not cpu.channels_last
+    assert cpu.for_classifiers() == DevicePolicy("cpu", channels_last=True, fused_optimizer=True)
+    x, y = toy_images()
+    model, _ = fit_classifier(build_model("test_resnet", 2, 1), batch_sources(8, (x, y)), (x, y), steps=2, lr=1e-3,
+                              weight_decay=0.0, seed=0, device="cpu", eval_every=2, progress=False)
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.slow

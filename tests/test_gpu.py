@@ -43,7 +43,8 @@ def close(a: dict, b: dict, tol: float = 1e-4) -> bool:
 def test_policy_of_the_device():
     """Also runs on CPU (the rehearsal): the policy the pipeline picks here."""
     policy = DevicePolicy.for_device("cuda" if CUDA else "cpu")
-    assert policy.fused_optimizer == policy.pin_memory == CUDA and not policy.channels_last
+    assert policy.fused_optimizer and policy.pin_memory == CUDA and not policy.channels_last
+    assert policy.for_classifiers().channels_last
     assert policy.bf16 or not CUDA
 
 

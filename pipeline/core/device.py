@@ -9,6 +9,7 @@ beside each output (``as_record``). This is the only module that looks at the de
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -27,9 +28,10 @@ def bf16_matmul_units() -> bool:
 class DevicePolicy:
     device: str  # "cpu" | "cuda" | "cuda:N"
     bf16: bool = False  # bf16 autocast around forward passes (generator, sampler, classifiers)
-    # NHWC memory format for convolutional nets and their inputs: off by default. On an H200 the gpu profile's
-    # UNet (GroupNorm) trained at 10.2 / 10.7 steps/s with it against 12.3 / 14.4 without (two runs) and sampled
-    # at 209 against 280 images/s (bench/results/gpu_check-*-gpu.json)
+    # NHWC memory format for the generator's nets and their inputs (classifiers: ``for_classifiers``): off by
+    # default. On an H200 the gpu profile's UNet (GroupNorm) trained at 10.2 / 10.7 steps/s with it against
+    # 12.3 / 14.4 without (two runs) and sampled at 209 against 280 images/s (bench/results/gpu_check-*-gpu.json);
+    # the cpu profile's UNet trains 15% slower with it on 2 AVX2 cores
     channels_last: bool = False
     fused_optimizer: bool = False  # fused AdamW / foreach EMA kernels
     compile: bool = False  # torch.compile the training and sampling networks
@@ -37,11 +39,13 @@ class DevicePolicy:
 
     @classmethod
     def for_device(cls, device: str, mixed_precision: str = "auto", compile: bool = False) -> "DevicePolicy":
-        """What pays on ``device``: on CUDA bf16, fused optimizers and pinned copies (compile is a params
-        choice); on CPU bf16 only with bf16 matrix units (``mixed_precision: auto``), fp32 otherwise."""
+        """What pays on ``device``: fused AdamW / foreach EMA kernels everywhere (on 2 AVX2 cores a cpu-profile
+        classifier's AdamW step takes 0.8 ms fused against 2.5 ms, one thread); on CUDA bf16 and pinned copies;
+        on CPU bf16 only with bf16 matrix units (``mixed_precision: auto``), fp32 otherwise. compile is a
+        params choice."""
         cuda = torch.device(device).type == "cuda"
         bf16 = mixed_precision == "bf16" or (mixed_precision == "auto" and (cuda or bf16_matmul_units()))
-        return cls(str(device), bf16=bf16, fused_optimizer=cuda, compile=compile, pin_memory=cuda)
+        return cls(str(device), bf16=bf16, fused_optimizer=True, compile=compile, pin_memory=cuda)
 
     @classmethod
     def cuda_like(cls, device: str = "cpu", compile: bool = False) -> "DevicePolicy":
@@ -91,6 +95,13 @@ class DevicePolicy:
         """The module to call in the hot loop: compiled when ``compile`` (weights shared with
         ``module``, so state dicts and checkpoints are taken from ``module``), else ``module``."""
         return torch.compile(module) if self.compile else module
+
+    def for_classifiers(self) -> "DevicePolicy":
+        """The policy for the timm classifiers (labeler, judge, variants: BatchNorm convnets): NHWC, on
+        every device. It pays for them where it costs the GroupNorm UNet: on 2 AVX2-only cores (no
+        AMX) a cpu-profile classifier step (test_resnet, batch 64, classic augmentation) at one thread
+        took 39 ms against 52 (1.3x), a FixMatch labeler step at two threads 102-119 ms against 142."""
+        return dataclasses.replace(self, channels_last=True)
 
     def adamw(self, params, **kw) -> torch.optim.AdamW:
         return torch.optim.AdamW(params, fused=self.fused_optimizer or None, **kw)

@@ -18,11 +18,13 @@ from pipeline.core.env import offline_defaults
 from pipeline.errors import USER_ERRORS, ConfigError
 
 
+LOG_FORMAT, LOG_DATEFMT = "%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"
+
+
 def setup_logging() -> None:
     """Log lines with time and module; also the offline defaults every entry point wants."""
     offline_defaults()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, datefmt=LOG_DATEFMT)
 
 
 def parse_set(items: list[str]) -> dict:

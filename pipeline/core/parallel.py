@@ -9,7 +9,7 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from typing import Callable, Sequence
 
-FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+from pipeline.core.entrypoint import LOG_DATEFMT, LOG_FORMAT
 
 
 def cpu_cores() -> int:
@@ -18,7 +18,7 @@ def cpu_cores() -> int:
 
 
 def _start(level: int) -> None:
-    logging.basicConfig(level=level, format=FORMAT, datefmt="%H:%M:%S", force=True)
+    logging.basicConfig(level=level, format=LOG_FORMAT, datefmt=LOG_DATEFMT, force=True)
 
 
 def _call(fn: Callable, args: tuple, label: str, threads: int):
@@ -26,7 +26,8 @@ def _call(fn: Callable, args: tuple, label: str, threads: int):
 
     torch.set_num_threads(threads)
     for handler in logging.getLogger().handlers:  # say which job each interleaved log line belongs to
-        handler.setFormatter(logging.Formatter(FORMAT.replace("%(message)s", f"[{label}] %(message)s"), "%H:%M:%S"))
+        labeled = LOG_FORMAT.replace("%(message)s", f"[{label}] %(message)s")
+        handler.setFormatter(logging.Formatter(labeled, LOG_DATEFMT))
     return fn(*args)
 
 

@@ -134,7 +134,7 @@ def predict_proba(model: nn.Module, x: torch.Tensor, batch_size: int = 256,
                   device: str | DevicePolicy = "cpu") -> torch.Tensor:
     """Class probabilities (float32 N,K, on CPU) for uint8 N,C,H,W images (``device``: a name or
     the run's ``DevicePolicy``)."""
-    policy = as_policy(device)
+    policy = as_policy(device).for_classifiers()
     policy.prepare(model).eval()
     out = []
     for i in range(0, len(x), batch_size):
@@ -193,7 +193,7 @@ def fit_classifier(model: nn.Module, sources: list[Source], val: Pair, *, steps:
         k = int(model.num_classes)  # a timm model
     streams = [(s.x, soft_targets(s.y, k) if k else s.y, s.per_batch, IndexStream(len(s.x), gen)) for s in active]
 
-    policy = as_policy(device)
+    policy = as_policy(device).for_classifiers()
     policy.prepare(model).train()
     teach = teacher is not None and bool(taught.any())
     if teach:  # the taught rows as indices, on the device: no host sync per step

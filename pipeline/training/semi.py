@@ -76,7 +76,7 @@ def fit_fixmatch(model: nn.Module, labeled: tuple[torch.Tensor, torch.Tensor], p
                  device: str | DevicePolicy = "cpu", progress: bool = True) -> tuple[nn.Module, dict]:
     """Train ``model`` on uint8 ``labeled`` images and the unlabeled ``pool`` (N,C,H,W) for ``cfg.steps``
     steps; return the EMA teacher with the best validation accuracy and the training history."""
-    policy = as_policy(device)
+    policy = as_policy(device).for_classifiers()
     (lx, ly), k = labeled, int(model.num_classes)  # a timm model
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
