@@ -19,12 +19,12 @@ import argparse
 import dataclasses
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from bench.common import alternate
 from bench.gpu_check import environment, frechet, load_images, timed, train_steps
 from pipeline.config import SampleConfig, params_from_dict
 from pipeline.core.device import DevicePolicy, bf16_matmul_units
@@ -100,11 +100,12 @@ def bench_classifier(base: DevicePolicy, arch: str, batch: int, steps: int, repe
     from pipeline.models.classifier import build_model
 
     own = base.for_classifiers()
-    sides = {"classifier policy": own, "contiguous": dataclasses.replace(own, channels_last=False),
-             "unfused AdamW": dataclasses.replace(own, fused_optimizer=False)}
+    policies = {"classifier policy": own, "contiguous": dataclasses.replace(own, channels_last=False),
+                "unfused AdamW": dataclasses.replace(own, fused_optimizer=False)}
     x, y = torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
 
-    def seconds_per_step(policy: DevicePolicy) -> float:
+    def training(policy: DevicePolicy):
+        """``steps`` steps of one model under ``policy``, warmed up by one step."""
         torch.manual_seed(0)
         model = policy.prepare(build_model(arch, 10, 1)).train()
         opt = create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.05, fused=policy.fused_optimizer or None)
@@ -115,20 +116,14 @@ def bench_classifier(base: DevicePolicy, arch: str, batch: int, steps: int, repe
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        step()  # warm-up
-        t = time.perf_counter()
-        for _ in range(steps):
-            step()
-        return (time.perf_counter() - t) / steps
+        step()
+        return lambda: [step() for _ in range(steps)]
 
-    times = {name: [] for name in sides}
-    for _ in range(repeats):  # alternated, so drift hits every side
-        for name, policy in sides.items():
-            times[name].append(seconds_per_step(policy))
-    own_s = statistics.median(times["classifier policy"])
-    res = {name: {"policy": sides[name].as_record(), "seconds_per_step": [round(t, 5) for t in ts],
-                  "speedup_of_classifier_policy": round(statistics.median(ts) / own_s, 2)}
-           for name, ts in times.items()}
+    seconds, _, _ = alternate({name: training(p) for name, p in policies.items()}, repeats, "cpu")
+    median = {name: statistics.median(ss) for name, ss in seconds.items()}
+    res = {name: {"policy": policies[name].as_record(), "seconds_per_step": [round(s / steps, 5) for s in ss],
+                  "speedup_of_classifier_policy": round(median[name] / median["classifier policy"], 2)}
+           for name, ss in seconds.items()}
     print("classifier", {k: v["speedup_of_classifier_policy"] for k, v in res.items()}, flush=True)
     return {"arch": arch, "batch_size": batch, "steps": steps, "repeats": repeats, "order": "alternated", **res}
 
