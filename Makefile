@@ -13,7 +13,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 .PHONY: setup venv lock data browser run test bench gpu-wheels clean help
 
 help:
-	@echo "make run    set up (venv, packages, Fashion-MNIST) and run the pipeline: dvc repro"
+	@echo "make run    set up (venv, packages, Fashion-MNIST) and run the pipeline: dvc repro (synthaug repro)"
 	@echo "make test   set up and run the test suite"
 	@echo "make bench  run the CPU benchmarks (results in bench/results/)"
 	@echo "make lock   re-resolve pyproject.toml and pin the result in requirements.lock"
@@ -61,8 +61,10 @@ data:
 
 setup: venv data
 
+# synthaug repro = dvc repro with one temporary Prefect server shared by every stage's flow run (or the server
+# PREFECT_API_URL names), not one started and stopped per stage
 run: setup
-	$(BIN)/dvc repro
+	$(BIN)/synthaug repro
 	@echo "Report: reports/report.html   metrics: $(BIN)/dvc metrics show"
 
 # Debian's Chromium, for the test that opens report.html headless (skipped without it)

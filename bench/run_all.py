@@ -17,6 +17,7 @@ CPU_RUNS = {
     "classifier": ["--device", "cpu"],
     "seeds": ["--device", "cpu"],
     "augment": ["--device", "cpu"],
+    "features": ["--device", "cpu"],
     "scaling": ["--device", "cpu", "--sizes", "1000", "5000", "20000", "--steps", "1", "--blocks", "8", "16",
                 "--kid-subsets", "10"],
     "generators": ["--device", "cpu"],

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from bench import cpu_policy, e2e, generators, sampling, seeds
+from bench import cpu_policy, e2e, features, generators, sampling, seeds
 from bench.common import rate, ratio
 from pipeline.config import params_from_dict
 from pipeline.models.diffusion import build_backbone
@@ -105,3 +105,13 @@ def test_cpu_policy_times_the_classifier_policy_against_each_switch(tmp_path):
     assert sides["classifier policy"]["speedup_of_classifier_policy"] == 1.0
     assert all(len(side["seconds_per_step"]) == sides["repeats"] and min(side["seconds_per_step"]) > 0
                for name, side in sides.items() if isinstance(side, dict))
+
+
+def test_features_times_each_batch_size_on_the_same_images(tmp_path):
+    doc = features.main(["--quick", "--device", "cpu", "--repeats", "1", "--batch-sizes", "2", "4",
+                         "--resolution", "32", "--out-dir", str(tmp_path)])
+    assert json.loads((tmp_path / "features-cpu.json").read_text())["images"] == doc["images"] == 8
+    assert set(doc["images_per_second"]) == {"batch 2", "batch 4"}
+    assert doc["images_per_second"]["batch 4"]["speedup_vs_largest_batch"] == 1.0
+    assert all(v["per_second_median"] > 0 and len(v["seconds"]) == 1 for v in doc["images_per_second"].values())
+    assert max(doc["max_feature_difference_vs_first_batch_size"].values()) < 1e-4  # same features at any batch

@@ -66,7 +66,8 @@ def test_cpu_profile_is_the_documented_default():
     s = p.sample
     assert s.mode == "img2img" and len(s.strengths) * s.variations * 500 == 1500  # 1,500 img2img variations
     c = p.train_classifier
-    assert (c.arch, c.steps, c.seeds) == ("test_resnet", 1500, 5)
+    assert (c.arch, c.steps, c.seeds) == ("test_resnet", 1500, 4)
+    assert p.filter.batch_size == 4  # the feature pass on a CPU (bench/results/features-cpu.json)
 
 
 def test_micro_profile_is_small():
