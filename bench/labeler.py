@@ -1,14 +1,18 @@
 """The pool labeler's methods side by side on validation: supervised vs FixMatch (flexmatch | da | none).
 
-    python -m bench.labeler --root DIR [--methods supervised,flexmatch,da] [--seeds 0,1] [--steps N]
+    python -m bench.labeler --root DIR [--methods supervised,flexmatch,da] [--seeds 0,1]
+    python -m bench.labeler --fashion-mnist DIR --methods flexmatch --out bench/results/labeler_tta-cpu.json
 
 Reads a prepared data folder (``DIR/data/prepared``, written by ``python -m pipeline.prepare --root
-DIR``) and trains ``pseudo_label``'s labeler with each method and seed on the labeled split and the
-pool, at the params in force (``--set`` overrides, e.g. ``pseudo_label.unlabeled_ratio=2``). Records
-per run: validation accuracy (N = the val split; the choice is made on it), the accuracy of the
-labels of every pool image against the pool's hidden source labels, overall and per class (a
-diagnostic: no stage trains on them), the share of pool images labeled per class, and seconds.
-Test accuracy is never computed here. Writes ``bench/results/labeler-<cpu|cuda>.json``.
+DIR``), or draws the pool study's splits from the Fashion-MNIST *training* files (``--fashion-mnist``:
+50 labeled + 50 val per class, a 10,000-image pool and a 5,000-image dev split no stage uses;
+``bench/pool_study.py``), and trains ``pseudo_label``'s labeler with each method and seed on the
+labeled split and the pool, at the params in force (``--set`` overrides, e.g.
+``pseudo_label.unlabeled_ratio=2``). Records per run and per way of predicting (``tta``: the image
+alone, or the mean with its mirror image): accuracy on val and dev (the choices are made there), the
+accuracy of the labels of every pool image against the pool's hidden source labels, overall and per
+class (a diagnostic: no stage trains on them), the share of pool images labeled per class, and
+seconds. Test accuracy is never computed here. Writes ``bench/results/labeler-<cpu|cuda>.json``.
 """
 from __future__ import annotations
 
@@ -17,13 +21,17 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from bench.common import environment
+from bench.pool_study import SPLIT, TINY, make_splits
 from pipeline.config import load_params
 from pipeline.core.device import policy_for
 from pipeline.core.entrypoint import parse_set
 from pipeline.core.images import class_names_of, dataset_to_tensors
 from pipeline.core.io import load_dataset_dir, write_json
+from pipeline.core.sources import read_idx
 from pipeline.core.stats import mean_ci
 from pipeline.models.classifier import build_model
 from pipeline.training.classifier import batch_sources, fit_classifier, predict_proba
@@ -33,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def one_run(method: str, seed: int, cfg, data, policy) -> dict:
-    (tx, ty), (vx, vy), pool_x, hidden, k = data
+    (tx, ty), (vx, vy), pool_x, hidden, k, dev = data
     torch.manual_seed(seed)
     model = build_model(cfg.arch, k, tx.shape[1])
     t0 = time.time()
@@ -44,19 +52,29 @@ def one_run(method: str, seed: int, cfg, data, policy) -> dict:
     else:
         model, hist = fit_fixmatch(model, (tx, ty), pool_x, (vx, vy), cfg.model_copy(update={"fairness": method}),
                                    seed=seed, device=policy, progress=False)
-    pred = predict_proba(model, pool_x, 512, policy).argmax(1)
-    right = pred == hidden
-    per_class = {c: round(float(right[hidden == c].float().mean()), 4) for c in range(k)}
-    return {"method": method, "seed": seed, "val_accuracy": hist["best_val_acc"], "best_step": hist["best_step"],
-            "pool_label_accuracy": round(float(right.float().mean()), 4),
-            "pool_label_accuracy_per_class": per_class, "worst_class_pool_accuracy": min(per_class.values()),
-            "labeled_share_per_class": [round(float((pred == c).float().mean()), 4) for c in range(k)],
-            "mask_rate_last": (hist.get("mask_rate") or [None])[-1], "seconds": round(time.time() - t0, 1)}
+    seconds = round(time.time() - t0, 1)
+    out = []
+    for tta in ("none", "flip"):
+        def acc(x, y):
+            return round(float((predict_proba(model, x, 512, policy, tta == "flip").argmax(1) == y).float().mean()), 4)
+        pred = predict_proba(model, pool_x, 512, policy, tta == "flip").argmax(1)
+        right = pred == hidden
+        per_class = {c: round(float(right[hidden == c].float().mean()), 4) for c in range(k)}
+        out.append({"method": method, "tta": tta, "seed": seed, "val_accuracy": acc(vx, vy),
+                    **({"dev_accuracy": acc(*dev)} if dev else {}), "best_step": hist["best_step"],
+                    "pool_label_accuracy": round(float(right.float().mean()), 4),
+                    "pool_label_accuracy_per_class": per_class, "worst_class_pool_accuracy": min(per_class.values()),
+                    "labeled_share_per_class": [round(float((pred == c).float().mean()), 4) for c in range(k)],
+                    "mask_rate_last": (hist.get("mask_rate") or [None])[-1], "seconds": seconds})
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--root", type=Path, required=True, help="project root holding data/prepared")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--root", type=Path, help="project root holding data/prepared")
+    where.add_argument("--fashion-mnist", type=Path, help="folder of the Fashion-MNIST files: the pool study's splits")
+    p.add_argument("--tiny", action="store_true", help="--fashion-mnist: the pool study's tiny splits (tests)")
     p.add_argument("--params", default=str(ROOT / "params.yaml"))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--methods", default="supervised,flexmatch,da")
@@ -68,28 +86,43 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     params = load_params(args.params, parse_set(args.set))
     cfg, policy = params.pseudo_label, policy_for(params.base)
-    dd = load_dataset_dir(args.root / "data" / "prepared" / "dataset", "prepare")
-    pool_x, hidden = dataset_to_tensors(dd["pool"], label_column="hidden_label")
-    data = (dataset_to_tensors(dd["train"]), dataset_to_tensors(dd["val"]), pool_x, hidden,
-            len(class_names_of(dd["train"])))
+    data = study_splits(args.fashion_mnist, TINY if args.tiny else SPLIT) if args.fashion_mnist else prepared_splits(args.root)
     runs = []
     for method in args.methods.split(","):
         for seed in map(int, args.seeds.split(",")):
-            runs.append(one_run(method, seed, cfg, data, policy))
-            print(json.dumps({k: v for k, v in runs[-1].items() if "per_class" not in k}), flush=True)
+            runs += one_run(method, seed, cfg, data, policy)
+            print(json.dumps([{k: v for k, v in r.items() if "per_class" not in k} for r in runs[-2:]]), flush=True)
     summary = {}
     for method in args.methods.split(","):
-        mine = [r for r in runs if r["method"] == method]
-        summary[method] = {key: mean_ci([r[key] for r in mine]) for key in
-                           ("val_accuracy", "pool_label_accuracy", "worst_class_pool_accuracy", "seconds")}
-    result = {"settings": {"pseudo_label": cfg.model_dump(mode="json"), "n_val": len(data[1][1]),
-                           "n_pool": len(pool_x), "n_labeled": len(data[0][1]), "device": policy.as_record(),
+        for tta in ("none", "flip"):
+            mine = [r for r in runs if (r["method"], r["tta"]) == (method, tta)]
+            summary[f"{method}, tta {tta}"] = {key: mean_ci([r[key] for r in mine]) for key in
+                                               ("val_accuracy", "dev_accuracy", "pool_label_accuracy",
+                                                "worst_class_pool_accuracy", "seconds") if key in mine[0]}
+    result = {"benchmark": "labeler", **environment(policy.device), "settings": {"pseudo_label": cfg.model_dump(mode="json"), "n_val": len(data[1][1]),
+                           "n_dev": len(data[5][1]) if data[5] else 0, "n_pool": len(data[2]),
+                           "n_labeled": len(data[0][1]), "device": policy.as_record(),
                            "torch_threads": torch.get_num_threads()},
               "summary": summary, "runs": runs}
     out = args.out or ROOT / "bench" / "results" / f"labeler-{'cuda' if policy.is_cuda else 'cpu'}.json"
     write_json(out, result)
     print(json.dumps(summary, indent=2))
     return result
+
+
+def prepared_splits(root: Path) -> tuple:
+    dd = load_dataset_dir(root / "data" / "prepared" / "dataset", "prepare")
+    pool_x, hidden = dataset_to_tensors(dd["pool"], label_column="hidden_label")
+    return (dataset_to_tensors(dd["train"]), dataset_to_tensors(dd["val"]), pool_x, hidden,
+            len(class_names_of(dd["train"])), None)
+
+
+def study_splits(folder: Path, sizes: dict) -> tuple:
+    """The pool study's labeled, val, pool and dev splits of the Fashion-MNIST training files."""
+    x = read_idx(folder / "train-images-idx3-ubyte.gz").astype(np.uint8)[:, None]
+    y = read_idx(folder / "train-labels-idx1-ubyte.gz").astype(np.int64)
+    t = {k: (torch.from_numpy(a), torch.from_numpy(b)) for k, (a, b) in make_splits(x, y, sizes).items()}
+    return t["labeled"], t["val"], t["pool"][0], t["pool"][1], 10, t["dev"]
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 A timm classifier (``pseudo_label.arch``) trains on the labeled train split and the pool (``method:
 fixmatch``, pipeline/training/semi.py; ``supervised``: on the labeled split alone), is selected on val,
-and predicts every pool image. Every pool image keeps its predicted class and probabilities by default
+and predicts every pool image (``tta: flip``: the mean of its probabilities of the image and its mirror
+image). Every pool image keeps its predicted class and probabilities by default
 (DPT, You et al. 2023); ``threshold`` / ``per_class_cap`` / ``balance`` keep fewer. Writes
 ``data/pseudo/``: ``dataset`` (image, label = pseudo-label, confidence, the labeler's probabilities,
 the row in the pool), ``labeler.safetensors`` and ``summary.json`` (kept per class; the labeler's
@@ -66,11 +67,15 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
             model, hist = fit_classifier(model, batch_sources(cfg.batch_size, (tx, ty)), (vx, vy), steps=cfg.steps,
                                          lr=cfg.lr, weight_decay=cfg.weight_decay, seed=seed, device=device,
                                          augment=cfg.augment, eval_every=max(1, cfg.steps // 10))
-        proba = predict_proba(model, pool_x, 512, device)
+        flip = cfg.tta == "flip"
+        proba = predict_proba(model, pool_x, 512, device, flip)
         keep = confident_per_class(proba, cfg.threshold, cfg.per_class_cap, cfg.balance)
-        summary["labeler"] = {"arch": cfg.arch, "method": hist.get("method", "supervised"),
-                              "val_accuracy": hist["best_val_acc"], "best_step": hist["best_step"], "n_val": len(vy),
-                              "seconds": round(hist["seconds"], 1), **labeler_test(model, dd, device)}
+        summary["labeler"] = {"arch": cfg.arch, "method": hist.get("method", "supervised") + (", flip TTA" if flip else ""),
+                              "val_accuracy": labeler_accuracy(model, vx, vy, device, flip),
+                              "best_step": hist["best_step"], "n_val": len(vy), "seconds": round(hist["seconds"], 1)}
+        if "test" in dd:  # a user could use the labeler as the classifier: the report weighs it against the variants
+            summary["labeler"].update(test_accuracy=labeler_accuracy(model, *dataset_to_tensors(dd["test"]), device,
+                                                                     flip), n_test=len(dd["test"]))
     else:
         log.warning("pseudo_label: the prepared data has no pool split (prepare.unlabeled_pool = 0): no pseudo-labels")
     conf, pred = proba.max(1)
@@ -109,14 +114,9 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
     return summary
 
 
-def labeler_test(model, dd, device) -> dict:
-    """The labeler's accuracy on the test split (a user could use it as the classifier: the report
-    weighs it against the variants)."""
-    if "test" not in dd:
-        return {}
-    x, y = dataset_to_tensors(dd["test"])
-    right = predict_proba(model, x, 512, device).argmax(1) == y
-    return {"test_accuracy": round(float(right.float().mean()), 4), "n_test": len(y)}
+def labeler_accuracy(model, x: torch.Tensor, y: torch.Tensor, device, flip: bool) -> float:
+    """The labeler's accuracy, as it labels the pool (``flip``: with its mirror-image test-time augmentation)."""
+    return round(float((predict_proba(model, x, 512, device, flip).argmax(1) == y).float().mean()), 4)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -43,13 +43,14 @@ def pool_of(paths):
 
 
 def labeler_proba(paths, pool_x):
-    """The saved labeler's probabilities on the pool, recomputed from labeler.safetensors."""
+    """The saved labeler's probabilities on the pool, recomputed from labeler.safetensors (with the
+    default mirror-image test-time augmentation)."""
     f = paths.pseudo / "labeler.safetensors"
     with safe_open(str(f), "pt") as meta:
         assert meta.metadata() == {"arch": "test_resnet", "num_classes": "2"}
     model = build_model("test_resnet", 2, 1)
     model.load_state_dict(load_file(str(f)))
-    return predict_proba(model, pool_x, 64)
+    return predict_proba(model, pool_x, 64, flip=True)
 
 
 def test_stage_keeps_confident_pool_images_and_scores_them_against_the_hidden_labels(tmp_path):
@@ -180,11 +181,23 @@ def test_fixmatch_labels_every_pool_image_and_records_the_labelers_test_accuracy
         "arch": "test_resnet", "steps": 4, "batch_size": 8, "unlabeled_ratio": 2}})  # the default method and keep-all
     out = pseudo_label.run(params, paths)
     assert out["kept"] == out["pool_size"] == 32 and sum(out["kept_per_class"].values()) == 32
-    assert out["labeler"]["method"] == "fixmatch+flexmatch"
+    assert out["labeler"]["method"] == "fixmatch+flexmatch, flip TTA"
     assert 0 <= out["labeler"]["test_accuracy"] <= 1 and out["labeler"]["n_test"] == 16
     assert out["pool_accuracy_all"] == out["pseudo_label_accuracy"]  # every pool image kept
 
 
 def test_supervised_method_trains_on_the_labeled_images_alone(tmp_path):
     out = pseudo_label.run(pl_params(method="supervised"), prepared(tmp_path))
-    assert out["labeler"]["method"] == "supervised" and "test_accuracy" in out["labeler"]
+    assert out["labeler"]["method"] == "supervised, flip TTA" and "test_accuracy" in out["labeler"]
+
+
+def test_tta_none_labels_with_the_image_alone(tmp_path):
+    paths = prepared(tmp_path, hidden=True)
+    out = pseudo_label.run(pl_params(tta="none"), paths)
+    pool_x, _ = pool_of(paths)
+    model = build_model("test_resnet", 2, 1)
+    model.load_state_dict(load_file(str(paths.pseudo / "labeler.safetensors")))
+    ds = load_dataset_dir(paths.pseudo / "dataset", "pseudo_label")
+    single = predict_proba(model, pool_x, 64)[torch.tensor(ds["pool_index"])]
+    assert torch.allclose(torch.tensor(ds["probabilities"], dtype=torch.float64), single.double(), atol=1e-6)
+    assert out["labeler"]["method"] == "fixmatch+flexmatch"

@@ -46,6 +46,10 @@ def test_tiny_model_learns_separable_data():
     assert hist["best_val_acc"] == max(hist["val_acc"]) and hist["step"] == [20, 40]
     probs = predict_proba(model, tx[:5], 2)
     assert probs.shape == (5, 4) and torch.allclose(probs.sum(1), torch.ones(5))
+    # flip: the mean over each image and its mirror image, the same for an image and its mirror image
+    both = predict_proba(model, tx[:5], 2, flip=True)
+    assert torch.allclose(both, (probs + predict_proba(model, tx[:5].flip(-1), 2)) / 2, atol=1e-6)
+    assert torch.allclose(both, predict_proba(model, tx[:5].flip(-1), 2, flip=True), atol=1e-6)
 
 
 def test_equal_step_budget_and_batch_composition_across_variants():

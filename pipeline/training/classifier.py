@@ -131,16 +131,19 @@ def one_cycle(steps: int, warmup: float = 0.25, start: float = 1 / 25, end: floa
 
 @torch.no_grad()
 def predict_proba(model: nn.Module, x: torch.Tensor, batch_size: int = 256,
-                  device: str | DevicePolicy = "cpu") -> torch.Tensor:
+                  device: str | DevicePolicy = "cpu", flip: bool = False) -> torch.Tensor:
     """Class probabilities (float32 N,K, on CPU) for uint8 N,C,H,W images (``device``: a name or
-    the run's ``DevicePolicy``)."""
+    the run's ``DevicePolicy``); ``flip``: the mean of each image's and its mirror image's
+    (test-time augmentation for a model that trained on flipped views)."""
     policy = as_policy(device).for_classifiers()
     policy.prepare(model).eval()
     out = []
     for i in range(0, len(x), batch_size):
+        xb = to_unit(policy.to_device(x[i:i + batch_size]))
+        views = (xb, xb.flip(-1)) if flip else (xb,)
         with policy.autocast():
-            logits = model(policy.inputs(to_unit(policy.to_device(x[i:i + batch_size]))))
-        out.append(logits.float().softmax(-1).cpu())
+            p = sum(model(policy.inputs(v)).float().softmax(-1) for v in views) / len(views)
+        out.append(p.cpu())
     return torch.cat(out) if out else torch.zeros(0, 0)
 
 
