@@ -66,10 +66,7 @@ class PseudoLabelConfig(_Section):
     fairness: Literal["flexmatch", "da", "none"] = "flexmatch"  # fixmatch: class-wise thresholds | distribution alignment
     unlabeled_weight: float = Field(1.0, ge=0)  # fixmatch: weight of the pool loss
     ema_decay: float = Field(0.99, ge=0, lt=1)  # fixmatch: the teacher is this EMA of the student
-    # the labeler's prediction of a pool, val or test image: flip = the mean of its probabilities of the image
-    # and of its mirror image (it trains on flipped views; +0.34 / +0.54 points on the pool study's dev split,
-    # 2 seeds, reports/ablation.md) | none = the image alone
-    tta: Literal["flip", "none"] = "flip"
+    tta: Literal["flip", "none"] = "flip"  # predict the mean over an image and its mirror image | the image alone
     # which pool images keep their label: all by default (every pool image with its probabilities, as DPT);
     # a threshold keeps those whose top class has at least this probability
     threshold: float = Field(0.0, ge=0, le=1)

@@ -100,8 +100,11 @@ class DevicePolicy:
         """The policy for the timm classifiers (labeler, judge, variants: BatchNorm convnets): NHWC, on
         every device. It pays for them where it costs the GroupNorm UNet: on 2 AVX2-only cores (no
         AMX) a cpu-profile classifier step (test_resnet, batch 64, classic augmentation) at one thread
-        took 39 ms against 52 (1.3x), a FixMatch labeler step at two threads 102-119 ms against 142."""
-        return dataclasses.replace(self, channels_last=True)
+        took 39 ms against 52 (1.3x), a FixMatch labeler step at two threads 102-119 ms against 142.
+        fp32 on CPU: bf16 autocast paid only 1.13x for a test_resnet step on 2 AVX512-BF16 EPYC cores, and
+        there oneDNN's bf16 convolution backward returned NaN or other garbage weight gradients for small
+        feature maps (2x2, e.g. 16-px images at layer4), differing from run to run."""
+        return dataclasses.replace(self, channels_last=True, bf16=self.bf16 and torch.device(self.device).type != "cpu")
 
     def adamw(self, params, **kw) -> torch.optim.AdamW:
         return torch.optim.AdamW(params, fused=self.fused_optimizer or None, **kw)
