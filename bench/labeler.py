@@ -21,17 +21,15 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from bench.common import environment
-from bench.pool_study import SPLIT, TINY, make_splits
+from bench.pool_study import SPLIT, TINY, draw_splits
 from pipeline.config import load_params
 from pipeline.core.device import policy_for
 from pipeline.core.entrypoint import parse_set
 from pipeline.core.images import class_names_of, dataset_to_tensors
 from pipeline.core.io import load_dataset_dir, write_json
-from pipeline.core.sources import read_idx
 from pipeline.core.stats import mean_ci
 from pipeline.models.classifier import build_model
 from pipeline.training.classifier import batch_sources, fit_classifier, predict_proba
@@ -86,7 +84,10 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     params = load_params(args.params, parse_set(args.set))
     cfg, policy = params.pseudo_label, policy_for(params.base)
-    data = study_splits(args.fashion_mnist, TINY if args.tiny else SPLIT) if args.fashion_mnist else prepared_splits(args.root)
+    if args.fashion_mnist:
+        data = study_splits(args.fashion_mnist, TINY if args.tiny else SPLIT)
+    else:
+        data = prepared_splits(args.root)
     runs = []
     for method in args.methods.split(","):
         for seed in map(int, args.seeds.split(",")):
@@ -99,10 +100,10 @@ def main(argv: list[str] | None = None) -> dict:
             summary[f"{method}, tta {tta}"] = {key: mean_ci([r[key] for r in mine]) for key in
                                                ("val_accuracy", "dev_accuracy", "pool_label_accuracy",
                                                 "worst_class_pool_accuracy", "seconds") if key in mine[0]}
-    result = {"benchmark": "labeler", **environment(policy.device), "settings": {"pseudo_label": cfg.model_dump(mode="json"), "n_val": len(data[1][1]),
-                           "n_dev": len(data[5][1]) if data[5] else 0, "n_pool": len(data[2]),
-                           "n_labeled": len(data[0][1]), "device": policy.as_record(),
-                           "torch_threads": torch.get_num_threads()},
+    settings = {"pseudo_label": cfg.model_dump(mode="json"), "n_val": len(data[1][1]),
+                "n_dev": len(data[5][1]) if data[5] else 0, "n_pool": len(data[2]), "n_labeled": len(data[0][1]),
+                "device": policy.as_record(), "torch_threads": torch.get_num_threads()}
+    result = {"benchmark": "labeler", **environment(policy.device), "settings": settings,
               "summary": summary, "runs": runs}
     out = args.out or ROOT / "bench" / "results" / f"labeler-{'cuda' if policy.is_cuda else 'cpu'}.json"
     write_json(out, result)
@@ -119,9 +120,7 @@ def prepared_splits(root: Path) -> tuple:
 
 def study_splits(folder: Path, sizes: dict) -> tuple:
     """The pool study's labeled, val, pool and dev splits of the Fashion-MNIST training files."""
-    x = read_idx(folder / "train-images-idx3-ubyte.gz").astype(np.uint8)[:, None]
-    y = read_idx(folder / "train-labels-idx1-ubyte.gz").astype(np.int64)
-    t = {k: (torch.from_numpy(a), torch.from_numpy(b)) for k, (a, b) in make_splits(x, y, sizes).items()}
+    t = {k: (torch.from_numpy(a), torch.from_numpy(b)) for k, (a, b) in draw_splits(folder, sizes).items()}
     return t["labeled"], t["val"], t["pool"][0], t["pool"][1], 10, t["dev"]
 
 

@@ -58,6 +58,15 @@ def make_splits(x: np.ndarray, y: np.ndarray, sizes: dict, seed: int = 0) -> dic
     return {name: (np.concatenate(a), np.concatenate(b)) for name, (a, b) in out.items()}
 
 
+def draw_splits(folder: Path, sizes: dict) -> dict:
+    """make_splits of the Fashion-MNIST *training* files in ``folder`` (the official test set is never read)."""
+    from pipeline.core.sources import read_idx
+
+    x = read_idx(folder / "train-images-idx3-ubyte.gz").astype(np.uint8)[:, None]
+    y = read_idx(folder / "train-labels-idx1-ubyte.gz").astype(np.int64)
+    return make_splits(x, y, sizes)
+
+
 def study_params(tiny: bool):
     """params.yaml as the pipeline reads it (micro profile when tiny), the device chosen by this machine."""
     from pipeline.config import load_params
@@ -69,14 +78,11 @@ def splits(args) -> None:
     from safetensors.torch import save_file
 
     from pipeline.core.device import policy_for
-    from pipeline.core.sources import read_idx
     from pipeline.models.classifier import build_model
     from pipeline.training.classifier import predict_proba
     from pipeline.training.semi import fit_fixmatch
 
-    x = read_idx(args.fashion_mnist / "train-images-idx3-ubyte.gz").astype(np.uint8)[:, None]
-    y = read_idx(args.fashion_mnist / "train-labels-idx1-ubyte.gz").astype(np.int64)
-    parts = make_splits(x, y, TINY if args.tiny else SPLIT)
+    parts = draw_splits(args.fashion_mnist, TINY if args.tiny else SPLIT)
     params = study_params(args.tiny)
     t = {k: (torch.from_numpy(a), torch.from_numpy(b)) for k, (a, b) in parts.items()}
     cfg, policy = params.pseudo_label, policy_for(params.base)
