@@ -32,7 +32,7 @@ from pipeline.core.images import class_names_of, dataset_to_tensors
 from pipeline.core.io import load_dataset_dir, write_json
 from pipeline.core.stats import mean_ci
 from pipeline.models.classifier import build_model
-from pipeline.training.classifier import batch_sources, fit_classifier, predict_proba
+from pipeline.training.classifier import accuracy, batch_sources, fit_classifier, predict_proba
 from pipeline.training.semi import fit_fixmatch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,13 +52,13 @@ def one_run(method: str, seed: int, cfg, data, policy) -> dict:
                                    seed=seed, device=policy, progress=False)
     seconds = round(time.time() - t0, 1)
     out = []
-    for tta in ("none", "flip"):
+    for flip in (False, True):
         def acc(x, y):
-            return round(float((predict_proba(model, x, 512, policy, tta == "flip").argmax(1) == y).float().mean()), 4)
-        pred = predict_proba(model, pool_x, 512, policy, tta == "flip").argmax(1)
+            return round(accuracy(model, x, y, 512, policy, flip), 4)
+        pred = predict_proba(model, pool_x, 512, policy, flip).argmax(1)
         right = pred == hidden
         per_class = {c: round(float(right[hidden == c].float().mean()), 4) for c in range(k)}
-        out.append({"method": method, "tta": tta, "seed": seed, "val_accuracy": acc(vx, vy),
+        out.append({"method": method, "tta": "flip" if flip else "none", "seed": seed, "val_accuracy": acc(vx, vy),
                     **({"dev_accuracy": acc(*dev)} if dev else {}), "best_step": hist["best_step"],
                     "pool_label_accuracy": round(float(right.float().mean()), 4),
                     "pool_label_accuracy_per_class": per_class, "worst_class_pool_accuracy": min(per_class.values()),

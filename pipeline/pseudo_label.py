@@ -30,7 +30,7 @@ from pipeline.core.io import (atomic_path, check_writable, fingerprint, load_dat
 from pipeline.errors import DataError
 from pipeline.models.classifier import build_model, check_input_size
 from pipeline.quality.selection import confident_per_class
-from pipeline.training.classifier import batch_sources, fit_classifier, predict_proba
+from pipeline.training.classifier import accuracy, batch_sources, fit_classifier, predict_proba
 from pipeline.training.semi import fit_fixmatch
 
 log = logging.getLogger(__name__)
@@ -67,15 +67,15 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
             model, hist = fit_classifier(model, batch_sources(cfg.batch_size, (tx, ty)), (vx, vy), steps=cfg.steps,
                                          lr=cfg.lr, weight_decay=cfg.weight_decay, seed=seed, device=device,
                                          augment=cfg.augment, eval_every=max(1, cfg.steps // 10))
-        flip = cfg.tta == "flip"
-        proba = predict_proba(model, pool_x, 512, device, flip)
+        proba = predict_proba(model, pool_x, 512, device, cfg.flip)
         keep = confident_per_class(proba, cfg.threshold, cfg.per_class_cap, cfg.balance)
-        summary["labeler"] = {"arch": cfg.arch, "method": hist.get("method", "supervised") + (", flip TTA" if flip else ""),
-                              "val_accuracy": labeler_accuracy(model, vx, vy, device, flip),
+        summary["labeler"] = {"arch": cfg.arch, "method": hist.get("method", "supervised") + (", flip TTA" * cfg.flip),
+                              "val_accuracy": round(accuracy(model, vx, vy, 512, device, cfg.flip), 4),
                               "best_step": hist["best_step"], "n_val": len(vy), "seconds": round(hist["seconds"], 1)}
         if "test" in dd:  # a user could use the labeler as the classifier: the report weighs it against the variants
-            summary["labeler"].update(test_accuracy=labeler_accuracy(model, *dataset_to_tensors(dd["test"]), device,
-                                                                     flip), n_test=len(dd["test"]))
+            test_x, test_y = dataset_to_tensors(dd["test"])
+            summary["labeler"].update(test_accuracy=round(accuracy(model, test_x, test_y, 512, device, cfg.flip), 4),
+                                      n_test=len(dd["test"]))
     else:
         log.warning("pseudo_label: the prepared data has no pool split (prepare.unlabeled_pool = 0): no pseudo-labels")
     conf, pred = proba.max(1)
@@ -112,11 +112,6 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
         write_json(tmp / "summary.json", summary)
     log.info(summary["headline"])
     return summary
-
-
-def labeler_accuracy(model, x: torch.Tensor, y: torch.Tensor, device, flip: bool) -> float:
-    """The labeler's accuracy, as it labels the pool (``flip``: with its mirror-image test-time augmentation)."""
-    return round(float((predict_proba(model, x, 512, device, flip).argmax(1) == y).float().mean()), 4)
 
 
 def main(argv: list[str] | None = None) -> None:

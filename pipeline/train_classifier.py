@@ -92,7 +92,7 @@ def load_variant_data(params: Params, paths: Paths, variant: str) -> VariantData
         labeler = load_classifier(paths.pseudo / "labeler.safetensors", len(class_names), val_x.shape[1],
                                   "the labels train_classifier.pseudo_labels / synthetic_labels ask for need it")
         if relabel:  # distillation: the labeler's probabilities, not the intended class
-            proba = predict_proba(labeler, sx, 512, policy_for(params.base), params.pseudo_label.tta == "flip")
+            proba = predict_proba(labeler, sx, 512, policy_for(params.base), params.pseudo_label.flip)
             data.synthetic = (sx, sharpen(proba, cfg.pseudo_temperature))
         if data.taught:  # the labeler labels each augmented view as the student sees it
             data.teacher = Teacher(labeler, cfg.pseudo_temperature)

@@ -1,5 +1,6 @@
 import hashlib
 import json
+import math
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from pipeline.core.images import tensors_to_dataset
 from pipeline.core.io import save_dataset, write_json
 from pipeline.errors import ConfigError, DataError
 from pipeline.models.classifier import build_model, efficientnet_lite0_state, save_classifier
-from pipeline.training.classifier import batch_sources, crop_flip, fit_classifier, predict_proba
+from pipeline.training.classifier import accuracy, batch_sources, crop_flip, fit_classifier, predict_proba
 from pipeline.training.plan import carry_out, choose_share
 
 CLASSES = ["top", "upper", "lower", "bottom"]
@@ -50,6 +51,10 @@ def test_tiny_model_learns_separable_data():
     both = predict_proba(model, tx[:5], 2, flip=True)
     assert torch.allclose(both, (probs + predict_proba(model, tx[:5].flip(-1), 2)) / 2, atol=1e-6)
     assert torch.allclose(both, predict_proba(model, tx[:5].flip(-1), 2, flip=True), atol=1e-6)
+    assert accuracy(model, tx, ty, 64, "cpu") == acc
+    flipped = (predict_proba(model, tx, 64, flip=True).argmax(1) == ty).float().mean().item()
+    assert accuracy(model, tx, ty, 64, "cpu", flip=True) == flipped
+    assert math.isnan(accuracy(model, tx[:0], ty[:0], 64, "cpu"))
 
 
 def test_equal_step_budget_and_batch_composition_across_variants():

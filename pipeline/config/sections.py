@@ -25,8 +25,8 @@ class BaseParams(_Section):
     seed: int = Field(0, ge=0, le=2**32 - 1)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
     profile: Literal["micro", "cpu", "gpu"] = "cpu"  # size preset, see PROFILES
-    # the device policy of every stage (pipeline/core/device.py): bf16 autocast for generator training,
-    # sampling and the classifiers; auto = bf16 on cuda and on CPUs with AMX / AVX512-BF16, fp32 elsewhere
+    # the device policy of every stage (pipeline/core/device.py): auto = bf16 autocast on cuda; on CPUs with AMX /
+    # AVX512-BF16 for generator training and sampling only (classifiers train in fp32 on CPU); fp32 elsewhere
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
     compile: bool = False  # torch.compile the networks that train and sample (pays on long GPU runs)
 
@@ -40,8 +40,7 @@ class PrepareConfig(_Section):
     label_column: str = "label"  # hf-disk only
     image_size: int = Field(28, ge=8, le=1024)  # square side after resizing
     channels: Literal[1, 3] = 1  # 1 = grayscale (L), 3 = RGB
-    # how a non-square or other-sized image becomes image_size x image_size:
-    # center-crop = scale the short side then crop the center; stretch = plain resize
+    # how an image becomes image_size x image_size: center-crop = scale the short side, crop the center | stretch
     resize: Literal["center-crop", "stretch"] = "center-crop"
     labeled_per_class: int = Field(50, ge=1)  # the small labeled train set
     val_per_class: int = Field(50, ge=1)  # labeled validation set (model selection)
@@ -52,8 +51,7 @@ class PrepareConfig(_Section):
 
 class PseudoLabelConfig(_Section):
     """A classifier of the labeled set and the pool (best on val) labels every pool image (DPT, step one)."""
-    # fixmatch: semi-supervised on the labeled set + the pool (pipeline/training/semi.py) |
-    # supervised: on the labeled set alone (self-training's labeler)
+    # fixmatch: on the labeled set + the pool (training/semi.py) | supervised: labeled set alone (self-training's)
     method: Literal["fixmatch", "supervised"] = "fixmatch"
     arch: str = "resnet10t"  # timm model of the labeler
     steps: int = Field(1500, ge=1)  # its optimizer steps (AdamW, one-cycle, best validation checkpoint kept)
@@ -67,11 +65,13 @@ class PseudoLabelConfig(_Section):
     unlabeled_weight: float = Field(1.0, ge=0)  # fixmatch: weight of the pool loss
     ema_decay: float = Field(0.99, ge=0, lt=1)  # fixmatch: the teacher is this EMA of the student
     tta: Literal["flip", "none"] = "flip"  # predict the mean over an image and its mirror image | the image alone
-    # which pool images keep their label: all by default (every pool image with its probabilities, as DPT);
-    # a threshold keeps those whose top class has at least this probability
-    threshold: float = Field(0.0, ge=0, le=1)
+    threshold: float = Field(0.0, ge=0, le=1)  # pool images kept: top-class p >= this (0: all, with p, as DPT)
     per_class_cap: int = Field(0, ge=0)  # at most this many per class, the most confident first (0 = no cap)
     balance: bool = False  # every class keeps as many as the class with the fewest confident images
+
+    @property
+    def flip(self) -> bool:  # the labeler predicts with mirror-image test-time augmentation
+        return self.tta == "flip"
 
 
 class DitConfig(_Section):

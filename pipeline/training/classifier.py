@@ -147,11 +147,12 @@ def predict_proba(model: nn.Module, x: torch.Tensor, batch_size: int = 256,
     return torch.cat(out) if out else torch.zeros(0, 0)
 
 
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: str | DevicePolicy
-             ) -> float:
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: str | DevicePolicy,
+             flip: bool = False) -> float:
+    """Share of ``x`` that ``model`` classifies as ``y`` (NaN for no images); ``flip`` as in ``predict_proba``."""
     if len(x) == 0:
         return float("nan")
-    return float((predict_proba(model, x, batch_size, device).argmax(1) == y.cpu()).float().mean())
+    return float((predict_proba(model, x, batch_size, device, flip).argmax(1) == y.cpu()).float().mean())
 
 
 def soft_targets(y: torch.Tensor, num_classes: int) -> torch.Tensor:
