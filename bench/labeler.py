@@ -2,6 +2,7 @@
 
     python -m bench.labeler --root DIR [--methods supervised,flexmatch,da] [--seeds 0,1]
     python -m bench.labeler --fashion-mnist DIR --methods flexmatch --out bench/results/labeler_tta-cpu.json
+    python -m bench.labeler --compare BASE.json LEVER.json ... --out bench/results/labeler_levers-cpu.json
 
 Reads a prepared data folder (``DIR/data/prepared``, written by ``python -m pipeline.prepare --root
 DIR``), or draws the pool study's splits from the Fashion-MNIST *training* files (``--fashion-mnist``:
@@ -13,6 +14,10 @@ alone, or the mean with its mirror image): accuracy on val and dev (the choices 
 accuracy of the labels of every pool image against the pool's hidden source labels, overall and per
 class (a diagnostic: no stage trains on them), the share of pool images labeled per class, and
 seconds. Test accuracy is never computed here. Writes ``bench/results/labeler-<cpu|cuda>.json``.
+
+``--compare`` reads result files of this benchmark (runs in separate processes, e.g. one lever per core)
+and writes the ablation: files with the same ``pseudo_label`` settings are one lever, each lever's
+mean per way of predicting and its difference from the first file's settings, paired by method and seed.
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ from pipeline.core.device import policy_for
 from pipeline.core.entrypoint import parse_set
 from pipeline.core.images import class_names_of, dataset_to_tensors
 from pipeline.core.io import load_dataset_dir, write_json
-from pipeline.core.stats import mean_ci
+from pipeline.core.stats import mean_ci, paired_difference
 from pipeline.models.classifier import build_model
 from pipeline.training.classifier import accuracy, batch_sources, fit_classifier, predict_proba
 from pipeline.training.semi import fit_fixmatch
@@ -70,6 +75,7 @@ def one_run(method: str, seed: int, cfg, data, policy) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--compare", type=Path, nargs="+", help="result files: the first one's settings are the base")
     where.add_argument("--root", type=Path, help="project root holding data/prepared")
     where.add_argument("--fashion-mnist", type=Path, help="folder of the Fashion-MNIST files: the pool study's splits")
     p.add_argument("--tiny", action="store_true", help="--fashion-mnist: the pool study's tiny splits (tests)")
@@ -80,6 +86,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
+    if args.compare:
+        result = compare(args.compare)
+        write_json(args.out or ROOT / "bench" / "results" / "labeler_levers-cpu.json", result)
+        print(json.dumps(result["levers"], indent=2))
+        return result
     if args.threads:
         torch.set_num_threads(args.threads)
     params = load_params(args.params, parse_set(args.set))
@@ -109,6 +120,39 @@ def main(argv: list[str] | None = None) -> dict:
     write_json(out, result)
     print(json.dumps(summary, indent=2))
     return result
+
+
+METRICS = ("val_accuracy", "dev_accuracy", "pool_label_accuracy", "worst_class_pool_accuracy", "seconds")
+
+
+def compare(files: list[Path]) -> dict:
+    """The levers' ablation: each set of ``pseudo_label`` settings in ``files`` against the first file's."""
+    docs = [json.loads(Path(f).read_text()) for f in files]
+    base_cfg = docs[0]["settings"]["pseudo_label"]
+    levers: dict[str, dict] = {}
+    for f, doc in zip(files, docs):
+        changed = {k: v for k, v in doc["settings"]["pseudo_label"].items() if v != base_cfg[k]}
+        name = ", ".join(f"{k}={v}" for k, v in changed.items()) or "base"
+        lever = levers.setdefault(name, {"changed": changed, "files": [], "runs": {}})
+        lever["files"].append(Path(f).name)
+        lever["runs"].update({(r["method"], r["tta"], r["seed"]): r for r in doc["runs"]})
+    base = levers[next(iter(levers))]["runs"]
+    out = {}
+    for name, lever in levers.items():
+        for tta in ("none", "flip"):
+            keys = sorted(k for k in lever["runs"] if k[1] == tta and k in base)
+            row = {"changed": lever["changed"], "files": lever["files"], "seeds": [k[2] for k in keys]}
+            for m in (m for m in METRICS if all(m in base[k] for k in keys)):
+                ours, ref = [lever["runs"][k][m] for k in keys], [base[k][m] for k in keys]
+                row[m] = mean_ci(ours)
+                if lever["runs"] is not base:
+                    row[f"{m}_vs_base"] = paired_difference(ours, ref)
+            out[f"{name}, tta {tta}"] = row
+    runs = [{**r, "lever": name} for name, lever in levers.items() for r in lever["runs"].values()]
+    return {"benchmark": "labeler levers", "compared": [Path(f).name for f in files],
+            "environments": {Path(f).name: {k: d.get(k) for k in ("device_name", "date", "git_rev", "torch_threads", "load_average_1_5_15")}
+                             for f, d in zip(files, docs)},
+            "settings": {Path(f).name: d["settings"] for f, d in zip(files, docs)}, "levers": out, "runs": runs}
 
 
 def prepared_splits(root: Path) -> tuple:
