@@ -68,6 +68,7 @@ def test_cpu_profile_is_the_documented_default():
     c = p.train_classifier
     assert (c.arch, c.steps, c.seeds) == ("test_resnet", 1500, 4)
     assert p.filter.batch_size == 4  # the feature pass on a CPU (bench/results/features-cpu.json)
+    assert (p.pseudo_label.arch, p.pseudo_label.steps) == ("test_resnet", 4500)  # bench/results/labeler_levers-cpu.json
 
 
 def test_micro_profile_is_small():
