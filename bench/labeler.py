@@ -41,6 +41,7 @@ from pipeline.training.classifier import accuracy, batch_sources, fit_classifier
 from pipeline.training.semi import fit_fixmatch
 
 ROOT = Path(__file__).resolve().parents[1]
+METRICS = ("val_accuracy", "dev_accuracy", "pool_label_accuracy", "worst_class_pool_accuracy", "seconds")
 
 
 def one_run(method: str, seed: int, cfg, data, policy) -> dict:
@@ -108,9 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
     for method in args.methods.split(","):
         for tta in ("none", "flip"):
             mine = [r for r in runs if (r["method"], r["tta"]) == (method, tta)]
-            summary[f"{method}, tta {tta}"] = {key: mean_ci([r[key] for r in mine]) for key in
-                                               ("val_accuracy", "dev_accuracy", "pool_label_accuracy",
-                                                "worst_class_pool_accuracy", "seconds") if key in mine[0]}
+            summary[f"{method}, tta {tta}"] = {key: mean_ci([r[key] for r in mine]) for key in METRICS
+                                               if key in mine[0]}
     settings = {"pseudo_label": cfg.model_dump(mode="json"), "n_val": len(data[1][1]),
                 "n_dev": len(data[5][1]) if data[5] else 0, "n_pool": len(data[2]), "n_labeled": len(data[0][1]),
                 "device": policy.as_record(), "torch_threads": torch.get_num_threads()}
@@ -122,19 +122,16 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-METRICS = ("val_accuracy", "dev_accuracy", "pool_label_accuracy", "worst_class_pool_accuracy", "seconds")
-
-
 def compare(files: list[Path]) -> dict:
     """The levers' ablation: each set of ``pseudo_label`` settings in ``files`` against the first file's."""
-    docs = [json.loads(Path(f).read_text()) for f in files]
-    base_cfg = docs[0]["settings"]["pseudo_label"]
+    docs = [(Path(f).name, json.loads(Path(f).read_text())) for f in files]
+    base_cfg = docs[0][1]["settings"]["pseudo_label"]
     levers: dict[str, dict] = {}
-    for f, doc in zip(files, docs):
+    for file, doc in docs:
         changed = {k: v for k, v in doc["settings"]["pseudo_label"].items() if v != base_cfg[k]}
         name = ", ".join(f"{k}={v}" for k, v in changed.items()) or "base"
         lever = levers.setdefault(name, {"changed": changed, "files": [], "runs": {}})
-        lever["files"].append(Path(f).name)
+        lever["files"].append(file)
         lever["runs"].update({(r["method"], r["tta"], r["seed"]): r for r in doc["runs"]})
     base = levers[next(iter(levers))]["runs"]
     out = {}
@@ -149,10 +146,10 @@ def compare(files: list[Path]) -> dict:
                     row[f"{m}_vs_base"] = paired_difference(ours, ref)
             out[f"{name}, tta {tta}"] = row
     runs = [{**r, "lever": name} for name, lever in levers.items() for r in lever["runs"].values()]
-    return {"benchmark": "labeler levers", "compared": [Path(f).name for f in files],
-            "environments": {Path(f).name: {k: d.get(k) for k in ("device_name", "date", "git_rev", "torch_threads", "load_average_1_5_15")}
-                             for f, d in zip(files, docs)},
-            "settings": {Path(f).name: d["settings"] for f, d in zip(files, docs)}, "levers": out, "runs": runs}
+    environment_keys = ("device_name", "date", "git_rev", "torch_threads", "load_average_1_5_15")
+    return {"benchmark": "labeler levers", "compared": [f for f, _ in docs],
+            "environments": {f: {k: d.get(k) for k in environment_keys} for f, d in docs},
+            "settings": {f: d["settings"] for f, d in docs}, "levers": out, "runs": runs}
 
 
 def prepared_splits(root: Path) -> tuple:
