@@ -2,14 +2,14 @@
 
 batched   = ``pipeline.training.augment.trivial_augment_wide`` (one op + magnitude per image drawn
             from the training loop's generator, the batch grouped by op, each group transformed at
-            once on the training device) then ``crop_flip``: what ``fit_classifier`` runs.
+            once on the training device) then ``crop_flip``: what ``fit`` runs.
 per_image = the code before: ``v2.TrivialAugmentWide()`` called on each image of the batch in
             Python on the CPU (the global RNG), then the batch moved to the device and ``crop_flip``.
             It lives here only, for this comparison.
 
 Timed side by side, alternated: the augmentation alone (per batch) and whole training steps of
-``fit_classifier`` with ``augment="classic"`` (the cpu profile's classifier; the per-image side is
-``fit_classifier`` with the old augmentation put back in, otherwise the same loop).
+``fit`` with ``augment="classic"`` (the cpu profile's classifier; the per-image side is
+``fit`` with the old augmentation put back in, otherwise the same loop).
 
 ``--accuracy``: validation accuracy (never test) of the real+classic variant through
 ``train_one`` with each side, at the cpu profile's settings, ``--seeds`` seeds on prepared
@@ -40,7 +40,7 @@ def per_image_trivial_augment(x: torch.Tensor, gen: torch.Generator | None = Non
 
 @contextlib.contextmanager
 def per_image_in_fit():
-    """``fit_classifier`` with the per-image augmentation put back (the loop is otherwise the same;
+    """``fit`` with the per-image augmentation put back (the loop is otherwise the same;
     on CUDA the batch makes one extra round trip to the CPU, as the old code augmented before the copy)."""
     saved = training.trivial_augment_wide
     training.trivial_augment_wide = per_image_trivial_augment
@@ -107,7 +107,7 @@ def timing(args, device: str) -> dict:
     init = build_model(args.arch, 10, int(tx.shape[1]))
 
     def fit():
-        _, hist = training.fit_classifier(copy.deepcopy(init), training.batch_sources(bs, (tx, ty)), (vx, vy), steps=steps, lr=3e-3,
+        _, hist = training.fit(copy.deepcopy(init), training.batch_sources(bs, (tx, ty)), (vx, vy), steps=steps, lr=3e-3,
                                           weight_decay=0.05, seed=0, device=device, augment="classic",
                                           eval_every=10**9, progress=False)
         return hist["train_loss"][-1]
@@ -126,7 +126,7 @@ def timing(args, device: str) -> dict:
                          "batch_sizes": sizes, "arch": args.arch, "train_steps_per_run": steps,
                          "train_batch_size": bs, "repeats": args.repeats, "order": "alternated",
                          "quick": args.quick,
-                         "note": "training steps include fit_classifier's one validation pass (64 images) and "
+                         "note": "training steps include fit's one validation pass (64 images) and "
                                  "best-state copy at the end"},
             "augmentation": aug, "training": train}
 

@@ -1,6 +1,6 @@
 """Classifier training and feature extraction throughput against plain PyTorch loops.
 
-train   ours  = ``pipeline.training.classifier.fit_classifier``: uint8 tensors, batched random crop +
+train   ours  = ``pipeline.training.classifier.fit``: uint8 tensors, batched random crop +
                 flip on the device, bf16 autocast on CUDA, AdamW + one-cycle, one final validation.
         plain = a torch DataLoader over the PIL images of the prepared HF dataset with torchvision
                 RandomCrop(padding) / RandomHorizontalFlip / ToTensor / Normalize, the same timm
@@ -10,7 +10,7 @@ features ours  = ``pipeline.quality.features.FeatureSpace("efficientnet-lite0")`
         plain = a DataLoader over PIL images resized to 224 one by one (PIL bilinear) +
                 ToTensor / Normalize, the same EfficientNet-Lite0 weights, in batches.
 archs   the cpu profile's classifier before (``--before-arch``, resnet10t) and after (``--after-arch``,
-        test_resnet), both through ``fit_classifier`` with classic augmentation (TrivialAugmentWide):
+        test_resnet), both through ``fit`` with classic augmentation (TrivialAugmentWide):
         the steps per second that pay for 5 seeds x 1500 steps per variant.
 """
 from __future__ import annotations
@@ -83,7 +83,7 @@ def main(argv=None) -> dict:
     from pipeline.core.io import load_dataset_dir
     from pipeline.models.classifier import build_model
     from pipeline.quality.features import FeatureSpace
-    from pipeline.training.classifier import batch_sources, fit_classifier
+    from pipeline.training.classifier import batch_sources, fit
 
     dd = load_dataset_dir(Paths().prepared / "dataset", "prepare")
     train_ds, val_ds = dd["train"], dd["val"].select(range(64))
@@ -96,7 +96,7 @@ def main(argv=None) -> dict:
     lr, wd = 3e-3, 0.05
 
     def ours_fit():
-        _, hist = fit_classifier(copy.deepcopy(init), batch_sources(args.batch_size, (tx, ty)), (vx, vy), steps=steps,
+        _, hist = fit(copy.deepcopy(init), batch_sources(args.batch_size, (tx, ty)), (vx, vy), steps=steps,
                                  lr=lr, weight_decay=wd, seed=0, device=device, eval_every=10**9, progress=False)
         return hist["train_loss"][-1]
 
@@ -107,7 +107,7 @@ def main(argv=None) -> dict:
     effnet = build_model("tf_efficientnet_lite0", 0, 3, "efficientnet-lite0").eval().to(device)
 
     with section(f"classifier warm-up on {device}"):
-        fit_classifier(copy.deepcopy(init), batch_sources(args.batch_size, (tx, ty)), (vx[:8], vy[:8]), steps=1, lr=lr,
+        fit(copy.deepcopy(init), batch_sources(args.batch_size, (tx, ty)), (vx[:8], vy[:8]), steps=1, lr=lr,
                        weight_decay=wd, seed=0, device=device, progress=False)
         plain_fit(copy.deepcopy(init), train_ds, 1, args.batch_size, lr, wd, device)
         space(fx[:args.feature_batch_size])
@@ -122,7 +122,7 @@ def main(argv=None) -> dict:
     inits = {k: build_model(a, num_classes, int(tx.shape[1])) for k, a in archs.items()}
 
     def arch_fit(side):
-        return lambda: fit_classifier(copy.deepcopy(inits[side]), batch_sources(args.batch_size, (tx, ty)), (vx, vy),
+        return lambda: fit(copy.deepcopy(inits[side]), batch_sources(args.batch_size, (tx, ty)), (vx, vy),
                                       steps=steps, lr=lr, weight_decay=wd, seed=0, device=device,
                                       augment="classic", eval_every=10**9, progress=False)[1]["train_loss"][-1]
     with section(f"classifier before/after: {archs}, classic augmentation, {steps} steps of batch {args.batch_size}"):
@@ -141,7 +141,7 @@ def main(argv=None) -> dict:
                      "precision_ours": "bf16 autocast" if cuda else "fp32", "precision_plain": "fp32",
                      "plain_dataloader": "torch DataLoader, num_workers 0, PIL + torchvision transforms",
                      "repeats": args.repeats, "order": "alternated", "quick": args.quick,
-                     "note": "ours training includes fit_classifier's one validation pass and best-state copy at the end"},
+                     "note": "ours training includes fit's one validation pass and best-state copy at the end"},
         "training": {
             "ours": {**train_rates["ours"], "steps_per_second": train_rates["ours"]["per_second_best"],
                      "images_per_second": train_rates["ours"]["per_second_best"] * args.batch_size,

@@ -7,7 +7,7 @@ For every stage's main work at the gpu profile's settings (as ``params.yaml`` re
              forward and backward) for the real architectures; sampling's forwards per image counted
              by running the pipeline's own img2img sampler (a tiny UNet: the count does not depend on it)
   ops        aten operators dispatched per training step (``TorchDispatchMode``), counted with the
-             pipeline's own classifier loop (``training.classifier.fit_classifier``) and the generator's
+             pipeline's own classifier loop (``training.classifier.fit``) and the generator's
              forward + backward, with AdamW as CUDA runs it (foreach, a few ops for all tensors)
   time       max(FLOPs / (peak x MFU), ops x host cost per op) per step: big steps are compute-bound,
              small ones are bound by the host launching one kernel per op (eager PyTorch; the
@@ -32,7 +32,7 @@ from bench.common import ROOT, diffusion_generator, parser, save, section, setup
 from pipeline.config import load_params, params_from_dict
 from pipeline.models.classifier import build_model
 from pipeline.models.diffusion import build_backbone, train_scheduler
-from pipeline.training.classifier import batch_sources, fit_classifier
+from pipeline.training.classifier import batch_sources, fit
 
 # Fashion-MNIST as prepare splits it: 60k train -> labeled + val per class, the rest the pool; 10k test
 TRAIN, TEST, CLASSES, SIZE = 60000, 10000, 10, 28
@@ -91,20 +91,20 @@ def classifier_costs(arch: str, augment: str, batch: int, tiny: int, steps: int)
     per_img = train_flops_per_image(model, x.float() / 255, lambda m, v: F.cross_entropy(m(v), y))
     fwd = fwd_flops_per_image(model.eval(), x[:8].float() / 255)
 
-    def fit(n, xb, yb):
-        fit_classifier(build_model(arch, CLASSES, 1), batch_sources(len(xb), (xb, yb)), (xb[:2], yb[:2]), steps=n, lr=1e-3,
+    def train(n, xb, yb):
+        fit(build_model(arch, CLASSES, 1), batch_sources(len(xb), (xb, yb)), (xb[:2], yb[:2]), steps=n, lr=1e-3,
                        weight_decay=0.05, seed=0, augment=augment, eval_every=10**9, progress=False)
 
-    per_step = (ops(lambda: fit(3, x, y)) - ops(lambda: fit(1, x, y))) // 2  # two steps, set-up and eval cancel
+    per_step = (ops(lambda: train(3, x, y)) - ops(lambda: train(1, x, y))) // 2  # two steps, set-up and eval cancel
     per_step += adamw_ops(model, True) - adamw_ops(model, False)  # as on CUDA: foreach
     xt, yt = x[:2, :, :tiny, :tiny].contiguous(), y[:2]
-    fit(2, xt, yt)  # warm-up
+    train(2, xt, yt)  # warm-up
     t0 = time.perf_counter()
-    fit(2 + steps, xt, yt)
+    train(2 + steps, xt, yt)
     t1 = time.perf_counter()
-    fit(2, xt, yt)
+    train(2, xt, yt)
     seconds = ((t1 - t0) - (time.perf_counter() - t1)) / steps
-    cpu_ops = (ops(lambda: fit(3, xt, yt)) - ops(lambda: fit(1, xt, yt))) / 2
+    cpu_ops = (ops(lambda: train(3, xt, yt)) - ops(lambda: train(1, xt, yt))) / 2
     return {"arch": arch, "augment": augment, "train_flops_per_image": per_img, "forward_flops_per_image": fwd,
             "ops_per_step": per_step, "cpu_tiny_seconds_per_step": seconds, "cpu_tiny_ops_per_step": cpu_ops,
             "cpu_tiny_us_per_op": 1e6 * seconds / cpu_ops}

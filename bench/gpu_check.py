@@ -15,7 +15,7 @@ Parts (each in its own process, killed at its cap; the JSON says which finished)
 - ``sample``: our sampler (``ClassConditionalPipeline``, batch 256 and 1024) against the stock diffusers
   loop (one image per call, fp32) on the UNet just trained: images/s, and the Frechet distance between
   the two sets (efficientnet-lite0 features) against the floor of two sets of our own from other seeds;
-- ``classifier``: ``fit_classifier`` steps/s (resnet10t, batch 64 and 256, classic augmentation);
+- ``classifier``: ``fit`` steps/s (resnet10t, batch 64 and 256, classic augmentation);
 - ``ops``: microseconds per small op (eager dispatch + launch), to calibrate ``bench/gpu_budget.py``.
 """
 from __future__ import annotations
@@ -320,7 +320,7 @@ def part_classifier(args, device: str) -> dict:
 
     from pipeline.core.device import DevicePolicy
     from pipeline.models.classifier import build_model
-    from pipeline.training.classifier import batch_sources, fit_classifier
+    from pipeline.training.classifier import batch_sources, fit
 
     x, y, source = load_images(args, 512 if args.tiny else 5000)
     policy = DevicePolicy.for_device(device)
@@ -329,9 +329,9 @@ def part_classifier(args, device: str) -> dict:
     for batch in ((8,) if args.tiny else (64, 256)):
         torch.manual_seed(0)
         model = build_model("resnet10t", 10, 1)
-        fit_classifier(model, batch_sources(batch, (x, y)), (x[:64], y[:64]), steps=2, lr=1e-3, weight_decay=0.05, seed=0,
+        fit(model, batch_sources(batch, (x, y)), (x[:64], y[:64]), steps=2, lr=1e-3, weight_decay=0.05, seed=0,
                        device=policy, augment="classic", eval_every=2, progress=False)  # warm-up
-        _, hist = fit_classifier(model, batch_sources(batch, (x, y)), (x[:64], y[:64]), steps=steps, lr=1e-3,
+        _, hist = fit(model, batch_sources(batch, (x, y)), (x[:64], y[:64]), steps=steps, lr=1e-3,
                                  weight_decay=0.05, seed=0, device=policy, augment="classic", eval_every=steps,
                                  progress=False)
         out[f"batch_{batch}"] = {"steps_per_second": round(1 / hist["seconds_per_step"], 2),

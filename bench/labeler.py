@@ -36,9 +36,8 @@ from pipeline.core.entrypoint import parse_set
 from pipeline.core.images import class_names_of, dataset_to_tensors
 from pipeline.core.io import load_dataset_dir, write_json
 from pipeline.core.stats import mean_ci, paired_difference
-from pipeline.models.classifier import build_model
-from pipeline.training.classifier import accuracy, batch_sources, fit_classifier, predict_proba
-from pipeline.training.semi import fit_fixmatch
+from pipeline.config import learner_config
+from pipeline.training.classifier import VariantData, accuracy, predict_proba, train_one
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("val_accuracy", "dev_accuracy", "pool_label_accuracy", "worst_class_pool_accuracy", "seconds")
@@ -46,16 +45,10 @@ METRICS = ("val_accuracy", "dev_accuracy", "pool_label_accuracy", "worst_class_p
 
 def one_run(method: str, seed: int, cfg, data, policy) -> dict:
     (tx, ty), (vx, vy), pool_x, hidden, k, dev = data
-    torch.manual_seed(seed)
-    model = build_model(cfg.arch, k, tx.shape[1])
     t0 = time.time()
-    if method == "supervised":
-        model, hist = fit_classifier(model, batch_sources(cfg.batch_size, (tx, ty)), (vx, vy), steps=cfg.steps, lr=cfg.lr,
-                                     weight_decay=cfg.weight_decay, seed=seed, device=policy, augment=cfg.augment,
-                                     eval_every=max(1, cfg.steps // 10), progress=False)
-    else:
-        model, hist = fit_fixmatch(model, (tx, ty), pool_x, (vx, vy), cfg.model_copy(update={"fairness": method}),
-                                   seed=seed, device=policy, progress=False)
+    lab = cfg.model_copy(update={"method": "supervised"} if method == "supervised" else {"fairness": method})
+    model, hist = train_one(*learner_config(lab), VariantData((tx, ty), (vx, vy), [str(c) for c in range(k)],
+                                                               pool=pool_x, learner=lab), seed, 0.0, policy)
     seconds = round(time.time() - t0, 1)
     out = []
     for flip in (False, True):

@@ -78,18 +78,16 @@ def splits(args) -> None:
     from safetensors.torch import save_file
 
     from pipeline.core.device import policy_for
-    from pipeline.models.classifier import build_model
-    from pipeline.training.classifier import predict_proba
-    from pipeline.training.semi import fit_fixmatch
+    from pipeline.config import learner_config
+    from pipeline.training.classifier import VariantData, predict_proba, train_one
 
     parts = draw_splits(args.fashion_mnist, TINY if args.tiny else SPLIT)
     params = study_params(args.tiny)
     t = {k: (torch.from_numpy(a), torch.from_numpy(b)) for k, (a, b) in parts.items()}
     cfg, policy = params.pseudo_label, policy_for(params.base)
-    torch.manual_seed(0)
-    model = build_model(cfg.arch, 10, 1)
     t0 = time.time()
-    model, hist = fit_fixmatch(model, t["labeled"], t["pool"][0], t["val"], cfg, seed=0, device=policy)
+    model, hist = train_one(*learner_config(cfg), VariantData(t["labeled"], t["val"], [str(c) for c in range(10)],
+                                                              pool=t["pool"][0], learner=cfg), 0, 0.0, policy)
     proba = predict_proba(model, t["pool"][0], 512, policy)
     args.out.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(args.out / "splits.npz", **{f"{k}_{v}": a for k, (xa, ya) in parts.items()
@@ -193,18 +191,17 @@ def balanced(x: torch.Tensor, y: torch.Tensor, n: int, keep: torch.Tensor | None
 
 def task_labeler(seed: int, data_dir: str, tiny: bool, row: str = "labeler (FixMatch)", steps_scale: int = 1) -> dict:
     from pipeline.core.device import policy_for
-    from pipeline.models.classifier import build_model
-    from pipeline.training.classifier import predict_proba
-    from pipeline.training.semi import fit_fixmatch
+    from pipeline.config import learner_config
+    from pipeline.training.classifier import VariantData, predict_proba, train_one
 
     d = _data(data_dir, tiny)
     params = d["params"]
     policy = policy_for(params.base)
     cfg = params.pseudo_label.model_copy(update={"steps": params.pseudo_label.steps * steps_scale})
-    torch.manual_seed(seed)
     t0 = time.time()
-    model, hist = fit_fixmatch(build_model(cfg.arch, 10, 1), (d["labeled_x"], d["labeled_y"]),
-                               d["pool_x"], (d["val_x"], d["val_y"]), cfg, seed=seed, device=policy, progress=False)
+    data = VariantData((d["labeled_x"], d["labeled_y"]), (d["val_x"], d["val_y"]), [str(c) for c in range(10)],
+                       pool=d["pool_x"], learner=cfg)
+    model, hist = train_one(*learner_config(cfg), data, seed, 0.0, policy)
     dev = predict_proba(model, d["dev_x"], 1024, policy)
     pool = predict_proba(model, d["pool_x"], 1024, policy).argmax(1)
     return {"row": row, "seed": seed, "steps": cfg.steps, **_scores(dev, d["dev_y"]), "val": hist["best_val_acc"],
@@ -234,7 +231,7 @@ def task_classifier(row: str, spec: dict, seed: int, data_dir: str, work: str, t
     """One classifier of one row and seed: the params' classifier, classic augmentation, scored on dev."""
     from pipeline.core.device import policy_for
     from pipeline.models.classifier import build_model
-    from pipeline.training.classifier import Teacher, batch_sources, fit_classifier, predict_proba, sharpen
+    from pipeline.training.classifier import Teacher, batch_sources, fit, predict_proba, sharpen
 
     d = _data(data_dir, tiny)
     params = d["params"]
@@ -253,12 +250,12 @@ def task_classifier(row: str, spec: dict, seed: int, data_dir: str, work: str, t
     real = spec.get("real", True)
     ratio = spec.get("ratio", 0.5) if real else 1.0
     taught = tuple(spec.get("taught", ()))  # labeled by the seed-0 labeler from each augmented view
-    teacher = Teacher(_labeler(d, policy)) if taught else None
+    teacher = Teacher([_labeler(d, policy)]) if taught else None
     torch.manual_seed(seed)
     t0 = time.time()
     sources = batch_sources(cfg.batch_size, (d["labeled_x"], d["labeled_y"]) if real else None, pseudo, syn,
                             ratio if syn is not None else 0.0, spec.get("pseudo_share", cfg.pseudo_share), taught)
-    model, hist = fit_classifier(build_model(cfg.arch, 10, 1), sources, (d["val_x"], d["val_y"]),
+    model, hist = fit(build_model(cfg.arch, 10, 1), sources, (d["val_x"], d["val_y"]),
                                  steps=cfg.steps * spec.get("steps_scale", 1),
                                  lr=cfg.lr, weight_decay=cfg.weight_decay, seed=seed, device=policy,
                                  augment="classic" if real else "standard", eval_every=cfg.eval_every, teacher=teacher,

@@ -1,16 +1,16 @@
-"""Stage 2, pseudo_label: label the unlabeled pool with a semi-supervised classifier (DPT, step one).
+"""Stage 2, pseudo_label: label the unlabeled pool with the semi-supervised learner (DPT, step one).
 
-A timm classifier (``pseudo_label.arch``) trains on the labeled train split and the pool (``method:
-fixmatch``, pipeline/training/semi.py; ``supervised``: on the labeled split alone), is selected on val,
-and predicts every pool image (``tta: flip``: the mean of its probabilities of the image and its mirror
-image). Every pool image keeps its predicted class and probabilities by default
-(DPT, You et al. 2023); ``threshold`` / ``per_class_cap`` / ``balance`` keep fewer. Writes
-``data/pseudo/``: ``dataset`` (image, label = pseudo-label, confidence, the labeler's probabilities,
-the row in the pool), ``labeler.safetensors`` and ``summary.json`` (kept per class; the labeler's
-validation and test accuracy, since a user could simply use it; where the pool's source labels are
-known, how many pseudo-labels are right, per class: a diagnostic only, no stage trains on those
-labels). With no pool the labeler is supervised, the dataset is empty and the generators learn from
-the labeled set alone.
+``pseudo_label.seeds`` timm classifiers (``pseudo_label.arch``) train on the labeled train split and the
+pool (``method: fixmatch``, ``training.tasks.FixMatch``; ``supervised``: on the labeled split alone), each
+selected on val; the mean of their probabilities labels every pool image (``tta: flip``: each model's
+mean over the image and its mirror image). Every pool image keeps its predicted class and probabilities
+by default (DPT, You et al. 2023); ``threshold`` / ``per_class_cap`` / ``balance`` keep fewer. Writes
+``data/pseudo/``: ``dataset`` (image, label = pseudo-label, confidence, the labelers' probabilities,
+the row in the pool), ``labelers/seed<k>.safetensors`` with each one's training history (the ``fixmatch``
+variant of train_classifier tests these models rather than training them again) and ``summary.json``
+(kept per class; the ensemble's validation accuracy; where the pool's source labels are known, how many
+pseudo-labels are right, per class: a diagnostic only, no stage trains on those labels). With no pool
+no labeler is trained, the dataset is empty and the generators learn from the labeled set alone.
 """
 from __future__ import annotations
 
@@ -19,19 +19,17 @@ import time
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
-from pipeline.config import Params, Paths
+from pipeline.config import Params, Paths, labeler_file
 from pipeline.core.device import policy_for
 from pipeline.core.entrypoint import stage_main
 from pipeline.core.images import class_names_of, dataset_to_tensors, tensors_to_dataset
 from pipeline.core.io import (atomic_path, check_writable, fingerprint, load_dataset_dir, read_output, sha256_tensor,
                               write_json)
 from pipeline.errors import DataError
-from pipeline.models.classifier import build_model, check_input_size
+from pipeline.models.classifier import check_input_size, save_classifier
 from pipeline.quality.selection import confident_per_class
-from pipeline.training.classifier import accuracy, batch_sources, fit_classifier, predict_proba
-from pipeline.training.semi import fit_fixmatch
+from pipeline.training.classifier import VariantData, ensemble_proba, train_runs
 
 log = logging.getLogger(__name__)
 
@@ -53,29 +51,25 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
                "per_class_cap": cfg.per_class_cap, "class_names": class_names}
     keep = torch.zeros(0, dtype=torch.long)
     proba = torch.zeros(0, num_classes)
-    model = None
+    results = []
     if len(pool_x):
         check_input_size(cfg.arch, num_classes, tx.shape[1], tx.shape[-1], key="pseudo_label.arch")
-        log.info("pseudo_label: training %s (%s) on %d labeled images%s (%d steps), then labeling %d pool images",
-                 cfg.arch, cfg.method, len(tx), " and the pool" if cfg.method == "fixmatch" else "", cfg.steps,
-                 len(pool_x))
-        torch.manual_seed(seed)
-        model = build_model(cfg.arch, num_classes, tx.shape[1])
-        if cfg.method == "fixmatch":
-            model, hist = fit_fixmatch(model, (tx, ty), pool_x, (vx, vy), cfg, seed=seed, device=device)
-        else:
-            model, hist = fit_classifier(model, batch_sources(cfg.batch_size, (tx, ty)), (vx, vy), steps=cfg.steps,
-                                         lr=cfg.lr, weight_decay=cfg.weight_decay, seed=seed, device=device,
-                                         augment=cfg.augment, eval_every=max(1, cfg.steps // 10))
-        proba = predict_proba(model, pool_x, 512, device, cfg.flip)
+        learner, spec = params.learner()
+        seeds = [seed * 1000 + i for i in range(cfg.seeds)]
+        log.info("pseudo_label: training %d x %s (%s) on %d labeled images%s (%d steps), then labeling %d pool images "
+                 "with their mean prediction", len(seeds), cfg.arch, cfg.method, len(tx),
+                 " and the pool" if cfg.method == "fixmatch" else "", cfg.steps, len(pool_x))
+        data = VariantData((tx, ty), (vx, vy), class_names, pool=pool_x, learner=cfg)
+        results = train_runs(learner, spec, data, [(s, 0.0) for s in seeds], device)
+        models = [model for model, _ in results]
+        proba = ensemble_proba(models, pool_x, device, cfg.flip)
         keep = confident_per_class(proba, cfg.threshold, cfg.per_class_cap, cfg.balance)
-        summary["labeler"] = {"arch": cfg.arch, "method": hist.get("method", "supervised") + (", flip TTA" * cfg.flip),
-                              "val_accuracy": round(accuracy(model, vx, vy, 512, device, cfg.flip), 4),
-                              "best_step": hist["best_step"], "n_val": len(vy), "seconds": round(hist["seconds"], 1)}
-        if "test" in dd:  # a user could use the labeler as the classifier: the report weighs it against the variants
-            test_x, test_y = dataset_to_tensors(dd["test"])
-            summary["labeler"].update(test_accuracy=round(accuracy(model, test_x, test_y, 512, device, cfg.flip), 4),
-                                      n_test=len(dd["test"]))
+        val_acc = float((ensemble_proba(models, vx, device, cfg.flip).argmax(1) == vy).float().mean())
+        method = cfg.method + (f"+{cfg.fairness}" if cfg.method == "fixmatch" else "") + (", flip TTA" * cfg.flip)
+        summary["labeler"] = {"arch": cfg.arch, "method": method, "seeds": seeds, "val_accuracy": round(val_acc, 4),
+                              "val_accuracy_per_seed": [round(h["best_val_acc"], 4) for _, h in results],
+                              "best_step": [h["best_step"] for _, h in results], "n_val": len(vy),
+                              "seconds": [round(h["seconds"], 1) for _, h in results]}
     else:
         log.warning("pseudo_label: the prepared data has no pool split (prepare.unlabeled_pool = 0): no pseudo-labels")
     conf, pred = proba.max(1)
@@ -106,9 +100,10 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
         tensors_to_dataset(x, labels, class_names, {"confidence": conf[keep].double(), "pool_index": keep,
                                                     "probabilities": proba[keep].double()}).save_to_disk(
             str(tmp / "dataset"))
-        if model is not None:
-            save_file({n: v.detach().cpu().contiguous() for n, v in model.state_dict().items()},
-                      str(tmp / "labeler.safetensors"), metadata={"arch": cfg.arch, "num_classes": str(num_classes)})
+        for i, (model, hist) in enumerate(results):  # each seed's model and history (the fixmatch variant reads them)
+            (tmp / labeler_file(i)).parent.mkdir(exist_ok=True)
+            save_classifier(model, tmp / labeler_file(i), cfg.arch, num_classes, tx.shape[1])
+            write_json((tmp / labeler_file(i)).with_suffix(".json"), hist)
         write_json(tmp / "summary.json", summary)
     log.info(summary["headline"])
     return summary

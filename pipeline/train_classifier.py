@@ -14,18 +14,18 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import Params, Paths
+from pipeline.config import Params, Paths, labeler_file
 from pipeline.core.device import policy_for
 from pipeline.core.curves import write_curves
 from pipeline.core.entrypoint import stage_main
 from pipeline.core.images import class_names_of, dataset_to_tensors, image_hashes
-from pipeline.core.io import (OUTPUTS, atomic_path, check_writable, load_dataset_dir, load_pseudo_labels, load_split,
-                              read_output, write_json)
+from pipeline.core.io import (OUTPUTS, atomic_path, check_writable, load_dataset_dir, load_pool, load_pseudo_labels,
+                              load_split, read_json, read_output, write_json)
 from pipeline.core.stats import summarize_seeds
 from pipeline.errors import ConfigError, DataError
 from pipeline.models.classifier import check_input_size, load_classifier, save_classifier
-from pipeline.training.classifier import (Teacher, VariantData, predict_proba, sharpen, synthetic_use, score_on_test,
-                                         train_runs)
+from pipeline.training.classifier import (Teacher, VariantData, ensemble_proba, sharpen, synthetic_use,
+                                         score_on_test, train_runs)
 from pipeline.training.plan import RATIO_RULE, carry_out
 from pipeline.training.seed_runs import CLI_OPTIONS, SeedRuns, train_seed
 
@@ -59,16 +59,18 @@ def load_synthetic(paths: Paths, source: str, class_names: list[str], like: torc
 
 def load_variant_data(params: Params, paths: Paths, variant: str) -> VariantData:
     """The labeled, validation, pseudo-labeled and synthetic images of ``variant``, checked."""
-    cfg = params.train_classifier
-    if variant not in cfg.variants:
+    if variant not in params.train_classifier.variants:
         raise ConfigError(f"train_classifier variant {variant!r} is not in train_classifier.variants "
-                          f"({', '.join(cfg.variants)}); add it to params.yaml or pick one of those")
-    spec = cfg.variants[variant]
+                          f"({', '.join(params.train_classifier.variants)}); add it to params.yaml or pick one of those")
+    cfg, spec = params.classifier_config(variant), params.train_classifier.variants[variant]
     prepared_fp = read_output(paths, "prepared").get("fingerprint")
     train_x, train_y, class_names = load_split(paths, "train")
     val_x, val_y, _ = load_split(paths, "val")
-    check_input_size(cfg.arch, len(class_names), val_x.shape[1], val_x.shape[-1])
+    check_input_size(cfg.arch, len(class_names), val_x.shape[1], val_x.shape[-1],
+                     "pseudo_label.arch" if spec.learner == "fixmatch" else "train_classifier.arch")
     data = VariantData((train_x, train_y), (val_x, val_y), class_names, inputs={"prepared": prepared_fp})
+    if spec.learner == "fixmatch":  # the semi-supervised learner: the pool stays unlabeled
+        data.pool, data.learner = load_pool(paths, f"variant {variant!r} (learner: fixmatch)"), params.pseudo_label
     if spec.pseudo:  # the pseudo-labeled pool, drawn beside the labeled images (self-training)
         pseudo, kept = load_pseudo_labels(paths)
         if kept is None:
@@ -87,23 +89,41 @@ def load_variant_data(params: Params, paths: Paths, variant: str) -> VariantData
     chosen = {"pseudo": (cfg.pseudo_labels, data.pseudo), "synthetic": (cfg.synthetic_labels, data.synthetic)}
     data.taught = tuple(name for name, (labels, xy) in chosen.items() if labels == "teacher" and xy)
     relabel = data.synthetic is not None and cfg.synthetic_labels == "labeler"
-    if data.taught or relabel:  # pseudo_label's labeler, read once
+    if data.taught or relabel:  # pseudo_label's labelers, read once
+        labelers = load_labelers(paths, class_names, val_x.shape[1],
+                                 "the labels train_classifier.pseudo_labels / synthetic_labels ask for")[0]
         data.inputs.setdefault("pseudo", read_output(paths, "pseudo").get("fingerprint"))
-        labeler = load_classifier(paths.pseudo / "labeler.safetensors", len(class_names), val_x.shape[1],
-                                  "the labels train_classifier.pseudo_labels / synthetic_labels ask for need it")
-        if relabel:  # distillation: the labeler's probabilities, not the intended class
-            proba = predict_proba(labeler, sx, 512, policy_for(params.base), params.pseudo_label.flip)
+        if relabel:  # distillation: the labelers' probabilities, not the intended class
+            proba = ensemble_proba(labelers, sx, policy_for(params.base), params.pseudo_label.flip)
             data.synthetic = (sx, sharpen(proba, cfg.pseudo_temperature))
-        if data.taught:  # the labeler labels each augmented view as the student sees it
-            data.teacher = Teacher(labeler, cfg.pseudo_temperature)
+        if data.taught:  # the labelers label each augmented view as the student sees it
+            data.teacher = Teacher(labelers, cfg.pseudo_temperature)
     return data
+
+
+def load_labelers(paths: Paths, class_names: list[str], in_chans: int, needed_by: str) -> tuple[list, list[dict]]:
+    """pseudo_label's models (one per seed) and their training histories."""
+    seeds = (read_output(paths, "pseudo").get("labeler") or {}).get("seeds") or []
+    if not seeds:
+        raise DataError(f"{paths.pseudo}: pseudo_label trained no labeler (no pool), and {needed_by} need one. Give "
+                        "prepare a pool (prepare.unlabeled_pool) and run pseudo_label again.")
+    files = [paths.pseudo / labeler_file(i) for i in range(len(seeds))]
+    return ([load_classifier(f, len(class_names), in_chans, needed_by) for f in files],
+            [read_json(f.with_suffix(".json"), "pseudo_label") for f in files])
+
+
+def reuses_labelers(params: Params, variant: str) -> bool:
+    """Whether ``variant`` is pseudo_label's learner itself (same learner, data and augmentation): its models are
+    pseudo_label's, tested here rather than trained twice."""
+    return params.train_classifier.variants[variant] == params.learner()[1] and \
+        params.pseudo_label.method == "fixmatch"
 
 
 def run(params: Params, paths: Paths, variant: str, seed_index: int | None = None, ratio: float | None = None,
         gather: bool = False) -> dict:
     """Train ``variant`` (a name in train_classifier.variants) for each seed; test; write. A fan-out's parts
     (training/seed_runs.py): ``seed_index`` trains one seed alone; ``gather`` reads those instead of training."""
-    cfg, t0 = params.train_classifier, time.perf_counter()
+    cfg, t0 = params.classifier_config(variant), time.perf_counter()
     data = load_variant_data(params, paths, variant)
     spec, policy = cfg.variants[variant], policy_for(params.base)
     check_writable(paths.classifier / variant, paths.classifier_metrics / variant)
@@ -115,9 +135,14 @@ def run(params: Params, paths: Paths, variant: str, seed_index: int | None = Non
         return train_seed(params, paths, variant, data, seeds, seed_index, ratio, policy)
     get = SeedRuns(params, paths, variant, data).read if gather else \
         (lambda runs: train_runs(cfg, spec, data, [(seeds[r.seed_index], r.share) for r in runs], policy, cfg.workers))
+    if reuses_labelers(params, variant):  # pseudo_label trained these very models: tested here, not trained twice
+        models, hists = load_labelers(paths, data.class_names, data.val[0].shape[1], f"variant {variant!r}")
+        data.inputs["pseudo"] = read_output(paths, "pseudo").get("fingerprint")
+        get = lambda runs: [(models[r.seed_index], hists[r.seed_index]) for r in runs]  # noqa: E731
     results, share, sweep = carry_out(cfg, spec, get)
     test = load_test(paths, data, spec, variant)  # read once every model is trained and selected
-    per_seed = [score_on_test(model, hist, seed, test, data.class_names, cfg, policy, variant)
+    flip = spec.learner == "fixmatch" and params.pseudo_label.flip  # the learner predicts as pseudo_label does
+    per_seed = [score_on_test(model, hist, seed, test, data.class_names, cfg, policy, variant, flip)
                 for seed, (model, hist) in zip(seeds, results)]
     common = variant_record(params, variant, data, share, sweep, test)
     write_models(paths, variant, params, results, per_seed, common, data)
@@ -159,10 +184,14 @@ def load_test(paths: Paths, data: VariantData, spec, variant: str) -> tuple[torc
 
 def variant_record(params: Params, variant: str, data: VariantData, share: float, sweep, test) -> dict:
     """What every output of the variant says about how it was trained."""
-    cfg = params.train_classifier
+    cfg = params.classifier_config(variant)
     spec, synthetic = cfg.variants[variant], data.synthetic
-    return {"variant": variant, "arch": cfg.arch, "pretrained": cfg.pretrained, "augment": spec.augment,
-            "trains_on_real": spec.real,
+    semi = spec.learner == "fixmatch"
+    return {"variant": variant, "learner": f"fixmatch+{params.pseudo_label.fairness}" if semi else "supervised",
+            "arch": cfg.arch, "pretrained": cfg.pretrained, "augment": spec.augment,
+            "tta": "flip" if semi and params.pseudo_label.flip else "none", "trains_on_real": spec.real,
+            "n_pool": len(data.pool) if semi else 0,
+            "pool_per_batch": params.pseudo_label.unlabeled_ratio * cfg.batch_size if semi else 0,
             "synthetic_source": str(data.synthetic_path) if data.synthetic_path else None,
             "synthetic_ratio": share, "ratio_rule": RATIO_RULE if sweep else None, "steps": cfg.steps,
             "batch_size": cfg.batch_size,
@@ -180,7 +209,7 @@ def variant_record(params: Params, variant: str, data: VariantData, share: float
 def write_models(paths: Paths, variant: str, params: Params, results, per_seed: list[dict], common: dict,
                  data: VariantData) -> None:
     """``models/classifier/<variant>/seed<k>/``: weights, metrics with the training history, config."""
-    cfg = params.train_classifier
+    cfg = params.classifier_config(variant)
     with atomic_path(paths.classifier / variant, is_dir=True) as tmp:
         for i, ((model, hist), m) in enumerate(zip(results, per_seed)):
             d = tmp / f"seed{i}"

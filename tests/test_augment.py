@@ -1,5 +1,5 @@
 """Batched TrivialAugmentWide (pipeline.training.augment): one draw per image, torchvision's ops
-and magnitudes, deterministic under the loop's generator, and fit_classifier's use of it."""
+and magnitudes, deterministic under the loop's generator, and fit's use of it."""
 import pytest
 import torch
 from torchvision.transforms import v2
@@ -177,7 +177,7 @@ def _fit(augment: str, steps: int = 4):
     x, y = torch.randint(0, 256, (32, 1, 8, 8), generator=g).to(torch.uint8), torch.arange(32) % 4
     torch.manual_seed(0)
     model = build_model("test_resnet", 4, 1)
-    return training.fit_classifier(model, training.batch_sources(8, (x, y)), (x[:8], y[:8]), steps=steps, lr=3e-3, weight_decay=0.05,
+    return training.fit(model, training.batch_sources(8, (x, y)), (x[:8], y[:8]), steps=steps, lr=3e-3, weight_decay=0.05,
                                    seed=0, eval_every=2, progress=False, augment=augment)[1]
 
 

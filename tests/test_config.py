@@ -111,8 +111,22 @@ def test_variants_are_named_specs_with_required_data(tmp_path):
     assert repo["real"].data == "prepared" and repo["real"].real and repo["real+classic"].augment == "classic"
     assert repo["synthetic-only"].data == "filtered" and not repo["synthetic-only"].real
     assert not repo["real"].pseudo and not repo["synthetic-only"].pseudo
-    assert repo["real+pseudo+classic"].pseudo and repo["real+pseudo+classic"].data == "prepared"
-    assert repo["real+pseudo+synthetic+classic"].pseudo and repo["real+pseudo+synthetic+classic"].uses_synthetic
+    assert repo["fixmatch"].learner == "fixmatch" and repo["fixmatch"].data == "prepared"
+    assert repo["fixmatch+synthetic"].learner == "fixmatch" and repo["fixmatch+synthetic"].uses_synthetic
+
+
+def test_a_fixmatch_variant_trains_with_the_learners_budget():
+    p = params_from_dict({"pseudo_label": {"arch": "test_resnet", "steps": 30, "seeds": 2, "eval_every": 5},
+                          "train_classifier": {"steps": 10, "seeds": 4}})
+    learner = p.classifier_config("fixmatch+synthetic")
+    assert (learner.arch, learner.steps, learner.seeds, learner.eval_every) == ("test_resnet", 30, 2, 5)
+    assert p.classifier_config("real").steps == 10 and p.classifier_config("real").seeds == 4
+    assert p.learner()[1] == p.train_classifier.variants["fixmatch"]  # the variant is pseudo_label's learner itself
+    assert "pseudo_label" in p.made_with("train_classifier", "fixmatch")
+    assert "pseudo_label" not in p.made_with("train_classifier", "real")
+    with pytest.raises(ConfigError, match="learner: fixmatch already learns from the unlabeled pool"):
+        params_from_dict({"train_classifier": {"variants": {"x": {"data": "prepared", "learner": "fixmatch",
+                                                                  "pseudo": True}}}})
 
 
 def test_unknown_key_inside_a_variant_names_key_and_allowed(tmp_path):

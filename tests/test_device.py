@@ -16,7 +16,7 @@ from pipeline.models.registry import load_generator
 from pipeline.training import checkpoint
 from pipeline.training import diffusion as td
 from pipeline.training import gan as train_gan
-from pipeline.training.classifier import batch_sources, fit_classifier, predict_proba
+from pipeline.training.classifier import batch_sources, fit, predict_proba
 from tests.helpers import SIZE, fresh_backbone, make_prepared, tiny_data, tiny_params, toy_images
 
 CUDA_LIKE = DevicePolicy.cuda_like("cpu")
@@ -137,7 +137,7 @@ def test_classifier_under_the_cuda_policy(forced_cuda_policy):
     """NHWC, fused AdamW; on a CPU in fp32 (for_classifiers drops bf16 there; tests/test_gpu.py runs bf16)."""
     x, y = toy_images()
     torch.manual_seed(0)
-    model, hist = fit_classifier(build_model("test_resnet", 2, 1), batch_sources(8, (x, y)), (x, y), steps=6, lr=3e-3,
+    model, hist = fit(build_model("test_resnet", 2, 1), batch_sources(8, (x, y)), (x, y), steps=6, lr=3e-3,
                                  weight_decay=0.05, seed=0, device=CUDA_LIKE, augment="classic", eval_every=3,
                                  progress=False)
     conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
@@ -157,7 +157,7 @@ def test_classifiers_train_nhwc_under_the_default_policy():
     assert not DevicePolicy("cpu", bf16=True).for_classifiers().bf16
     assert DevicePolicy("cuda", bf16=True).for_classifiers().bf16
     x, y = toy_images()
-    model, _ = fit_classifier(build_model("test_resnet", 2, 1), batch_sources(8, (x, y)), (x, y), steps=2, lr=1e-3,
+    model, _ = fit(build_model("test_resnet", 2, 1), batch_sources(8, (x, y)), (x, y), steps=2, lr=1e-3,
                               weight_decay=0.0, seed=0, device="cpu", eval_every=2, progress=False)
     conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
@@ -169,7 +169,7 @@ def test_compile_smoke():
     uncompiled names. (The diffusion loop compiled is measured by bench/gpu_check.py on a GPU.)"""
     policy = DevicePolicy("cpu", compile=True)
     x, y = toy_images()
-    model, hist = fit_classifier(build_model("test_resnet", 2, 1), batch_sources(8, (x, y)), (x, y), steps=2, lr=1e-3,
+    model, hist = fit(build_model("test_resnet", 2, 1), batch_sources(8, (x, y)), (x, y), steps=2, lr=1e-3,
                                  weight_decay=0.0, seed=0, device=policy, eval_every=2, progress=False)
     assert torch.isfinite(torch.tensor(hist["train_loss"])).all()
     assert not any("_orig_mod" in k for k in model.state_dict())

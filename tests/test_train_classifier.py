@@ -13,7 +13,7 @@ from pipeline.core.images import tensors_to_dataset
 from pipeline.core.io import save_dataset, write_json
 from pipeline.errors import ConfigError, DataError
 from pipeline.models.classifier import build_model, efficientnet_lite0_state, save_classifier
-from pipeline.training.classifier import accuracy, batch_sources, crop_flip, fit_classifier, predict_proba
+from pipeline.training.classifier import accuracy, batch_sources, crop_flip, predict_proba
 from pipeline.training.plan import carry_out, choose_share
 
 CLASSES = ["top", "upper", "lower", "bottom"]
@@ -36,7 +36,7 @@ def fit(x, y, vx, vy, batch_size=32, synthetic=None, synthetic_ratio=0.0, pseudo
     model = build_model(ARCH, 4, 1)
     sources = batch_sources(batch_size, None if x is None else (x, y), pseudo, synthetic, synthetic_ratio, pseudo_share)
     args = dict(steps=40, lr=3e-3, weight_decay=0.05, seed=0, eval_every=20, progress=False)
-    return fit_classifier(model, sources, (vx, vy), **{**args, **kw})
+    return training.fit(model, sources, (vx, vy), **{**args, **kw})
 
 
 def test_tiny_model_learns_separable_data():
@@ -168,7 +168,7 @@ def write_pseudo(paths, n=12, prepared_fp="p" * 64):
 
 def test_stage_writes_models_and_metrics(tmp_path, monkeypatch):
     paths, images = write_project(tmp_path)
-    monkeypatch.setattr(training, "fit_classifier", _no_progress(training.fit_classifier))
+    monkeypatch.setattr(training, "fit", _no_progress(training.fit))
     out = tc.run(micro_params(ratio_sweep=(0.25,)), paths, variant="real+synthetic")
     assert out["seeds"] == [3000, 3001] and out["n_test"] == 40 and out["steps"] == 6
     assert set(out["ratio_sweep"]) == {"0.5", "0.25"} and out["synthetic_ratio"] in (0.5, 0.25)
@@ -198,7 +198,7 @@ def _no_progress(f):
 def test_stage_reads_test_only_after_training_and_sets_are_disjoint(tmp_path, monkeypatch):
     paths, images = write_project(tmp_path)
     events, trained_on = [], []
-    real_fit, real_load = training.fit_classifier, tc.load_split
+    real_fit, real_load = training.fit, tc.load_split
 
     def fit(model, sources, val, **kw):
         events.append("fit")
@@ -210,7 +210,7 @@ def test_stage_reads_test_only_after_training_and_sets_are_disjoint(tmp_path, mo
         events.append(f"load:{split}")
         return real_load(p, split)
 
-    monkeypatch.setattr(training, "fit_classifier", fit)  # what train_one calls
+    monkeypatch.setattr(training, "fit", fit)  # what train_one calls
     monkeypatch.setattr(tc, "load_split", load)
     tc.run(micro_params(), paths, variant="real+synthetic-unfiltered")
     assert events.index("load:test") > events.index("fit")
@@ -221,7 +221,7 @@ def test_stage_reads_test_only_after_training_and_sets_are_disjoint(tmp_path, mo
 
 def test_stage_refuses_leaked_test_images(tmp_path, monkeypatch):
     paths, _ = write_project(tmp_path, test_leak=True)
-    monkeypatch.setattr(training, "fit_classifier", _no_progress(training.fit_classifier))
+    monkeypatch.setattr(training, "fit", _no_progress(training.fit))
     with pytest.raises(DataError, match="test images also appear"):
         tc.run(micro_params(seeds=1, steps=2), paths, variant="real")
 
@@ -290,7 +290,7 @@ def test_a_test_split_without_some_class_is_said(tmp_path, caplog, monkeypatch):
     dd = datasets.load_from_disk(str(paths.prepared / "dataset"))
     dd["test"] = dd["test"].filter(lambda r: r["label"] != 3)
     save_dataset(datasets.DatasetDict(dict(dd)), paths.prepared / "dataset")
-    monkeypatch.setattr(training, "fit_classifier", _no_progress(training.fit_classifier))
+    monkeypatch.setattr(training, "fit", _no_progress(training.fit))
     with caplog.at_level("WARNING", logger="pipeline.train_classifier"):
         out = tc.run(micro_params(seeds=1), paths, variant="real")
     assert out["test_classes_missing"] == [CLASSES[3]] and "accuracy is over the other classes only" in caplog.text
@@ -318,13 +318,13 @@ def test_pseudo_variant_adds_the_pseudo_labeled_pool_and_records_it(tmp_path, mo
     paths, images = write_project(tmp_path)
     pseudo_x = write_pseudo(paths, n=12)
     trained_on = []
-    real_fit = training.fit_classifier
+    real_fit = training.fit
 
     def fit(model, sources, val, **kw):
         trained_on.append({"teacher": kw["teacher"], **{s.name: s for s in sources}})
         return real_fit(model, sources, val, **{**kw, "progress": False})
 
-    monkeypatch.setattr(training, "fit_classifier", fit)
+    monkeypatch.setattr(training, "fit", fit)
     out = tc.run(micro_params(seeds=1, pseudo_share=0.5, pseudo_labels="hard"), paths, variant="real+pseudo+classic")
     assert out["n_pseudo_labeled"] == 12 and out["n_train_real"] == 40
     assert out["inputs"] == {"prepared": "p" * 64, "pseudo": "q" * 64}
@@ -381,7 +381,7 @@ def test_seeds_train_side_by_side_as_they_do_one_after_another():
     cfg = TrainClassifierConfig(arch=ARCH, steps=4, batch_size=8, eval_every=2, eval_batch_size=16)
     spec = VariantSpec(data="prepared", pseudo=True, augment="classic")  # the teacher travels to the workers too
     data = training.VariantData(toy(16, 1), toy(8, 2), CLASSES, pseudo=toy(16, 3), taught=("pseudo",),
-                                teacher=training.Teacher(build_model(ARCH, 4, 1), 1.0))
+                                teacher=training.Teacher([build_model(ARCH, 4, 1)], 1.0))
     jobs = [(3000, 0.0), (3001, 0.0)]
     one, two = (training.train_runs(cfg, spec, data, jobs, DevicePolicy("cpu"), workers=w) for w in (1, 2))
     for (_, a), (model, b) in zip(one, two):  # a process of one thread: the same numbers up to float order
@@ -428,9 +428,9 @@ def test_a_teacher_labels_the_taught_rows_from_the_very_view_the_student_sees():
     sources = batch_sources(8, (x, y), (px, torch.zeros(64, dtype=torch.long)), pseudo_share=0.5, taught=("pseudo",))
     assert [(s.name, s.per_batch, s.taught) for s in sources[:2]] == [("real", 4, False), ("pseudo", 4, True)]
     args = dict(steps=3, lr=3e-3, weight_decay=0.05, seed=0, eval_every=3, augment="classic", progress=False)
-    _, hist = fit_classifier(student, sources, (vx, vy), teacher=training.Teacher(teacher_net), **args)
+    _, hist = training.fit(student, sources, (vx, vy), teacher=training.Teacher([teacher_net]), **args)
     assert len(seen["teacher"]) == len(seen["student"]) == 3 and hist["taught"] == ["pseudo"] and hist["soft_labels"]
     for t, s in zip(seen["teacher"], seen["student"]):  # the pool rows of each augmented batch, as the student saw them
         assert torch.equal(t, s[4:])
     with pytest.raises(ValueError, match="no teacher was given"):
-        fit_classifier(build_model(ARCH, 4, 1), sources, (vx, vy), **args)
+        training.fit(build_model(ARCH, 4, 1), sources, (vx, vy), **args)

@@ -16,7 +16,7 @@ from pipeline.config.sections import (IGNORED_BY_KIND, STAGES, BaseParams, CganC
                                       DatasetGanConfig, DitConfig, FilterConfig, Location, Params, Paths,
                                       PrepareConfig, PseudoLabelConfig, ReportConfig, SampleConfig,
                                       TrainClassifierConfig, TrainGeneratorConfig, VariantSpec, keeps_output,
-                                      resolve_device)
+                                      labeler_file, learner_config, resolve_device)
 from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)

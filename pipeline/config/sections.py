@@ -50,11 +50,15 @@ class PrepareConfig(_Section):
 
 
 class PseudoLabelConfig(_Section):
-    """A classifier of the labeled set and the pool (best on val) labels every pool image (DPT, step one)."""
-    # fixmatch: on the labeled set + the pool (training/semi.py) | supervised: labeled set alone (self-training's)
+    """The semi-supervised learner: ``seeds`` classifiers of the labeled set and the pool (each best on val)
+    whose mean prediction labels every pool image (DPT, step one); a variant with ``learner: fixmatch``
+    trains with these same settings."""
+    # fixmatch: on the labeled set + the pool (training/tasks.py) | supervised: labeled set alone (self-training's)
     method: Literal["fixmatch", "supervised"] = "fixmatch"
     arch: str = "resnet10t"  # timm model of the labeler
+    seeds: int = Field(3, ge=1)  # models (seed k = base.seed * 1000 + k, paired with the variants'); pool labels: their mean
     steps: int = Field(1500, ge=1)  # its optimizer steps (AdamW, one-cycle, best validation checkpoint kept)
+    eval_every: int = Field(150, ge=1)  # steps between validation checks (model selection)
     batch_size: int = Field(64, ge=1)  # labeled images per step
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(0.05, ge=0)
@@ -63,7 +67,7 @@ class PseudoLabelConfig(_Section):
     fixmatch_threshold: float = Field(0.95, gt=0, le=1)  # fixmatch: teacher confidence that makes a pool image count
     fairness: Literal["flexmatch", "da", "none"] = "flexmatch"  # fixmatch: class-wise thresholds | distribution alignment
     unlabeled_weight: float = Field(1.0, ge=0)  # fixmatch: weight of the pool loss
-    ema_decay: float = Field(0.99, ge=0, lt=1)  # fixmatch: the teacher is this EMA of the student
+    ema_decay: float = Field(0.99, ge=0, lt=1)  # fixmatch: the pool's labels come from this EMA of the weights
     tta: Literal["flip", "none"] = "flip"  # predict the mean over an image and its mirror image | the image alone
     threshold: float = Field(0.0, ge=0, le=1)  # pool images kept: top-class p >= this (0: all, with p, as DPT)
     per_class_cap: int = Field(0, ge=0)  # at most this many per class, the most confident first (0 = no cap)
@@ -252,6 +256,11 @@ class VariantSpec(_Section):
     real: bool = True  # the labeled real images (false: synthetic only, the Classification Accuracy Score)
     pseudo: bool = False  # also the pseudo-labeled pool (data/pseudo), drawn with the labeled images
     augment: Literal["standard", "classic"] = "standard"  # crop + flip | TrivialAugmentWide, then crop + flip
+    # supervised: train_classifier's arch, steps, seeds | fixmatch: the semi-supervised learner, with pseudo_label's
+    # settings and seeds, the unlabeled pool beside the labeled stream (synthetic images join the labeled stream)
+    learner: Literal["supervised", "fixmatch"] = "supervised"
+    # share of the labeled stream drawn from synthetic images; None: train_classifier.synthetic_ratio
+    synthetic_ratio: Optional[float] = Field(None, ge=0, le=1)
 
     @property
     def uses_synthetic(self) -> bool:
@@ -262,6 +271,9 @@ class VariantSpec(_Section):
         if not self.real and (self.pseudo or not self.uses_synthetic):
             raise ValueError("a variant with real: false trains on synthetic images only: it needs data: filtered "
                              "or synthetic and no pseudo: true")
+        if self.learner == "fixmatch" and (self.pseudo or not self.real):
+            raise ValueError("learner: fixmatch already learns from the unlabeled pool and needs the labeled images: "
+                             "set pseudo: false and real: true")
         return self
 
 
@@ -273,10 +285,10 @@ class TrainClassifierConfig(_Section):
     # train_classifier stage per entry, the report shows them in this order.
     variants: dict[str, VariantSpec] = {name: VariantSpec(data=data, **kw) for name, data, kw in (
         ("real", "prepared", {}), ("real+classic", "prepared", {"augment": "classic"}),
-        ("real+pseudo+classic", "prepared", {"pseudo": True, "augment": "classic"}),
         ("real+synthetic+classic", "filtered", {"augment": "classic"}),
-        ("real+pseudo+synthetic+classic", "filtered", {"pseudo": True, "augment": "classic"}),
-        ("synthetic-only", "filtered", {"real": False}))}
+        ("synthetic-only", "filtered", {"real": False}),
+        ("fixmatch", "prepared", {"learner": "fixmatch", "augment": "classic"}),
+        ("fixmatch+synthetic", "filtered", {"learner": "fixmatch", "augment": "classic", "synthetic_ratio": 0.5}))}
     arch: str = "resnet10t"  # any timm model name (timm.list_models())
     # None = from scratch | efficientnet-lite0 (ImageNet, arch tf_efficientnet_lite0) | a local .safetensors
     pretrained: Optional[Location] = None
@@ -328,6 +340,20 @@ def _under_root(rel: str) -> property:
     return property(lambda self: self.root / rel, doc=f"``{rel}`` under the project root")
 
 
+def learner_config(lab: PseudoLabelConfig, base: TrainClassifierConfig = TrainClassifierConfig()
+                   ) -> tuple[TrainClassifierConfig, VariantSpec]:
+    """The semi-supervised learner ``lab`` as a classifier config (``base`` with the learner's arch, steps, batch,
+    learning rate, evaluation and seeds) and the variant it trains (method fixmatch: learner fixmatch)."""
+    budget = {k: getattr(lab, k) for k in ("arch", "steps", "batch_size", "lr", "weight_decay", "eval_every", "seeds")}
+    cfg = base.model_copy(update=budget | {"pretrained": None, "label_smoothing": 0.0})
+    return cfg, VariantSpec(data="prepared", learner=lab.method, augment=lab.augment)
+
+
+def labeler_file(index: int) -> str:
+    """Where pseudo_label keeps its seed ``index``'s model, under ``Paths.pseudo`` (its history: .json beside it)."""
+    return f"labelers/seed{index}.safetensors"
+
+
 class Paths(BaseModel):
     """Every path the pipeline reads or writes, named once, relative to ``root``."""
 
@@ -363,13 +389,24 @@ class Params(_Section):
         """Plain dict of every value in force (saved beside each output)."""
         return self.model_dump(mode="json")
 
+    def learner(self) -> tuple[TrainClassifierConfig, VariantSpec]:
+        """The semi-supervised learner (pseudo_label's settings) as train_classifier's config and a variant."""
+        return learner_config(self.pseudo_label, self.train_classifier)
+
+    def classifier_config(self, variant: str) -> TrainClassifierConfig:
+        """train_classifier's settings for ``variant``: one with ``learner: fixmatch`` trains with the learner's
+        arch, steps, batch, learning rate, evaluation and seeds (``learner``), the pool labeler's budget."""
+        spec = self.train_classifier.variants[variant]
+        return self.train_classifier if spec.learner == "supervised" else self.learner()[0]
+
     def made_with(self, stage: str, variant: str | None = None) -> dict:
         """The resolved sections an output of ``stage`` depends on: ``base`` and its own (for a
         classifier ``variant``, its own entry of ``variants`` only). Recorded in the output and
         compared with the params in force by the report."""
         r = self.resolved()
         own = r[stage] if variant is None else {**r[stage], "variants": {variant: r[stage]["variants"][variant]}}
-        return {"base": r["base"], stage: own}
+        learner = variant is not None and self.train_classifier.variants[variant].learner != "supervised"
+        return {"base": r["base"], stage: own} | ({"pseudo_label": r["pseudo_label"]} if learner else {})
 
 
 STAGES = {name: f.annotation for name, f in Params.model_fields.items() if name != "base"}  # stage -> its config

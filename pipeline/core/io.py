@@ -239,6 +239,15 @@ def sha256_tensor(x: torch.Tensor | np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
 
 
+def load_pool(paths: Paths, needed_by: str) -> torch.Tensor:
+    """The prepared unlabeled pool's images (uint8 N,C,H,W); a DataError when there is none."""
+    dd = load_dataset_dir(paths.prepared / "dataset", "prepare")
+    if "pool" not in dd or len(dd["pool"]) == 0:
+        raise DataError(f"{paths.prepared / 'dataset'}: no unlabeled pool, and {needed_by} learns from one. Set "
+                        "prepare.unlabeled_pool above 0 (or -1: the rest of the source) or drop that variant.")
+    return dataset_to_tensors(dd["pool"], label_column=None)[0]
+
+
 def load_split(paths: Paths, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """One labeled split of the prepared dataset as tensors (+ class names)."""
     dd = load_dataset_dir(paths.prepared / "dataset", "prepare")

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from pipeline.config import FilterConfig
 from pipeline.core.io import atomic_path, sha256_tensor, write_json
 from pipeline.models.classifier import build_model
-from pipeline.training.classifier import batch_sources, fit_classifier, predict_proba
+from pipeline.training.classifier import batch_sources, fit, predict_proba
 
 log = logging.getLogger(__name__)
 JUDGE_RECIPE = "r2"  # bump when training changes beyond the key's settings, so a cached judge is not reused
@@ -28,7 +28,7 @@ def train_judge(cfg: FilterConfig, train: tuple[torch.Tensor, torch.Tensor], val
     Its initial weights come from ``seed`` too, whatever ran before in the process."""
     torch.manual_seed(seed)
     model = build_model(cfg.judge_arch, num_classes, int(train[0].shape[1]))
-    return fit_classifier(model, batch_sources(cfg.judge_batch_size, train), val, steps=cfg.judge_steps,
+    return fit(model, batch_sources(cfg.judge_batch_size, train), val, steps=cfg.judge_steps,
                           lr=cfg.judge_lr, weight_decay=0.05, seed=seed, device=device, augment="standard",
                           eval_every=max(1, cfg.judge_steps // 5), progress=False)
 

@@ -53,8 +53,8 @@ def metrics(answer: dict, table: pd.DataFrame, outputs: dict[str, dict], specs: 
             "comparisons": answer["comparisons"], "stage_seconds": stage_times,
             **{k: answer.get(k) for k in ("strongest_without_synthetic", "versus_strongest")},
             "generator_quality": generator_quality(filt, table, specs) if filt else None,
-            "pseudo_labels": {k: pseudo.get(k) for k in ("kept", "pool_size", "pseudo_label_accuracy", "threshold",
-                                                         "labeler")},
+            "pseudo_labels": {k: pseudo.get(k) for k in ("kept", "pool_size", "pseudo_label_accuracy",
+                                                         "pseudo_label_accuracy_per_class", "threshold", "labeler")},
             "variants": {v: {k: None if pd.isna(x) else float(x) for k, x in table.loc[v].items()
                              if k in VARIANT_KEYS} for v in table.index}}
 

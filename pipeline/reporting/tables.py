@@ -82,27 +82,21 @@ def _use(rec: str, comparisons: list[dict | None], classic: str | None) -> str:
     return f"Use {rec}" + (f": {', '.join(gains)}" if gains else "")
 
 
-def strongest_without(table: pd.DataFrame, specs: dict[str, VariantSpec], labeler: dict | None) -> dict | None:
-    """The best option on validation that needs no generator: a variant without synthetic data (mean
-    over its seeds) or the pool labeler (one model: a user could use it as it is)."""
+def strongest_without(table: pd.DataFrame, specs: dict[str, VariantSpec]) -> str | None:
+    """The best variant on validation that needs no generator (mean over its seeds)."""
     plain = [v for v, s in specs.items() if v in table.index and not s.uses_synthetic]
-    best = max(plain, key=lambda v: table.loc[v, "val_accuracy"], default=None)
-    lab = labeler or {}
-    if lab.get("test_accuracy") is not None and lab.get("val_accuracy") is not None and (
-            best is None or lab["val_accuracy"] > table.loc[best, "val_accuracy"]):
-        return {"name": f"the pool labeler ({lab.get('method', 'supervised')}, {lab['arch']})", "labeler": True,
-                "test_accuracy": float(lab["test_accuracy"])}
-    return None if best is None else {"name": best, "labeler": False}
+    return max(plain, key=lambda v: table.loc[v, "val_accuracy"], default=None)
 
 
-def versus(variants: dict[str, dict], a: str, opponent: dict) -> dict:
-    """``a`` against the strongest option without synthetic data: paired by seed against a variant; against
-    the labeler, each seed of ``a`` minus the labeler's one accuracy (its own seed noise is not in the interval)."""
-    if not opponent["labeler"]:
-        return paired(variants, a, opponent["name"])
-    d = mean_ci([acc - opponent["test_accuracy"] for acc in seed_values(variants[a], "accuracy").values()])
-    return {"a": a, "b": opponent["name"], "diff": d["mean"], "low": d["low"], "high": d["high"], "p_value": None,
-            "std_diff": None, "n": d["n"]}
+def budget(v: dict) -> str:
+    """How a variant was trained: learner, network, steps and batch."""
+    return f"{v.get('learner', 'supervised')}, {v.get('arch')}, {v.get('steps')} steps of {v.get('batch_size')}"
+
+
+def budgets(variants: dict[str, dict], a: str, b: str) -> str:
+    """Whether ``a`` and ``b`` had the same training budget, and what it was."""
+    ba, bb = budget(variants[a]), budget(variants[b])
+    return f"equal budget: {ba}" if ba == bb else f"unequal budget: {a} {ba}; {b} {bb}"
 
 
 @dataclass(frozen=True)
@@ -120,8 +114,9 @@ class Decision:
     syn_used: bool = False  # validation gave it a share above 0
     classic: str | None = None  # classic augmentation without synthetic data
     pool: str | None = None  # the pool without synthetic data (self-training)
-    opponent: dict | None = None  # the strongest option without synthetic data (``strongest_without``)
-    versus: dict | None = None  # ``syn`` against it
+    opponent: str | None = None  # the strongest variant without synthetic data (``strongest_without``)
+    versus: dict | None = None  # ``syn`` against it, paired by seed
+    budget: str | None = None  # whether the two had the same training budget (``budgets``)
     cmp: dict = field(default_factory=dict)  # (a, b) -> ``paired``
     gain: dict | None = None  # ``syn`` against the baseline
     beats_baseline: bool = False
@@ -138,7 +133,7 @@ class Decision:
 
 
 def decide(table: pd.DataFrame, variants: dict[str, dict], specs: dict[str, VariantSpec],
-           baseline: str | None = "real", labeler: dict | None = None) -> Decision:
+           baseline: str | None = "real") -> Decision:
     """The verdict's choices and numbers (``words`` says them)."""
     n_test = int(table["n_test"].dropna().iloc[0]) if table["n_test"].notna().any() else None
     seeds = int(table["seeds"].min())
@@ -153,27 +148,26 @@ def decide(table: pd.DataFrame, variants: dict[str, dict], specs: dict[str, Vari
     classic = classic if classic and specs[classic].augment == "classic" else None
     pool = _find(specs, table, synthetic=False, pseudo=True, augment=aug)
     pool_syn = _find(specs, table, synthetic=True, pseudo=True, augment=aug)
-    opp = strongest_without(table, specs, labeler)
-    pairs = [(syn, baseline), (syn, classic), (classic, baseline), (syn, pool), (pool_syn, pool)]
+    opp = strongest_without(table, specs)
+    pairs = [(syn, opp), (syn, baseline), (syn, classic), (classic, baseline), (syn, pool), (pool_syn, pool)]
     cmp = {(a, b): paired(variants, a, b) for a, b in pairs if a and b and a != b}
     gain = cmp[(syn, baseline)]
-    vs = versus(variants, syn, opp) if opp else None
+    vs = cmp.get((syn, opp))
     above = {b: c["low"] > 0 for (a, b), c in cmp.items() if a == syn}
     syn_used = table.loc[syn, "synthetic_ratio"] != 0  # 0: validation chose none, it is its twin without them
     helped = bool(above[baseline] and above.get(classic, True) and (vs is None or vs["low"] > 0) and syn_used)
-    lead = bool(vs and opp["name"] not in (baseline, classic))
-    rec = syn if helped else opp["name"] if opp else baseline
-    gains = ([gain, cmp.get((syn, classic)), vs] if helped else
-             [paired(variants, rec, baseline)] if rec != baseline and not (opp and opp["labeler"]) else [])
+    lead = bool(vs and opp not in (baseline, classic))
+    rec = syn if helped else opp or baseline
+    gains = [gain, cmp.get((syn, classic)), vs] if helped else [paired(variants, rec, baseline)] if rec != baseline else []
     pool_syn_used = pool_syn is not None and table.loc[pool_syn, "synthetic_ratio"] != 0  # 0: it is the pool alone
     beyond = (cmp.get((pool_syn, pool)) if pool_syn_used else None) or (cmp.get((syn, pool)) if syn_used else None)
     cited = [cmp[k] for k in dict.fromkeys(((syn, pool), (pool_syn, pool))) if k in cmp
              and (k[0] != pool_syn or pool_syn_used) and (k[0] != syn or syn_used)
-             and not (lead and k == (syn, opp["name"]))]
+             and not (lead and k == (syn, opp))]
     sds = [c["std_diff"] for c in cmp.values() if c["std_diff"] is not None]
     return replace(
         d, syn=syn, syn_pseudo=specs[syn].pseudo, syn_used=syn_used, classic=classic, pool=pool, opponent=opp,
-        versus=vs, cmp=cmp, gain=gain, beats_baseline=above[baseline], beats_classic=above.get(classic, True),
+        versus=vs, budget=budgets(variants, syn, opp) if vs else None, cmp=cmp, gain=gain, beats_baseline=above[baseline], beats_classic=above.get(classic, True),
         helped=helped, lead=lead, recommend=rec, gains=gains, baseline_accuracy=table.loc[baseline, "accuracy"],
         beyond_pool=None if beyond is None else bool(beyond["low"] > 0), beyond_cited=cited if beyond else [],
         zero=[v for v, s in specs.items() if v in table.index and s.real and s.uses_synthetic
@@ -205,23 +199,25 @@ def words(d: Decision) -> dict:
     who = (f"{syn} (the synthetic variant best on validation"
            f"{'; it also uses the pseudo-labeled pool' if d.syn_pseudo else ''})")
     if d.helped:
-        answer = f"Yes: {who} beat {what}{' and ' + opp['name'] if d.lead else ''}. "
-        headline = _use(syn, d.gains, classic) + "."
+        answer = f"Yes: {who} beat {what}{' and ' + opp if d.lead else ''}. "
+    elif not d.syn_used:
+        answer = f"No: {who} trained on no synthetic image: validation chose a share of 0. "
+    elif d.beats_baseline and d.beats_classic:
+        answer = f"Partly: {who} beat {what} but not {opp}. "
+    elif d.beats_baseline:
+        answer = f"Partly: {who} beat {base} but not {classic}. "
     else:
-        if not d.syn_used:
-            answer = f"No: {who} trained on no synthetic image: validation chose a share of 0. "
-        elif d.beats_baseline and d.beats_classic:
-            answer = f"Partly: {who} beat {what} but not {opp['name']}. "
-        elif d.beats_baseline:
-            answer = f"Partly: {who} beat {base} but not {classic}. "
-        else:
-            answer = f"No: {who} did not beat {what}{'; the interval includes zero' if d.gain['diff'] > 0 else ''}. "
-        headline = (f"Use {d.recommend} (data/pseudo/labeler.safetensors; {pct(opp['test_accuracy'])}% test accuracy, "
-                    f"one seed, against {pct(d.baseline_accuracy)}% for {base})" if opp and opp["labeler"] else
-                    _use(d.recommend, d.gains, None))
-        headline += " (best on validation without synthetic data): synthetic data did not help here."
-    points = [f"Against the strongest option without synthetic data ({opp['name']}, best on validation"
-              f"{'; its one seed taken as fixed' if opp['labeler'] else ''}): {_said(d.versus)}."] if d.lead else []
+        answer = f"No: {who} did not beat {what}{'; the interval includes zero' if d.gain['diff'] > 0 else ''}. "
+    if d.versus:  # the first line: the best with synthetic data against the best without, both chosen on validation
+        v, p = d.versus, "n/a" if d.versus["p_value"] is None else f"{d.versus['p_value']:.2g}"
+        said = (f"{100 * v['diff']:+.1f} points [{100 * v['low']:+.1f}, {100 * v['high']:+.1f}] over {opp} (p={p}, "
+                f"{v['n']} seeds paired; {d.budget})")
+        headline = (f"Synthetic data helped: use {syn}, {said}." if d.helped else
+                    f"Synthetic data did not help: {syn}, the best with it on validation, {said}. Use {d.recommend}.")
+    else:
+        headline = _use(d.recommend, d.gains, classic if d.helped else None) + "." + (
+            "" if d.helped else " Synthetic data did not help here.")
+    points = []
     points.append(answer + "; ".join(_said(cmp[k]) for k in ((syn, base), (syn, classic)) if k in cmp) + ".")
     if d.beyond_pool is not None:
         points.append(f"Beyond using the pool directly (self-training, {d.pool}): the generator "
@@ -239,20 +235,20 @@ def words(d: Decision) -> dict:
     points += [p for p in (few, tail) if p]
     vs = d.versus
     return out | {"points": points, "synthetic_variant": syn, "headline": headline, "text": " ".join(points),
-                  "generator_beyond_pool": d.beyond_pool, "strongest_without_synthetic": opp and opp["name"],
+                  "generator_beyond_pool": d.beyond_pool, "strongest_without_synthetic": opp,
                   "versus_strongest": vs and {k: vs[k] for k in ("a", "b", "diff", "low", "high", "p_value", "n")},
                   "gain": float(d.gain["diff"]), "gain_low": float(d.gain["low"]), "gain_high": float(d.gain["high"]),
                   "detectable_difference": d.mde}
 
 
 def verdict(table: pd.DataFrame, variants: dict[str, dict], specs: dict[str, VariantSpec],
-            baseline: str | None = "real", labeler: dict | None = None) -> dict:
-    """What to use, in one line, then the answers that support it, each with its interval: did the
-    best synthetic variant beat the strongest option without synthetic data (the best such variant
-    or the pool ``labeler``, whichever is better on validation), real, and classic augmentation; did
-    the generator add anything beyond using the pool directly. Every choice is made on validation,
-    never on test; without a significant gain the line recommends that strongest option."""
-    return words(decide(table, variants, specs, baseline, labeler))
+            baseline: str | None = "real") -> dict:
+    """What to use, in one line, then the answers that support it, each with its interval. The line: the
+    best variant with synthetic data against the best without, both chosen on validation, paired by seed,
+    with whether their training budgets were equal; then: did it beat real and classic augmentation; did
+    the generator add anything beyond using the pool directly. Every choice is made on validation, never
+    on test; without a significant gain the line recommends the strongest variant without synthetic data."""
+    return words(decide(table, variants, specs, baseline))
 
 
 def per_class_gain(variants: dict[str, dict], variant: str, class_names: list[str], baseline: str = "real"
@@ -333,30 +329,19 @@ def caveats(variants: dict[str, dict], specs: dict, missing: list[str], outputs:
     return out
 
 
-def labeler_point(pseudo: dict, table: pd.DataFrame) -> str | None:
-    """The pool labeler as a classifier of its own (a user could use it as it is) beside the best
-    variant on validation; or, without a pool, that no semi-supervised opponent could be trained."""
-    if not pseudo:
-        return None
-    if not pseudo.get("pool_size"):
+def pool_point(pseudo: dict) -> str | None:
+    """Without a pool: that no semi-supervised learner could be trained."""
+    if pseudo and not pseudo.get("pool_size"):
         return ("No unlabeled pool (prepare.unlabeled_pool: 0): no semi-supervised learner could be trained, "
                 "so no variant was weighed against one.")
-    lab = pseudo.get("labeler") or {}
-    if lab.get("test_accuracy") is None:
-        return None
-    best = str(table["val_accuracy"].idxmax())
-    acc, best_acc, seeds = lab["test_accuracy"], table.loc[best, "accuracy"], int(table["seeds"].min())
-    return (f"The pool labeler on its own ({lab['arch']}, {lab.get('method', 'supervised')}, one seed, "
-            f"{pct(lab['val_accuracy'])}% on validation): {pct(acc)}% test accuracy (N={lab.get('n_test')}); it "
-            f"{'beats' if acc > best_acc else 'does not beat'} the best variant on validation, {best} "
-            f"({pct(best_acc)}%, mean of {seeds} seeds).")
+    return None
 
 
 def conclude(table: pd.DataFrame, variants: dict[str, dict], specs: dict[str, VariantSpec], baseline: str | None,
              outputs: dict[str, dict], missing: list[str], notes: list[str]) -> dict:
-    """The ``verdict``, then what limits it: the pool labeler on its own, the ``caveats``, ``notes``."""
+    """The ``verdict``, then what limits it: a missing pool, the ``caveats``, ``notes``."""
     pseudo = outputs.get("pseudo") or {}
-    answer = verdict(table, variants, specs, baseline, pseudo.get("labeler"))
-    labeler = labeler_point(pseudo, table)
+    answer = verdict(table, variants, specs, baseline)
+    labeler = pool_point(pseudo)
     points = ([labeler] if labeler else []) + caveats(variants, specs, missing, outputs) + notes
     return answer | {"points": answer["points"] + points, "text": " ".join([answer["text"], *points])}

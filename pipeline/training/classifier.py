@@ -2,8 +2,9 @@
 
 Images are uint8 N,C,H,W tensors, labels int64; the network sees ``to_unit(x)`` =
 ``(x/255 - 0.5)/0.5``. A batch draws from sources (``Source``: labeled, pseudo-labeled, synthetic;
-``batch_sources``). No file I/O here: the train_classifier stage (``train_one``), the labeler
-and the filter's judge all call ``fit_classifier`` / ``predict_proba``.
+``batch_sources``). No file I/O here: the train_classifier stage (``train_one``), the labeler and
+the filter's judge all call ``fit`` / ``predict_proba``; what each learns per batch is a task
+(``training.tasks``: supervised, distillation, FixMatch).
 """
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
+from timm.utils import ModelEmaV3
 from torch import nn
 
-from pipeline.config import TrainClassifierConfig, VariantSpec
+from pipeline.config import PseudoLabelConfig, TrainClassifierConfig, VariantSpec
 from pipeline.core.images import to_unit
 from pipeline.core.stats import classification_metrics
 from pipeline.core.device import DevicePolicy, as_policy
@@ -27,6 +29,7 @@ from pipeline.core.parallel import cpu_cores, map_processes
 from pipeline.errors import ConfigError
 from pipeline.models.classifier import build_model
 from pipeline.training.augment import crop_flip, trivial_augment_wide
+from pipeline.training.tasks import Batch, Supervised, Teacher, fixmatch
 
 log = logging.getLogger(__name__)
 
@@ -64,20 +67,6 @@ class Source:
     taught: bool = False  # labels from the teacher's prediction of the very view the student sees
 
 
-@dataclass
-class Teacher:
-    """A trained classifier whose predictions of each augmented batch label the ``taught`` sources
-    (consistent distillation, "function matching": Beyer et al., CVPR 2022), softened or sharpened by
-    ``temperature`` (softmax(logits / T))."""
-    model: nn.Module
-    temperature: float = 1.0
-
-    @torch.no_grad()
-    def __call__(self, x: torch.Tensor, policy: DevicePolicy) -> torch.Tensor:
-        with policy.autocast():
-            return (self.model(x).float() / self.temperature).softmax(1)
-
-
 Pair = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -92,7 +81,7 @@ def batch_sources(batch_size: int, real: Pair | None = None, pseudo: Pair | None
     has_real = real is not None and len(real[0]) > 0
     has_syn = synthetic is not None and len(synthetic[0]) > 0 and (synthetic_share > 0 or not has_real)
     if not has_real and not has_syn:
-        raise ValueError("fit_classifier: no training images (neither real nor synthetic)")
+        raise ValueError("fit: no training images (neither real nor synthetic)")
     n_syn = 0 if not has_syn else batch_size if not has_real else int(round(batch_size * synthetic_share))
     n_real, n_pool = batch_size - n_syn, 0
     if pseudo is not None and len(pseudo[0]) and has_real:
@@ -147,6 +136,12 @@ def predict_proba(model: nn.Module, x: torch.Tensor, batch_size: int = 256,
     return torch.cat(out) if out else torch.zeros(0, 0)
 
 
+def ensemble_proba(models: list[nn.Module], x: torch.Tensor, device: str | DevicePolicy, flip: bool = False,
+                   batch_size: int = 512) -> torch.Tensor:
+    """The mean of ``models``' probabilities (``predict_proba``) of ``x``: a seed ensemble's prediction."""
+    return sum(predict_proba(m, x, batch_size, device, flip) for m in models) / len(models)
+
+
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: str | DevicePolicy,
              flip: bool = False) -> float:
     """Share of ``x`` that ``model`` classifies as ``y`` (NaN for no images); ``flip`` as in ``predict_proba``."""
@@ -166,98 +161,109 @@ def sharpen(p: torch.Tensor, temperature: float) -> torch.Tensor:
     return (q / q.sum(1, keepdim=True)).float()
 
 
-def fit_classifier(model: nn.Module, sources: list[Source], val: Pair, *, steps: int, lr: float,
-                   weight_decay: float, seed: int, device: str | DevicePolicy = "cpu", augment: str = "standard",
-                   eval_every: int = 100, label_smoothing: float = 0.0, teacher: Teacher | None = None,
-                   progress: bool = True) -> tuple[nn.Module, dict]:
-    """Train ``model`` for exactly ``steps`` AdamW steps (one-cycle LR; timm's optimizer factory,
-    so norms and biases get no weight decay) and return the weights
-    with the best validation accuracy (checked every ``eval_every`` steps and at the end).
+def fit(model: nn.Module, sources: list[Source], val: Pair, *, steps: int, lr: float, weight_decay: float, seed: int,
+        device: str | DevicePolicy = "cpu", augment: str = "standard", eval_every: int = 100,
+        label_smoothing: float = 0.0, teacher: Teacher | None = None, task=None, pool: torch.Tensor | None = None,
+        ema_decay: float | None = None, progress: bool = True) -> tuple[nn.Module, dict]:
+    """Train ``model`` for exactly ``steps`` AdamW steps (one-cycle LR; timm's optimizer factory, so norms
+    and biases get no weight decay) and return the weights with the best validation accuracy (checked
+    every ``eval_every`` steps and at the end): the one loop of every classifier (variants, labeler, judge).
 
-    Each batch draws ``per_batch`` images from each of the ``sources`` (``batch_sources``). Labels
-    are class ids or, for any source, probabilities (N,K: soft labels, a cross-entropy with soft
-    targets). ``augment``: standard = random crop + flip; classic = TrivialAugmentWide (one draw per
-    image, batched on ``device``: ``training.augment``), then crop + flip. ``teacher``: labels the
-    images of ``taught`` sources from the augmented view itself. ``device``: a name or the
-    run's ``DevicePolicy`` (precision, memory format, fused AdamW, compile, pinned batches).
+    Each step draws ``per_batch`` images from each of the labeled ``sources`` (``batch_sources``; labels
+    are class ids or, for any source, probabilities N,K: a cross-entropy with soft targets), augments
+    them (``augment``: standard = random crop + flip; classic = TrivialAugmentWide, one draw per image,
+    batched on the device, then crop + flip), and ``task.pool_per_step`` raw images of the unlabeled
+    ``pool``; the ``task`` (``training.tasks``; default ``Supervised(label_smoothing, teacher)``, the
+    ``teacher`` labeling the images of ``taught`` sources from the view itself) makes the loss.
+    ``ema_decay``: an EMA copy of the weights (timm's ``ModelEmaV3``) is kept, used by the task, validated
+    and returned. ``device``: a name or the run's ``DevicePolicy`` (precision, memory format, fused
+    AdamW, compile).
     """
     if augment not in AUGMENTS:
         raise ConfigError(f"augment must be one of {AUGMENTS}, got {augment!r}")
+    task = task or Supervised(label_smoothing, teacher)
+    teacher = getattr(task, "teacher", None)
     active = [s for s in sources if s.per_batch]
     if not active:
-        raise ValueError("fit_classifier: no training images (no source draws any)")
+        raise ValueError("fit: no training images (no source draws any)")
+    if task.pool_per_step and (pool is None or not len(pool)):
+        raise ValueError("fit: the task learns from an unlabeled pool, and no pool image was given")
     batch_size = sum(s.per_batch for s in active)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout draws from the global generator; batches and augmentation from gen
     taught = torch.cat([torch.full((s.per_batch,), s.taught) for s in active])
     if taught.any() and teacher is None:
-        raise ValueError("fit_classifier: a source is to be labeled by a teacher, and no teacher was given")
+        raise ValueError("fit: a source is to be labeled by a teacher, and no teacher was given")
     k = next((s.y.shape[1] for s in active if s.y.ndim == 2), None)  # soft labels anywhere: all soft
     if k is None and taught.any():
         k = int(model.num_classes)  # a timm model
     streams = [(s.x, soft_targets(s.y, k) if k else s.y, s.per_batch, IndexStream(len(s.x), gen)) for s in active]
+    pool_stream = IndexStream(len(pool), gen) if task.pool_per_step else None
 
     policy = as_policy(device).for_classifiers()
     policy.prepare(model).train()
-    teach = teacher is not None and bool(taught.any())
-    if teach:  # the taught rows as indices, on the device: no host sync per step
-        policy.prepare(teacher.model).eval()
-        taught = policy.to_device(taught.nonzero().squeeze(1))
-    forward = policy.compiled(model)  # weights shared with model: best_state is taken from model
+    rows = None
+    if taught.any():  # the taught rows as indices, on the device: no host sync per step
+        for m in teacher.models:
+            policy.prepare(m).eval()
+        rows = policy.to_device(taught.nonzero().squeeze(1))
+    ema = ModelEmaV3(model, decay=ema_decay, use_warmup=True) if ema_decay is not None else None
+    kept = ema.module if ema is not None else model  # what is validated and returned
+    forward = policy.compiled(model)  # weights shared with model
     opt = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=weight_decay,  # no decay on norms, biases
                               fused=policy.fused_optimizer or None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, one_cycle(steps))
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     hist = {"step": [], "val_acc": [], "train_loss": [], "lr": []}
     best_acc, best_step, best_state = -1.0, 0, None
-    running, seen, t0 = torch.zeros((), device=policy.device), 0, time.time()  # loss summed on the device
+    sums, seen, t0 = None, 0, time.time()  # losses summed on the device, read every eval_every steps
     bar = None
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=steps, desc="classifier", leave=False, disable=None)  # off when not a terminal
     for step in range(1, steps + 1):
         idx = [stream.take(n) for _, _, n, stream in streams]
-        xb = torch.cat([x[i] for (x, _, _, _), i in zip(streams, idx)])
+        pi = pool_stream.take(task.pool_per_step) if pool_stream else None
+        xb = policy.to_device(torch.cat([x[i] for (x, _, _, _), i in zip(streams, idx)]))
         yb = torch.cat([y[i] for (_, y, _, _), i in zip(streams, idx)])
-        xb = policy.to_device(xb)
         if augment == "classic":  # one op and magnitude per image, on the device, in batch
             xb = trivial_augment_wide(xb, gen)
-        xb = policy.inputs(to_unit(crop_flip(xb, gen)))
-        yb = policy.to_device(yb)
-        if teach:
-            yb[taught] = teacher(xb[taught], policy)
-        with policy.autocast():
-            loss = loss_fn(forward(xb).float(), yb)
+        batch = Batch(crop_flip(xb, gen), policy.to_device(yb), rows,
+                      None if pi is None else (policy.to_device(pool[pi]), pi))
+        loss, parts = task.loss(forward, batch, policy, gen, ema)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        running += loss.detach()  # read every eval_every steps: no host sync per step
-        seen += 1
+        if ema is not None:
+            ema.update(model, step)
+        now = torch.stack([loss.detach(), *(v.detach() for v in parts.values())])
+        sums, seen = (now if sums is None else sums + now), seen + 1  # no host sync per step
         if bar is not None:
             bar.update(1)
         if step % eval_every == 0 or step == steps:
-            acc = accuracy(model, *val, max(256, batch_size), policy)
+            acc = accuracy(kept, *val, max(256, batch_size), policy)
             model.train()
-            hist["step"].append(step), hist["val_acc"].append(acc)
-            hist["train_loss"].append(float(running) / seen), hist["lr"].append(sched.get_last_lr()[0])
-            running, seen = torch.zeros((), device=policy.device), 0
+            means = dict(zip(("train_loss", *parts), (sums / seen).tolist()))
+            for key, v in {"step": step, "val_acc": acc, **means, "lr": sched.get_last_lr()[0]}.items():
+                hist.setdefault(key, []).append(v)
+            sums, seen = None, 0
             if best_state is None or (not math.isnan(acc) and acc >= best_acc):
                 best_acc, best_step = acc, step
-                best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+                best_state = copy.deepcopy({k: v.detach().cpu() for k, v in kept.state_dict().items()})
             if bar is not None:
-                bar.set_postfix(loss=f"{hist['train_loss'][-1]:.3f}", val=f"{acc:.3f}")
+                bar.set_postfix(loss=f"{means['train_loss']:.3f}", val=f"{acc:.3f}")
             if progress:
-                log.info("step %d/%d: train loss %.4f, val acc %.4f", step, steps, hist["train_loss"][-1], acc)
+                log.info("step %d/%d: %s, val acc %.4f", step, steps,
+                         ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in means.items()), acc)
     if bar is not None:
         bar.close()
-    model.load_state_dict(best_state)
-    model.eval()
+    kept.load_state_dict(best_state)
+    kept.eval()
     hist.update(steps=steps, best_step=best_step, best_val_acc=best_acc,
-                **{f"{s.name}_per_batch": s.per_batch for s in sources}, augment=augment, soft_labels=k is not None,
-                taught=[s.name for s in active if s.taught],
+                **{f"{s.name}_per_batch": s.per_batch for s in sources}, pool_per_batch=task.pool_per_step,
+                augment=augment, soft_labels=k is not None, taught=[s.name for s in active if s.taught],
                 seconds=time.time() - t0, seconds_per_step=(time.time() - t0) / steps)
-    return model, hist
+    return kept, hist
 
 
 @dataclass
@@ -272,18 +278,27 @@ class VariantData:
     inputs: dict = field(default_factory=dict)  # stage output -> fingerprint of what it read (the report checks)
     taught: tuple[str, ...] = ()  # sources (pseudo, synthetic) the teacher labels as they are drawn
     teacher: Teacher | None = None
+    pool: torch.Tensor | None = None  # unlabeled pool images (learner: fixmatch)
+    learner: PseudoLabelConfig | None = None  # the semi-supervised learner's settings (learner: fixmatch)
 
 
 def train_one(cfg: TrainClassifierConfig, spec: VariantSpec, data: VariantData, seed: int, share: float,
               device: str | DevicePolicy) -> tuple[nn.Module, dict]:
-    """One model of a variant: seed ``seed`` at synthetic share ``share``."""
+    """One model of a variant: seed ``seed`` at synthetic share ``share``; ``learner: fixmatch`` adds the
+    unlabeled pool, FixMatch's loss and its EMA (``data.learner``'s settings)."""
     torch.manual_seed(seed)
     model = build_model(cfg.arch, len(data.class_names), data.val[0].shape[1], cfg.pretrained)
     sources = batch_sources(cfg.batch_size, data.train if spec.real else None, data.pseudo, data.synthetic, share,
                             cfg.pseudo_share, data.taught)
-    return fit_classifier(model, sources, data.val, steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                          seed=seed, device=device, augment=spec.augment, eval_every=cfg.eval_every,
-                          label_smoothing=cfg.label_smoothing, teacher=data.teacher)
+    semi = spec.learner == "fixmatch"
+    if semi and (data.learner is None or data.pool is None or not len(data.pool)):
+        raise ValueError("train_one: learner fixmatch needs the unlabeled pool and pseudo_label's settings")
+    task = fixmatch(data.learner, data.train[1], len(data.pool), len(data.class_names),
+                    as_policy(device).device) if semi else None
+    return fit(model, sources, data.val, steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay, seed=seed,
+               device=device, augment=spec.augment, eval_every=cfg.eval_every, label_smoothing=cfg.label_smoothing,
+               teacher=data.teacher, task=task, pool=data.pool if semi else None,
+               ema_decay=data.learner.ema_decay if semi else None)
 
 
 def train_runs(cfg: TrainClassifierConfig, spec: VariantSpec, data: VariantData, jobs: list[tuple[int, float]],
@@ -297,10 +312,10 @@ def train_runs(cfg: TrainClassifierConfig, spec: VariantSpec, data: VariantData,
 
 
 def score_on_test(model: nn.Module, hist: dict, seed: int, test: tuple, class_names: list[str],
-                  cfg: TrainClassifierConfig, device: str | DevicePolicy, variant: str) -> dict:
-    """One seed's model on the test split, with its training record."""
+                  cfg: TrainClassifierConfig, device: str | DevicePolicy, variant: str, flip: bool = False) -> dict:
+    """One seed's model on the test split (``flip``: mirror-image TTA), with its training record."""
     num_classes = len(class_names)
-    m = classification_metrics(predict_proba(model, test[0], cfg.eval_batch_size, device), test[1], num_classes,
+    m = classification_metrics(predict_proba(model, test[0], cfg.eval_batch_size, device, flip), test[1], num_classes,
                                cfg.ece_bins)
     m["per_class_accuracy"] = dict(zip(class_names, m["per_class_accuracy"]))
     m.update(seed=seed, best_val_accuracy=hist["best_val_acc"], best_step=hist["best_step"],

@@ -34,14 +34,19 @@ class Run:
         return self.share is None
 
 
+def ratio(cfg: TrainClassifierConfig, spec: VariantSpec) -> float:
+    """The variant's own synthetic share of the labeled stream, or train_classifier.synthetic_ratio."""
+    return cfg.synthetic_ratio if spec.synthetic_ratio is None else spec.synthetic_ratio
+
+
 def fixed_share(cfg: TrainClassifierConfig, spec: VariantSpec) -> float:
     """The share without a sweep: none without synthetic images, all of them without real ones."""
-    return (cfg.synthetic_ratio if spec.real else 1.0) if spec.uses_synthetic else 0.0
+    return (ratio(cfg, spec) if spec.real else 1.0) if spec.uses_synthetic else 0.0
 
 
 def sweep_shares(cfg: TrainClassifierConfig, spec: VariantSpec) -> list[float]:
     """The candidate shares tried on the first sweep_seeds seeds ([] when the variant does not sweep)."""
-    return list(dict.fromkeys((cfg.synthetic_ratio, *cfg.ratio_sweep))) \
+    return list(dict.fromkeys((ratio(cfg, spec), *cfg.ratio_sweep))) \
         if spec.uses_synthetic and spec.real and cfg.ratio_sweep else []
 
 

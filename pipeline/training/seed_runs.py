@@ -72,7 +72,7 @@ class SeedRuns:
         if self.history(run) is not None:
             log.info("train_classifier %s: %s already done; kept", self.variant, where)
             return
-        cfg = self.params.train_classifier
+        cfg = self.params.classifier_config(self.variant)
         model, hist = train_one(cfg, cfg.variants[self.variant], self.data, seed, run.share, device)
         with atomic_path(where, is_dir=True) as tmp:
             save_classifier(model, tmp / "model.safetensors", cfg.arch, len(self.data.class_names),
@@ -84,7 +84,7 @@ def train_seed(params: Params, paths: Paths, variant: str, data, seeds: list[int
                ratio: float | None, device) -> dict:
     """Seed ``index`` of ``variant`` at ``ratio`` (None: the share the finished sweep chose) into
     models/classifier_seeds/ (kept when already there, made with the same params and data)."""
-    cfg = params.train_classifier
+    cfg = params.classifier_config(variant)
     if not 0 <= index < len(seeds):
         raise ConfigError(f"--seed_index {index}: train_classifier.seeds is {len(seeds)}, so it must be 0 to "
                           f"{len(seeds) - 1}")
