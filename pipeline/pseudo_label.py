@@ -60,7 +60,7 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
                  "with their mean prediction", len(seeds), cfg.arch, cfg.method, len(tx),
                  " and the pool" if cfg.method == "fixmatch" else "", cfg.steps, len(pool_x))
         data = VariantData((tx, ty), (vx, vy), class_names, pool=pool_x, learner=cfg)
-        results = train_runs(learner, spec, data, [(s, 0.0) for s in seeds], device)
+        results = train_runs(learner, spec, data, [(s, 0.0) for s in seeds], device, learner.workers)
         models = [model for model, _ in results]
         proba = ensemble_proba(models, pool_x, device, cfg.flip)
         keep = confident_per_class(proba, cfg.threshold, cfg.per_class_cap, cfg.balance)

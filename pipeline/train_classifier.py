@@ -128,9 +128,10 @@ def run(params: Params, paths: Paths, variant: str, seed_index: int | None = Non
     spec, policy = cfg.variants[variant], policy_for(params.base)
     check_writable(paths.classifier / variant, paths.classifier_metrics / variant)
     seeds = [params.base.seed * 1000 + i for i in range(cfg.seeds)]
-    log.info("train_classifier %s: %s, %d labeled + %d pseudo-labeled + %d synthetic training images, %d val, "
-             "%d seeds x %d steps on %s", variant, cfg.arch, len(data.train[0]) if spec.real else 0, _n(data.pseudo),
-             _n(data.synthetic), len(data.val[0]), len(seeds), cfg.steps, policy.device)
+    log.info("train_classifier %s: %s (%s), %d labeled + %d pseudo-labeled + %d synthetic training images, %d unlabeled "
+             "pool images, %d val, %d seeds x %d steps on %s", variant, cfg.arch, spec.learner,
+             len(data.train[0]) if spec.real else 0, _n(data.pseudo), _n(data.synthetic), 0 if data.pool is None else len(data.pool),
+             len(data.val[0]), len(seeds), cfg.steps, policy.device)
     if seed_index is not None:
         return train_seed(params, paths, variant, data, seeds, seed_index, ratio, policy)
     get = SeedRuns(params, paths, variant, data).read if gather else \
