@@ -14,20 +14,20 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import Params, Paths, labeler_file
+from pipeline.config import Params, Paths
 from pipeline.core.device import policy_for
 from pipeline.core.curves import write_curves
 from pipeline.core.entrypoint import stage_main
 from pipeline.core.images import class_names_of, dataset_to_tensors, image_hashes
 from pipeline.core.io import (OUTPUTS, atomic_path, check_writable, load_dataset_dir, load_pool, load_pseudo_labels,
-                              load_split, read_json, read_output, write_json)
+                              load_split, read_output, write_json)
 from pipeline.core.stats import summarize_seeds
-from pipeline.errors import ConfigError, DataError
-from pipeline.models.classifier import check_input_size, load_classifier, save_classifier
-from pipeline.training.classifier import (Teacher, VariantData, ensemble_proba, sharpen, synthetic_use,
-                                         score_on_test, train_runs)
-from pipeline.training.plan import RATIO_RULE, carry_out
-from pipeline.training.seed_runs import CLI_OPTIONS, SeedRuns, train_seed
+from pipeline.errors import DataError
+from pipeline.models.classifier import check_input_size, save_classifier
+from pipeline.training.classifier import (Teacher, VariantData, count, ensemble_proba, score_on_test, sharpen,
+                                         train_runs, variant_record)
+from pipeline.training.plan import carry_out
+from pipeline.training.seed_runs import CLI_OPTIONS, SeedRuns, load_labelers, pseudo_label_runs, train_seed
 
 log = logging.getLogger(__name__)
 SUMMARY_METRICS = ("accuracy", "macro_f1", "ece")
@@ -59,10 +59,8 @@ def load_synthetic(paths: Paths, source: str, class_names: list[str], like: torc
 
 def load_variant_data(params: Params, paths: Paths, variant: str) -> VariantData:
     """The labeled, validation, pseudo-labeled and synthetic images of ``variant``, checked."""
-    if variant not in params.train_classifier.variants:
-        raise ConfigError(f"train_classifier variant {variant!r} is not in train_classifier.variants "
-                          f"({', '.join(params.train_classifier.variants)}); add it to params.yaml or pick one of those")
-    cfg, spec = params.classifier_config(variant), params.train_classifier.variants[variant]
+    cfg = params.classifier_config(variant)  # a ConfigError for a variant params.yaml does not name
+    spec = cfg.variants[variant]
     prepared_fp = read_output(paths, "prepared").get("fingerprint")
     train_x, train_y, class_names = load_split(paths, "train")
     val_x, val_y, _ = load_split(paths, "val")
@@ -101,24 +99,6 @@ def load_variant_data(params: Params, paths: Paths, variant: str) -> VariantData
     return data
 
 
-def load_labelers(paths: Paths, class_names: list[str], in_chans: int, needed_by: str) -> tuple[list, list[dict]]:
-    """pseudo_label's models (one per seed) and their training histories."""
-    seeds = (read_output(paths, "pseudo").get("labeler") or {}).get("seeds") or []
-    if not seeds:
-        raise DataError(f"{paths.pseudo}: pseudo_label trained no labeler (no pool), and {needed_by} need one. Give "
-                        "prepare a pool (prepare.unlabeled_pool) and run pseudo_label again.")
-    files = [paths.pseudo / labeler_file(i) for i in range(len(seeds))]
-    return ([load_classifier(f, len(class_names), in_chans, needed_by) for f in files],
-            [read_json(f.with_suffix(".json"), "pseudo_label") for f in files])
-
-
-def reuses_labelers(params: Params, variant: str) -> bool:
-    """Whether ``variant`` is pseudo_label's learner itself (same learner, data and augmentation): its models are
-    pseudo_label's, tested here rather than trained twice."""
-    return params.train_classifier.variants[variant] == params.learner()[1] and \
-        params.pseudo_label.method == "fixmatch"
-
-
 def run(params: Params, paths: Paths, variant: str, seed_index: int | None = None, ratio: float | None = None,
         gather: bool = False) -> dict:
     """Train ``variant`` (a name in train_classifier.variants) for each seed; test; write. A fan-out's parts
@@ -128,18 +108,16 @@ def run(params: Params, paths: Paths, variant: str, seed_index: int | None = Non
     spec, policy = cfg.variants[variant], policy_for(params.base)
     check_writable(paths.classifier / variant, paths.classifier_metrics / variant)
     seeds = [params.base.seed * 1000 + i for i in range(cfg.seeds)]
-    log.info("train_classifier %s: %s (%s), %d labeled + %d pseudo-labeled + %d synthetic training images, %d unlabeled "
-             "pool images, %d val, %d seeds x %d steps on %s", variant, cfg.arch, spec.learner,
-             len(data.train[0]) if spec.real else 0, _n(data.pseudo), _n(data.synthetic), 0 if data.pool is None else len(data.pool),
+    log.info("train_classifier %s: %s (%s), %d labeled + %d pseudo-labeled + %d synthetic + %d unlabeled training "
+             "images, %d val, %d seeds x %d steps on %s", variant, cfg.arch, spec.learner,
+             len(data.train[0]) if spec.real else 0, count(data.pseudo), count(data.synthetic), count((data.pool,)),
              len(data.val[0]), len(seeds), cfg.steps, policy.device)
     if seed_index is not None:
         return train_seed(params, paths, variant, data, seeds, seed_index, ratio, policy)
-    get = SeedRuns(params, paths, variant, data).read if gather else \
-        (lambda runs: train_runs(cfg, spec, data, [(seeds[r.seed_index], r.share) for r in runs], policy, cfg.workers))
-    if reuses_labelers(params, variant):  # pseudo_label trained these very models: tested here, not trained twice
-        models, hists = load_labelers(paths, data.class_names, data.val[0].shape[1], f"variant {variant!r}")
-        data.inputs["pseudo"] = read_output(paths, "pseudo").get("fingerprint")
-        get = lambda runs: [(models[r.seed_index], hists[r.seed_index]) for r in runs]  # noqa: E731
+    get = pseudo_label_runs(params, paths, variant, data)  # the fixmatch variant: pseudo_label's own models
+    if get is None:
+        get = SeedRuns(params, paths, variant, data).read if gather else \
+            (lambda runs: train_runs(cfg, spec, data, [(seeds[r.seed_index], r.share) for r in runs], policy, cfg.workers))
     results, share, sweep = carry_out(cfg, spec, get)
     test = load_test(paths, data, spec, variant)  # read once every model is trained and selected
     flip = spec.learner == "fixmatch" and params.pseudo_label.flip  # the learner predicts as pseudo_label does
@@ -163,10 +141,6 @@ def run(params: Params, paths: Paths, variant: str, seed_index: int | None = Non
     return summary
 
 
-def _n(pair) -> int:
-    return len(pair[0]) if pair else 0
-
-
 def load_test(paths: Paths, data: VariantData, spec, variant: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """The test split, refused when an image also appears in what the variant trained or selected on;
     also the classes it lacks (accuracy is then over the others)."""
@@ -181,30 +155,6 @@ def load_test(paths: Paths, data: VariantData, spec, variant: str) -> tuple[torc
         log.warning("train_classifier %s: the test split has no image of class(es) %s: accuracy is over the other "
                     "classes only", variant, absent)
     return test_x, test_y, absent
-
-
-def variant_record(params: Params, variant: str, data: VariantData, share: float, sweep, test) -> dict:
-    """What every output of the variant says about how it was trained."""
-    cfg = params.classifier_config(variant)
-    spec, synthetic = cfg.variants[variant], data.synthetic
-    semi = spec.learner == "fixmatch"
-    return {"variant": variant, "learner": f"fixmatch+{params.pseudo_label.fairness}" if semi else "supervised",
-            "arch": cfg.arch, "pretrained": cfg.pretrained, "augment": spec.augment,
-            "tta": "flip" if semi and params.pseudo_label.flip else "none", "trains_on_real": spec.real,
-            "n_pool": len(data.pool) if semi else 0,
-            "pool_per_batch": params.pseudo_label.unlabeled_ratio * cfg.batch_size if semi else 0,
-            "synthetic_source": str(data.synthetic_path) if data.synthetic_path else None,
-            "synthetic_ratio": share, "ratio_rule": RATIO_RULE if sweep else None, "steps": cfg.steps,
-            "batch_size": cfg.batch_size,
-            "pseudo": {"share": cfg.pseudo_share, "labels": cfg.pseudo_labels,
-                       "temperature": cfg.pseudo_temperature} if data.pseudo else None,
-            "synthetic_labels": cfg.synthetic_labels if synthetic else None,
-            "n_train_real": len(data.train[0]) if spec.real else 0, "n_pseudo_labeled": _n(data.pseudo),
-            "n_synthetic": _n(synthetic), "n_val": len(data.val[0]), "n_test": len(test[1]),
-            **synthetic_use(synthetic, share, cfg.steps, cfg.batch_size, data.class_names),
-            "class_names": data.class_names, "test_classes_missing": test[2],
-            "inputs": data.inputs,  # the report refuses metrics of other data or other settings
-            "params": params.made_with("train_classifier", variant)}
 
 
 def write_models(paths: Paths, variant: str, params: Params, results, per_seed: list[dict], common: dict,

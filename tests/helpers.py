@@ -199,11 +199,12 @@ def project_copy(dst: Path, data: Path) -> Path:
     params["prepare"].update(path=str(data), labeled_per_class=10, val_per_class=5)
     # random-pixel data and a 20-step generator: let every sample through so each variant runs
     params["filter"].update(min_confidence=0.0, require_realism=False, memorization_ratio=0.0)
-    # three of the six variants: the baseline, classic augmentation and one synthetic (each variant is one
+    # four of the six variants: the baseline, classic augmentation, one synthetic and fixmatch (each variant is one
     # more flow process under dvc repro, about 15 s of start-up on a slow core); the report's logic for any
     # set of variants is tested in test_report
     variants = params["train_classifier"]["variants"]
-    params["train_classifier"]["variants"] = {v: variants[v] for v in ("real", "real+classic", "real+synthetic+classic")}
+    params["train_classifier"]["variants"] = {v: variants[v] for v in ("real", "real+classic", "real+synthetic+classic",
+                                                                       "fixmatch")}
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], dst)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "init"], dst)

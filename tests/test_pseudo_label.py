@@ -1,19 +1,18 @@
-"""pseudo_label: a classifier of the labeled set labels the pool; the confident ones are kept
-(tiny prepared toy data, timm's test network, a few steps on CPU)."""
+"""pseudo_label: the semi-supervised learner's seeds label the pool with their mean prediction; the
+confident ones are kept (tiny prepared toy data, timm's test network, a few steps on CPU)."""
 from __future__ import annotations
 
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from pipeline import pseudo_label
 from pipeline import train_generator as tg
-from pipeline.config import Paths, params_from_dict
+from pipeline.config import Paths, labeler_file, params_from_dict
 from pipeline.core.images import dataset_to_tensors
 from pipeline.core.io import load_dataset_dir, read_json, write_json
 from pipeline.errors import DataError
-from pipeline.models.classifier import build_model
+from pipeline.models.classifier import load_classifier
 from pipeline.quality.selection import confident_per_class
 from pipeline.training.classifier import predict_proba
 from tests.helpers import make_prepared, tiny_params, toy_images
@@ -42,15 +41,20 @@ def pool_of(paths):
     return dataset_to_tensors(pool, label_column="hidden_label")
 
 
+def labelers(paths, seeds=2):
+    """The saved labelers, one per seed (micro: 2)."""
+    files = [paths.pseudo / labeler_file(i) for i in range(seeds)]
+    for f in files:
+        with safe_open(str(f), "pt") as meta:
+            assert meta.metadata() == {"arch": "test_resnet", "num_classes": "2", "in_chans": "1"}
+    assert not (paths.pseudo / labeler_file(seeds)).exists()
+    return [load_classifier(f, 2, 1, "test") for f in files]
+
+
 def labeler_proba(paths, pool_x):
-    """The saved labeler's probabilities on the pool, recomputed from labeler.safetensors (with the
-    default mirror-image test-time augmentation)."""
-    f = paths.pseudo / "labeler.safetensors"
-    with safe_open(str(f), "pt") as meta:
-        assert meta.metadata() == {"arch": "test_resnet", "num_classes": "2"}
-    model = build_model("test_resnet", 2, 1)
-    model.load_state_dict(load_file(str(f)))
-    return predict_proba(model, pool_x, 64, flip=True)
+    """The saved labelers' mean probabilities on the pool (with the default mirror-image test-time augmentation)."""
+    models = labelers(paths)
+    return sum(predict_proba(m, pool_x, 64, flip=True) for m in models) / len(models)
 
 
 def test_stage_keeps_confident_pool_images_and_scores_them_against_the_hidden_labels(tmp_path):
@@ -83,7 +87,9 @@ def test_stage_keeps_confident_pool_images_and_scores_them_against_the_hidden_la
             pytest.approx(out["kept_per_class"][c] / predicted, abs=1e-4) if predicted else None)
     assert out["pool_size"] == 32 and out["threshold"] == 0.0 and out["per_class_cap"] == 10
     assert out["inputs"] == {"prepared": PREPARED_FP} and len(out["fingerprint"]) == 64
-    assert out["labeler"]["arch"] == "test_resnet" and out["labeler"]["n_val"] == 16
+    assert out["labeler"]["arch"] == "test_resnet" and out["labeler"]["n_val"] == 16 and out["labeler"]["seeds"] == [3000, 3001]
+    hist = read_json((paths.pseudo / labeler_file(1)).with_suffix(".json"), "test")  # what the fixmatch variant reads
+    assert hist["best_val_acc"] == out["labeler"]["val_accuracy_per_seed"][1] and hist["steps"] == 4
     assert f"kept {len(keep)} of 32 pool images at confidence >= 0.0" in out["headline"]
     assert "labeled right" in out["headline"]
     assert read_json(paths.pseudo / "summary.json") == out
@@ -109,7 +115,7 @@ def test_no_pool_writes_an_empty_set_and_the_generator_learns_from_the_labeled_i
     out = pseudo_label.run(pl_params(), paths)
     assert out["kept"] == 0 and out["pool_size"] == 0 and out["kept_per_class"] == {"left": 0, "right": 0}
     assert "labeler" not in out and "pseudo_label_accuracy" not in out
-    assert not (paths.pseudo / "labeler.safetensors").exists()  # nothing to label, no labeler trained
+    assert not (paths.pseudo / "labelers").exists()  # nothing to label, no labeler trained
     assert (paths.pseudo / "dataset").exists() and load_dataset_dir(paths.pseudo / "dataset", "pseudo_label") is None
     data = tg.load_train_data(tiny_params(labels="auto"), paths, "cpu")
     labeled_x, _ = toy_images()
@@ -175,29 +181,29 @@ def test_balance_cuts_every_class_to_the_poorest_class_most_confident_first():
     assert confident_per_class(PROBA, 0.99, 0, balance=True).tolist() == []
 
 
-def test_fixmatch_labels_every_pool_image_and_records_the_labelers_test_accuracy(tmp_path):
+def test_fixmatch_labels_every_pool_image_with_its_seeds_mean(tmp_path):
     paths = prepared(tmp_path, hidden=True)
     params = params_from_dict({"base": {"profile": "micro", "device": "cpu", "seed": 3}, "pseudo_label": {
         "arch": "test_resnet", "steps": 4, "batch_size": 8, "unlabeled_ratio": 2}})  # the default method and keep-all
     out = pseudo_label.run(params, paths)
     assert out["kept"] == out["pool_size"] == 32 and sum(out["kept_per_class"].values()) == 32
     assert out["labeler"]["method"] == "fixmatch+flexmatch, flip TTA"
-    assert 0 <= out["labeler"]["test_accuracy"] <= 1 and out["labeler"]["n_test"] == 16
+    assert "test_accuracy" not in out["labeler"]  # the fixmatch variant tests the learner, once
+    assert len(out["labeler"]["seeds"]) == 2 and 0 <= out["labeler"]["val_accuracy"] <= 1
     assert out["pool_accuracy_all"] == out["pseudo_label_accuracy"]  # every pool image kept
 
 
 def test_supervised_method_trains_on_the_labeled_images_alone(tmp_path):
     out = pseudo_label.run(pl_params(method="supervised"), prepared(tmp_path))
-    assert out["labeler"]["method"] == "supervised, flip TTA" and "test_accuracy" in out["labeler"]
+    assert out["labeler"]["method"] == "supervised, flip TTA" and len(out["labeler"]["seeds"]) == 2
 
 
 def test_tta_none_labels_with_the_image_alone(tmp_path):
     paths = prepared(tmp_path, hidden=True)
     out = pseudo_label.run(pl_params(tta="none"), paths)
     pool_x, _ = pool_of(paths)
-    model = build_model("test_resnet", 2, 1)
-    model.load_state_dict(load_file(str(paths.pseudo / "labeler.safetensors")))
+    models = labelers(paths)
     ds = load_dataset_dir(paths.pseudo / "dataset", "pseudo_label")
-    single = predict_proba(model, pool_x, 64)[torch.tensor(ds["pool_index"])]
+    single = (sum(predict_proba(m, pool_x, 64) for m in models) / 2)[torch.tensor(ds["pool_index"])]
     assert torch.allclose(torch.tensor(ds["probabilities"], dtype=torch.float64), single.double(), atol=1e-6)
     assert out["labeler"]["method"] == "fixmatch+flexmatch"

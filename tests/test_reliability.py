@@ -83,7 +83,7 @@ def test_prepare_is_deterministic_given_the_seed(tmp_path):
 
 def test_pseudo_label_is_deterministic_given_the_seed(tmp_path):
     from pipeline import pseudo_label
-    from pipeline.config import params_from_dict
+    from pipeline.config import labeler_file, params_from_dict
 
     params = params_from_dict({"base": {"profile": "micro", "device": "cpu", "seed": 2},
                                "pseudo_label": {"steps": 3, "batch_size": 8, "per_class_cap": 6}})
@@ -93,10 +93,11 @@ def test_pseudo_label_is_deterministic_given_the_seed(tmp_path):
         paths = Paths(root=tmp_path / root)
         summary = pseudo_label.run(params, paths)
         x, y = dataset_to_tensors(load_dataset_dir(paths.pseudo / "dataset", "pseudo_label"))
-        outs.append((summary, x, y, load_file(str(paths.pseudo / "labeler.safetensors"))))
+        outs.append((summary, x, y, {i: load_file(str(paths.pseudo / labeler_file(i))) for i in range(2)}))
     (s1, x1, y1, w1), (s2, x2, y2, w2) = outs
     assert s1["kept"] > 0 and s1["fingerprint"] == s2["fingerprint"]
-    assert torch.equal(x1, x2) and torch.equal(y1, y2) and all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert all(torch.equal(w1[i][k], w2[i][k]) for i in w1 for k in w1[i])  # each seed's labeler (micro: 2)
 
 
 def test_downstream_stage_without_its_input_says_what_to_run(tmp_path):

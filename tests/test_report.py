@@ -17,14 +17,17 @@ from pipeline.core.io import read_json, save_dataset, write_json
 from pipeline.core.stats import detectable_difference
 from pipeline.errors import DataError
 from pipeline.reporting.summary import stage_seconds
-from pipeline.reporting.tables import caveats, decide, labeler_point, quality_rows, variant_table, verdict, words
+from pipeline.reporting.tables import caveats, decide, pool_point, quality_rows, variant_table, verdict, words
 
 NAMES = ["a", "b"]
 PREPARED_FP, FILTERED_FP, PSEUDO_FP, SYNTHETIC_FP, GENERATOR_FP = "p" * 64, "f" * 64, "s" * 64, "y" * 64, "g" * 64
 MICRO = params_from_dict({"base": {"profile": "micro"}})
-# the default variants (real, real+classic, real+pseudo+classic, real+synthetic+classic,
-# real+pseudo+synthetic+classic, synthetic-only) and one synthetic variant without classic augmentation
-SPECS = {**TrainClassifierConfig().variants, "real+synthetic": VariantSpec(data="filtered")}
+# the default variants (real, real+classic, real+synthetic+classic, synthetic-only, fixmatch, fixmatch+synthetic),
+# the self-training students and one synthetic variant without classic augmentation
+SPECS = {**TrainClassifierConfig().variants, "real+synthetic": VariantSpec(data="filtered"),
+         "real+pseudo+classic": VariantSpec(data="prepared", pseudo=True, augment="classic"),
+         "real+pseudo+synthetic+classic": VariantSpec(data="filtered", pseudo=True, augment="classic")}
+BUDGET = "equal budget: supervised, test_resnet, 1500 steps of 64"
 
 
 def variant(accs, per_class=None, synthetic=None, val=None, ratio=None, pseudo=None, names=NAMES):
@@ -32,6 +35,7 @@ def variant(accs, per_class=None, synthetic=None, val=None, ratio=None, pseudo=N
     (default: the test accuracy), ``ratio`` = the synthetic share chosen on validation."""
     val = val or accs
     return {"n_test": 200, "synthetic_ratio": (0.25 if synthetic else 0.0) if ratio is None else ratio,
+            "learner": "supervised", "arch": "test_resnet", "steps": 1500, "batch_size": 64,
             "inputs": {"prepared": PREPARED_FP, **({"filtered": synthetic} if synthetic else {}),
                        **({"pseudo": pseudo} if pseudo else {})}, "per_seed": [
                 {"seed": s, "accuracy": a, "best_val_accuracy": v, "macro_f1": a - 0.01, "ece": 0.05, "seconds": 1.0,
@@ -58,9 +62,9 @@ def test_verdict_says_helped_only_when_it_beats_real_and_classic_with_intervals_
     v = judge(real=variant(REAL), **{"real+classic": variant(CLASSIC),
                                      "real+synthetic+classic": syn([0.85, 0.87, 0.86])})
     assert v["helped"] is True and v["synthetic_variant"] == "real+synthetic+classic"
-    # the first line says what to use and what it bought, the supporting answers follow as a list
-    assert v["headline"] == ("Use real+synthetic+classic: +5.0 points over real [+2.5, +7.5], +4.0 points over "
-                             "classic augmentation (real+classic) [+1.5, +6.5].")
+    # the first line: the best with synthetic data against the best without, then the supporting answers as a list
+    assert v["headline"].startswith("Synthetic data helped: use real+synthetic+classic, +4.0 points [+1.5, +6.5] over "
+                                    "real+classic (p=0.0") and v["headline"].endswith(f"3 seeds paired; {BUDGET}).")
     assert v["points"][0].startswith("Yes:") and v["text"] == " ".join(v["points"])
     assert v["text"].startswith("Yes: real+synthetic+classic (the synthetic variant best on validation) beat real and classic augmentation (real+classic)")
     assert "N=200" in v["text"] and "3 seeds" in v["text"]
@@ -86,8 +90,8 @@ def test_verdict_says_helped_only_when_it_beats_real_and_classic_with_intervals_
                                      "real+synthetic+classic": syn([0.70, 0.71, 0.73])})
     assert v["helped"] is False and "includes zero" not in v["text"] and v["text"].startswith("No:")
     # no significant gain: use the best variant on validation that needs no generator
-    assert v["headline"].startswith("Use real+classic: +1.0 points over real [") and \
-        v["headline"].endswith("(best on validation without synthetic data): synthetic data did not help here.")
+    assert v["headline"].startswith("Synthetic data did not help: real+synthetic+classic, the best with it on "
+                                    "validation, -10.7 points [-12.1, -9.2] over real+classic") and v["headline"].endswith("). Use real+classic.")
     # without a classic variant the question is real alone
     v = judge(real=variant(REAL), **{"real+synthetic+classic": syn([0.85, 0.87, 0.86])})
     assert v["helped"] is True and v["text"].startswith("Yes: real+synthetic+classic (the synthetic variant best on validation) beat real. ")
@@ -111,23 +115,22 @@ def test_verdict_says_what_the_generator_adds_beyond_the_pool():
             "real+pseudo+classic": variant([0.84, 0.85, 0.86]), "real+synthetic+classic": syn([0.85, 0.86, 0.85])}
     better = judge(**base, **{"real+pseudo+synthetic+classic": syn([0.88, 0.89, 0.89], val=[0.95] * 3)})
     assert better["synthetic_variant"] == "real+pseudo+synthetic+classic" and better["generator_beyond_pool"] is True
-    # the first point weighs it against the strongest option without synthetic data: here self-training
-    assert better["points"][0].startswith("Against the strongest option without synthetic data (real+pseudo+classic, "
-                                          "best on validation): real+pseudo+synthetic+classic vs real+pseudo+classic: +3.7")
-    assert better["points"][1].startswith("Yes: real+pseudo+synthetic+classic (the synthetic variant best on validation; "
+    # the first line weighs it against the strongest variant without synthetic data: here self-training
+    assert better["headline"].startswith("Synthetic data helped: use real+pseudo+synthetic+classic, +3.7 points "
+                                         "[+2.2, +5.1] over real+pseudo+classic (p=")
+    assert better["points"][0].startswith("Yes: real+pseudo+synthetic+classic (the synthetic variant best on validation; "
                                           "it also uses the pseudo-labeled pool) beat real and classic augmentation "
                                           "(real+classic) and real+pseudo+classic.")
-    assert better["headline"].endswith("+3.7 points over real+pseudo+classic [+2.2, +5.1].")
     assert better["strongest_without_synthetic"] == "real+pseudo+classic"
-    assert better["text"].count("real+pseudo+synthetic+classic vs real+pseudo+classic") == 1  # said once
+    assert "real+pseudo+synthetic+classic vs real+pseudo+classic" not in better["text"]  # said once, in the headline
     assert "Beyond using the pool directly (self-training, real+pseudo+classic): the generator added accuracy" \
         in better["text"]
     pairs = {(c["a"], c["b"]): c for c in better["comparisons"]}
     # when validation gave real+pseudo+synthetic+classic no synthetic data, the answer rests on real+synthetic+classic
     none = judge(**base, **{"real+pseudo+synthetic+classic": syn([0.84, 0.85, 0.86], ratio=0.0)})
-    assert none["points"][0].startswith("Against the strongest option without synthetic data (real+pseudo+classic, best "
-                                        "on validation): real+synthetic+classic vs real+pseudo+classic: +0.3")
-    assert "the generator added nothing significant (the first point)." in none["text"]
+    assert none["headline"].startswith("Synthetic data did not help: real+synthetic+classic, the best with it on "
+                                       "validation, +0.3 points [")
+    assert "the generator added nothing significant (the first line)." in none["text"]
     assert "real+pseudo+synthetic+classic vs real+pseudo+classic" not in none["text"]
     assert pairs[("real+pseudo+synthetic+classic", "real+pseudo+classic")]["diff"] == pytest.approx(0.0367, abs=1e-4)
     assert pairs[("real+pseudo+synthetic+classic", "real+pseudo+classic")]["low"] > 0
@@ -184,17 +187,23 @@ def test_verdict_without_a_synthetic_variant_cannot_answer():
     assert v["text"].startswith("No synthetic variant was compared with real") and v["best_variant"] == "real+classic"
 
 
-def test_the_labeler_is_weighed_against_the_best_variant_and_no_pool_is_said():
-    t = table(real=variant(REAL), **{"real+classic": variant(CLASSIC)})
-    lab = {"arch": "test_resnet", "method": "fixmatch+flexmatch", "val_accuracy": 0.86, "test_accuracy": 0.85,
-           "n_test": 200}
-    point = labeler_point({"pool_size": 100, "labeler": lab}, t)
-    assert point == ("The pool labeler on its own (test_resnet, fixmatch+flexmatch, one seed, 86.0% on validation): "
-                     "85.0% test accuracy (N=200); it beats the best variant on validation, real+classic "
-                     "(82.0%, mean of 3 seeds).")
-    assert "does not beat" in labeler_point({"pool_size": 100, "labeler": {**lab, "test_accuracy": 0.8}}, t)
-    assert "no semi-supervised learner" in labeler_point({"pool_size": 0}, t)
-    assert labeler_point({}, t) is None and labeler_point({"pool_size": 5, "labeler": {"arch": "x"}}, t) is None
+def test_a_run_without_a_pool_says_no_semi_supervised_learner_was_trained():
+    assert "no semi-supervised learner" in pool_point({"pool_size": 0})
+    assert pool_point({}) is None and pool_point({"pool_size": 5, "labeler": {"arch": "x"}}) is None
+
+
+def test_the_headline_says_when_the_two_budgets_differ():
+    semi = {**variant([0.84, 0.85, 0.86]), "learner": "fixmatch+flexmatch", "steps": 4500}
+    v = judge(real=variant(REAL), **{"real+classic": variant(CLASSIC), "fixmatch": semi,
+                                     "real+synthetic+classic": syn([0.85, 0.86, 0.85])})
+    assert v["strongest_without_synthetic"] == "fixmatch" and v["helped"] is False
+    assert v["headline"].endswith("unequal budget: real+synthetic+classic supervised, test_resnet, 1500 steps of 64; "
+                                  "fixmatch fixmatch+flexmatch, test_resnet, 4500 steps of 64). Use fixmatch.")
+    v = judge(real=variant(REAL), **{"real+classic": variant(CLASSIC), "fixmatch": semi,
+                                     "fixmatch+synthetic": {**syn([0.87, 0.89, 0.88]), "learner": "fixmatch+flexmatch",
+                                                            "steps": 4500}})
+    assert v["headline"].startswith("Synthetic data helped: use fixmatch+synthetic, +3.0 points [+0.5, +5.5] over fixmatch")
+    assert v["headline"].endswith("equal budget: fixmatch+flexmatch, test_resnet, 4500 steps of 64).")
 
 
 def test_the_report_says_how_many_synthetic_images_each_variant_used_and_how_often():
@@ -227,7 +236,7 @@ def trained(name, accs, params=MICRO, **kw):
     """Metrics of variant ``name`` as train_classifier writes them with ``params``, on the current inputs
     (``kw`` overrides them)."""
     kw = {"per_class": accs[:2], "synthetic": FILTERED_FP if "synthetic" in name else None,
-          "pseudo": PSEUDO_FP if "pseudo" in name else None, **kw}
+          "pseudo": PSEUDO_FP if "pseudo" in name or name == "fixmatch" else None, **kw}
     return {**variant(accs, **kw), "params": params.made_with("train_classifier", name)}
 
 
@@ -268,11 +277,11 @@ def fake_run(root, names=NAMES, params=MICRO):
         "fingerprint": PSEUDO_FP, "inputs": {"prepared": PREPARED_FP}, "pool_size": 20, "threshold": 0.9, "kept": 12,
         "kept_per_class": dict(zip(names, [7, 5])), "coverage_per_class": dict(zip(names, [0.7, 0.5])),
         "pseudo_label_accuracy": 0.75, "pseudo_label_accuracy_per_class": dict(zip(names, [0.8571, 0.6])),
-        "labeler": {"arch": "test_resnet", "method": "fixmatch+flexmatch", "val_accuracy": 0.6, "best_step": 10,
-                    "n_val": 8, "seconds": 2.0, "test_accuracy": 0.55, "n_test": 200},
+        "labeler": {"arch": "test_resnet", "method": "fixmatch+flexmatch", "seeds": [0, 1, 2], "val_accuracy": 0.6,
+                    "best_step": [10, 10, 10], "n_val": 8, "seconds": [2.0, 2.0, 2.0]},
         "headline": "pseudo_label: kept 12 of 20 pool images at confidence >= 0.9", "seconds": 3.0})
     for name, accs in {"real": [0.7, 0.72, 0.71], "real+classic": [0.73, 0.74, 0.72],
-                       "real+pseudo+classic": [0.74, 0.75, 0.74], "real+synthetic+classic": [0.78, 0.79, 0.80]}.items():
+                       "fixmatch": [0.74, 0.75, 0.74], "real+synthetic+classic": [0.78, 0.79, 0.80]}.items():
         if name in params.train_classifier.variants:
             write_json(paths.classifier_metrics / f"{name}.json", trained(name, accs, params, names=names))
     return paths
@@ -282,20 +291,16 @@ def test_report_stage_writes_everything(tmp_path):
     paths = fake_run(tmp_path)
     out = report.run(params_from_dict({"base": {"profile": "micro"}}), paths)
     html = (paths.reports / "report.html").read_text()
-    assert out["headline"].startswith("Use real+synthetic+classic: +8.0 points over real [")
+    assert out["headline"].startswith("Synthetic data helped: use real+synthetic+classic, +4.7 points [")
     metrics = json.loads((paths.reports / "metrics.json").read_text())
     assert metrics["headline"] == out["headline"]
-    assert metrics["answer"][0].startswith("Against the strongest option without synthetic data (real+pseudo+classic, "
-                                           "best on validation): real+synthetic+classic vs real+pseudo+classic: +4.7")
-    assert metrics["answer"][1].startswith("Yes: real+synthetic+classic (the synthetic variant best on validation) "
-                                           "beat real and classic augmentation (real+classic) and real+pseudo+classic")
-    assert metrics["strongest_without_synthetic"] == "real+pseudo+classic"
+    assert metrics["answer"][0].startswith("Yes: real+synthetic+classic (the synthetic variant best on validation) "
+                                           "beat real and classic augmentation (real+classic) and fixmatch")
+    assert metrics["strongest_without_synthetic"] == "fixmatch"
     assert metrics["versus_strongest"]["diff"] == pytest.approx(0.047, abs=1e-3)
-    assert any(p.startswith("Beyond using the pool directly (self-training, real+pseudo+classic)")
-               for p in metrics["answer"])
     assert out["headline"] in html.replace("&#39;", "'").replace("&gt;", ">")
     md = (paths.reports / "report.md").read_text()
-    assert md.splitlines()[2] == f"**{out['headline']}**" and md.splitlines()[4].startswith("- Against ")
+    assert md.splitlines()[2] == f"**{out['headline']}**" and md.splitlines()[4].startswith("- Yes: ")
     assert html.count("data:image/png;base64,") >= 8 and "http://" not in html and "https://" not in html
     assert "low_confidence x1" in html and "not used" in html
     assert metrics["helped"] is True and metrics["variants"]["real"]["accuracy"] == pytest.approx(0.71)
@@ -307,16 +312,16 @@ def test_report_stage_writes_everything(tmp_path):
     assert metrics["synthetic_variant"] == "real+synthetic+classic" and metrics["detectable_difference"] > 0
     assert {(c["a"], c["b"]) for c in metrics["comparisons"]} == {
         ("real+synthetic+classic", "real"), ("real+synthetic+classic", "real+classic"), ("real+classic", "real"),
-        ("real+synthetic+classic", "real+pseudo+classic")}
+        ("real+synthetic+classic", "fixmatch")}
     assert metrics["variants"]["real+synthetic+classic"]["synthetic_ratio"] == 0.25
     assert metrics["variants"]["real"]["val_accuracy"] == pytest.approx(0.71)
     # the pseudo-label section: its headline, the labeler, kept and right per class
     assert metrics["pseudo_labels"] == {"kept": 12, "pool_size": 20, "pseudo_label_accuracy": 0.75, "threshold": 0.9,
+                                        "pseudo_label_accuracy_per_class": {"a": 0.8571, "b": 0.6},
                                         "labeler": read_json(paths.pseudo / "summary.json")["labeler"]}
-    assert "fixmatch+flexmatch, 60.0% on val (N=8), 55.0% on test (N=200)" in (paths.reports / "report.md").read_text()
-    assert any(p.startswith("The pool labeler on its own") for p in metrics["answer"])
+    assert "fixmatch+flexmatch, the mean of 3 seeds, 60.0% on val (N=8)." in (paths.reports / "report.md").read_text()
     assert "## Pseudo-labels" in md and "kept 12 of 20 pool images" in md and "a 7 (85.7% right)" in md
-    assert 'id="pseudo-per-class"' in html and "Labeler: test_resnet, fixmatch+flexmatch, 60.0% on val (N=8), 55.0% on test (N=200)" in html
+    assert 'id="pseudo-per-class"' in html and "Labeler: test_resnet, fixmatch+flexmatch, the mean of 3 seeds, 60.0% on val (N=8)." in html
     assert metrics["stage_seconds"]["pseudo_label"] == 3.0
     assert "Kind <b>datasetgan</b>, 1.23M parameters, 50 training steps in 12 s" in html
     assert "interpreter accuracy on val 75.0% (N=8)" in html and metrics["generator_kind"] == "datasetgan"
@@ -332,7 +337,8 @@ def test_report_reads_only_the_variants_named_in_params(tmp_path, caplog):
     metrics = json.loads((paths.reports / "metrics.json").read_text())
     assert list(metrics["variants"]) == ["real", "real+synthetic+classic"]  # real+classic is on disk but not named
     assert "synthetic-only" in caplog.text and "left out" in caplog.text
-    assert out["headline"].startswith("Use real+synthetic+classic: +8.0 points over real [") and "real+classic" not in out["headline"]
+    assert out["headline"].startswith("Synthetic data helped: use real+synthetic+classic, +8.0 points [") and \
+        out["headline"].endswith(" over real (p=0.0052, 3 seeds paired; equal budget: supervised, test_resnet, 1500 steps of 64).")
     assert "pseudo" not in out["headline"]  # no pseudo variant named: no "beyond the pool" sentence
     assert "| real+classic |" not in (paths.reports / "report.md").read_text()
     only_missing = params_from_dict({"train_classifier": {"variants": {"synthetic-only": named["synthetic-only"]}}})
@@ -389,13 +395,12 @@ def test_report_refuses_metrics_of_another_run(tmp_path):
     with pytest.raises(DataError, match=r"real\+synthetic\+classic: filtered changed since \(filter ran again\)"):
         report.run(params, paths)
     write_json(paths.classifier_metrics / "real+synthetic+classic.json", trained("real+synthetic+classic", [0.9] * 3))
-    # a pseudo variant trained on other pseudo-labels (pseudo_label re-ran since)
-    write_json(paths.classifier_metrics / "real+pseudo+classic.json",
-               trained("real+pseudo+classic", [0.8] * 3, pseudo="o" * 64))
-    with pytest.raises(DataError, match=r"real\+pseudo\+classic: pseudo changed since"):
+    # the fixmatch variant is pseudo_label's models: older ones (pseudo_label re-ran since) are refused
+    write_json(paths.classifier_metrics / "fixmatch.json", trained("fixmatch", [0.8] * 3, pseudo="o" * 64))
+    with pytest.raises(DataError, match=r"fixmatch: pseudo changed since"):
         report.run(params, paths)
     assert not (paths.reports / "metrics.json").exists()  # no verdict was written
-    write_json(paths.classifier_metrics / "real+pseudo+classic.json", trained("real+pseudo+classic", [0.8] * 3))
+    write_json(paths.classifier_metrics / "fixmatch.json", trained("fixmatch", [0.8] * 3))
     assert report.run(params, paths)["headline"]  # every input current again: the report is written
 
 
@@ -409,7 +414,7 @@ def test_report_refuses_variants_trained_with_other_classifier_settings(tmp_path
     with pytest.raises(DataError) as err:
         report.run(new, paths)
     msg = str(err.value)
-    for v in ("real+classic", "real+pseudo+classic", "real+synthetic+classic"):
+    for v in ("real+classic", "fixmatch", "real+synthetic+classic"):
         assert f"  {v}: trained with other settings (" in msg and f"--variant {v}" in msg
     assert "train_classifier.arch: 'test_resnet' -> 'resnet10t'" in msg and "train_classifier.steps:" in msg
     assert "  real:" not in msg  # the one trained with the current settings is not stale
@@ -500,7 +505,7 @@ def test_report_renders_for_any_valid_set_of_variants(tmp_path, case):
     metrics = json.loads((paths.reports / "metrics.json").read_text())
     md = (paths.reports / "report.md").read_text()
     assert md.splitlines()[2] == f"**{out['headline']}**" and (paths.reports / "report.html").exists()
-    expected = {"no variant named real": "Use baseline+synthetic: +",  # the plain real variant is the baseline
+    expected = {"no variant named real": "Synthetic data helped: use baseline+synthetic, +",  # the plain real variant is the baseline
                 "a single variant": "No synthetic variant was compared with real",
                 "no synthetic variant": "No synthetic variant was compared with real",
                 "no baseline": "No variant trains on the real images alone",
@@ -510,7 +515,8 @@ def test_report_renders_for_any_valid_set_of_variants(tmp_path, case):
     if case == "no variant named real":
         assert metrics["baseline"] == "baseline" and "| vs baseline (points) |" in md
         assert metrics["variants"]["baseline+synthetic"]["diff"] == pytest.approx(0.1)
-        assert out["headline"].startswith("Use baseline+synthetic: +10.0 points over baseline [")
+        assert out["headline"].startswith("Synthetic data helped: use baseline+synthetic, +10.0 points [+7.5, +12.5] over "
+                                          "baseline (")
     if case == "filter kept nothing":
         assert any("the filter accepted none of the synthetic images" in p for p in metrics["answer"])
     if case == "only real has metrics":
@@ -537,7 +543,7 @@ def write_text(path, text):
 def test_report_notes_few_seeds_and_missing_test_classes(tmp_path):
     params = params_from_dict({"base": {"profile": "micro"}, "train_classifier": {"seeds": 2}})
     paths = fake_run(tmp_path, params=params)
-    for name in ("real", "real+classic", "real+pseudo+classic", "real+synthetic+classic"):
+    for name in ("real", "real+classic", "fixmatch", "real+synthetic+classic"):
         m = trained(name, [0.7, 0.75], params)
         write_json(paths.classifier_metrics / f"{name}.json", {**m, "test_classes_missing": ["b"]})
     report.run(params, paths)
@@ -569,30 +575,9 @@ def test_markup_in_title_and_class_names_is_shown_as_text(tmp_path):
     assert h1 == "&lt;script&gt;document.title='pwned'&lt;/script&gt;&lt;b&gt;bold&lt;/b&gt;"  # text, not elements
 
 
-def test_verdict_weighs_the_pool_labeler_when_it_is_the_strongest_option_without_synthetic_data():
-    variants = {"real": variant(REAL), "real+classic": variant(CLASSIC),
-                "real+synthetic+classic": syn([0.85, 0.86, 0.87])}
-    lab = {"arch": "test_resnet", "method": "fixmatch+flexmatch", "val_accuracy": 0.95, "test_accuracy": 0.86}
-    v = verdict(variant_table(variants), variants, SPECS, "real", lab)
-    # it beat real and classic, but not the labeler (better on validation): no, and the labeler is recommended
-    assert v["helped"] is False and v["strongest_without_synthetic"] == "the pool labeler (fixmatch+flexmatch, test_resnet)"
-    assert v["points"][0] == ("Against the strongest option without synthetic data (the pool labeler (fixmatch+flexmatch, "
-                              "test_resnet), best on validation; its one seed taken as fixed): real+synthetic+classic vs "
-                              "the pool labeler (fixmatch+flexmatch, test_resnet): +0.0 points [-2.5, +2.5], p=n/a.")
-    assert v["points"][1].startswith("Partly: real+synthetic+classic (the synthetic variant best on validation) beat real "
-                                     "and classic augmentation (real+classic) but not the pool labeler")
-    assert v["headline"] == ("Use the pool labeler (fixmatch+flexmatch, test_resnet) (data/pseudo/labeler.safetensors; 86.0% "
-                             "test accuracy, one seed, against 81.0% for real) (best on validation without synthetic "
-                             "data): synthetic data did not help here.")
-    # a labeler worse on validation than the best variant without synthetic data is not the opponent
-    v = verdict(variant_table(variants), variants, SPECS, "real", {**lab, "val_accuracy": 0.5})
-    assert v["helped"] is True and v["strongest_without_synthetic"] == "real+classic"
-    assert not v["points"][0].startswith("Against")  # classic augmentation is answered in the first point already
-
-
 def test_verdict_words_are_pinned_sentence_for_sentence():
-    """Every sentence of three verdicts, as written before the verdict was split into deciding and
-    saying: helped; not helped, with the pool labeler the opponent; not helped, with self-training."""
+    """Every sentence of two verdicts, as written before the verdict was split into deciding and saying:
+    helped; not helped, with self-training the strongest variant without synthetic data."""
     helped = judge(real=variant(REAL), **{"real+classic": variant(CLASSIC),
                                           "real+synthetic+classic": syn([0.85, 0.87, 0.86])})
     tail = "Best variant on validation: real+synthetic+classic (86.0% test accuracy; 3 seeds, N=200 real test images)."
@@ -602,45 +587,37 @@ def test_verdict_words_are_pinned_sentence_for_sentence():
         "(real+classic). real+synthetic+classic vs real: +5.0 points [+2.5, +7.5], p=0.013; real+synthetic+classic vs "
         "real+classic: +4.0 points [+1.5, +6.5], p=0.02.",
         classic, "Smallest difference this run can detect: 2.5 points (80% power, paired t-test at 5%, 3 seeds).", tail]
-    variants = {"real": variant(REAL), "real+classic": variant(CLASSIC), "real+synthetic+classic": syn([0.85, 0.86, 0.87])}
-    lab = {"arch": "test_resnet", "method": "fixmatch+flexmatch", "val_accuracy": 0.95, "test_accuracy": 0.86}
-    labeler = verdict(variant_table(variants), variants, SPECS, "real", lab)
-    assert labeler["points"][1:] == [
-        "Partly: real+synthetic+classic (the synthetic variant best on validation) beat real and classic augmentation "
-        "(real+classic) but not the pool labeler (fixmatch+flexmatch, test_resnet). real+synthetic+classic vs real: "
-        "+5.0 points [+5.0, +5.0], p=0; real+synthetic+classic vs real+classic: +4.0 points [+4.0, +4.0], p=0.",
-        classic, "Smallest difference this run can detect: 0.0 points (80% power, paired t-test at 5%, 3 seeds).", tail]
     pool = judge(real=variant(REAL), **{"real+classic": variant(CLASSIC), "real+pseudo+classic": variant([0.84, 0.85, 0.86]),
                                         "real+synthetic+classic": syn([0.85, 0.86, 0.85]),
                                         "real+pseudo+synthetic+classic": syn([0.84, 0.86, 0.85], val=[0.95] * 3)})
-    assert pool["headline"] == ("Use real+pseudo+classic: +4.0 points over real [+4.0, +4.0] (best on validation without "
-                                "synthetic data): synthetic data did not help here.")
+    assert pool["headline"] == ("Synthetic data did not help: real+pseudo+synthetic+classic, the best with it on validation, "
+                                "+0.0 points [-2.5, +2.5] over real+pseudo+classic (p=1, 3 seeds paired; " + BUDGET + "). "
+                                "Use real+pseudo+classic.")
     assert pool["points"] == [
-        "Against the strongest option without synthetic data (real+pseudo+classic, best on validation): "
-        "real+pseudo+synthetic+classic vs real+pseudo+classic: +0.0 points [-2.5, +2.5], p=1.",
         "Partly: real+pseudo+synthetic+classic (the synthetic variant best on validation; it also uses the pseudo-labeled "
         "pool) beat real and classic augmentation (real+classic) but not real+pseudo+classic. real+pseudo+synthetic+classic "
         "vs real: +4.0 points [+1.5, +6.5], p=0.02; real+pseudo+synthetic+classic vs real+classic: +3.0 points "
         "[+0.5, +5.5], p=0.035.",
         "Beyond using the pool directly (self-training, real+pseudo+classic): the generator added nothing significant "
-        "(the first point).",
+        "(the first line).",
         classic, "Smallest difference this run can detect: 2.7 points (80% power, paired t-test at 5%, 3 seeds).",
         "Best variant on validation: real+pseudo+synthetic+classic (85.0% test accuracy; 3 seeds, N=200 real test images)."]
     assert pool["text"] == " ".join(pool["points"])
 
 
 def test_the_verdict_decides_before_it_words():
-    """``decide`` makes every choice (here: the pool labeler, better on validation, is the opponent it
-    did not beat, so it is what to use); ``words`` only says them."""
-    variants = {"real": variant(REAL), "real+classic": variant(CLASSIC), "real+synthetic+classic": syn([0.85, 0.86, 0.87])}
-    lab = {"arch": "test_resnet", "method": "fixmatch+flexmatch", "val_accuracy": 0.95, "test_accuracy": 0.86}
-    d = decide(variant_table(variants), variants, SPECS, "real", lab)
+    """``decide`` makes every choice (here: fixmatch, better on validation, is the opponent it did not beat,
+    so it is what to use); ``words`` only says them."""
+    semi = {**variant([0.86, 0.86, 0.86], val=[0.95] * 3), "learner": "fixmatch+flexmatch", "steps": 4500}
+    variants = {"real": variant(REAL), "real+classic": variant(CLASSIC), "real+synthetic+classic": syn([0.85, 0.86, 0.87]),
+                "fixmatch": semi}
+    d = decide(variant_table(variants), variants, SPECS, "real")
     assert (d.syn, d.classic, d.pool, d.helped, d.beats_baseline, d.beats_classic, d.lead) == (
         "real+synthetic+classic", "real+classic", None, False, True, True, True)
-    assert d.recommend == d.opponent["name"] == "the pool labeler (fixmatch+flexmatch, test_resnet)"
+    assert d.recommend == d.opponent == "fixmatch" and d.budget.startswith("unequal budget: ")
     assert set(d.cmp) == {("real+synthetic+classic", "real"), ("real+synthetic+classic", "real+classic"),
-                          ("real+classic", "real")}
-    assert words(d) == verdict(variant_table(variants), variants, SPECS, "real", lab)
+                          ("real+classic", "real"), ("real+synthetic+classic", "fixmatch")}
+    assert words(d) == verdict(variant_table(variants), variants, SPECS, "real")
     none = decide(variant_table({"real": variants["real"]}), {"real": variants["real"]}, SPECS)
     assert none.syn is None and none.measured and none.helped is None and none.cmp == {}
 

@@ -7,12 +7,12 @@ import torch
 
 import pipeline.train_classifier as tc
 import pipeline.training.classifier as training
-from pipeline.config import Paths, TrainClassifierConfig, VariantSpec, params_from_dict
+from pipeline.config import Paths, TrainClassifierConfig, VariantSpec, labeler_file, params_from_dict
 from pipeline.core.device import DevicePolicy
 from pipeline.core.images import tensors_to_dataset
 from pipeline.core.io import save_dataset, write_json
 from pipeline.errors import ConfigError, DataError
-from pipeline.models.classifier import build_model, efficientnet_lite0_state, save_classifier
+from pipeline.models.classifier import build_model, efficientnet_lite0_state, load_classifier, save_classifier
 from pipeline.training.classifier import accuracy, batch_sources, crop_flip, predict_proba
 from pipeline.training.plan import carry_out, choose_share
 
@@ -124,8 +124,9 @@ def write_project(root, n_filtered=24, test_leak=False):
     (x, y), (vx, vy), (tx, ty), (sx, sy) = toy(40, 1), toy(16, 2), toy(40, 3), toy(n_filtered + 8, 4)
     if test_leak:
         tx[0] = x[0]
+    pool = toy(30, 6)[0]  # unlabeled (the fixmatch learner's)
     dd = datasets.DatasetDict({"train": tensors_to_dataset(x, y, CLASSES), "val": tensors_to_dataset(vx, vy, CLASSES),
-                               "test": tensors_to_dataset(tx, ty, CLASSES)})
+                               "test": tensors_to_dataset(tx, ty, CLASSES), "pool": tensors_to_dataset(pool, None, None)})
     save_dataset(dd, paths.prepared / "dataset")
     write_json(paths.prepared / "summary.json", {"class_names": CLASSES, "fingerprint": "p" * 64})
     n = len(sy)
@@ -140,29 +141,39 @@ def write_project(root, n_filtered=24, test_leak=False):
     write_json(paths.synthetic / "summary.json", {"inputs": {"generator": "g" * 64}, "fingerprint": "synthetic" * 8})
     write_json(paths.filtered / "summary.json", {"inputs": {"synthetic": "synthetic" * 8, "prepared": "p" * 64},
                                                  "fingerprint": "filtered" * 8})
-    return paths, {"train": x, "val": vx, "test": tx, "synthetic": sx}
+    return paths, {"train": x, "val": vx, "test": tx, "synthetic": sx, "pool": pool}
 
 
-# the default variants and two more: synthetic images without classic augmentation, and unfiltered
+# the default variants and more: synthetic images without classic augmentation, unfiltered, self-training students
 VARIANTS = {**{k: v.model_dump() for k, v in TrainClassifierConfig().variants.items()},
-            "real+synthetic": {"data": "filtered"}, "real+synthetic-unfiltered": {"data": "synthetic"}}
+            "real+synthetic": {"data": "filtered"}, "real+synthetic-unfiltered": {"data": "synthetic"},
+            "real+pseudo+classic": {"data": "prepared", "pseudo": True, "augment": "classic"},
+            "real+pseudo+synthetic+classic": {"data": "filtered", "pseudo": True, "augment": "classic"}}
+LEARNER = {"arch": ARCH, "steps": 4, "batch_size": 8, "eval_every": 2, "seeds": 2, "unlabeled_ratio": 2}
 
 
-def micro_params(**tc_over):
-    return params_from_dict({"base": {"profile": "micro", "device": "cpu", "seed": 3},
+def micro_params(learner=None, **tc_over):
+    return params_from_dict({"base": {"profile": "micro", "device": "cpu", "seed": 3}, "pseudo_label": learner or LEARNER,
                              "train_classifier": {"arch": ARCH, "steps": 6, "batch_size": 8, "eval_every": 3, "seeds": 2,
                                                   "eval_batch_size": 16, "variants": VARIANTS, **tc_over}})
 
 
-def write_pseudo(paths, n=12, prepared_fp="p" * 64):
+def write_pseudo(paths, n=12, prepared_fp="p" * 64, seeds=1):
     """``data/pseudo`` as pseudo_label writes it: n pool images with pseudo-labels (0 = none kept)."""
     x, y = toy(n, 5) if n else (torch.zeros(0, 1, 8, 8, dtype=torch.uint8), torch.zeros(0, dtype=torch.long))
     proba = torch.nn.functional.one_hot(y, len(CLASSES)).double() * 0.8 + 0.05
     save_dataset(tensors_to_dataset(x, y, CLASSES, {"confidence": [0.95] * n, "pool_index": list(range(n)),
                                                     "probabilities": proba}), paths.pseudo / "dataset")
     write_json(paths.pseudo / "summary.json", {"inputs": {"prepared": prepared_fp}, "fingerprint": "q" * 64,
-                                               "kept": n, "headline": f"pseudo_label: kept {n} of 30 pool images"})
-    save_classifier(build_model(ARCH, len(CLASSES), 1), paths.pseudo / "labeler.safetensors", ARCH, len(CLASSES), 1)
+                                               "kept": n, "headline": f"pseudo_label: kept {n} of 30 pool images",
+                                               "labeler": {"seeds": list(range(seeds))}})
+    for i in range(seeds):  # each seed's labeler and its history
+        torch.manual_seed(i)
+        (paths.pseudo / "labelers").mkdir(exist_ok=True)
+        save_classifier(build_model(ARCH, len(CLASSES), 1), paths.pseudo / labeler_file(i), ARCH, len(CLASSES), 1)
+        write_json((paths.pseudo / labeler_file(i)).with_suffix(".json"),
+                   {"steps": 4, "best_step": 4, "best_val_acc": 0.5 + i / 10, "seconds": 1.0, "step": [2, 4],
+                    "val_acc": [0.4, 0.5 + i / 10], "train_loss": [1.0, 0.9]})
     return x
 
 
@@ -252,16 +263,17 @@ def test_cli_variant_flag(tmp_path, monkeypatch):
 def test_variant_table_matches_config():
     """The variants are params: a dict name -> {data (required), real, pseudo, augment}; the defaults keep the six."""
     default = TrainClassifierConfig().variants
-    assert list(default) == ["real", "real+classic", "real+pseudo+classic", "real+synthetic+classic",
-                             "real+pseudo+synthetic+classic", "synthetic-only"]
-    assert {k: (v.data, v.real, v.pseudo, v.augment) for k, v in default.items()} == {
-        "real": ("prepared", True, False, "standard"), "real+classic": ("prepared", True, False, "classic"),
-        "real+pseudo+classic": ("prepared", True, True, "classic"),
-        "real+synthetic+classic": ("filtered", True, False, "classic"),
-        "real+pseudo+synthetic+classic": ("filtered", True, True, "classic"),
-        "synthetic-only": ("filtered", False, False, "standard")}
+    assert list(default) == ["real", "real+classic", "real+synthetic+classic", "synthetic-only", "fixmatch",
+                             "fixmatch+synthetic"]
+    assert {k: (v.data, v.real, v.pseudo, v.augment, v.learner) for k, v in default.items()} == {
+        "real": ("prepared", True, False, "standard", "supervised"),
+        "real+classic": ("prepared", True, False, "classic", "supervised"),
+        "real+synthetic+classic": ("filtered", True, False, "classic", "supervised"),
+        "synthetic-only": ("filtered", False, False, "standard", "supervised"),
+        "fixmatch": ("prepared", True, False, "classic", "fixmatch"),
+        "fixmatch+synthetic": ("filtered", True, False, "classic", "fixmatch")}
     assert [k for k, v in default.items() if v.uses_synthetic] == [
-        "real+synthetic+classic", "real+pseudo+synthetic+classic", "synthetic-only"]
+        "real+synthetic+classic", "synthetic-only", "fixmatch+synthetic"]
     assert micro_params().train_classifier.steps == 6
     mine = params_from_dict({"train_classifier": {"variants": {"real": {"data": "prepared"},
                                                                "mine": {"data": "synthetic", "augment": "classic"}}}})
@@ -339,7 +351,7 @@ def test_pseudo_variant_adds_the_pseudo_labeled_pool_and_records_it(tmp_path, mo
     assert trained_on[-1]["teacher"] is None and not trained_on[-1]["pseudo"].taught
     taught = tc.run(micro_params(seeds=1), paths, variant="real+pseudo+classic")  # the default: the labeler teaches
     assert taught["pseudo"]["labels"] == "teacher" and trained_on[-1]["pseudo"].taught
-    assert isinstance(trained_on[-1]["teacher"].model, torch.nn.Module) and not trained_on[-1]["real"].taught
+    assert isinstance(trained_on[-1]["teacher"].models[0], torch.nn.Module) and not trained_on[-1]["real"].taught
     on_disk = json.loads((paths.classifier_metrics / "real+pseudo+classic.json").read_text())
     assert on_disk["n_pseudo_labeled"] == 12 and on_disk["inputs"]["pseudo"] == "q" * 64
     # with synthetic images too: both recorded
@@ -347,7 +359,8 @@ def test_pseudo_variant_adds_the_pseudo_labeled_pool_and_records_it(tmp_path, mo
                   variant="real+pseudo+synthetic+classic")
     assert trained_on[-1]["pseudo"].taught and trained_on[-1]["synthetic"].taught and both["synthetic_labels"] == "teacher"
     loads = []
-    monkeypatch.setattr(tc, "load_classifier", lambda *a: loads.append(a) or build_model(ARCH, len(CLASSES), 1).eval())
+    monkeypatch.setattr("pipeline.training.seed_runs.load_classifier",
+                        lambda *a: loads.append(a) or build_model(ARCH, len(CLASSES), 1).eval())
     tc.run(micro_params(seeds=1, ratio_sweep=(), synthetic_labels="labeler"), paths, variant="real+pseudo+synthetic+classic")
     assert trained_on[-1]["synthetic"].y.shape == (24, 4) and not trained_on[-1]["synthetic"].taught  # its probabilities
     assert trained_on[-1]["pseudo"].taught and len(loads) == 1  # one labeler read for both uses
@@ -434,3 +447,44 @@ def test_a_teacher_labels_the_taught_rows_from_the_very_view_the_student_sees():
         assert torch.equal(t, s[4:])
     with pytest.raises(ValueError, match="no teacher was given"):
         training.fit(build_model(ARCH, 4, 1), sources, (vx, vy), **args)
+
+
+def test_the_fixmatch_variant_tests_pseudo_labels_models_instead_of_training_them(tmp_path, monkeypatch):
+    paths, _ = write_project(tmp_path)
+    write_pseudo(paths, seeds=2)
+    monkeypatch.setattr(training, "fit", lambda *a, **k: pytest.fail("the fixmatch variant trained a model"))
+    out = tc.run(micro_params(), paths, variant="fixmatch")
+    assert out["seeds"] == [3000, 3001] and [r["best_val_accuracy"] for r in out["per_seed"]] == [0.5, 0.6]
+    assert out["learner"] == "fixmatch+flexmatch" and out["steps"] == 4 and out["tta"] == "flip"
+    assert out["inputs"] == {"prepared": "p" * 64, "pseudo": "q" * 64} and out["n_pool"] == 30
+    saved = load_classifier(paths.classifier / "fixmatch" / "seed1" / "model.safetensors", len(CLASSES), 1, "test")
+    labeler = load_classifier(paths.pseudo / labeler_file(1), len(CLASSES), 1, "test")
+    assert all(torch.equal(v, labeler.state_dict()[k]) for k, v in saved.state_dict().items())
+    write_pseudo(paths, seeds=1)  # pseudo_label trained fewer seeds than the learner's: refused, not half-read
+    with pytest.raises(DataError, match=r"pseudo_label trained 1 model\(s\) and variant 'fixmatch' needs 2"):
+        tc.run(micro_params(), paths, variant="fixmatch")
+
+
+def test_fixmatch_synthetic_trains_the_learner_with_synthetic_images_in_its_labeled_stream(tmp_path, monkeypatch):
+    paths, images = write_project(tmp_path)
+    calls, real_fit = [], training.fit
+
+    def fit(model, sources, val, **kw):
+        calls.append({"sources": {s.name: s for s in sources}, **kw})
+        return real_fit(model, sources, val, **{**kw, "progress": False})
+
+    monkeypatch.setattr(training, "fit", fit)
+    out = tc.run(micro_params(), paths, variant="fixmatch+synthetic")
+    first = calls[0]
+    assert len(calls) == 2 and out["seeds"] == [3000, 3001] and out["steps"] == 4 and out["learner"] == "fixmatch+flexmatch"
+    assert first["steps"] == 4 and first["eval_every"] == 2 and first["ema_decay"] == 0.99  # the learner's budget
+    assert first["sources"]["synthetic"].per_batch == first["sources"]["real"].per_batch == 4  # share 0.5 of 8
+    assert torch.equal(first["pool"], images["pool"]) and first["task"].pool_per_step == 16
+    assert out["synthetic_ratio"] == 0.5 and out["n_synthetic"] == 24 and out["pool_per_batch"] == 16
+    assert "pseudo_label" in out["params"] and out["inputs"] == {"prepared": "p" * 64, "filtered": "filtered" * 8}
+    # without a pool the learner has nothing unlabeled to learn from: said, before any training
+    import datasets
+    dd = datasets.load_from_disk(str(paths.prepared / "dataset"))
+    save_dataset(datasets.DatasetDict({k: v for k, v in dd.items() if k != "pool"}), paths.prepared / "dataset")
+    with pytest.raises(DataError, match="no unlabeled pool, and variant 'fixmatch\\+synthetic' \\(learner: fixmatch\\)"):
+        tc.run(micro_params(), paths, variant="fixmatch+synthetic")

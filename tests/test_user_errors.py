@@ -101,7 +101,7 @@ def test_a_timm_arch_that_cannot_take_the_image_size_fails_before_training(tmp_p
     with pytest.raises(ConfigError, match=r"train_classifier.arch: vit_tiny_patch16_224 cannot take 8x8 images"):
         train_classifier.run(params, Paths(root=root), "real")
     assert not called
-    monkeypatch.setattr("pipeline.pseudo_label.fit", lambda *a, **k: called.append(1))
+    monkeypatch.setattr("pipeline.pseudo_label.train_runs", lambda *a, **k: called.append(1))
     params = params_from_dict({"base": {"profile": "micro", "device": "cpu"},
                                "pseudo_label": {"arch": "vit_tiny_patch16_224"}})
     with pytest.raises(ConfigError, match=r"pseudo_label.arch: vit_tiny_patch16_224 cannot take 8x8 images"):

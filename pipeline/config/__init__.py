@@ -13,10 +13,11 @@ import yaml
 from pydantic import ValidationError
 
 from pipeline.config.sections import (IGNORED_BY_KIND, STAGES, BaseParams, CganConfig, ClipConfig,  # noqa: F401
-                                      DatasetGanConfig, DitConfig, FilterConfig, Location, Params, Paths,
+                                      DatasetGanConfig, DitConfig, FilterConfig, Location, Params,
                                       PrepareConfig, PseudoLabelConfig, ReportConfig, SampleConfig,
                                       TrainClassifierConfig, TrainGeneratorConfig, VariantSpec, keeps_output,
-                                      labeler_file, learner_config, resolve_device)
+                                      learner_config)
+from pipeline.config.paths import Paths, labeler_file  # noqa: F401
 from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -200,3 +201,21 @@ def load_params(path: str | os.PathLike = PARAMS_FILE, overrides: dict | None = 
     return params_from_dict(raw, str(path))
 
 
+def resolve_device(base: BaseParams, compute: bool = True) -> str:
+    """The device a stage runs on. ``compute``: the stage trains or samples at the profile's sizes, so the
+    gpu profile without a CUDA device is refused (days of CPU time) unless ``base.device: cpu`` asks for it
+    (then a warning); a stage that only reads results (report) passes False."""
+    import torch
+
+    if base.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("base.device: cuda was asked for but no CUDA device is visible; use auto or cpu")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if base.device == "auto" else base.device
+    if compute and base.profile == "gpu" and device == "cpu":
+        if base.device == "auto":
+            raise ConfigError("base.profile: gpu sizes every model for a GPU (a 36M-parameter generator, thousands of "
+                              "steps: days on a CPU), but no CUDA device is visible here. Use base.profile: cpu on this "
+                              "machine, or run on a GPU machine; base.device: cpu runs it on the CPU anyway.")
+        import logging
+
+        logging.getLogger(__name__).warning("base.profile: gpu on the CPU (base.device: cpu): expect days, not hours")
+    return device

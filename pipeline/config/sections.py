@@ -1,10 +1,9 @@
 """The typed sections of ``params.yaml``: one pydantic model per stage, every field defaulted and
-commented; unknown keys and wrong types are errors. ``Paths`` names every file the pipeline uses."""
+commented; unknown keys and wrong types are errors (``Paths``, in paths.py, names every file the pipeline uses)."""
 from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 from typing import Annotated, Literal, Optional
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
@@ -336,10 +335,6 @@ class ReportConfig(_Section):
     grid_per_class: int = Field(8, ge=1)  # images per class in the report's grids
 
 
-def _under_root(rel: str) -> property:
-    return property(lambda self: self.root / rel, doc=f"``{rel}`` under the project root")
-
-
 def learner_config(lab: PseudoLabelConfig, base: TrainClassifierConfig = TrainClassifierConfig()
                    ) -> tuple[TrainClassifierConfig, VariantSpec]:
     """The semi-supervised learner ``lab`` as a classifier config (``base`` with the learner's arch, steps, batch,
@@ -347,32 +342,6 @@ def learner_config(lab: PseudoLabelConfig, base: TrainClassifierConfig = TrainCl
     budget = {k: getattr(lab, k) for k in ("arch", "steps", "batch_size", "lr", "weight_decay", "eval_every", "seeds")}
     cfg = base.model_copy(update=budget | {"pretrained": None, "label_smoothing": 0.0})
     return cfg, VariantSpec(data="prepared", learner=lab.method, augment=lab.augment)
-
-
-def labeler_file(index: int) -> str:
-    """Where pseudo_label keeps its seed ``index``'s model, under ``Paths.pseudo`` (its history: .json beside it)."""
-    return f"labelers/seed{index}.safetensors"
-
-
-class Paths(BaseModel):
-    """Every path the pipeline reads or writes, named once, relative to ``root``."""
-
-    model_config = ConfigDict(frozen=True)
-    root: Path = Path(".")
-
-    prepared = _under_root("data/prepared")
-    pseudo = _under_root("data/pseudo")
-    generator = _under_root("models/generator")
-    generator_checkpoints = _under_root("models/generator_checkpoints")
-    synthetic = _under_root("data/synthetic")
-    synthetic_shards = _under_root("data/synthetic_shards")
-    filtered = _under_root("data/filtered")
-    feature_cache = _under_root("data/cache")
-    classifier = _under_root("models/classifier")
-    classifier_metrics = _under_root("metrics/classifier")
-    classifier_seeds = _under_root("models/classifier_seeds")  # a fan-out's seed runs (flows/fanout.py)
-    stage_timing = _under_root("metrics/stages")  # run times kept out of the stage outputs they describe
-    reports = _under_root("reports")
 
 
 class Params(_Section):
@@ -396,8 +365,11 @@ class Params(_Section):
     def classifier_config(self, variant: str) -> TrainClassifierConfig:
         """train_classifier's settings for ``variant``: one with ``learner: fixmatch`` trains with the learner's
         arch, steps, batch, learning rate, evaluation and seeds (``learner``), the pool labeler's budget."""
-        spec = self.train_classifier.variants[variant]
-        return self.train_classifier if spec.learner == "supervised" else self.learner()[0]
+        variants = self.train_classifier.variants
+        if variant not in variants:
+            raise ConfigError(f"train_classifier variant {variant!r} is not in train_classifier.variants "
+                              f"({', '.join(variants)}); add it to params.yaml or pick one of those")
+        return self.train_classifier if variants[variant].learner == "supervised" else self.learner()[0]
 
     def made_with(self, stage: str, variant: str | None = None) -> dict:
         """The resolved sections an output of ``stage`` depends on: ``base`` and its own (for a
@@ -415,23 +387,3 @@ STAGES = {name: f.annotation for name, f in Params.model_fields.items() if name 
 def keeps_output(section: type[BaseModel]) -> frozenset[str]:
     """A section's fields marked ``changes_images: False``: how its stage works, not what it makes."""
     return frozenset(k for k, f in section.model_fields.items() if f.json_schema_extra == {"changes_images": False})
-
-
-def resolve_device(base: BaseParams, compute: bool = True) -> str:
-    """The device a stage runs on. ``compute``: the stage trains or samples at the profile's sizes, so the
-    gpu profile without a CUDA device is refused (days of CPU time) unless ``base.device: cpu`` asks for it
-    (then a warning); a stage that only reads results (report) passes False."""
-    import torch
-
-    if base.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("base.device: cuda was asked for but no CUDA device is visible; use auto or cpu")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if base.device == "auto" else base.device
-    if compute and base.profile == "gpu" and device == "cpu":
-        if base.device == "auto":
-            raise ConfigError("base.profile: gpu sizes every model for a GPU (a 36M-parameter generator, thousands of "
-                              "steps: days on a CPU), but no CUDA device is visible here. Use base.profile: cpu on this "
-                              "machine, or run on a GPU machine; base.device: cpu runs it on the CPU anyway.")
-        import logging
-
-        logging.getLogger(__name__).warning("base.profile: gpu on the CPU (base.device: cpu): expect days, not hours")
-    return device

@@ -21,7 +21,7 @@ def baseline_of(specs: dict[str, VariantSpec], names) -> str | None:
     """The variant every gain is measured against: real images alone with standard augmentation
     (``real`` by default, whatever its name); None when no variant of ``names`` is one."""
     return next((v for v, s in specs.items() if v in names and s.real and not s.uses_synthetic and not s.pseudo
-                 and s.augment == "standard"), None)
+                 and s.augment == "standard" and s.learner == "supervised"), None)
 
 
 def variant_table(variants: dict[str, dict], baseline: str | None = "real") -> pd.DataFrame:
@@ -70,7 +70,7 @@ def _find(specs: dict[str, VariantSpec], table: pd.DataFrame, *, synthetic: bool
     """The variant trained on real images with (or without) synthetic and pseudo-labeled ones;
     of several, the same augmentation first, then the best on validation."""
     names = [v for v, s in specs.items() if v in table.index and s.real and s.uses_synthetic == synthetic
-             and s.pseudo == pseudo]
+             and s.pseudo == pseudo and s.learner == "supervised"]
     names.sort(key=lambda v: (specs[v].augment != augment, -table.loc[v, "val_accuracy"]))
     return names[0] if names else None
 
@@ -222,7 +222,7 @@ def words(d: Decision) -> dict:
     if d.beyond_pool is not None:
         points.append(f"Beyond using the pool directly (self-training, {d.pool}): the generator "
                       f"{'added accuracy' if d.beyond_pool else 'added nothing significant'}"
-                      + (f"; {'; '.join(map(_said, d.beyond_cited))}." if d.beyond_cited else " (the first point)."))
+                      + (f"; {'; '.join(map(_said, d.beyond_cited))}." if d.beyond_cited else " (the first line)."))
     if (classic, base) in cmp:
         points.append(f"Classic augmentation alone: {_said(cmp[(classic, base)])}.")
     if d.zero:

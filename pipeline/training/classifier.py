@@ -21,7 +21,7 @@ from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 from torch import nn
 
-from pipeline.config import PseudoLabelConfig, TrainClassifierConfig, VariantSpec
+from pipeline.config import Params, PseudoLabelConfig, TrainClassifierConfig, VariantSpec
 from pipeline.core.images import to_unit
 from pipeline.core.stats import classification_metrics
 from pipeline.core.device import DevicePolicy, as_policy
@@ -29,6 +29,7 @@ from pipeline.core.parallel import cpu_cores, map_processes
 from pipeline.errors import ConfigError
 from pipeline.models.classifier import build_model
 from pipeline.training.augment import crop_flip, trivial_augment_wide
+from pipeline.training.plan import RATIO_RULE
 from pipeline.training.tasks import Batch, Supervised, Teacher, fixmatch
 
 log = logging.getLogger(__name__)
@@ -324,3 +325,32 @@ def score_on_test(model: nn.Module, hist: dict, seed: int, test: tuple, class_na
              variant, seed, m["accuracy"], m["macro_f1"], m["ece"], hist["best_val_acc"], hist["best_step"],
              hist["seconds"])
     return m
+
+
+def variant_record(params: Params, variant: str, data: VariantData, share: float, sweep, test) -> dict:
+    """What every output of the variant says about how it was trained."""
+    cfg = params.classifier_config(variant)
+    spec, synthetic = cfg.variants[variant], data.synthetic
+    semi = spec.learner == "fixmatch"
+    return {"variant": variant, "learner": f"fixmatch+{params.pseudo_label.fairness}" if semi else "supervised",
+            "arch": cfg.arch, "pretrained": cfg.pretrained, "augment": spec.augment,
+            "tta": "flip" if semi and params.pseudo_label.flip else "none", "trains_on_real": spec.real,
+            "n_pool": len(data.pool) if semi else 0,
+            "pool_per_batch": params.pseudo_label.unlabeled_ratio * cfg.batch_size if semi else 0,
+            "synthetic_source": str(data.synthetic_path) if data.synthetic_path else None,
+            "synthetic_ratio": share, "ratio_rule": RATIO_RULE if sweep else None, "steps": cfg.steps,
+            "batch_size": cfg.batch_size,
+            "pseudo": {"share": cfg.pseudo_share, "labels": cfg.pseudo_labels,
+                       "temperature": cfg.pseudo_temperature} if data.pseudo else None,
+            "synthetic_labels": cfg.synthetic_labels if synthetic else None,
+            "n_train_real": len(data.train[0]) if spec.real else 0, "n_pseudo_labeled": count(data.pseudo),
+            "n_synthetic": count(synthetic), "n_val": len(data.val[0]), "n_test": len(test[1]),
+            **synthetic_use(synthetic, share, cfg.steps, cfg.batch_size, data.class_names),
+            "class_names": data.class_names, "test_classes_missing": test[2],
+            "inputs": data.inputs,  # the report refuses metrics of other data or other settings
+            "params": params.made_with("train_classifier", variant)}
+
+
+def count(pair) -> int:
+    """How many images a (images, labels) pair holds (0 for None)."""
+    return len(pair[0]) if pair and pair[0] is not None else 0

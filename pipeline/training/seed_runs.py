@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pipeline.config import Params, Paths
-from pipeline.core.io import atomic_path, fingerprint, read_json, write_json
+from pipeline.config import Params, Paths, labeler_file
+from pipeline.core.io import atomic_path, fingerprint, read_json, read_output, write_json
 from pipeline.errors import ConfigError, DataError
 from pipeline.models.classifier import load_classifier, save_classifier
 from pipeline.training.classifier import train_one
@@ -92,3 +92,27 @@ def train_seed(params: Params, paths: Paths, variant: str, data, seeds: list[int
     run = Run(index, decide_share(cfg, cfg.variants[variant], runs.finished)[0] if ratio is None else ratio)
     runs.train(run, seeds[index], device)
     return {"headline": f"{variant}: seed {index} at synthetic share {run.share:g} in {runs.where(run)}"}
+
+
+def load_labelers(paths: Paths, class_names: list[str], in_chans: int, needed_by: str) -> tuple[list, list[dict]]:
+    """pseudo_label's models (one per seed) and their training histories."""
+    seeds = (read_output(paths, "pseudo").get("labeler") or {}).get("seeds") or []
+    if not seeds:
+        raise DataError(f"{paths.pseudo}: pseudo_label trained no labeler (no pool), and {needed_by} need one. Give "
+                        "prepare a pool (prepare.unlabeled_pool) and run pseudo_label again.")
+    files = [paths.pseudo / labeler_file(i) for i in range(len(seeds))]
+    return ([load_classifier(f, len(class_names), in_chans, needed_by) for f in files],
+            [read_json(f.with_suffix(".json"), "pseudo_label") for f in files])
+
+
+def pseudo_label_runs(params: Params, paths: Paths, variant: str, data):
+    """``carry_out``'s ``get`` when ``variant`` is pseudo_label's learner itself (same learner, data and
+    augmentation): pseudo_label's models and histories, tested rather than trained twice; None otherwise."""
+    if params.train_classifier.variants[variant] != params.learner()[1] or params.pseudo_label.method != "fixmatch":
+        return None
+    models, hists = load_labelers(paths, data.class_names, data.val[0].shape[1], f"variant {variant!r}")
+    if len(models) != params.pseudo_label.seeds:
+        raise DataError(f"{paths.pseudo}: pseudo_label trained {len(models)} model(s) and variant {variant!r} needs "
+                        f"{params.pseudo_label.seeds} (pseudo_label.seeds). Re-run pseudo_label (dvc repro).")
+    data.inputs["pseudo"] = read_output(paths, "pseudo").get("fingerprint")
+    return lambda runs: [(models[r.seed_index], hists[r.seed_index]) for r in runs]
