@@ -150,7 +150,7 @@ def decide(table: pd.DataFrame, variants: dict[str, dict], specs: dict[str, Vari
     pool_syn = _find(specs, table, synthetic=True, pseudo=True, augment=aug)
     opp = strongest_without(table, specs)
     pairs = [(syn, opp), (syn, baseline), (syn, classic), (classic, baseline), (syn, pool), (pool_syn, pool)]
-    cmp = {(a, b): paired(variants, a, b) for a, b in pairs if a and b and a != b}
+    cmp = {(a, b): paired(variants, a, b) | {"budget": budgets(variants, a, b)} for a, b in pairs if a and b and a != b}
     gain = cmp[(syn, baseline)]
     vs = cmp.get((syn, opp))
     above = {b: c["low"] > 0 for (a, b), c in cmp.items() if a == syn}
@@ -186,7 +186,8 @@ def words(d: Decision) -> dict:
     tail = (f"Best variant on validation: {d.best} ({pct(d.best_accuracy)}% test accuracy; "
             f"{d.seeds} seed{s}, N={d.n_test} real test images).")
     out = {"best_variant": d.best, "baseline": d.baseline, "n_test": d.n_test, "seeds": d.seeds, "helped": d.helped,
-           "comparisons": [{k: c[k] for k in ("a", "b", "diff", "low", "high", "p_value")} for c in d.cmp.values()]}
+           "comparisons": [{k: c[k] for k in ("a", "b", "diff", "low", "high", "p_value", "budget")}
+                           for c in d.cmp.values()]}
     if d.syn is None:
         headline = (f"No synthetic variant was compared with {d.baseline}, so this run cannot say whether synthetic "
                     "data helps." if d.measured else
