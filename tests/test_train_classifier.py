@@ -478,9 +478,9 @@ def test_fixmatch_synthetic_trains_the_learner_with_synthetic_images_in_its_labe
     first = calls[0]
     assert len(calls) == 2 and out["seeds"] == [3000, 3001] and out["steps"] == 4 and out["learner"] == "fixmatch+flexmatch"
     assert first["steps"] == 4 and first["eval_every"] == 2 and first["ema_decay"] == 0.99  # the learner's budget
-    assert first["sources"]["synthetic"].per_batch == first["sources"]["real"].per_batch == 4  # share 0.5 of 8
+    assert first["sources"]["synthetic"].per_batch == 2 and first["sources"]["real"].per_batch == 6  # share 0.25 of 8
     assert torch.equal(first["pool"], images["pool"]) and first["task"].pool_per_step == 16
-    assert out["synthetic_ratio"] == 0.5 and out["n_synthetic"] == 24 and out["pool_per_batch"] == 16
+    assert out["synthetic_ratio"] == 0.25 and out["n_synthetic"] == 24 and out["pool_per_batch"] == 16
     assert "pseudo_label" in out["params"] and out["inputs"] == {"prepared": "p" * 64, "filtered": "filtered" * 8}
     # without a pool the learner has nothing unlabeled to learn from: said, before any training
     import datasets

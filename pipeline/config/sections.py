@@ -287,7 +287,7 @@ class TrainClassifierConfig(_Section):
         ("real+synthetic+classic", "filtered", {"augment": "classic"}),
         ("synthetic-only", "filtered", {"real": False}),
         ("fixmatch", "prepared", {"learner": "fixmatch", "augment": "classic"}),
-        ("fixmatch+synthetic", "filtered", {"learner": "fixmatch", "augment": "classic", "synthetic_ratio": 0.5}))}
+        ("fixmatch+synthetic", "filtered", {"learner": "fixmatch", "augment": "classic", "synthetic_ratio": 0.25}))}
     arch: str = "resnet10t"  # any timm model name (timm.list_models())
     # None = from scratch | efficientnet-lite0 (ImageNet, arch tf_efficientnet_lite0) | a local .safetensors
     pretrained: Optional[Location] = None

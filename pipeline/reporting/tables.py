@@ -24,13 +24,18 @@ def baseline_of(specs: dict[str, VariantSpec], names) -> str | None:
                  and s.augment == "standard" and s.learner == "supervised"), None)
 
 
+def budget(v: dict) -> str:
+    """How a variant was trained: learner, network, steps and batch."""
+    return f"{v.get('learner', 'supervised')}, {v.get('arch')}, {v.get('steps')} steps of {v.get('batch_size')}"
+
+
 def variant_table(variants: dict[str, dict], baseline: str | None = "real") -> pd.DataFrame:
     """One row per variant: mean and 95% CI of each metric, paired difference to ``baseline``
     (NaN where there is none)."""
     rows = []
     base = variants.get(baseline)
     for name, v in variants.items():
-        row = {"variant": name, "seeds": len(v["per_seed"]), "n_test": v.get("n_test"),
+        row = {"variant": name, "seeds": len(v["per_seed"]), "training": budget(v), "n_test": v.get("n_test"),
                "val_accuracy": float(np.mean(list(seed_values(v, "best_val_accuracy").values()))),
                "synthetic_ratio": v.get("synthetic_ratio"),
                "diff": np.nan, "diff_low": np.nan, "diff_high": np.nan, "p_value": np.nan}
@@ -86,11 +91,6 @@ def strongest_without(table: pd.DataFrame, specs: dict[str, VariantSpec]) -> str
     """The best variant on validation that needs no generator (mean over its seeds)."""
     plain = [v for v, s in specs.items() if v in table.index and not s.uses_synthetic]
     return max(plain, key=lambda v: table.loc[v, "val_accuracy"], default=None)
-
-
-def budget(v: dict) -> str:
-    """How a variant was trained: learner, network, steps and batch."""
-    return f"{v.get('learner', 'supervised')}, {v.get('arch')}, {v.get('steps')} steps of {v.get('batch_size')}"
 
 
 def budgets(variants: dict[str, dict], a: str, b: str) -> str:
