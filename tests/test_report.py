@@ -368,7 +368,7 @@ def test_report_opens_in_headless_chromium(tmp_path):
     dom = subprocess.run([browser, *flags, "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
                          capture_output=True, text=True, timeout=120).stdout
     page = json.loads(html.unescape(dom.split("<title>")[1].split("</title>")[0]))
-    assert page["verdict"] == out["headline"] and page["verdict"].startswith("Use real+synthetic+classic")
+    assert page["verdict"] == out["headline"] and page["verdict"].startswith("Synthetic data helped: use real+synthetic+classic")
     # fake_run: 2 classes, each with real images, accepted and rejected samples (scores.parquet)
     scores = pd.read_parquet(paths.filtered / "scores.parquet")
     expected = {f"{kind} {name}" for c, name in enumerate(NAMES) for kind, rows in
