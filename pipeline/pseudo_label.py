@@ -65,8 +65,8 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
         proba = ensemble_proba(models, pool_x, device, cfg.flip)
         keep = confident_per_class(proba, cfg.threshold, cfg.per_class_cap, cfg.balance)
         val_acc = float((ensemble_proba(models, vx, device, cfg.flip).argmax(1) == vy).float().mean())
-        method = cfg.method + (f"+{cfg.fairness}" if cfg.method == "fixmatch" else "") + (", flip TTA" * cfg.flip)
-        summary["labeler"] = {"arch": cfg.arch, "method": method, "seeds": seeds, "val_accuracy": round(val_acc, 4),
+        summary["labeler"] = {"arch": cfg.arch, "method": cfg.name + (", flip TTA" * cfg.flip), "seeds": seeds,
+                              "val_accuracy": round(val_acc, 4),
                               "val_accuracy_per_seed": [round(h["best_val_acc"], 4) for _, h in results],
                               "best_step": [h["best_step"] for _, h in results], "n_val": len(vy),
                               "seconds": [round(h["seconds"], 1) for _, h in results]}

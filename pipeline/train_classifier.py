@@ -110,7 +110,8 @@ def run(params: Params, paths: Paths, variant: str, seed_index: int | None = Non
     seeds = [params.base.seed * 1000 + i for i in range(cfg.seeds)]
     log.info("train_classifier %s: %s (%s), %d labeled + %d pseudo-labeled + %d synthetic + %d unlabeled training "
              "images, %d val, %d seeds x %d steps on %s", variant, cfg.arch, spec.learner,
-             len(data.train[0]) if spec.real else 0, count(data.pseudo), count(data.synthetic), count((data.pool,)),
+             len(data.train[0]) if spec.real else 0, count(data.pseudo), count(data.synthetic),
+             0 if data.pool is None else len(data.pool),
              len(data.val[0]), len(seeds), cfg.steps, policy.device)
     if seed_index is not None:
         return train_seed(params, paths, variant, data, seeds, seed_index, ratio, policy)

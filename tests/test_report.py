@@ -614,7 +614,7 @@ def test_the_verdict_decides_before_it_words():
     d = decide(variant_table(variants), variants, SPECS, "real")
     assert (d.syn, d.classic, d.pool, d.helped, d.beats_baseline, d.beats_classic, d.lead) == (
         "real+synthetic+classic", "real+classic", None, False, True, True, True)
-    assert d.recommend == d.opponent == "fixmatch" and d.budget.startswith("unequal budget: ")
+    assert d.recommend == d.opponent == "fixmatch" and d.versus["budget"].startswith("unequal budget: ")
     assert set(d.cmp) == {("real+synthetic+classic", "real"), ("real+synthetic+classic", "real+classic"),
                           ("real+classic", "real"), ("real+synthetic+classic", "fixmatch")}
     assert words(d) == verdict(variant_table(variants), variants, SPECS, "real")

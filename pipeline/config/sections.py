@@ -76,6 +76,14 @@ class PseudoLabelConfig(_Section):
     def flip(self) -> bool:  # the labeler predicts with mirror-image test-time augmentation
         return self.tta == "flip"
 
+    @property
+    def name(self) -> str:  # the learner as records and the report name it, e.g. fixmatch+flexmatch
+        return f"fixmatch+{self.fairness}" if self.method == "fixmatch" else "supervised"
+
+    @property
+    def pool_per_step(self) -> int:  # fixmatch: pool images in each step
+        return self.unlabeled_ratio * self.batch_size
+
 
 class DitConfig(_Section):
     """kind: dit (diffusers DiTTransformer2DModel, adaLN-zero class conditioning)."""

@@ -115,8 +115,7 @@ class Decision:
     classic: str | None = None  # classic augmentation without synthetic data
     pool: str | None = None  # the pool without synthetic data (self-training)
     opponent: str | None = None  # the strongest variant without synthetic data (``strongest_without``)
-    versus: dict | None = None  # ``syn`` against it, paired by seed
-    budget: str | None = None  # whether the two had the same training budget (``budgets``)
+    versus: dict | None = None  # ``syn`` against it, paired by seed, with whether their budgets were equal
     cmp: dict = field(default_factory=dict)  # (a, b) -> ``paired``
     gain: dict | None = None  # ``syn`` against the baseline
     beats_baseline: bool = False
@@ -125,7 +124,6 @@ class Decision:
     lead: bool = False  # the opponent is neither baseline nor classic: weighed in a point of its own
     recommend: str | None = None  # what to use
     gains: list = field(default_factory=list)  # the comparisons that support ``recommend``
-    baseline_accuracy: float | None = None
     beyond_pool: bool | None = None  # did the generator add accuracy beyond the pool
     beyond_cited: list = field(default_factory=list)  # the comparisons that show it, not said already
     zero: list = field(default_factory=list)  # synthetic variants validation gave a share of 0
@@ -167,8 +165,8 @@ def decide(table: pd.DataFrame, variants: dict[str, dict], specs: dict[str, Vari
     sds = [c["std_diff"] for c in cmp.values() if c["std_diff"] is not None]
     return replace(
         d, syn=syn, syn_pseudo=specs[syn].pseudo, syn_used=syn_used, classic=classic, pool=pool, opponent=opp,
-        versus=vs, budget=budgets(variants, syn, opp) if vs else None, cmp=cmp, gain=gain, beats_baseline=above[baseline], beats_classic=above.get(classic, True),
-        helped=helped, lead=lead, recommend=rec, gains=gains, baseline_accuracy=table.loc[baseline, "accuracy"],
+        versus=vs, cmp=cmp, gain=gain, beats_baseline=above[baseline], beats_classic=above.get(classic, True),
+        helped=helped, lead=lead, recommend=rec, gains=gains,
         beyond_pool=None if beyond is None else bool(beyond["low"] > 0), beyond_cited=cited if beyond else [],
         zero=[v for v, s in specs.items() if v in table.index and s.real and s.uses_synthetic
               and table.loc[v, "synthetic_ratio"] == 0],
@@ -212,14 +210,13 @@ def words(d: Decision) -> dict:
     if d.versus:  # the first line: the best with synthetic data against the best without, both chosen on validation
         v, p = d.versus, "n/a" if d.versus["p_value"] is None else f"{d.versus['p_value']:.2g}"
         said = (f"{100 * v['diff']:+.1f} points [{100 * v['low']:+.1f}, {100 * v['high']:+.1f}] over {opp} (p={p}, "
-                f"{v['n']} seeds paired; {d.budget})")
+                f"{v['n']} seeds paired; {v['budget']})")
         headline = (f"Synthetic data helped: use {syn}, {said}." if d.helped else
                     f"Synthetic data did not help: {syn}, the best with it on validation, {said}. Use {d.recommend}.")
     else:
         headline = _use(d.recommend, d.gains, classic if d.helped else None) + "." + (
             "" if d.helped else " Synthetic data did not help here.")
-    points = []
-    points.append(answer + "; ".join(_said(cmp[k]) for k in ((syn, base), (syn, classic)) if k in cmp) + ".")
+    points = [answer + "; ".join(_said(cmp[k]) for k in ((syn, base), (syn, classic)) if k in cmp) + "."]
     if d.beyond_pool is not None:
         points.append(f"Beyond using the pool directly (self-training, {d.pool}): the generator "
                       f"{'added accuracy' if d.beyond_pool else 'added nothing significant'}"

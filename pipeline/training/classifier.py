@@ -332,11 +332,11 @@ def variant_record(params: Params, variant: str, data: VariantData, share: float
     cfg = params.classifier_config(variant)
     spec, synthetic = cfg.variants[variant], data.synthetic
     semi = spec.learner == "fixmatch"
-    return {"variant": variant, "learner": f"fixmatch+{params.pseudo_label.fairness}" if semi else "supervised",
+    return {"variant": variant, "learner": params.pseudo_label.name if semi else "supervised",
             "arch": cfg.arch, "pretrained": cfg.pretrained, "augment": spec.augment,
             "tta": "flip" if semi and params.pseudo_label.flip else "none", "trains_on_real": spec.real,
             "n_pool": len(data.pool) if semi else 0,
-            "pool_per_batch": params.pseudo_label.unlabeled_ratio * cfg.batch_size if semi else 0,
+            "pool_per_batch": params.pseudo_label.pool_per_step if semi else 0,
             "synthetic_source": str(data.synthetic_path) if data.synthetic_path else None,
             "synthetic_ratio": share, "ratio_rule": RATIO_RULE if sweep else None, "steps": cfg.steps,
             "batch_size": cfg.batch_size,
@@ -353,4 +353,4 @@ def variant_record(params: Params, variant: str, data: VariantData, share: float
 
 def count(pair) -> int:
     """How many images a (images, labels) pair holds (0 for None)."""
-    return len(pair[0]) if pair and pair[0] is not None else 0
+    return len(pair[0]) if pair else 0

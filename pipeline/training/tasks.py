@@ -61,9 +61,7 @@ class Supervised:
 
     def loss(self, forward, batch: Batch, policy: DevicePolicy, gen: torch.Generator, ema) -> tuple[torch.Tensor, dict]:
         x, y = policy.inputs(to_unit(batch.x)), batch.y
-        if batch.taught is not None:
-            if self.teacher is None:
-                raise ValueError("fit: a source is to be labeled by a teacher, and no teacher was given")
+        if batch.taught is not None:  # fit refuses taught rows without a teacher
             y[batch.taught] = self.teacher(x[batch.taught], policy)
         with policy.autocast():
             return self.loss_fn(forward(x).float(), y), {}
@@ -151,4 +149,4 @@ def fixmatch(cfg, labels: torch.Tensor, pool_size: int, num_classes: int, device
         mask = DistributionAlignment(cfg.fixmatch_threshold, prior.to(device))
     else:
         mask = Threshold(cfg.fixmatch_threshold)
-    return FixMatch(mask, cfg.unlabeled_ratio * cfg.batch_size, cfg.unlabeled_weight)
+    return FixMatch(mask, cfg.pool_per_step, cfg.unlabeled_weight)
