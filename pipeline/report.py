@@ -8,13 +8,14 @@ curve, each checked to come from the current data and params (``core.provenance`
 """
 from __future__ import annotations
 
+import html
 import logging
 from pathlib import Path
 
 import pandas as pd
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from pipeline.config import Params, Paths, VariantSpec, resolve_device
+from pipeline.config import Params, Paths, VariantSpec, classifier_file, resolve_device
 from pipeline.core.curves import CURVES, read_curve
 from pipeline.core.entrypoint import stage_main
 from pipeline.core.io import atomic_path, check_writable, load_dataset_dir, read_json, reading, save_figure, write_json
@@ -22,7 +23,8 @@ from pipeline.core.plotting import png_b64
 from pipeline.core.provenance import check_classifiers, earlier_outputs, params_made_with, run_metadata
 from pipeline.reporting import summary
 from pipeline.reporting.figures import report_figures, sample_grids
-from pipeline.reporting.tables import QUALITY, baseline_of, conclude, pct, quality_rows, variant_table
+from pipeline.reporting.tables import QUALITY, pct, quality_rows, variant_table
+from pipeline.reporting.verdict import baseline_of, conclude
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,7 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
     baseline = baseline_of(specs, variants)
     table = variant_table(variants, baseline)
     answer = conclude(table, variants, specs, baseline, outputs, missing, drift + notes)
+    answer["model"] = model_file(paths, answer["recommend"], answer["recommend_seed_index"])
     prepared, filt = outputs["prepared"], outputs.get("filtered") or {}
     names = prepared["class_names"]
     loss, scores = read_loss(paths, outputs), read_scores(paths, filt)
@@ -52,7 +55,7 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
             "stage_times": stage_times, "params": shown_params, "pct": pct,
             "generator": summary.generator_facts(outputs), "pseudo": outputs.get("pseudo") or {}}
     write(paths, figs, csvs, page, summary.metrics(answer, table, outputs, specs, stage_times))
-    log.info("report: %s %s", answer["headline"], answer["text"])
+    log.info("report: %s (%s)", answer["headline"], answer["model"])
     return {"headline": answer["headline"], "report": str(paths.reports / "report.html")}
 
 
@@ -65,6 +68,11 @@ def read_variants(specs: dict[str, VariantSpec], paths: Paths) -> tuple[dict[str
     if missing:
         log.warning("report: no metrics for variant(s) %s (train_classifier not run for them); left out", missing)
     return {v: read_json(f, "train_classifier") for v, f in files.items() if v not in missing}, missing
+
+
+def model_file(paths: Paths, variant: str, index: int) -> str:
+    """Where the recommended variant's seed ``index`` keeps its weights, relative to the project root."""
+    return (paths.classifier / variant / classifier_file(index)).relative_to(paths.root).as_posix()
 
 
 def read_loss(paths: Paths, outputs: dict[str, dict]) -> pd.DataFrame | None:
@@ -98,8 +106,9 @@ def read_prepare_seconds(paths: Paths) -> float | None:
 
 def write(paths: Paths, figs: dict, csvs: dict[str, pd.DataFrame], page: dict, metrics: dict) -> None:
     """reports/: figures, plot tables, report.html and report.md (rendered from ``page``), metrics.json."""
-    env = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"),
-                      autoescape=select_autoescape(["html.j2"]))
+    folder = FileSystemLoader(Path(__file__).parent / "templates")
+    env = {"report.html": Environment(loader=folder, autoescape=select_autoescape(["html.j2"])),
+           "report.md": Environment(loader=folder, finalize=markdown_text)}  # names and titles come from users
     paths.reports.mkdir(parents=True, exist_ok=True)
     with atomic_path(paths.reports / "figures", is_dir=True) as tmp:
         for k, f in figs.items():
@@ -109,8 +118,14 @@ def write(paths: Paths, figs: dict, csvs: dict[str, pd.DataFrame], page: dict, m
             df.to_csv(tmp, index=False)
     for name in ("report.html", "report.md"):
         with atomic_path(paths.reports / name) as tmp:
-            tmp.write_text(env.get_template(name + ".j2").render(**page))
+            tmp.write_text(env[name].get_template(name + ".j2").render(**page))
     write_json(paths.reports / "metrics.json", metrics)
+
+
+def markdown_text(value) -> object:
+    """Every value report.md shows, as text: no HTML tag of a class name or title reaches a Markdown viewer,
+    no ``|`` breaks a table row."""
+    return html.escape(value, quote=False).replace("|", "\\|") if isinstance(value, str) else value
 
 
 def main(argv: list[str] | None = None) -> None:

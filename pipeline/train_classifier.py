@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import Params, Paths
+from pipeline.config import Params, Paths, classifier_file
 from pipeline.core.device import policy_for
 from pipeline.core.curves import write_curves
 from pipeline.core.entrypoint import stage_main
@@ -164,9 +164,10 @@ def write_models(paths: Paths, variant: str, params: Params, results, per_seed: 
     cfg = params.classifier_config(variant)
     with atomic_path(paths.classifier / variant, is_dir=True) as tmp:
         for i, ((model, hist), m) in enumerate(zip(results, per_seed)):
-            d = tmp / f"seed{i}"
+            weights = tmp / classifier_file(i)
+            d = weights.parent
             d.mkdir(parents=True)
-            save_classifier(model, d / "model.safetensors", cfg.arch, len(data.class_names), data.val[0].shape[1])
+            save_classifier(model, weights, cfg.arch, len(data.class_names), data.val[0].shape[1])
             write_json(d / "metrics.json", {**common, **m, "history": hist})
             write_json(d / "config.json", {**common, "seed": m["seed"], "params": params.resolved()})
 

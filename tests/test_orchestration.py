@@ -20,7 +20,8 @@ def test_dvc_repro_end_to_end_then_cached_then_partial(tmp_path, tiny_fmnist, pr
     html = (proj / "reports/report.html").read_text()
     metrics = json.loads((proj / "reports/metrics.json").read_text())
     assert metrics["synthetic_variant"] in html and "data:image/png;base64," in html
-    assert metrics["headline"].startswith("Synthetic data ") and "the synthetic variant best on validation" in metrics["answer"][0]
+    assert metrics["headline"].startswith(f"Use {metrics['recommend']} (") and len(metrics["headline"]) <= 120
+    assert (proj / metrics["model"]).is_file() and metrics["findings"][0]["a"] == metrics["synthetic_variant"]
     assert metrics["n_test"] == 30 and metrics["seeds"] == 2
     shown = run(["dvc", "metrics", "show", "--json"], proj, env=e).stdout
     assert "accuracy_mean" in shown

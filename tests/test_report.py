@@ -14,20 +14,13 @@ from pipeline.config import Paths, TrainClassifierConfig, VariantSpec, params_fr
 from pipeline.core.curves import CURVES, write_curves
 from pipeline.core.images import tensors_to_dataset
 from pipeline.core.io import read_json, save_dataset, write_json
-from pipeline.core.stats import detectable_difference
 from pipeline.errors import DataError
 from pipeline.reporting.summary import stage_seconds
-from pipeline.reporting.tables import caveats, decide, pool_point, quality_rows, variant_table, verdict, words
+from pipeline.reporting.tables import quality_rows, variant_table
 
 NAMES = ["a", "b"]
 PREPARED_FP, FILTERED_FP, PSEUDO_FP, SYNTHETIC_FP, GENERATOR_FP = "p" * 64, "f" * 64, "s" * 64, "y" * 64, "g" * 64
 MICRO = params_from_dict({"base": {"profile": "micro"}})
-# the default variants (real, real+classic, real+synthetic+classic, synthetic-only, fixmatch, fixmatch+synthetic),
-# the self-training students and one synthetic variant without classic augmentation
-SPECS = {**TrainClassifierConfig().variants, "real+synthetic": VariantSpec(data="filtered"),
-         "real+pseudo+classic": VariantSpec(data="prepared", pseudo=True, augment="classic"),
-         "real+pseudo+synthetic+classic": VariantSpec(data="filtered", pseudo=True, augment="classic")}
-BUDGET = "equal budget: supervised, test_resnet, 1500 steps of 64"
 
 
 def variant(accs, per_class=None, synthetic=None, val=None, ratio=None, pseudo=None, names=NAMES):
@@ -42,180 +35,8 @@ def variant(accs, per_class=None, synthetic=None, val=None, ratio=None, pseudo=N
                  "per_class_accuracy": dict(zip(names, per_class or [a, a]))} for s, (a, v) in enumerate(zip(accs, val))]}
 
 
-def syn(accs, **kw):
-    """A variant trained with the filtered synthetic set (share 0.25 unless ``ratio`` says otherwise)."""
-    return variant(accs, synthetic=FILTERED_FP, **kw)
-
-
 def table(**variants):
     return variant_table(variants)
-
-
-def judge(**variants):
-    return verdict(variant_table(variants), variants, SPECS)
-
-
-REAL, CLASSIC = [0.80, 0.81, 0.82], [0.81, 0.82, 0.83]
-
-
-def test_verdict_says_helped_only_when_it_beats_real_and_classic_with_intervals_above_zero():
-    v = judge(real=variant(REAL), **{"real+classic": variant(CLASSIC),
-                                     "real+synthetic+classic": syn([0.85, 0.87, 0.86])})
-    assert v["helped"] is True and v["synthetic_variant"] == "real+synthetic+classic"
-    # the first line: the best with synthetic data against the best without, then the supporting answers as a list
-    assert v["headline"].startswith("Synthetic data helped: use real+synthetic+classic, +4.0 points [+1.5, +6.5] over "
-                                    "real+classic (p=0.0") and v["headline"].endswith(f"3 seeds paired; {BUDGET}).")
-    assert v["points"][0].startswith("Yes:") and v["text"] == " ".join(v["points"])
-    assert v["text"].startswith("Yes: real+synthetic+classic (the synthetic variant best on validation) beat real and classic augmentation (real+classic)")
-    assert "N=200" in v["text"] and "3 seeds" in v["text"]
-    assert v["gain"] == pytest.approx(0.05) and v["gain_low"] > 0
-    pairs = {(c["a"], c["b"]): c for c in v["comparisons"]}
-    assert set(pairs) == {("real+synthetic+classic", "real"), ("real+synthetic+classic", "real+classic"),
-                          ("real+classic", "real")}
-    assert pairs[("real+synthetic+classic", "real+classic")]["diff"] == pytest.approx(0.04)
-    assert pairs[("real+classic", "real")]["diff"] == pytest.approx(0.01)
-    assert "Classic augmentation alone: real+classic vs real: +1.0 points" in v["text"]
-    assert "Validation chose no synthetic data" not in v["text"]  # it chose a share of 0.25
-    # above real (interval > 0) but not above classic augmentation: not a yes
-    v = judge(real=variant(REAL), **{"real+classic": variant([0.84, 0.86, 0.85]),
-                                     "real+synthetic+classic": syn([0.85, 0.86, 0.86])})
-    assert v["gain_low"] > 0 and v["helped"] is False
-    assert v["text"].startswith("Partly: real+synthetic+classic (the synthetic variant best on validation) beat real but not real+classic")
-    # the interval against real includes zero
-    v = judge(real=variant(REAL), **{"real+classic": variant(CLASSIC),
-                                     "real+synthetic+classic": syn([0.79, 0.83, 0.815])})
-    assert v["helped"] is False and v["gain"] > 0 and v["gain_low"] < 0
-    assert v["text"].startswith("No: real+synthetic+classic (the synthetic variant best on validation) did not beat real and classic") and "includes zero" in v["text"]
-    v = judge(real=variant(REAL), **{"real+classic": variant(CLASSIC),
-                                     "real+synthetic+classic": syn([0.70, 0.71, 0.73])})
-    assert v["helped"] is False and "includes zero" not in v["text"] and v["text"].startswith("No:")
-    # no significant gain: use the best variant on validation that needs no generator
-    assert v["headline"].startswith("Synthetic data did not help: real+synthetic+classic, the best with it on "
-                                    "validation, -10.7 points [-12.1, -9.2] over real+classic") and v["headline"].endswith("). Use real+classic.")
-    # without a classic variant the question is real alone
-    v = judge(real=variant(REAL), **{"real+synthetic+classic": syn([0.85, 0.87, 0.86])})
-    assert v["helped"] is True and v["text"].startswith("Yes: real+synthetic+classic (the synthetic variant best on validation) beat real. ")
-    assert "Classic augmentation alone" not in v["text"]
-
-
-def test_verdict_answers_with_the_synthetic_variant_best_on_validation_not_on_test():
-    # real+synthetic is best on test but worse on validation: real+synthetic+classic answers (and did not help)
-    v = judge(real=variant(REAL), **{"real+classic": variant(CLASSIC),
-                                     "real+synthetic": syn([0.90, 0.91, 0.92], val=[0.70, 0.70, 0.70]),
-                                     "real+synthetic+classic": syn([0.80, 0.815, 0.82], val=[0.9, 0.9, 0.9])})
-    assert v["synthetic_variant"] == "real+synthetic+classic" and v["helped"] is False
-    assert v["best_variant"] == "real+synthetic+classic"  # best on validation, not real+synthetic (best on test)
-    assert v["text"].startswith("No: real+synthetic+classic (the synthetic variant best on validation)")
-    t = variant_table({"real+synthetic": syn([0.9, 0.8], val=[0.6, 0.7])})
-    assert t.loc["real+synthetic", "val_accuracy"] == pytest.approx(0.65)  # mean of the seeds' best val accuracy
-
-
-def test_verdict_says_what_the_generator_adds_beyond_the_pool():
-    base = {"real": variant(REAL), "real+classic": variant(CLASSIC),
-            "real+pseudo+classic": variant([0.84, 0.85, 0.86]), "real+synthetic+classic": syn([0.85, 0.86, 0.85])}
-    better = judge(**base, **{"real+pseudo+synthetic+classic": syn([0.88, 0.89, 0.89], val=[0.95] * 3)})
-    assert better["synthetic_variant"] == "real+pseudo+synthetic+classic" and better["generator_beyond_pool"] is True
-    # the first line weighs it against the strongest variant without synthetic data: here self-training
-    assert better["headline"].startswith("Synthetic data helped: use real+pseudo+synthetic+classic, +3.7 points "
-                                         "[+2.2, +5.1] over real+pseudo+classic (p=")
-    assert better["points"][0].startswith("Yes: real+pseudo+synthetic+classic (the synthetic variant best on validation; "
-                                          "it also uses the pseudo-labeled pool) beat real and classic augmentation "
-                                          "(real+classic) and real+pseudo+classic.")
-    assert better["strongest_without_synthetic"] == "real+pseudo+classic"
-    assert "real+pseudo+synthetic+classic vs real+pseudo+classic" not in better["text"]  # said once, in the headline
-    assert "Beyond using the pool directly (self-training, real+pseudo+classic): the generator added accuracy" \
-        in better["text"]
-    pairs = {(c["a"], c["b"]): c for c in better["comparisons"]}
-    # when validation gave real+pseudo+synthetic+classic no synthetic data, the answer rests on real+synthetic+classic
-    none = judge(**base, **{"real+pseudo+synthetic+classic": syn([0.84, 0.85, 0.86], ratio=0.0)})
-    assert none["headline"].startswith("Synthetic data did not help: real+synthetic+classic, the best with it on "
-                                       "validation, +0.3 points [")
-    assert "the generator added nothing significant (the first line)." in none["text"]
-    assert "real+pseudo+synthetic+classic vs real+pseudo+classic" not in none["text"]
-    assert pairs[("real+pseudo+synthetic+classic", "real+pseudo+classic")]["diff"] == pytest.approx(0.0367, abs=1e-4)
-    assert pairs[("real+pseudo+synthetic+classic", "real+pseudo+classic")]["low"] > 0
-    same = judge(**base, **{"real+pseudo+synthetic+classic": syn([0.84, 0.86, 0.85], val=[0.95] * 3)})
-    assert "the generator added nothing significant" in same["text"] and same["generator_beyond_pool"] is False
-    # the synthetic variant without pseudo-labels is still compared with the pool (and the pool + generator)
-    plain = judge(**base, **{"real+pseudo+synthetic+classic": syn([0.88, 0.89, 0.89], val=[0.5] * 3)})
-    assert plain["synthetic_variant"] == "real+synthetic+classic"
-    pairs = {(c["a"], c["b"]) for c in plain["comparisons"]}
-    assert {("real+synthetic+classic", "real+pseudo+classic"),
-            ("real+pseudo+synthetic+classic", "real+pseudo+classic")} <= pairs
-    assert "the generator added accuracy" in plain["text"]  # the pool + generator row answers "beyond"
-    assert "Beyond using the pool" not in judge(**{k: base[k] for k in ("real", "real+classic",
-                                                                         "real+synthetic+classic")})["text"]
-
-
-def test_verdict_says_when_validation_chose_no_synthetic_data():
-    v = judge(real=variant(REAL), **{"real+classic": variant(CLASSIC),
-                                     "real+synthetic+classic": syn([0.82, 0.83, 0.84], ratio=0.0)})
-    assert "Validation chose no synthetic data for real+synthetic+classic" in v["text"]
-    assert variant_table({"real+synthetic+classic": syn([0.8], ratio=0.0)}).loc["real+synthetic+classic",
-                                                                                  "synthetic_ratio"] == 0.0
-    v = judge(real=variant(REAL), **{"real+classic": variant(CLASSIC),
-                                     "real+synthetic+classic": syn([0.82, 0.83, 0.84], ratio=0.5)})
-    assert "Validation chose no synthetic data" not in v["text"]
-
-
-def test_verdict_credits_no_generator_when_validation_chose_no_synthetic_data():
-    """The cpu run where both synthetic variants took a share of 0: real+synthetic+classic is real+classic
-    again; it must not read as "beat real", nor as the generator adding accuracy beyond the pool."""
-    v = judge(real=variant(REAL), **{"real+classic": variant(CLASSIC), "real+pseudo+classic": variant([0.79, 0.8, 0.8]),
-                                     "real+synthetic+classic": syn(CLASSIC, ratio=0.0, val=[0.9] * 3),
-                                     "real+pseudo+synthetic+classic": syn([0.79, 0.8, 0.8], ratio=0.0)})
-    assert v["helped"] is False and v["synthetic_variant"] == "real+synthetic+classic"
-    assert v["points"][0].startswith("No: real+synthetic+classic (the synthetic variant best on validation) trained on "
-                                     "no synthetic image: validation chose a share of 0.")
-    assert not any(p.startswith("Beyond using the pool") for p in v["points"]) and v["generator_beyond_pool"] is None
-    assert "Validation chose no synthetic data for real+synthetic+classic, real+pseudo+synthetic+classic" in v["text"]
-
-
-def test_verdict_smallest_detectable_difference_pools_the_comparisons():
-    v = judge(real=variant(REAL), **{"real+classic": variant([0.81, 0.83, 0.83]),
-                                     "real+synthetic+classic": syn([0.85, 0.87, 0.86])})
-    sds = [np.std(np.subtract(a, b), ddof=1) for a, b in (([0.85, 0.87, 0.86], REAL), ([0.85, 0.87, 0.86], [0.81, 0.83, 0.83]),
-                                                          ([0.81, 0.83, 0.83], REAL))]
-    expected = detectable_difference(float(np.sqrt(np.mean(np.square(sds)))), 3)
-    assert v["detectable_difference"] == pytest.approx(expected) and expected > 0
-    assert f"Smallest difference this run can detect: {100 * expected:.1f} points" in v["text"]
-
-
-def test_verdict_without_a_synthetic_variant_cannot_answer():
-    v = judge(real=variant(REAL), **{"real+classic": variant(CLASSIC, val=[0.9] * 3)})
-    assert v["helped"] is None and v["comparisons"] == [] and "gain" not in v
-    assert v["text"].startswith("No synthetic variant was compared with real") and v["best_variant"] == "real+classic"
-
-
-def test_a_run_without_a_pool_says_no_semi_supervised_learner_was_trained():
-    assert "no semi-supervised learner" in pool_point({"pool_size": 0})
-    assert pool_point({}) is None and pool_point({"pool_size": 5, "labeler": {"arch": "x"}}) is None
-
-
-def test_the_headline_says_when_the_two_budgets_differ():
-    semi = {**variant([0.84, 0.85, 0.86]), "learner": "fixmatch+flexmatch", "steps": 4500}
-    v = judge(real=variant(REAL), **{"real+classic": variant(CLASSIC), "fixmatch": semi,
-                                     "real+synthetic+classic": syn([0.85, 0.86, 0.85])})
-    assert v["strongest_without_synthetic"] == "fixmatch" and v["helped"] is False
-    assert v["headline"].endswith("unequal budget: real+synthetic+classic supervised, test_resnet, 1500 steps of 64; "
-                                  "fixmatch fixmatch+flexmatch, test_resnet, 4500 steps of 64). Use fixmatch.")
-    v = judge(real=variant(REAL), **{"real+classic": variant(CLASSIC), "fixmatch": semi,
-                                     "fixmatch+synthetic": {**syn([0.87, 0.89, 0.88]), "learner": "fixmatch+flexmatch",
-                                                            "steps": 4500}})
-    assert v["headline"].startswith("Synthetic data helped: use fixmatch+synthetic, +3.0 points [+0.5, +5.5] over fixmatch")
-    assert v["headline"].endswith("equal budget: fixmatch+flexmatch, test_resnet, 4500 steps of 64).")
-
-
-def test_the_report_says_how_many_synthetic_images_each_variant_used_and_how_often():
-    m = {**syn([0.8]), "n_synthetic": 30, "synthetic_per_class": {"a": 10, "b": 20}, "synthetic_seen_per_image": 12.5}
-    assert caveats({"real+synthetic+classic": m, "real": variant([0.8])}, SPECS, [], {}) == [
-        "real+synthetic+classic trained on 30 synthetic images (a 10, b 20), each seen about 12.5 times "
-        "(share 0.25 of each batch)."]
-    assert caveats({"real+synthetic+classic": {**m, "synthetic_ratio": 0.0}}, SPECS, [], {}) == []  # none used
-    pool = {**variant([0.8]), "n_pseudo_labeled": 1200, "pseudo": {"share": None, "labels": "teacher", "temperature": 1.0}}
-    assert caveats({"real+pseudo+classic": pool}, SPECS, [], {}) == [
-        "real+pseudo+classic learned the 1,200 pool images from the labeler's prediction of the very augmented view "
-        "it saw (consistent distillation)."]
 
 
 def test_paired_difference_in_table_matches_seedwise_mean():
@@ -291,16 +112,16 @@ def test_report_stage_writes_everything(tmp_path):
     paths = fake_run(tmp_path)
     out = report.run(params_from_dict({"base": {"profile": "micro"}}), paths)
     html = (paths.reports / "report.html").read_text()
-    assert out["headline"].startswith("Synthetic data helped: use real+synthetic+classic, +4.7 points [")
+    assert out["headline"] == ("Use real+synthetic+classic (79.0% ± 2.5): synthetic data added +4.7 points "
+                               "[+1.8, +7.5] over fixmatch.")
     metrics = json.loads((paths.reports / "metrics.json").read_text())
-    assert metrics["headline"] == out["headline"]
-    assert metrics["answer"][0].startswith("Yes: real+synthetic+classic (the synthetic variant best on validation) "
-                                           "beat real and classic augmentation (real+classic) and fixmatch")
-    assert metrics["strongest_without_synthetic"] == "fixmatch"
-    assert metrics["versus_strongest"]["diff"] == pytest.approx(0.047, abs=1e-3)
+    assert metrics["headline"] == out["headline"] and metrics["recommend"] == "real+synthetic+classic"
+    assert metrics["model"] == "models/classifier/real+synthetic+classic/seed2/model.safetensors"  # best seed on val
+    assert metrics["strongest_without_synthetic"] == "fixmatch" and metrics["findings"][0]["b"] == "fixmatch"
+    assert metrics["findings"][0]["diff"] == pytest.approx(0.047, abs=1e-3) and metrics["findings"][0]["held"]
     assert out["headline"] in html.replace("&#39;", "'").replace("&gt;", ">")
     md = (paths.reports / "report.md").read_text()
-    assert md.splitlines()[2] == f"**{out['headline']}**" and md.splitlines()[4].startswith("- Yes: ")
+    assert md.splitlines()[2] == f"**{out['headline']}**" and md.splitlines()[4].startswith(f"Model: `{metrics['model']}`")
     assert html.count("data:image/png;base64,") >= 8 and "http://" not in html and "https://" not in html
     assert "low_confidence x1" in html and "not used" in html
     assert metrics["helped"] is True and metrics["variants"]["real"]["accuracy"] == pytest.approx(0.71)
@@ -308,9 +129,12 @@ def test_report_stage_writes_everything(tmp_path):
     assert (paths.reports / "figures/generator_loss.png").exists()  # the generator's DVCLive loss curve
     assert len(pd.read_csv(paths.reports / "plots/generator_loss.csv")) == 50
     md = (paths.reports / "report.md").read_text()
-    assert "| real+synthetic+classic |" in md and "| real+synthetic+classic vs real+classic |" in md
+    assert "| real+synthetic+classic |" in md and "| real+synthetic+classic vs real+classic: against classic" in md
     assert metrics["synthetic_variant"] == "real+synthetic+classic" and metrics["detectable_difference"] > 0
-    assert {(c["a"], c["b"]) for c in metrics["comparisons"]} == {
+    # every variant the verdict names is a row of the variant table and a bar of the chart (plots: the same rows)
+    named = {metrics["recommend"]} | {f[k] for f in metrics["findings"] for k in ("a", "b")}
+    assert named <= set(metrics["variants"]) and all(f"<tr><td>{v}</td>" in html for v in named)
+    assert {(c["a"], c["b"]) for c in metrics["findings"]} == {
         ("real+synthetic+classic", "real"), ("real+synthetic+classic", "real+classic"), ("real+classic", "real"),
         ("real+synthetic+classic", "fixmatch")}
     assert metrics["variants"]["real+synthetic+classic"]["synthetic_ratio"] == 0.25
@@ -337,9 +161,7 @@ def test_report_reads_only_the_variants_named_in_params(tmp_path, caplog):
     metrics = json.loads((paths.reports / "metrics.json").read_text())
     assert list(metrics["variants"]) == ["real", "real+synthetic+classic"]  # real+classic is on disk but not named
     assert "synthetic-only" in caplog.text and "left out" in caplog.text
-    assert out["headline"].startswith("Synthetic data helped: use real+synthetic+classic, +8.0 points [") and \
-        out["headline"].endswith(" over real (p=0.0052, 3 seeds paired; equal budget: supervised, test_resnet, 1500 steps of 64).")
-    assert "pseudo" not in out["headline"]  # no pseudo variant named: no "beyond the pool" sentence
+    assert out["headline"] == "Use real+synthetic+classic (79.0% ± 2.5): synthetic data added +8.0 points [+5.5, +10.5] over real."
     assert "| real+classic |" not in (paths.reports / "report.md").read_text()
     only_missing = params_from_dict({"train_classifier": {"variants": {"synthetic-only": named["synthetic-only"]}}})
     with pytest.raises(FileNotFoundError, match="Run train_classifier first"):
@@ -347,8 +169,9 @@ def test_report_reads_only_the_variants_named_in_params(tmp_path, caplog):
 
 
 def test_report_opens_in_headless_chromium(tmp_path):
-    """The page loads offline in a browser: its verdict reads what the report decided, and the sample
-    grids (real, accepted, rejected per class, as the scores say) are in the page and decode."""
+    """The page loads offline in a browser: its verdict reads what the report decided, the first screen
+    (1280 x 800) shows the headline, the model's path and the findings table, and the sample grids (real,
+    accepted, rejected per class, as the scores say) are in the page and decode."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if not browser:
         pytest.skip("Chromium is not installed (make test installs Debian's chromium where apt is usable)")
@@ -356,10 +179,12 @@ def test_report_opens_in_headless_chromium(tmp_path):
     out = report.run(params_from_dict({"base": {"profile": "micro"}}), paths)
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'chrome'}"]
+             "--window-size=1280,800", f"--user-data-dir={tmp_path / 'chrome'}"]
     # read in the page, once loaded, by a script appended to a copy of it; the result comes back as the title
     js = ("(()=>{const g=[...document.querySelectorAll('img.grid')];return JSON.stringify({"
           "verdict:document.getElementById('headline').innerText,"
+          "first:['headline','model','findings'].map(id=>document.getElementById(id).getBoundingClientRect().bottom),"
+          "width:window.innerWidth,"
           "grids:g.map(i=>i.alt),decoded:g.filter(i=>i.complete&&i.naturalWidth>0).length,"
           "images:document.images.length})})()")
     probe = tmp_path / "probe.html"
@@ -368,7 +193,8 @@ def test_report_opens_in_headless_chromium(tmp_path):
     dom = subprocess.run([browser, *flags, "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
                          capture_output=True, text=True, timeout=120).stdout
     page = json.loads(html.unescape(dom.split("<title>")[1].split("</title>")[0]))
-    assert page["verdict"] == out["headline"] and page["verdict"].startswith("Synthetic data helped: use real+synthetic+classic")
+    assert page["verdict"] == out["headline"] and page["verdict"].startswith("Use real+synthetic+classic (")
+    assert 0 < max(page["first"]) <= 800, page  # all on the first screen of 1280 x 800
     # fake_run: 2 classes, each with real images, accepted and rejected samples (scores.parquet)
     scores = pd.read_parquet(paths.filtered / "scores.parquet")
     expected = {f"{kind} {name}" for c, name in enumerate(NAMES) for kind, rows in
@@ -454,7 +280,7 @@ def test_a_stale_output_no_compared_variant_used_is_left_out_with_a_note(tmp_pat
     report.run(params, paths)
     metrics = json.loads((paths.reports / "metrics.json").read_text())
     assert any(p.startswith("The filter output is left out of this report: ") and "Re-run filter" in p
-               for p in metrics["answer"])
+               for p in metrics["notes"])
     assert metrics["generator_quality"] is None  # not described beside results it did not make
 
 
@@ -470,7 +296,7 @@ def test_report_shows_the_params_outputs_were_made_with(tmp_path):
     assert shown["sample"]["guidance_scale"] == MICRO.sample.guidance_scale != 7.5
     metrics = json.loads((paths.reports / "metrics.json").read_text())
     assert any(p.startswith("synthetic was made with other params than params.yaml's now (sample.guidance_scale: "
-                            f"{MICRO.sample.guidance_scale!r} -> 7.5)") for p in metrics["answer"])
+                            f"{MICRO.sample.guidance_scale!r} -> 7.5)") for p in metrics["notes"])
 
 
 VARIANT_SETS = {
@@ -505,22 +331,24 @@ def test_report_renders_for_any_valid_set_of_variants(tmp_path, case):
     metrics = json.loads((paths.reports / "metrics.json").read_text())
     md = (paths.reports / "report.md").read_text()
     assert md.splitlines()[2] == f"**{out['headline']}**" and (paths.reports / "report.html").exists()
-    expected = {"no variant named real": "Synthetic data helped: use baseline+synthetic, +",  # the plain real variant is the baseline
-                "a single variant": "No synthetic variant was compared with real",
-                "no synthetic variant": "No synthetic variant was compared with real",
-                "no baseline": "No variant trains on the real images alone",
-                "only real has metrics": "No synthetic variant was compared with real",
-                "filter kept nothing": "No synthetic variant was compared with real"}[case]
-    assert out["headline"].startswith(expected)
+    expected = {"no variant named real": "Use baseline+synthetic (",  # the plain real variant is the baseline
+                "a single variant": "Use real (",
+                "no synthetic variant": "Use real (",
+                "no baseline": "Use real+synthetic+classic (",
+                "only real has metrics": "Use real (",
+                "filter kept nothing": "Use real ("}[case]
+    assert out["headline"].startswith(expected) and len(out["headline"]) <= 120
+    if case != "no variant named real":
+        assert out["headline"].endswith("no variant trained on synthetic data, so this run cannot say whether it helps.") \
+            or case == "no baseline"
     if case == "no variant named real":
         assert metrics["baseline"] == "baseline" and "| vs baseline (points) |" in md
         assert metrics["variants"]["baseline+synthetic"]["diff"] == pytest.approx(0.1)
-        assert out["headline"].startswith("Synthetic data helped: use baseline+synthetic, +10.0 points [+7.5, +12.5] over "
-                                          "baseline (")
+        assert out["headline"].endswith("synthetic data added +10.0 points [+7.5, +12.5] over baseline.")
     if case == "filter kept nothing":
-        assert any("the filter accepted none of the synthetic images" in p for p in metrics["answer"])
+        assert any("the filter accepted none of the synthetic images" in p for p in metrics["notes"])
     if case == "only real has metrics":
-        assert any(p.startswith("No metrics for real+classic, ") for p in metrics["answer"])
+        assert any(p.startswith("No metrics for real+classic, ") for p in metrics["notes"])
 
 
 @pytest.mark.parametrize("damage, needle", [
@@ -547,7 +375,7 @@ def test_report_notes_few_seeds_and_missing_test_classes(tmp_path):
         m = trained(name, [0.7, 0.75], params)
         write_json(paths.classifier_metrics / f"{name}.json", {**m, "test_classes_missing": ["b"]})
     report.run(params, paths)
-    answer = json.loads((paths.reports / "metrics.json").read_text())["answer"]
+    answer = json.loads((paths.reports / "metrics.json").read_text())["notes"]
     assert any(p.startswith("Only 2 seeds per variant: a 95% interval over 2 seeds uses t = 12.7") for p in answer)
     assert "The test split has no image of b: accuracies are over the other classes only." in answer
 
@@ -561,6 +389,9 @@ def test_markup_in_title_and_class_names_is_shown_as_text(tmp_path):
     html = (paths.reports / "report.html").read_text()
     assert "<script>document.title" not in html and "<b>bold</b>" not in html
     assert "&lt;script&gt;document.title=&#39;pwned&#39;&lt;/script&gt;&lt;b&gt;bold&lt;/b&gt;" in html
+    md = (paths.reports / "report.md").read_text()  # a Markdown viewer renders HTML tags: report.md escapes them too
+    assert "<script>" not in md and "<b>" not in md and md.startswith("# &lt;script&gt;document.title='pwned'")
+    assert "&lt;script&gt;document.title='pwned'&lt;/script&gt;&lt;b&gt;bold&lt;/b&gt; 7" in md  # the class name
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if not browser:
         pytest.skip("Chromium is not installed (make test installs Debian's chromium where apt is usable)")
@@ -573,53 +404,6 @@ def test_markup_in_title_and_class_names_is_shown_as_text(tmp_path):
     assert title != "pwned" and title.startswith("&lt;script&gt;")  # the script never ran: its text is the title
     h1 = dom.split("<h1>")[1].split("</h1>")[0]
     assert h1 == "&lt;script&gt;document.title='pwned'&lt;/script&gt;&lt;b&gt;bold&lt;/b&gt;"  # text, not elements
-
-
-def test_verdict_words_are_pinned_sentence_for_sentence():
-    """Every sentence of two verdicts, as written before the verdict was split into deciding and saying:
-    helped; not helped, with self-training the strongest variant without synthetic data."""
-    helped = judge(real=variant(REAL), **{"real+classic": variant(CLASSIC),
-                                          "real+synthetic+classic": syn([0.85, 0.87, 0.86])})
-    tail = "Best variant on validation: real+synthetic+classic (86.0% test accuracy; 3 seeds, N=200 real test images)."
-    classic = "Classic augmentation alone: real+classic vs real: +1.0 points [+1.0, +1.0], p=0."
-    assert helped["points"] == [
-        "Yes: real+synthetic+classic (the synthetic variant best on validation) beat real and classic augmentation "
-        "(real+classic). real+synthetic+classic vs real: +5.0 points [+2.5, +7.5], p=0.013; real+synthetic+classic vs "
-        "real+classic: +4.0 points [+1.5, +6.5], p=0.02.",
-        classic, "Smallest difference this run can detect: 2.5 points (80% power, paired t-test at 5%, 3 seeds).", tail]
-    pool = judge(real=variant(REAL), **{"real+classic": variant(CLASSIC), "real+pseudo+classic": variant([0.84, 0.85, 0.86]),
-                                        "real+synthetic+classic": syn([0.85, 0.86, 0.85]),
-                                        "real+pseudo+synthetic+classic": syn([0.84, 0.86, 0.85], val=[0.95] * 3)})
-    assert pool["headline"] == ("Synthetic data did not help: real+pseudo+synthetic+classic, the best with it on validation, "
-                                "+0.0 points [-2.5, +2.5] over real+pseudo+classic (p=1, 3 seeds paired; " + BUDGET + "). "
-                                "Use real+pseudo+classic.")
-    assert pool["points"] == [
-        "Partly: real+pseudo+synthetic+classic (the synthetic variant best on validation; it also uses the pseudo-labeled "
-        "pool) beat real and classic augmentation (real+classic) but not real+pseudo+classic. real+pseudo+synthetic+classic "
-        "vs real: +4.0 points [+1.5, +6.5], p=0.02; real+pseudo+synthetic+classic vs real+classic: +3.0 points "
-        "[+0.5, +5.5], p=0.035.",
-        "Beyond using the pool directly (self-training, real+pseudo+classic): the generator added nothing significant "
-        "(the first line).",
-        classic, "Smallest difference this run can detect: 2.7 points (80% power, paired t-test at 5%, 3 seeds).",
-        "Best variant on validation: real+pseudo+synthetic+classic (85.0% test accuracy; 3 seeds, N=200 real test images)."]
-    assert pool["text"] == " ".join(pool["points"])
-
-
-def test_the_verdict_decides_before_it_words():
-    """``decide`` makes every choice (here: fixmatch, better on validation, is the opponent it did not beat,
-    so it is what to use); ``words`` only says them."""
-    semi = {**variant([0.86, 0.86, 0.86], val=[0.95] * 3), "learner": "fixmatch+flexmatch", "steps": 4500}
-    variants = {"real": variant(REAL), "real+classic": variant(CLASSIC), "real+synthetic+classic": syn([0.85, 0.86, 0.87]),
-                "fixmatch": semi}
-    d = decide(variant_table(variants), variants, SPECS, "real")
-    assert (d.syn, d.classic, d.pool, d.helped, d.beats_baseline, d.beats_classic, d.lead) == (
-        "real+synthetic+classic", "real+classic", None, False, True, True, True)
-    assert d.recommend == d.opponent == "fixmatch" and d.versus["budget"].startswith("unequal budget: ")
-    assert set(d.cmp) == {("real+synthetic+classic", "real"), ("real+synthetic+classic", "real+classic"),
-                          ("real+classic", "real"), ("real+synthetic+classic", "fixmatch")}
-    assert words(d) == verdict(variant_table(variants), variants, SPECS, "real")
-    none = decide(variant_table({"real": variants["real"]}), {"real": variants["real"]}, SPECS)
-    assert none.syn is None and none.measured and none.helped is None and none.cmp == {}
 
 
 def test_stage_seconds_take_each_variants_wall_time_where_it_has_one():

@@ -17,7 +17,8 @@ from pipeline.config.sections import (IGNORED_BY_KIND, STAGES, BaseParams, CganC
                                       PrepareConfig, PseudoLabelConfig, ReportConfig, SampleConfig,
                                       TrainClassifierConfig, TrainGeneratorConfig, VariantSpec, keeps_output,
                                       learner_config)
-from pipeline.config.paths import Paths, labeler_file  # noqa: F401
+from pipeline.config.paths import Paths, classifier_file, labeler_file  # noqa: F401
+from pipeline.config.variant_paths import colliding_variants, variant_outputs  # noqa: F401
 from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,10 @@ def params_from_dict(raw: dict | None, source: str = "<params>") -> Params:
         params = Params.model_validate(_yaml_to_model_types(merged))
     except ValidationError as err:
         raise ConfigError(_format_errors(err, source)) from None
+    clash = colliding_variants(params.train_classifier.variants)
+    if clash:
+        raise ConfigError(f"{source}: train_classifier.variants: " + "; ".join(clash) + ". Rename one of each "
+                          "pair: training one would replace or delete the other's outputs.")
     _warn_ignored(raw.get("train_generator") or {}, params.train_generator.kind, source)
     return params
 

@@ -15,6 +15,11 @@ def labeler_file(index: int) -> str:
     return f"labelers/seed{index}.safetensors"
 
 
+def classifier_file(index: int) -> str:
+    """Where train_classifier keeps a variant's seed ``index``'s weights, under ``Paths.classifier / variant``."""
+    return f"seed{index}/model.safetensors"
+
+
 class Paths(BaseModel):
     """Every path the pipeline reads or writes, named once, relative to ``root``."""
 

@@ -90,8 +90,9 @@ def report_figures(table: pd.DataFrame, variants: dict[str, dict], answer: dict,
                    ) -> tuple[dict, dict[str, pd.DataFrame]]:
     """The report's figures by name, and the tables behind those that ``dvc plots`` shows."""
     figs, csvs = {"variants": fig_variants(table)}, {}
-    if answer.get("synthetic_variant"):
-        gain = per_class_gain(variants, answer["synthetic_variant"], names, answer["baseline"])
+    top = next((f for f in answer["findings"] if f["a"] == answer["synthetic_variant"]), None)
+    if top:  # the headline's pair: the synthetic variant against the best without (else real, classic)
+        gain = per_class_gain(variants, top["a"], names, top["b"])
         figs["per_class_gain"], csvs["per_class_gain"] = fig_per_class_gain(gain), gain
     sweeps = {k: [{"ratio": float(r), "val_accuracy": a} for r, a in v["ratio_sweep"].items()]
               for k, v in variants.items() if v.get("ratio_sweep")}

@@ -44,14 +44,15 @@ def metrics(answer: dict, table: pd.DataFrame, outputs: dict[str, dict], specs: 
     """What metrics.json says (for ``dvc metrics``): the answer with its numbers, each variant's,
     the generator's quality, the pseudo-labels."""
     filt, pseudo = outputs.get("filtered") or {}, outputs.get("pseudo") or {}
-    return {"headline": answer["headline"], "answer": answer["points"], "helped": answer["helped"],
-            "best_variant": answer["best_variant"], "synthetic_variant": answer.get("synthetic_variant"),
+    return {"headline": answer["headline"], "model": answer["model"], "findings": answer["findings"],
+            "notes": answer["points"], "helped": answer["helped"], "recommend": answer["recommend"],
+            "best_variant": answer["best_variant"], "synthetic_variant": answer["synthetic_variant"],
+            "strongest_without_synthetic": answer["strongest_without_synthetic"],
             "baseline": answer["baseline"], "generator_kind": generator_facts(outputs).get("kind"),
-            "n_test": answer["n_test"], "seeds": answer["seeds"],
-            **({"gain": answer["gain"], "gain_ci95_low": answer["gain_low"], "gain_ci95_high": answer["gain_high"],
-                "detectable_difference": answer["detectable_difference"]} if "gain" in answer else {}),
-            "comparisons": answer["comparisons"], "stage_seconds": stage_times,
-            **{k: answer.get(k) for k in ("strongest_without_synthetic", "versus_strongest")},
+            "n_test": answer["n_test"], "seeds": answer["seeds"], "detectable_difference": answer["detectable_difference"],
+            **({"gain": answer["gain"], "gain_ci95_low": answer["gain_low"], "gain_ci95_high": answer["gain_high"]}
+               if "gain" in answer else {}),
+            "stage_seconds": stage_times,
             "generator_quality": generator_quality(filt, table, specs) if filt else None,
             "pseudo_labels": {k: pseudo.get(k) for k in ("kept", "pool_size", "pseudo_label_accuracy",
                                                          "pseudo_label_accuracy_per_class", "threshold", "labeler")},
