@@ -42,18 +42,20 @@ def repro(dvc_args: list[str]) -> int:
     either way. Returns dvc's exit code."""
     from prefect.settings import get_current_settings
 
-    dvc = shutil.which("dvc", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    # the stages' `python -m flows ...` and dvc itself run with the interpreter synthaug runs in, venv active or not
+    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    dvc = shutil.which("dvc", path=env["PATH"])
     if dvc is None:
         raise ConfigError("synthaug repro: the dvc command is not installed here; run make setup (or pip install dvc)")
     cmd = [dvc, "repro", *dvc_args]
     if get_current_settings().api.url:  # a server of the user's: every flow run goes there as it is
-        return subprocess.call(cmd)
+        return subprocess.call(cmd, env=env)
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()
     server.start(timeout=get_current_settings().server.ephemeral.startup_timeout_seconds)
     try:
-        return subprocess.call(cmd, env={**os.environ, "PREFECT_API_URL": server.api_url})
+        return subprocess.call(cmd, env={**env, "PREFECT_API_URL": server.api_url})
     finally:
         server.stop()
 

@@ -54,3 +54,15 @@ def test_repro_leaves_a_configured_server_alone_and_passes_dvc_args_and_exit_cod
     assert json.loads((project / "s1.json").read_text()) == {"url": url, "up": False}
     assert not (project / "s0.json").exists()  # dvc repro s1 ran s1 alone
     assert repro(project, {**os.environ, "PREFECT_API_URL": url}, "no_such_stage").returncode != 0
+
+
+def test_repro_runs_the_stages_with_its_own_interpreter_without_an_activated_venv(tmp_path):
+    """`.venv/bin/synthaug repro` from a shell whose PATH lacks the venv: a stage's bare `python` is the venv's
+    (it was the system's, without prefect)."""
+    subprocess.run([str(Path(sys.executable).parent / "dvc"), "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "dvc.yaml").write_text("stages:\n  which:\n    cmd: python -c \"import sys; open('which.txt', 'w')"
+                                       ".write(sys.executable)\"\n    outs: [which.txt]\n")
+    url = "http://127.0.0.1:9/api"  # configured: no temporary server is started
+    out = repro(tmp_path, {**os.environ, "PATH": "/usr/bin:/bin", "PREFECT_API_URL": url})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert Path((tmp_path / "which.txt").read_text()).parent == Path(sys.executable).parent
