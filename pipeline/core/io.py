@@ -1,15 +1,13 @@
-"""Atomic file I/O: every output is written to a temporary sibling and renamed into place.
-
-A killed run never leaves a half-written file that a later run would take as complete.
+"""File I/O of stage outputs: writes go through ``core.atomic.atomic_path`` (a temporary sibling renamed
+into place, so a killed run never leaves a half-written file that a later run would take as complete);
+reads name the file and the stage to re-run when it is missing or damaged.
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -18,6 +16,7 @@ import numpy as np
 import torch
 
 from pipeline.config import Paths
+from pipeline.core.atomic import atomic_path, recover  # noqa: F401 (atomic_path: every writer imports it from here)
 from pipeline.core.images import class_names_of, dataset_to_tensors
 from pipeline.errors import ConfigError, DataError
 
@@ -25,44 +24,6 @@ from pipeline.errors import ConfigError, DataError
 OUTPUTS = {"prepared": ("prepare", "summary.json"), "pseudo": ("pseudo_label", "summary.json"),
            "generator": ("train_generator", "generator.json"), "synthetic": ("sample", "summary.json"),
            "filtered": ("filter", "summary.json")}
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
-
-
-def _mkdtemp(path: Path) -> Path:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    tmp.chmod(0o755)
-    return tmp
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path``. A symlinked output
-    is written where it points (the link stays). A full disk is a DataError naming the output; the
-    earlier output stays as it was."""
-    path = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _mkdtemp(path) if is_dir else \
-        path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        yield tmp
-        if path.is_dir():
-            old = path.with_name(f".{path.name}.old{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except OSError as err:
-        if err.errno in NO_SPACE:
-            raise DataError(f"{path}: no space left on the device while writing it ({err.strerror}); the earlier "
-                            "version is intact. Free some space (or point the project at a larger disk) and "
-                            "run again.") from None
-        raise
-    finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
@@ -103,7 +64,7 @@ def reading(path: str | os.PathLike, stage: str | None) -> Iterator[Path]:
     run, a damaged one (truncated, garbage) names the file and the stage to re-run. Keep the
     block to the read itself, so that a bug elsewhere keeps its traceback."""
     path = Path(path)
-    if not path.exists():
+    if not path.exists() and not recover(path):  # an interrupted swap of it: its previous copy put back
         raise FileNotFoundError(f"{path}: not found. " + (f"Run the {stage} stage first (dvc repro)." if stage else
                                                           "Run the stage that writes it first (dvc repro)."))
     try:
