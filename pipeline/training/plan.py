@@ -18,6 +18,8 @@ from pipeline.config import TrainClassifierConfig, VariantSpec
 
 log = logging.getLogger(__name__)
 
+# The share rule, defined here once (``choose_share`` applies it; variants record it, the report and docs cite it):
+# a gain that holds across seeds, not one seed's noise; of the shares that pass, the best mean.
 RATIO_RULE = ("a synthetic share above 0 is used only when it beats share 0 on validation with every sweep seed; "
               "otherwise the variant trains without synthetic images")
 
@@ -61,8 +63,7 @@ def plan_runs(cfg: TrainClassifierConfig, spec: VariantSpec) -> list[Run]:
 
 def choose_share(sweep: dict[float, list[float]]) -> float:
     """The synthetic share to use from validation accuracies per candidate share (one per sweep
-    seed): with 0 among the candidates, a share above 0 is taken only when it beats 0 on every
-    seed (a gain that holds across seeds, not one seed's noise), the best mean of those; otherwise 0."""
+    seed), by ``RATIO_RULE`` when 0 is among the candidates; else the best mean."""
     mean = {r: sum(v) / len(v) for r, v in sweep.items()}
     if 0.0 not in sweep:
         return max(mean, key=mean.get)
