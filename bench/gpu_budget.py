@@ -10,8 +10,10 @@ For every stage's main work at the gpu profile's settings (as ``params.yaml`` re
              pipeline's own classifier loop (``training.classifier.fit``) and the generator's
              forward + backward, with AdamW as CUDA runs it (foreach, a few ops for all tensors)
   time       max(FLOPs / (peak x MFU), ops x host cost per op) per step: big steps are compute-bound,
-             small ones are bound by the host launching one kernel per op (eager PyTorch; the
-             classifier loop also reads its loss back every step, a sync that stops host and GPU from overlapping)
+             small ones are bound by the host launching one kernel per op (eager PyTorch). The
+             classifier loop keeps its losses on the device and reads them back only at each validation
+             (every eval_every steps); FlexMatch's class-wise thresholds index by a boolean mask every
+             step, a sync the FixMatch learner pays
 The per-op host cost of a GPU box is an assumption (``--us-per-op``); what one op costs on this CPU at a
 tiny size (where compute is negligible) is measured and reported beside it, under whatever load the
 machine has. Output: ``bench/results/gpu_budget-cpu.json`` (the counting ran on the CPU).

@@ -1,8 +1,8 @@
 import pytest
 import yaml
 
-from pipeline.config import (IGNORED_BY_KIND, PROFILES, ConfigError, Paths, TrainGeneratorConfig, load_params,
-                             params_from_dict)
+from pipeline.config import (IGNORED_BY_KIND, PROFILES, ConfigError, Params, Paths, TrainGeneratorConfig,
+                             load_params, params_from_dict)
 
 
 def write(tmp_path, obj):
@@ -14,7 +14,13 @@ def write(tmp_path, obj):
 def test_repo_params_load_and_match_profile():
     params = load_params("params.yaml")
     assert params.base.profile == "cpu"
-    assert params.train_generator.block_out_channels == PROFILES["cpu"]["train_generator"]["block_out_channels"]
+    assert params.train_generator.block_out_channels == TrainGeneratorConfig().block_out_channels
+
+
+def test_the_class_defaults_are_the_cpu_profile():
+    """One place for the default run's values: sections.py; the cpu preset adds nothing to them."""
+    assert PROFILES["cpu"] == {}
+    assert params_from_dict({}) == params_from_dict({"base": {"profile": "cpu"}}) == Params()
 
 
 def test_unknown_key_names_key_and_file(tmp_path):

@@ -1,5 +1,6 @@
-"""The size presets resolve as README says with the shipped params.yaml, which shadows none of
-them; every stage runs once on CPU with the gpu profile's architectures at tiny step counts."""
+"""The size presets resolve as docs/parameters.md says with the shipped params.yaml, which shadows none of
+them (the cpu profile is the class defaults, so it has nothing to shadow); every stage runs once on CPU with the
+gpu profile's architectures at tiny step counts."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -59,6 +60,7 @@ def test_gpu_profile_pretrains_a_30m_unet_on_the_whole_pool():
 def test_cpu_profile_is_the_documented_default():
     p = load_params(PARAMS)
     assert p.base.profile == "cpu" and p == resolved("cpu")
+    assert PROFILES["cpu"] == {}  # the class defaults (pipeline/config/sections.py) are the cpu profile
     g = p.train_generator
     assert g.init == "scratch" and (g.prediction_type, g.zero_terminal_snr, g.snr_gamma) == ("v_prediction", True, 5.0)
     assert 0.9e6 < unet_parameters(p) < 1.2e6  # "a 1M-parameter UNet"
@@ -67,8 +69,10 @@ def test_cpu_profile_is_the_documented_default():
     assert s.mode == "img2img" and len(s.strengths) * s.variations * 500 == 1500  # 1,500 img2img variations
     c = p.train_classifier
     assert (c.arch, c.steps, c.seeds) == ("test_resnet", 1500, 4)
-    assert p.filter.batch_size == 4  # the feature pass on a CPU (bench/results/features-cpu.json)
-    assert (p.pseudo_label.arch, p.pseudo_label.steps) == ("test_resnet", 4500)  # bench/results/labeler_levers-cpu.json
+    assert p.filter.batch_size == 4  # the feature pass on a CPU (docs/decisions.md#filter-batch-size)
+    lab = p.pseudo_label
+    assert (lab.arch, lab.steps, lab.seeds) == ("test_resnet", 4500, 3)  # docs/decisions.md#labeler-steps
+    assert c.synthetic_ratio == 0.25 and c.ratio_sweep == ()  # docs/decisions.md#synthetic-ratio
 
 
 def test_micro_profile_is_small():

@@ -1,5 +1,6 @@
-"""The typed sections of ``params.yaml``: one pydantic model per stage, every field defaulted and
-commented; unknown keys and wrong types are errors (``Paths``, in paths.py, names every file the pipeline uses)."""
+"""The typed sections of ``params.yaml``: one pydantic model per stage, every field defaulted to the value the
+default run (the cpu profile) uses and commented, the reasons in docs/decisions.md; unknown keys and wrong types are
+errors (``Paths``, in paths.py, names every file the pipeline uses)."""
 from __future__ import annotations
 
 import os
@@ -25,9 +26,9 @@ class BaseParams(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
     profile: Literal["micro", "cpu", "gpu"] = "cpu"  # size preset, see PROFILES
     # the device policy of every stage (pipeline/core/device.py): auto = bf16 autocast on cuda; on CPUs with AMX /
-    # AVX512-BF16 for generator training and sampling only (classifiers train in fp32 on CPU); fp32 elsewhere
+    # AVX512-BF16 for generator training and sampling only; fp32 elsewhere (docs/decisions.md#mixed-precision)
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
-    compile: bool = False  # torch.compile the networks that train and sample (pays on long GPU runs)
+    compile: bool = False  # torch.compile the networks that train and sample (docs/decisions.md#compile)
 
 
 class PrepareConfig(_Section):
@@ -54,12 +55,12 @@ class PseudoLabelConfig(_Section):
     trains with these same settings."""
     # fixmatch: on the labeled set + the pool (training/tasks.py) | supervised: labeled set alone (self-training's)
     method: Literal["fixmatch", "supervised"] = "fixmatch"
-    arch: str = "resnet10t"  # timm model of the labeler
-    seeds: int = Field(3, ge=1)  # models (seed k = base.seed * 1000 + k, paired with the variants'); pool labels: their mean
-    steps: int = Field(1500, ge=1)  # its optimizer steps (AdamW, one-cycle, best validation checkpoint kept)
-    eval_every: int = Field(150, ge=1)  # steps between validation checks (model selection)
+    arch: str = "test_resnet"  # timm model of the labeler (docs/decisions.md#classifier-arch)
+    seeds: int = Field(3, ge=1)  # models (seed k = base.seed * 1000 + k, paired with the variants'); labels: their mean
+    steps: int = Field(4500, ge=1)  # AdamW, one-cycle, best val checkpoint kept (docs/decisions.md#labeler-steps)
+    eval_every: int = Field(450, ge=1)  # steps between validation checks (model selection)
     batch_size: int = Field(64, ge=1)  # labeled images per step
-    lr: float = Field(3e-3, gt=0)
+    lr: float = Field(3e-3, gt=0)  # docs/decisions.md#labeler-levers, as ema_decay and unlabeled_ratio
     weight_decay: float = Field(0.05, ge=0)
     augment: Literal["standard", "classic"] = "classic"  # labeled images: crop + flip | TrivialAugmentWide, then crop + flip
     unlabeled_ratio: int = Field(3, ge=1)  # fixmatch: pool images per labeled image in each step (FixMatch's mu)
@@ -67,7 +68,7 @@ class PseudoLabelConfig(_Section):
     fairness: Literal["flexmatch", "da", "none"] = "flexmatch"  # fixmatch: class-wise thresholds | distribution alignment
     unlabeled_weight: float = Field(1.0, ge=0)  # fixmatch: weight of the pool loss
     ema_decay: float = Field(0.99, ge=0, lt=1)  # fixmatch: the pool's labels come from this EMA of the weights
-    tta: Literal["flip", "none"] = "flip"  # predict the mean over an image and its mirror image | the image alone
+    tta: Literal["flip", "none"] = "flip"  # mean over an image and its mirror | none (docs/decisions.md#labeler-tta)
     threshold: float = Field(0.0, ge=0, le=1)  # pool images kept: top-class p >= this (0: all, with p, as DPT)
     per_class_cap: int = Field(0, ge=0)  # at most this many per class, the most confident first (0 = no cap)
     balance: bool = False  # every class keeps as many as the class with the fewest confident images
@@ -136,10 +137,11 @@ class TrainGeneratorConfig(_Section):
     # scratch | pretrain (unconditional on train + pool for pretrain_steps, then conditional
     # fine-tune on train for steps) | a local diffusers UNet2DModel folder to fine-tune
     init: Location = "scratch"
-    block_out_channels: tuple[int, ...] = (32, 64, 64)  # one entry per resolution level
+    block_out_channels: tuple[int, ...] = (32, 64, 64)  # one per resolution level (docs/decisions.md#generator-size)
     layers_per_block: int = Field(1, ge=1)  # resnet layers in each down/up block
     attention: bool = False  # self-attention in the lowest-resolution blocks
     # what the backbone predicts: v (Salimans & Ho 2022) stays bounded at zero SNR, epsilon does not
+    # (this, zero_terminal_snr and snr_gamma: docs/decisions.md#diffusion-recipe)
     prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
     num_train_timesteps: int = Field(1000, ge=2)  # DDPM training noise levels
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
@@ -147,7 +149,7 @@ class TrainGeneratorConfig(_Section):
     zero_terminal_snr: bool = True
     snr_gamma: float = Field(5.0, ge=0)  # Min-SNR-gamma loss weighting (Hang et al. 2023); 0 = off
     p_uncond: float = Field(0.1, ge=0, le=1)  # label dropout for classifier-free guidance
-    steps: int = Field(1000, ge=1)  # conditional optimizer steps
+    steps: int = Field(1200, ge=1)  # conditional optimizer steps (docs/decisions.md#generator-size)
     pretrain_steps: int = Field(0, ge=0)  # unconditional steps on train + pool (init=pretrain)
     # images per optimizer step, over all processes: each process computes batch_size / (num_processes x
     # gradient_accumulation_steps) per forward pass, so 1, 2 or 8 processes optimise alike
@@ -189,12 +191,13 @@ class SampleConfig(_Section):
     guidance_scale: float = Field(2.0, ge=0)  # 0 = unconditional, 1 = conditional only, >1 = CFG
     guidance_rescale: float = Field(0.0, ge=0, le=1)  # phi of Lin et al. 2024: guided output's std matched to the conditional's
     # guidance only at noise levels t/T inside [low, high] (Kynkaanniemi et al. 2024); conditional elsewhere
+    # (docs/decisions.md#diffusion-recipe)
     guidance_interval: tuple[float, float] = (0.0, 0.7)
     # generate: per_class new images of each class from noise | img2img: variations of real images
     # (SDEdit; DA-Fusion, Trabucco et al. 2024): every labeled train image, and pool_per_class
     # pseudo-labeled pool images of each class, noised to each of strengths and denoised with its class
     mode: Literal["generate", "img2img"] = "generate"
-    per_class: int = Field(100, ge=1)  # synthetic images per class (mode generate)
+    per_class: int = Field(300, ge=1)  # synthetic images per class (mode generate)
     strengths: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)  # img2img: noise levels, 1 = from pure noise
     variations: int = Field(1, ge=1)  # img2img: variations of each source image at each strength
     pool_per_class: int = Field(0, ge=0)  # img2img: pseudo-labeled pool images per class also used as sources
@@ -252,7 +255,7 @@ class FilterConfig(_Section):
     # the metric reference (a class-stratified test subset, used only to report, never to select)
     max_real: int = Field(1000, ge=10)
     kid_subsets: int = Field(100, ge=1)  # KID subsets (subset size = min(N_real, N_synthetic, 1000))
-    batch_size: int = Field(64, ge=1)  # feature extraction and judge scoring
+    batch_size: int = Field(4, ge=1)  # feature extraction and judge scoring (docs/decisions.md#filter-batch-size)
 
 
 class VariantSpec(_Section):
@@ -296,27 +299,27 @@ class TrainClassifierConfig(_Section):
         ("synthetic-only", "filtered", {"real": False}),
         ("fixmatch", "prepared", {"learner": "fixmatch", "augment": "classic"}),
         ("fixmatch+synthetic", "filtered", {"learner": "fixmatch", "augment": "classic", "synthetic_ratio": 0.25}))}
-    arch: str = "resnet10t"  # any timm model name (timm.list_models())
+    arch: str = "test_resnet"  # any timm model name (timm.list_models()); docs/decisions.md#classifier-arch
     # None = from scratch | efficientnet-lite0 (ImageNet, arch tf_efficientnet_lite0) | a local .safetensors
     pretrained: Optional[Location] = None
-    seeds: int = Field(3, ge=1)  # seeds per variant (seed k = base.seed * 1000 + k, paired across variants)
-    workers: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"  # runs side by side; auto: 1 per CPU core, 1 on CUDA
-    steps: int = Field(1500, ge=1)  # optimizer steps, identical for every variant
+    seeds: int = Field(4, ge=1)  # per variant (seed k = base.seed * 1000 + k, paired; docs/decisions.md#seeds)
+    # runs side by side; auto: 1 per CPU core, 1 on CUDA (docs/decisions.md#seeds-side-by-side)
+    workers: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"
+    steps: int = Field(1500, ge=1)  # optimizer steps of every supervised variant (docs/decisions.md#classifier-steps)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(3e-3, gt=0)  # peak of the one-cycle schedule (AdamW)
     weight_decay: float = Field(0.05, ge=0)
-    synthetic_ratio: float = Field(0.5, ge=0, le=1)  # share of each batch drawn from synthetic
-    # extra shares tried with the first sweep_seeds seeds (real+synthetic* variants); a share above 0
-    # is used only if it beats 0 on validation with each of those seeds (training.plan.choose_share)
+    synthetic_ratio: float = Field(0.25, ge=0, le=1)  # synthetic share of a batch (docs/decisions.md#synthetic-ratio)
+    # extra shares tried with the first sweep_seeds seeds (variants with real and synthetic images); which one is
+    # used: RATIO_RULE in pipeline/training/plan.py. Off by default: docs/decisions.md#ratio-sweep
     ratio_sweep: tuple[float, ...] = ()
     sweep_seeds: int = Field(2, ge=1)
-    # pseudo: true variants: share of the real part of each batch drawn from the pseudo-labeled pool, the
-    # labeled images the rest; None = in proportion to the two sets' sizes (as if concatenated; a tie with
-    # 0.5 on validation, reports/ablation.md)
+    # pseudo: true variants: share of the real part of each batch drawn from the pseudo-labeled pool, the labeled
+    # images the rest; None = in proportion to the two sets' sizes, as if concatenated (docs/decisions.md#pseudo-share)
     pseudo_share: Optional[float] = Field(None, ge=0, le=1)
     # pool images learn the labeler's class (hard), its probabilities of the clean image (soft), or of the very
-    # augmented view the student sees (teacher: consistent distillation, +0.75 over soft on the dev split,
-    # reports/pool_study-cpu.md); probabilities sharpened by pseudo_temperature (< 1 sharpens)
+    # augmented view the student sees (teacher: consistent distillation; docs/decisions.md#pseudo-labels-teacher);
+    # probabilities sharpened by pseudo_temperature (< 1 sharpens)
     pseudo_labels: Literal["hard", "soft", "teacher"] = "teacher"
     pseudo_temperature: float = Field(1.0, gt=0)
     synthetic_labels: Literal["intended", "labeler", "teacher"] = "intended"  # class; labeler: its probs; teacher: per view
