@@ -12,7 +12,7 @@ NAMES = ["a", "b"]
 SPECS = {**TrainClassifierConfig().variants, "real+synthetic": VariantSpec(data="filtered"),
          "real+pseudo+classic": VariantSpec(data="prepared", pseudo=True, augment="classic"),
          "real+pseudo+synthetic+classic": VariantSpec(data="filtered", pseudo=True, augment="classic")}
-BUDGET = "equal budget: supervised, test_resnet, 1500 steps of 64"
+BUDGET = "equal: supervised, test_resnet, 1500 steps of 64"
 REAL, CLASSIC = [0.80, 0.81, 0.82], [0.81, 0.82, 0.83]
 
 
@@ -84,13 +84,12 @@ def test_the_semi_supervised_learner_with_and_without_synthetic_data_at_equal_bu
     assert v["headline"] == "Use fixmatch+synthetic (88.0% ± 2.5): synthetic data added +3.0 points [+0.5, +5.5] over fixmatch."
     top = v["findings"][0]
     assert (top["a"], top["b"], top["question"]) == ("fixmatch+synthetic", "fixmatch", "best_without")
-    assert top["budget"] == "equal budget: fixmatch+flexmatch, test_resnet, 4500 steps of 64"
+    assert top["budget"] == "equal: fixmatch+flexmatch, test_resnet, 4500 steps of 64"
     # a supervised synthetic variant against the learner: the budgets differ, and the finding says so
     v = judge(**base, **{"real+synthetic+classic": syn([0.85, 0.86, 0.85])})
     assert v["strongest_without_synthetic"] == v["recommend"] == "fixmatch" and v["helped"] is False
     assert pairs(v)[("real+synthetic+classic", "fixmatch")]["budget"] == (
-        "unequal budget: real+synthetic+classic supervised, test_resnet, 1500 steps of 64; "
-        "fixmatch fixmatch+flexmatch, test_resnet, 4500 steps of 64")
+        "unequal: learner supervised vs fixmatch+flexmatch, steps 1500 vs 4500")
 
 
 def test_what_the_generator_adds_beyond_the_pool_is_a_finding_of_its_own():

@@ -55,10 +55,14 @@ def paired(variants: dict[str, dict], a: str, b: str) -> dict:
             "std_diff": d["std_diff"], "n": d["n"]}
 
 
+BUDGET = {"learner": "supervised", "arch": None, "steps": None, "batch_size": None}  # key -> its value in older metrics
+
+
 def budgets(variants: dict[str, dict], a: str, b: str) -> str:
-    """Whether ``a`` and ``b`` had the same training budget, and what it was."""
-    ba, bb = budget(variants[a]), budget(variants[b])
-    return f"equal budget: {ba}" if ba == bb else f"unequal budget: {a} {ba}; {b} {bb}"
+    """Whether ``a`` and ``b`` had the same training budget: the same one, or what differs (``a``'s vs ``b``'s)."""
+    va, vb = ({k: variants[v].get(k, d) for k, d in BUDGET.items()} for v in (a, b))
+    differ = [f"{k.replace('_size', '')} {va[k]} vs {vb[k]}" for k in BUDGET if va[k] != vb[k]]
+    return "unequal: " + ", ".join(differ) if differ else f"equal: {budget(variants[a])}"
 
 
 def per_class_gain(variants: dict[str, dict], variant: str, class_names: list[str], baseline: str = "real"
