@@ -10,7 +10,9 @@ the row in the pool), ``labelers/seed<k>.safetensors`` with each one's training 
 variant of train_classifier tests these models rather than training them again) and ``summary.json``
 (kept per class; the ensemble's validation accuracy; where the pool's source labels are known, how many
 pseudo-labels are right, per class: a diagnostic only, no stage trains on those labels). With no pool
-no labeler is trained, the dataset is empty and the generators learn from the labeled set alone.
+no labeler is trained, the dataset is empty and the generators learn from the labeled set alone. Its run
+time (and each labeler's) goes to ``metrics/stages/pseudo_label.json``, so that ``data/pseudo`` is the
+same bytes for the same inputs and params.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from pipeline.core.device import policy_for
 from pipeline.core.entrypoint import stage_main
 from pipeline.core.images import class_names_of, dataset_to_tensors, tensors_to_dataset
 from pipeline.core.io import (atomic_path, check_writable, fingerprint, load_dataset_dir, read_output, sha256_tensor,
-                              write_json)
+                              without_timing, write_json)
 from pipeline.errors import DataError
 from pipeline.models.classifier import check_input_size, save_classifier
 from pipeline.quality.selection import confident_per_class
@@ -35,8 +37,8 @@ log = logging.getLogger(__name__)
 
 
 def run(params: Params, paths: Paths = Paths()) -> dict:
-    cfg, seed, t0 = params.pseudo_label, params.base.seed, time.time()
-    check_writable(paths.pseudo)
+    cfg, seed, t0 = params.pseudo_label, params.base.seed, time.perf_counter()
+    check_writable(paths.pseudo, paths.stage_timing)
     device = policy_for(params.base)
     prepared_fp = read_output(paths, "prepared").get("fingerprint")
     dd = load_dataset_dir(paths.prepared / "dataset", "prepare")
@@ -68,8 +70,7 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
         summary["labeler"] = {"arch": cfg.arch, "method": cfg.name + (", flip TTA" * cfg.flip), "seeds": seeds,
                               "val_accuracy": round(val_acc, 4),
                               "val_accuracy_per_seed": [round(h["best_val_acc"], 4) for _, h in results],
-                              "best_step": [h["best_step"] for _, h in results], "n_val": len(vy),
-                              "seconds": [round(h["seconds"], 1) for _, h in results]}
+                              "best_step": [h["best_step"] for _, h in results], "n_val": len(vy)}
     else:
         log.warning("pseudo_label: the prepared data has no pool split (prepare.unlabeled_pool = 0): no pseudo-labels")
     conf, pred = proba.max(1)
@@ -90,7 +91,6 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
                         "pseudo_label.threshold or train the labeler longer (pseudo_label.steps)")
     x = pool_x[keep]
     summary["fingerprint"] = fingerprint(prepared_fp, sha256_tensor(x), sha256_tensor(labels))
-    summary["seconds"] = round(time.time() - t0, 1)
     summary["params"] = params.resolved()
     summary["headline"] = (f"pseudo_label: kept {len(keep)} of {len(pool_x)} pool images at confidence >= "
                            f"{cfg.threshold}" + (f", {summary['pseudo_label_accuracy']:.1%} of them labeled right "
@@ -103,8 +103,10 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
         for i, (model, hist) in enumerate(results):  # each seed's model and history (the fixmatch variant reads them)
             (tmp / labeler_file(i)).parent.mkdir(exist_ok=True)
             save_classifier(model, tmp / labeler_file(i), cfg.arch, num_classes, tx.shape[1])
-            write_json((tmp / labeler_file(i)).with_suffix(".json"), hist)
+            write_json((tmp / labeler_file(i)).with_suffix(".json"), without_timing(hist))
         write_json(tmp / "summary.json", summary)
+    write_json(paths.stage_timing / "pseudo_label.json", {  # kept out of data/pseudo: the same inputs, the same bytes
+        "seconds": round(time.perf_counter() - t0, 1), "labelers": [round(h["seconds"], 1) for _, h in results]})
     log.info(summary["headline"])
     return summary
 

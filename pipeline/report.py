@@ -98,10 +98,15 @@ def read_samples(paths: Paths, outputs: dict[str, dict], scores: pd.DataFrame | 
     return real, load_dataset_dir(paths.synthetic / "dataset", "sample") if scored else None
 
 
-def read_prepare_seconds(paths: Paths) -> float | None:
-    """Seconds prepare took, from its timing record (None without one)."""
-    timing = paths.stage_timing / "prepare.json"
-    return read_json(timing, "prepare").get("seconds") if timing.exists() else None
+def read_prepare_seconds(paths: Paths) -> dict[str, float | None]:
+    """Seconds of the stages that keep their run time out of their outputs (prepare, pseudo_label: in
+    ``metrics/stages/<stage>.json``), by stage; a stage without that record is left out."""
+    out = {}
+    for stage in ("prepare", "pseudo_label"):
+        timing = paths.stage_timing / f"{stage}.json"
+        if timing.exists():
+            out[stage] = read_json(timing, stage).get("seconds")
+    return out
 
 
 def write(paths: Paths, figs: dict, csvs: dict[str, pd.DataFrame], page: dict, metrics: dict) -> None:

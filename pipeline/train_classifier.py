@@ -3,8 +3,9 @@
 A variant (``train_classifier.variants`` in params.yaml: real images or not, augmentation, which synthetic
 set) trains ``seeds`` models for the same number of steps, each selected on the real validation split, then
 tested once on the real test split. Writes ``models/classifier/<variant>/seed<k>/`` (weights, metrics,
-config), ``metrics/classifier/<variant>.json`` (per-seed metrics, mean, std, 95% CI, the variant's wall
-seconds) and ``metrics/classifier/<variant>/`` (each seed's validation accuracy and training loss, DVCLive).
+config; no run times, so the same bytes for the same inputs), ``metrics/classifier/<variant>.json`` (per-seed
+metrics, mean, std, 95% CI, run times: the variant's wall seconds and each seed's) and
+``metrics/classifier/<variant>/`` (each seed's validation accuracy and training loss, DVCLive).
 A variant with ``pseudo: true`` adds the pseudo-labeled pool (``data/pseudo/``) to the labeled images."""
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from pipeline.core.curves import write_curves
 from pipeline.core.entrypoint import stage_main
 from pipeline.core.images import class_names_of, dataset_to_tensors, image_hashes
 from pipeline.core.io import (OUTPUTS, atomic_path, check_writable, load_dataset_dir, load_pool, load_pseudo_labels,
-                              load_split, read_output, write_json)
+                              load_split, read_output, without_timing, write_json)
 from pipeline.core.stats import summarize_seeds
 from pipeline.errors import DataError
 from pipeline.models.classifier import check_input_size, save_classifier
@@ -168,7 +169,7 @@ def write_models(paths: Paths, variant: str, params: Params, results, per_seed: 
             d = weights.parent
             d.mkdir(parents=True)
             save_classifier(model, weights, cfg.arch, len(data.class_names), data.val[0].shape[1])
-            write_json(d / "metrics.json", {**common, **m, "history": hist})
+            write_json(d / "metrics.json", {**common, **without_timing(m), "history": without_timing(hist)})
             write_json(d / "config.json", {**common, "seed": m["seed"], "params": params.resolved()})
 
 

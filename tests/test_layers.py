@@ -104,8 +104,8 @@ def test_editing_the_judges_training_code_marks_filter_changed(tmp_path):
                 "metrics/classifier/real/plots/metrics", "reports/figures", "reports/plots"):
         (tmp_path / out).mkdir(parents=True)
         (tmp_path / out / "x").write_text("x")
-    for out in ("metrics/classifier/real.json", "metrics/stages/prepare.json", "reports/report.html",
-                "reports/report.md", "reports/metrics.json"):
+    for out in ("metrics/classifier/real.json", "metrics/stages/prepare.json", "metrics/stages/pseudo_label.json",
+                "reports/report.html", "reports/report.md", "reports/metrics.json"):
         (tmp_path / out).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / out).write_text("{}")
 

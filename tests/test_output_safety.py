@@ -1,6 +1,7 @@
 """No output lost (issue 45, items 1 and 2): variant names whose paths would collide are refused where
 params are read, ``atomic_path`` never removes an output of another kind, and a folder swap cut between
 its two renames is put back by the next stage that writes or reads that output."""
+
 import hashlib
 import logging
 import subprocess
@@ -18,8 +19,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def checksums(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def variants(*names):

@@ -1,4 +1,5 @@
 """The paths a classifier variant's name becomes, and names refused because two would share one."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,10 +11,12 @@ _REL = Paths(root=Path("."))
 
 def variant_outputs(name: str) -> dict[str, str]:
     """Every path train_classifier writes for variant ``name`` (relative to the project root) -> what it is."""
-    return {(_REL.classifier / name).as_posix(): "models folder",
-            (_REL.classifier_seeds / name).as_posix(): "seed-runs folder",
-            (_REL.classifier_metrics / name).as_posix(): "curves folder",
-            (_REL.classifier_metrics / f"{name}.json").as_posix(): "metrics file"}
+    return {
+        (_REL.classifier / name).as_posix(): "models folder",
+        (_REL.classifier_seeds / name).as_posix(): "seed-runs folder",
+        (_REL.classifier_metrics / name).as_posix(): "curves folder",
+        (_REL.classifier_metrics / f"{name}.json").as_posix(): "metrics file",
+    }
 
 
 def _same_on_any_disk(path: str) -> str:
@@ -33,10 +36,14 @@ def colliding_variants(names) -> list[str]:
             key = _same_on_any_disk(path)
             if key in owner and owner[key][0] != name:
                 other, other_path, other_what = owner[key]
-                same = "the same path" if other_path == path else \
-                    "one path on macOS or Windows (they ignore letter case, Windows a name's trailing dots)"
-                out.append(f"the {other_what} of {other!r} ({other_path}) and the {what} of {name!r} ({path}) "
-                           f"are {same}")
+                same = (
+                    "the same path"
+                    if other_path == path
+                    else "one path on macOS or Windows (they ignore letter case, Windows a name's trailing dots)"
+                )
+                out.append(
+                    f"the {other_what} of {other!r} ({other_path}) and the {what} of {name!r} ({path}) are {same}"
+                )
                 break
             owner.setdefault(key, (name, path, what))
     return out

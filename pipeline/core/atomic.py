@@ -8,6 +8,7 @@ and removed. A crash between the two renames leaves the output missing beside it
 back (the run that crashed did not finish, so the previous output is the one DVC recorded) and
 removes what the interrupted swap left; it logs what it did.
 """
+
 from __future__ import annotations
 
 import errno
@@ -16,9 +17,9 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from pipeline.errors import DataError
 
@@ -47,6 +48,7 @@ def _readable_like_any_output(path: Path) -> None:
     """Give ``path`` (and, for a folder, everything in it) at least the permissions any file written
     under this umask gets: some writers (safetensors, tempfile) create theirs 0600, which other users
     of a shared checkout (GPU workers) could not read. Links are left alone."""
+
     def widen(p: str, want: int) -> None:
         mode = os.lstat(p).st_mode
         if (mode & want) != want and not os.path.islink(p):
@@ -68,9 +70,11 @@ def _check_kind(path: Path, is_dir: bool) -> None:
     user's: an error naming it, never removed."""
     if path.exists() and path.is_dir() != is_dir:
         there, goes = ("a folder", "a file") if path.is_dir() else ("a file", "a folder")
-        raise DataError(f"{path}: {there} stands where this stage writes {goes} of that name; it was left as it "
-                        "is (another output with the same path?). Move it away, or delete it if nothing needs it, "
-                        "and run again.")
+        raise DataError(
+            f"{path}: {there} stands where this stage writes {goes} of that name; it was left as it "
+            "is (another output with the same path?). Move it away, or delete it if nothing needs it, "
+            "and run again."
+        )
 
 
 def _leftovers(path: Path) -> dict[str, dict[int, list[Path]]]:
@@ -99,8 +103,12 @@ def _recover_one(path: Path) -> bool:
     left = _leftovers(path)
     for pid, gone in left["del"].items():  # previous folders of finished swaps, their removal cut short
         for p in gone:
-            log.warning("%s: removing %s, the previous copy a finished swap (process %d) did not finish removing",
-                        path, p.name, pid)
+            log.warning(
+                "%s: removing %s, the previous copy a finished swap (process %d) did not finish removing",
+                path,
+                p.name,
+                pid,
+            )
             _remove(p)
     restored = False
     for pid, olds in sorted(left["old"].items(), key=lambda kv: -max(p.stat().st_mtime for p in kv[1])):
@@ -108,12 +116,17 @@ def _recover_one(path: Path) -> bool:
             if not path.exists() and not path.is_symlink():
                 os.replace(old, path)
                 restored = True
-                log.warning("%s: restored the previous copy from %s: replacing it was interrupted between its two "
-                            "renames (process %d ended there); the run that wrote it did not finish, run it again",
-                            path, old.name, pid)
+                log.warning(
+                    "%s: restored the previous copy from %s: replacing it was interrupted between its two "
+                    "renames (process %d ended there); the run that wrote it did not finish, run it again",
+                    path,
+                    old.name,
+                    pid,
+                )
             else:
-                log.warning("%s: removing %s, the previous copy an interrupted swap (process %d) left", path,
-                            old.name, pid)
+                log.warning(
+                    "%s: removing %s, the previous copy an interrupted swap (process %d) left", path, old.name, pid
+                )
                 _remove(old)
         for tmp in left["tmp"].get(pid, []):  # that swap's new folder: its run did not finish
             log.warning("%s: removing %s, the unfinished new copy of an interrupted swap", path, tmp.name)
@@ -179,9 +192,11 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]
             os.replace(tmp, path)
     except OSError as err:
         if err.errno in NO_SPACE:
-            raise DataError(f"{path}: no space left on the device while writing it ({err.strerror}); the earlier "
-                            "version is intact. Free some space (or point the project at a larger disk) and "
-                            "run again.") from None
+            raise DataError(
+                f"{path}: no space left on the device while writing it ({err.strerror}); the earlier "
+                "version is intact. Free some space (or point the project at a larger disk) and "
+                "run again."
+            ) from None
         raise
     finally:
         if tmp.is_dir():

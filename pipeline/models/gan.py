@@ -23,14 +23,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from pipeline.config import SampleConfig
 from pipeline.core.device import DevicePolicy, as_policy
 from pipeline.core.images import crop_images, to_uint8
-from pipeline.core.io import read_json, write_json
+from pipeline.core.io import read_json, save_safetensors, write_json
 from pipeline.core.seeding import seeded_noise
 from pipeline.models.diffusion import padded_size
 
@@ -93,7 +93,7 @@ def save(folder: Path, model: CondGenerator) -> Path:
     """Write ``gan/config.json`` and ``gan/generator.safetensors``; returns the weights file."""
     write_json(folder / "gan" / "config.json", model.arch)
     weights = folder / "gan" / "generator.safetensors"
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(weights))
+    save_safetensors(model.state_dict(), weights)
     return weights
 
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from pipeline.config import FilterConfig
-from pipeline.core.io import atomic_path, sha256_tensor, write_json
+from pipeline.core.io import save_safetensors, sha256_tensor, write_json
 from pipeline.models.classifier import build_model
 from pipeline.training.classifier import batch_sources, fit, predict_proba
 
@@ -59,8 +59,7 @@ def load_or_train_judge(cfg: FilterConfig, train: tuple[torch.Tensor, torch.Tens
         log.info("filter: judge from cache %s", path.name)
         return model.eval(), hist
     model, hist = train_judge(cfg, train, val, num_classes, seed, device)
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    save_safetensors(model.state_dict(), path)
     keep = {k: hist[k] for k in ("best_val_acc", "best_step", "steps", "seconds") if k in hist}
     write_json(path.with_suffix(".json"), keep)
     return model.eval(), keep

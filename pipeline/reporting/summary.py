@@ -27,13 +27,17 @@ def generator_facts(outputs: dict[str, dict]) -> dict:
     return facts
 
 
-def stage_seconds(outputs: dict[str, dict], variants: dict[str, dict], prepare: float | None) -> dict:
-    """Seconds each stage took: ``prepare``'s, each earlier output's own, the classifier variants' summed (each
-    variant's wall time; its seeds' training times summed where an older output lacks it)."""
-    times = {"prepare": prepare}
+def stage_seconds(outputs: dict[str, dict], variants: dict[str, dict], recorded: dict | float | None) -> dict:
+    """Seconds each stage took: those ``recorded`` in metrics/stages/ (stage -> seconds; a number: prepare's),
+    else each earlier output's own (an older pseudo_label's summary kept it), the classifier variants' summed
+    (each variant's wall time; its seeds' training times summed where an older output lacks it)."""
+    recorded = recorded if isinstance(recorded, dict) else {"prepare": recorded}
+    times = {"prepare": recorded.get("prepare")}
     for name, facts in outputs.items():
         if name != "prepared":
-            times[OUTPUTS[name][0]] = (facts.get("timing") or facts).get("seconds")
+            stage = OUTPUTS[name][0]
+            own = (facts.get("timing") or facts).get("seconds")
+            times[stage] = own if recorded.get(stage) is None else recorded[stage]
     times["train_classifier"] = sum(v.get("seconds") or sum(r.get("seconds") or 0 for r in v["per_seed"])
                                     for v in variants.values()) or None
     return times

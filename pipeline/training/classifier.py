@@ -320,10 +320,10 @@ def score_on_test(model: nn.Module, hist: dict, seed: int, test: tuple, class_na
                                cfg.ece_bins)
     m["per_class_accuracy"] = dict(zip(class_names, m["per_class_accuracy"]))
     m.update(seed=seed, best_val_accuracy=hist["best_val_acc"], best_step=hist["best_step"],
-             steps=hist["steps"], seconds=round(hist["seconds"], 2))
-    log.info("train_classifier %s seed %d: test acc %.4f, macro-F1 %.4f, ECE %.4f (val %.4f @ step %d, %.0fs)",
+             steps=hist["steps"], seconds=None if hist.get("seconds") is None else round(hist["seconds"], 2))
+    log.info("train_classifier %s seed %d: test acc %.4f, macro-F1 %.4f, ECE %.4f (val %.4f @ step %d, %s)",
              variant, seed, m["accuracy"], m["macro_f1"], m["ece"], hist["best_val_acc"], hist["best_step"],
-             hist["seconds"])
+             f"trained in {m['seconds']:.0f}s" if m["seconds"] is not None else "training time not recorded")
     return m
 
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from pipeline.config import Params
 from pipeline.core.device import DevicePolicy
 from pipeline.core.images import pad_images, to_unit
+from pipeline.core.io import save_safetensors
 from pipeline.core.seeding import derived_seed
 from pipeline.core.tensors import num_parameters
 from pipeline.models.datasetgan import INTERPRETER_FILE, DatasetGanGenerator, Interpreter, unet_features
@@ -75,7 +75,7 @@ def fit(params: Params, data: TrainData, accelerator, ckpt_dir: Path, chash: str
     pipe = make_pipeline(ema, dict(sched.config), data.class_names, data.image_size, policy)
 
     def save(folder: Path) -> Path:
-        save_file({k: v.contiguous().cpu() for k, v in interpreter.state_dict().items()}, folder / INTERPRETER_FILE)
+        save_safetensors(interpreter.state_dict(), folder / INTERPRETER_FILE)
         return save_pipeline(folder, pipe)
 
     extra = {"feature_timestep": t, "label_tries": dcfg.label_tries, "feature_dim": int(train_f.shape[1]),

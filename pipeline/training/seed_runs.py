@@ -95,14 +95,18 @@ def train_seed(params: Params, paths: Paths, variant: str, data, seeds: list[int
 
 
 def load_labelers(paths: Paths, class_names: list[str], in_chans: int, needed_by: str) -> tuple[list, list[dict]]:
-    """pseudo_label's models (one per seed) and their training histories."""
+    """pseudo_label's models (one per seed) and their training histories, with each one's training time
+    from ``metrics/stages/pseudo_label.json`` (None without it: the histories in data/pseudo keep none)."""
     seeds = (read_output(paths, "pseudo").get("labeler") or {}).get("seeds") or []
     if not seeds:
         raise DataError(f"{paths.pseudo}: pseudo_label trained no labeler (no pool), and {needed_by} need one. Give "
                         "prepare a pool (prepare.unlabeled_pool) and run pseudo_label again.")
     files = [paths.pseudo / labeler_file(i) for i in range(len(seeds))]
+    timing = paths.stage_timing / "pseudo_label.json"
+    seconds = list((read_json(timing, "pseudo_label").get("labelers") or []) if timing.exists() else [])
+    seconds += [None] * (len(files) - len(seconds))
     return ([load_classifier(f, len(class_names), in_chans, needed_by) for f in files],
-            [read_json(f.with_suffix(".json"), "pseudo_label") for f in files])
+            [{"seconds": s, **read_json(f.with_suffix(".json"), "pseudo_label")} for f, s in zip(files, seconds)])
 
 
 def pseudo_label_runs(params: Params, paths: Paths, variant: str, data):
