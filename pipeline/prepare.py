@@ -1,7 +1,8 @@
 """Stage 1, prepare: read a labeled image source and write deterministic splits.
 
 Writes ``data/prepared/``: a ``DatasetDict`` (train = the small labeled set, val, test,
-and optionally pool = unlabeled images) and ``summary.json``. The pool keeps its source labels
+optionally pool = unlabeled images, and with ``prepare.dev_per_class`` a labeled dev split that only
+studies score on) and ``summary.json``. The pool keeps its source labels
 in a ``hidden_label`` column that no training step reads: pseudo_label uses it only to report how
 accurate its pseudo-labels are. Readers live in
 ``pipeline.core.sources``, the split rule in ``pipeline.core.splits``.
@@ -50,7 +51,8 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
         t = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)
         return tensors_to_dataset(t, y, src.class_names, None if hidden is None else {"hidden_label": hidden})
 
-    arrays = {name: (src.images[idx], src.labels[idx]) for name, idx in split_idx.items() if name in ("train", "val")}
+    arrays = {name: (src.images[idx], src.labels[idx]) for name, idx in split_idx.items()
+              if name in ("train", "val", "dev")}
     arrays["test"] = (test_x[split_idx["test"]], test_y[split_idx["test"]])
     if len(split_idx["pool"]):
         arrays["pool"] = (src.images[split_idx["pool"]], None)

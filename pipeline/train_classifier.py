@@ -22,17 +22,21 @@ from pipeline.core.entrypoint import stage_main
 from pipeline.core.images import class_names_of, dataset_to_tensors, image_hashes
 from pipeline.core.io import (OUTPUTS, atomic_path, check_writable, load_dataset_dir, load_pool, load_pseudo_labels,
                               load_split, read_output, without_timing, write_json)
+from pipeline.core.oracle import load_oracle
 from pipeline.core.stats import summarize_seeds
 from pipeline.errors import DataError
 from pipeline.models.classifier import check_input_size, save_classifier
-from pipeline.training.classifier import (Teacher, VariantData, count, ensemble_proba, score_on_test, sharpen,
-                                         train_runs, variant_record)
+from pipeline.training.classifier import (Teacher, VariantData, accuracy, count, ensemble_proba, score_on_test,
+                                         sharpen, train_runs, variant_record)
 from pipeline.training.plan import carry_out
 from pipeline.training.seed_runs import CLI_OPTIONS, SeedRuns, load_labelers, pseudo_label_runs, train_seed
 
 log = logging.getLogger(__name__)
 SUMMARY_METRICS = ("accuracy", "macro_f1", "ece")
-PER_SEED = ("seed", *SUMMARY_METRICS, "best_val_accuracy", "best_step", "steps", "seconds", "per_class_accuracy")
+PER_SEED = ("seed", *SUMMARY_METRICS, "best_val_accuracy", "dev_accuracy", "best_step", "steps", "seconds",
+            "per_class_accuracy")
+SCORED_ON = {"accuracy": "test split (tested once)", "best_val_accuracy": "val split (model selection)",
+             "dev_accuracy": "dev split (studies only: prepare.dev_per_class)"}
 
 
 def load_synthetic(paths: Paths, source: str, class_names: list[str], like: torch.Tensor
@@ -82,12 +86,19 @@ def load_variant_data(params: Params, paths: Paths, variant: str) -> VariantData
                                 "train_classifier.pseudo_labels: soft")
             py = sharpen(proba, cfg.pseudo_temperature)
         data.pseudo, data.inputs["pseudo"] = (px, py), pseudo.get("fingerprint")
-    if spec.uses_synthetic:
+    if spec.adds_images:
+        if spec.oracle and not (getattr(paths, spec.data) / OUTPUTS[spec.data][1]).exists():
+            raise DataError(f"variant {variant!r} (oracle: true) draws as many pool images of each class as "
+                            f"{getattr(paths, spec.data)} has, and there is none: run {OUTPUTS[spec.data][0]} first.")
         sx, sy, data.synthetic_path, data.inputs[spec.data] = load_synthetic(paths, spec.data, class_names, val_x)
+        if spec.oracle:  # as many truly labeled pool images of each class in their place; their labels stay true
+            sx, sy, data.oracle = load_oracle(paths, sy, class_names, params.base.seed, variant)
+            data.synthetic_path = paths.prepared / "dataset"
         data.synthetic = (sx, sy)
-    chosen = {"pseudo": (cfg.pseudo_labels, data.pseudo), "synthetic": (cfg.synthetic_labels, data.synthetic)}
+    syn_labels = "intended" if spec.oracle else cfg.synthetic_labels
+    chosen = {"pseudo": (cfg.pseudo_labels, data.pseudo), "synthetic": (syn_labels, data.synthetic)}
     data.taught = tuple(name for name, (labels, xy) in chosen.items() if labels == "teacher" and xy)
-    relabel = data.synthetic is not None and cfg.synthetic_labels == "labeler"
+    relabel = data.synthetic is not None and syn_labels == "labeler"
     if data.taught or relabel:  # pseudo_label's labelers, read once
         labelers = load_labelers(paths, class_names, val_x.shape[1],
                                  "the labels train_classifier.pseudo_labels / synthetic_labels ask for")[0]
@@ -125,15 +136,21 @@ def run(params: Params, paths: Paths, variant: str, seed_index: int | None = Non
     flip = spec.learner == "fixmatch" and params.pseudo_label.flip  # the learner predicts as pseudo_label does
     per_seed = [score_on_test(model, hist, seed, test, data.class_names, cfg, policy, variant, flip)
                 for seed, (model, hist) in zip(seeds, results)]
-    common = variant_record(params, variant, data, share, sweep, test)
+    dev = "dev" in read_output(paths, "prepared").get("sizes", {})  # prepare.dev_per_class: studies score on it
+    if dev:
+        dev_x, dev_y, _ = load_split(paths, "dev")
+        for m, (model, _) in zip(per_seed, results):
+            m["dev_accuracy"] = accuracy(model, dev_x, dev_y, cfg.eval_batch_size, policy, flip)
+    common = {**variant_record(params, variant, data, share, sweep, test), **data.oracle,
+              "scored_on": {k: v for k, v in SCORED_ON.items() if dev or k != "dev_accuracy"}}
     write_models(paths, variant, params, results, per_seed, common, data)
-    summary = {**common, "seeds": seeds, **summarize_seeds(per_seed, SUMMARY_METRICS),
+    summary = {**common, "seeds": seeds, **summarize_seeds(per_seed, SUMMARY_METRICS + ("dev_accuracy",) * dev),
                "ratio_sweep": {str(r): sum(a) / len(a) for r, a in sweep.items()} if sweep else None,
                "ratio_sweep_per_seed": {str(r): a for r, a in sweep.items()} if sweep else None}
     acc = summary["aggregate"]["accuracy"]
     summary["headline"] = (f"{variant}: test accuracy {acc['mean']:.2%} (95% CI {acc['low']:.2%} to "
                            f"{acc['high']:.2%}, {len(seeds)} seeds, {len(test[1])} test images)")
-    summary["per_seed"] = [{key: m[key] for key in PER_SEED} for m in per_seed]
+    summary["per_seed"] = [{key: m[key] for key in PER_SEED if key in m} for m in per_seed]
     summary["seconds"] = round(time.perf_counter() - t0, 1)  # wall: the seeds may have trained side by side
     with atomic_path(paths.classifier_metrics / variant, is_dir=True) as tmp:  # curves for `dvc plots show`
         write_curves(tmp, {f"seed{i}/{name}": (hist["step"], hist[name]) for i, (_, hist) in enumerate(results)

@@ -3,20 +3,15 @@ default run (the cpu profile) uses and commented, the reasons in docs/decisions.
 errors (``Paths``, in paths.py, names every file the pipeline uses)."""
 from __future__ import annotations
 
-import os
-import re
 from typing import Annotated, Literal, Optional
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from pipeline.errors import ConfigError
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
-
-
-Location = Annotated[str, AfterValidator(os.path.expanduser)]  # a file or folder; ``~`` is expanded
+from pipeline.config.section import Location, Section as _Section
+from pipeline.config.variants import VARIANT_NAME, VariantSpec
 
 
 class BaseParams(_Section):
@@ -44,6 +39,8 @@ class PrepareConfig(_Section):
     resize: Literal["center-crop", "stretch"] = "center-crop"
     labeled_per_class: int = Field(50, ge=1)  # the small labeled train set
     val_per_class: int = Field(50, ge=1)  # labeled validation set (model selection)
+    # labeled dev split for studies only (docs/studies.md), drawn after the others from what is left: 0 = none
+    dev_per_class: int = Field(0, ge=0)
     test_fraction: float = Field(0.2, gt=0, lt=1)  # hold-out when the source has no test split
     unlabeled_pool: int = Field(10000, ge=-1)  # rest of train, labels dropped; 0 none, -1 all
     on_bad_image: Literal["skip", "error"] = "skip"  # unreadable image: report and skip, or stop
@@ -256,38 +253,6 @@ class FilterConfig(_Section):
     max_real: int = Field(1000, ge=10)
     kid_subsets: int = Field(100, ge=1)  # KID subsets (subset size = min(N_real, N_synthetic, 1000))
     batch_size: int = Field(4, ge=1)  # feature extraction and judge scoring (docs/decisions.md#filter-batch-size)
-
-
-class VariantSpec(_Section):
-    """What one classifier variant trains on; every variant gets the same steps and seeds."""
-    # the stage output its extra images come from (required: dvc.yaml makes it a dependency):
-    # prepared = none beyond the real splits | filtered = accepted synthetic | synthetic = every sample, unfiltered
-    data: Literal["prepared", "filtered", "synthetic"]
-    real: bool = True  # the labeled real images (false: synthetic only, the Classification Accuracy Score)
-    pseudo: bool = False  # also the pseudo-labeled pool (data/pseudo), drawn with the labeled images
-    augment: Literal["standard", "classic"] = "standard"  # crop + flip | TrivialAugmentWide, then crop + flip
-    # supervised: train_classifier's arch, steps, seeds | fixmatch: the semi-supervised learner, with pseudo_label's
-    # settings and seeds, the unlabeled pool beside the labeled stream (synthetic images join the labeled stream)
-    learner: Literal["supervised", "fixmatch"] = "supervised"
-    # share of the labeled stream drawn from synthetic images; None: train_classifier.synthetic_ratio
-    synthetic_ratio: Optional[float] = Field(None, ge=0, le=1)
-
-    @property
-    def uses_synthetic(self) -> bool:
-        return self.data != "prepared"
-
-    @model_validator(mode="after")
-    def _trains_on_something(self):
-        if not self.real and (self.pseudo or not self.uses_synthetic):
-            raise ValueError("a variant with real: false trains on synthetic images only: it needs data: filtered "
-                             "or synthetic and no pseudo: true")
-        if self.learner == "fixmatch" and (self.pseudo or not self.real):
-            raise ValueError("learner: fixmatch already learns from the unlabeled pool and needs the labeled images: "
-                             "set pseudo: false and real: true")
-        return self
-
-
-VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9+_.-]*")
 
 
 class TrainClassifierConfig(_Section):

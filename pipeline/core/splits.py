@@ -11,8 +11,8 @@ from pipeline.errors import DataError
 
 
 def make_splits(src: Source, cfg: PrepareConfig, seed: int) -> tuple[dict[str, np.ndarray], dict]:
-    """Indices of train / val / pool into ``src.images`` and of test into the test arrays
-    (or into ``src.images`` for a hold-out). Deterministic given ``seed``."""
+    """Indices of train / val / pool (and dev, with ``cfg.dev_per_class``) into ``src.images`` and of test into
+    the test arrays (or into ``src.images`` for a hold-out). Deterministic given ``seed``."""
     rng = np.random.default_rng(seed)
     n_classes = len(src.class_names)
     if n_classes < 2:
@@ -53,9 +53,28 @@ def make_splits(src: Source, cfg: PrepareConfig, seed: int) -> tuple[dict[str, n
             + ". Add images, or lower prepare.labeled_per_class / prepare.val_per_class.")
     rest = rng.permutation(np.asarray(rest, dtype=np.int64))
     pool = rest if cfg.unlabeled_pool == -1 else rest[: cfg.unlabeled_pool]
-    out = {k: np.sort(np.asarray(v, dtype=np.int64)) for k, v in
-           {"train": train, "val": val, "pool": pool, "test": test}.items()}
+    splits = {"train": train, "val": val, "pool": pool, "test": test}
+    if cfg.dev_per_class:  # drawn last, from what the others left, so that they are the same with or without it
+        splits["dev"] = dev_split(rest[len(pool):], src, cfg)
+    out = {k: np.sort(np.asarray(v, dtype=np.int64)) for k, v in splits.items()}
     return out, notes
+
+
+def dev_split(left: np.ndarray, src: Source, cfg: PrepareConfig) -> np.ndarray:
+    """The first ``dev_per_class`` images of each class in ``left`` (a seeded permutation of the images
+    no other split took); a DataError when a class has fewer."""
+    dev, short = [], {}
+    for c, name in enumerate(src.class_names):
+        idx = left[src.labels[left] == c]
+        if len(idx) < cfg.dev_per_class:
+            short[name] = int(len(idx))
+        dev.extend(idx[: cfg.dev_per_class])
+    if short:
+        raise DataError(
+            f"prepare.dev_per_class is {cfg.dev_per_class}, but after the labeled, val, test and pool splits "
+            + ", ".join(f"{k!r} has {v} image(s) left" for k, v in short.items())
+            + ". Lower prepare.unlabeled_pool (-1 takes every image left) or prepare.dev_per_class.")
+    return np.asarray(dev, dtype=np.int64)
 
 
 def stratified_subset(y: torch.Tensor, n: int, num_classes: int, seed: int) -> torch.Tensor:

@@ -281,6 +281,7 @@ class VariantData:
     teacher: Teacher | None = None
     pool: torch.Tensor | None = None  # unlabeled pool images (learner: fixmatch)
     learner: PseudoLabelConfig | None = None  # the semi-supervised learner's settings (learner: fixmatch)
+    oracle: dict = field(default_factory=dict)  # oracle: true: how many pool images of each class replace synthetic
 
 
 def train_one(cfg: TrainClassifierConfig, spec: VariantSpec, data: VariantData, seed: int, share: float,

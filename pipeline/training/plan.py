@@ -43,13 +43,13 @@ def ratio(cfg: TrainClassifierConfig, spec: VariantSpec) -> float:
 
 def fixed_share(cfg: TrainClassifierConfig, spec: VariantSpec) -> float:
     """The share without a sweep: none without synthetic images, all of them without real ones."""
-    return (ratio(cfg, spec) if spec.real else 1.0) if spec.uses_synthetic else 0.0
+    return (ratio(cfg, spec) if spec.real else 1.0) if spec.adds_images else 0.0
 
 
 def sweep_shares(cfg: TrainClassifierConfig, spec: VariantSpec) -> list[float]:
     """The candidate shares tried on the first sweep_seeds seeds ([] when the variant does not sweep)."""
     return list(dict.fromkeys((ratio(cfg, spec), *cfg.ratio_sweep))) \
-        if spec.uses_synthetic and spec.real and cfg.ratio_sweep else []
+        if spec.adds_images and spec.real and cfg.ratio_sweep else []
 
 
 def plan_runs(cfg: TrainClassifierConfig, spec: VariantSpec) -> list[Run]:
