@@ -10,6 +10,8 @@ NAMES = ["a", "b"]
 # the default variants (real, real+classic, real+synthetic+classic, synthetic-only, fixmatch, fixmatch+synthetic),
 # the self-training students and one synthetic variant without classic augmentation
 SPECS = {**TrainClassifierConfig().variants, "real+synthetic": VariantSpec(data="filtered"),
+         "fixmatch+oracle": VariantSpec(data="filtered", oracle=True, learner="fixmatch", augment="classic"),
+         "real+oracle": VariantSpec(data="filtered", oracle=True),
          "real+pseudo+classic": VariantSpec(data="prepared", pseudo=True, augment="classic"),
          "real+pseudo+synthetic+classic": VariantSpec(data="filtered", pseudo=True, augment="classic")}
 BUDGET = "equal: supervised, test_resnet, 1500 steps of 64"
@@ -160,3 +162,18 @@ def test_each_synthetic_set_is_said_once_with_how_often_each_variant_saw_an_imag
         "it saw (consistent distillation)."]
     assert "no semi-supervised learner" in caveats({}, SPECS, [], {"pseudo": {"pool_size": 0}})[0]
     assert caveats({}, SPECS, [], {"pseudo": {"pool_size": 5}}) == []
+
+
+def test_the_oracle_is_the_ceiling_never_the_model_to_use():
+    """An oracle (truly labeled pool images in place of the synthetic ones) needs labels a user does not have: it
+    is weighed against the best without synthetic data, and is neither that opponent, nor the baseline, nor used."""
+    v = judge(real=variant(REAL), **{"real+classic": variant(CLASSIC), "fixmatch": semi([0.84, 0.85, 0.86]),
+                                     "fixmatch+synthetic": semi([0.84, 0.86, 0.85], synthetic=True),
+                                     "real+oracle": variant([0.95, 0.95, 0.96], val=[0.99] * 3),
+                                     "fixmatch+oracle": semi([0.90, 0.91, 0.92], val=[0.97] * 3)})
+    assert v["recommend"] == v["strongest_without_synthetic"] == "fixmatch" and v["helped"] is False
+    oracle = pairs(v)[("fixmatch+oracle", "fixmatch")]  # the oracle of the synthetic variant's learner
+    assert oracle["question"] == "oracle" and oracle["diff"] == pytest.approx(0.06) and oracle["held"]
+    assert not any("real+oracle" in (f["a"], f["b"]) for f in v["findings"])
+    alone = judge(**{"real+oracle": variant([0.9, 0.9, 0.9]), "real+classic": variant(CLASSIC)})
+    assert alone["baseline"] is None and alone["recommend"] == "real+classic"

@@ -23,6 +23,7 @@ QUESTIONS = {
     "classic": "{a} vs {b}: against classic augmentation",
     "pool": "{a} vs {b}: what the generator adds beyond self-training on the pool",
     "classic_alone": "{a} vs {b}: classic augmentation alone",
+    "oracle": "{a} vs {b}: truly labeled pool images in place of synthetic ones, the ceiling of any synthetic set",
 }
 
 
@@ -72,7 +73,7 @@ class Verdict:
 def baseline_of(specs: dict[str, VariantSpec], names) -> str | None:
     """The variant every gain is measured against: real images alone with standard augmentation
     (``real`` by default, whatever its name); None when no variant of ``names`` is one."""
-    return next((v for v, s in specs.items() if v in names and s.real and not s.uses_synthetic and not s.pseudo
+    return next((v for v, s in specs.items() if v in names and s.real and not s.adds_images and not s.pseudo
                  and s.augment == "standard" and s.learner == "supervised"), None)
 
 
@@ -82,15 +83,15 @@ def best_on_val(table: pd.DataFrame, names) -> str | None:
 
 
 def strongest_without(table: pd.DataFrame, specs: dict[str, VariantSpec]) -> str | None:
-    """The best variant on validation that needs no generator."""
-    return best_on_val(table, [v for v, s in specs.items() if not s.uses_synthetic])
+    """The best variant on validation that needs no generator (an oracle needs hidden labels: never one)."""
+    return best_on_val(table, [v for v, s in specs.items() if not s.uses_synthetic and not s.oracle])
 
 
 def supervised(specs: dict[str, VariantSpec], table: pd.DataFrame, *, synthetic: bool, pseudo: bool,
                augment: str) -> str | None:
     """The supervised variant on real images with (or without) synthetic and pseudo-labeled ones and
     ``augment``, best on validation."""
-    return best_on_val(table, [v for v, s in specs.items() if s.real and s.uses_synthetic == synthetic
+    return best_on_val(table, [v for v, s in specs.items() if s.real and s.uses_synthetic == synthetic and not s.oracle
                                and s.pseudo == pseudo and s.augment == augment and s.learner == "supervised"])
 
 
@@ -111,8 +112,11 @@ def decide(table: pd.DataFrame, variants: dict[str, dict], specs: dict[str, Vari
     aug = specs[syn].augment if syn else "standard"
     pool = supervised(specs, table, synthetic=False, pseudo=True, augment=aug)
     pool_syn = supervised(specs, table, synthetic=True, pseudo=True, augment=aug)
+    learner = specs[syn].learner if syn else None
+    oracles = [v for v, s in specs.items() if s.oracle and s.real]  # the synthetic variant's learner's first
+    oracle = best_on_val(table, [v for v in oracles if specs[v].learner == learner] or oracles)
     pairs = {"best_without": (syn, opp), "real": (syn, baseline), "classic": (syn, classic),
-             "pool": (pool_syn, pool), "classic_alone": (classic, baseline)}
+             "pool": (pool_syn, pool), "classic_alone": (classic, baseline), "oracle": (oracle, opp)}
     seen, findings = set(), []
     for q, (a, b) in pairs.items():
         if a and b and a != b and (a, b) not in seen and a in table.index and b in table.index:
@@ -124,7 +128,9 @@ def decide(table: pd.DataFrame, variants: dict[str, dict], specs: dict[str, Vari
     seeds = int(table["seeds"].min())
     sds = [f.std_diff for f in findings if f.std_diff is not None]
     return Verdict(
-        recommend=syn if helped else opp or str(table["val_accuracy"].idxmax()), findings=tuple(findings),
+        recommend=syn if helped else opp or best_on_val(table, [v for v in table.index if not specs[v].oracle])
+        or str(table["val_accuracy"].idxmax()),
+        findings=tuple(findings),
         synthetic=syn, used=used, helped=helped, baseline=baseline, seeds=seeds,
         n_test=int(table["n_test"].dropna().iloc[0]) if table["n_test"].notna().any() else None,
         mde=detectable_difference(float(np.sqrt(np.mean(np.square(sds)))), seeds) if sds else None)
