@@ -3,7 +3,7 @@
     python -m bench.seeds [--seeds 5] [--steps 300] [--fashion-mnist DIR]
 
 Both sides are ``pipeline.training.classifier.train_runs`` with the cpu profile's classifier
-(params.yaml: test_resnet, batch 64, classic augmentation) on 50 Fashion-MNIST images per class,
+(test_resnet, batch 64, classic augmentation) on 50 Fashion-MNIST images per class (prepare's split rule),
 ``--seeds`` runs of ``--steps`` steps each: ``workers: 1`` (torch's threads on every core) against
 ``workers: auto`` (one process per core at one thread). Alternated, so a change of load hits both.
 Writes ``bench/results/seeds-cpu.json``; the figure is ``ratio_runs_per_second``.
@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from bench.common import alternate, parser, rate, ratio, save, section, setup
-from bench.pool_study import make_splits, study_params
 
 
 def main(argv=None) -> dict:
@@ -29,18 +28,23 @@ def main(argv=None) -> dict:
     if args.quick:
         args.seeds, args.steps = 2, 4
 
+    from pipeline.config import Params, PrepareConfig
     from pipeline.core.device import DevicePolicy
     from pipeline.core.parallel import cpu_cores
-    from pipeline.core.sources import read_idx
+    from pipeline.core.sources import Source, read_idx
+    from pipeline.core.splits import make_splits
     from pipeline.training.classifier import VariantData, train_runs
 
     x = read_idx(args.fashion_mnist / "train-images-idx3-ubyte.gz").astype(np.uint8)[:, None]
     y = read_idx(args.fashion_mnist / "train-labels-idx1-ubyte.gz").astype(np.int64)
-    split = {k: (torch.from_numpy(a), torch.from_numpy(b))
-             for k, (a, b) in make_splits(x, y, dict.fromkeys(("labeled", "val"), 5 if args.quick else 50)).items()}
-    cfg = study_params(tiny=False).train_classifier.model_copy(update={"steps": args.steps, "eval_every": 100})
+    n = 5 if args.quick else 50  # prepare's split rule, as the pipeline draws its labeled and val images
+    names = [str(c) for c in np.unique(y)]
+    idx, _ = make_splits(Source(x.transpose(0, 2, 3, 1), y, names, x[:0].transpose(0, 2, 3, 1), y[:0]),
+                         PrepareConfig(labeled_per_class=n, val_per_class=n, unlabeled_pool=0), 0)
+    split = {k: (torch.from_numpy(x[idx[k]]), torch.from_numpy(y[idx[k]])) for k in ("train", "val")}
+    cfg = Params().train_classifier.model_copy(update={"steps": args.steps, "eval_every": 100})  # the cpu profile's
     spec = cfg.variants["real+classic"]
-    data = VariantData(split["labeled"], split["val"], [str(c) for c in np.unique(y)])
+    data = VariantData(split["train"], split["val"], names)
     jobs = [(1000 + i, 0.0) for i in range(args.seeds)]
     policy = DevicePolicy.for_device(device)
     sides = {"side by side": lambda: train_runs(cfg, spec, data, jobs, policy, "auto"),

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from bench import cpu_policy, e2e, features, generators, labeler, sampling, seeds
+from bench import cpu_policy, e2e, features, generators, sampling, seeds
 from bench.common import rate, ratio
 from pipeline.config import params_from_dict
 from pipeline.models.diffusion import build_backbone
@@ -115,40 +115,3 @@ def test_features_times_each_batch_size_on_the_same_images(tmp_path):
     assert doc["images_per_second"]["batch 4"]["speedup_vs_largest_batch"] == 1.0
     assert all(v["per_second_median"] > 0 and len(v["seconds"]) == 1 for v in doc["images_per_second"].values())
     assert max(doc["max_feature_difference_vs_first_batch_size"].values()) < 1e-4  # same features at any batch
-
-
-def test_labeler_scores_each_run_with_and_without_flip_tta_on_the_dev_split(tmp_path):
-    src = make_idx_dir(tmp_path / "fm", n_train=400, classes=10, size=8)
-    out = tmp_path / "labeler.json"
-    doc = labeler.main(["--fashion-mnist", str(src), "--tiny", "--methods", "flexmatch", "--seeds", "0",
-                        "--set", "base.profile=micro", "--set", "base.device=cpu", "--set", "pseudo_label.steps=2",
-                        "--set", "pseudo_label.arch=test_resnet", "--out", str(out)])
-    assert json.loads(out.read_text()) == json.loads(json.dumps(doc))
-    assert [(r["method"], r["tta"], r["seed"]) for r in doc["runs"]] == [("flexmatch", "none", 0), ("flexmatch", "flip", 0)]
-    assert doc["settings"]["n_dev"] == 100 and doc["settings"]["n_pool"] == 200 and doc["settings"]["n_val"] == 50
-    for r in doc["runs"]:
-        assert 0 <= r["dev_accuracy"] <= 1 and len(r["pool_label_accuracy_per_class"]) == 10
-    assert set(doc["summary"]) == {"flexmatch, tta none", "flexmatch, tta flip"}
-
-
-def test_labeler_compare_pools_files_by_settings_and_pairs_each_lever_with_the_base_by_seed(tmp_path):
-    def result(name, steps, dev_by_seed):
-        runs = [{"method": "flexmatch", "tta": tta, "seed": s, "val_accuracy": 0.8, "dev_accuracy": d + bump,
-                 "pool_label_accuracy": 0.8, "worst_class_pool_accuracy": 0.5, "seconds": 10.0}
-                for s, d in dev_by_seed.items() for tta, bump in (("none", 0.0), ("flip", 0.01))]
-        path = tmp_path / name
-        path.write_text(json.dumps({"settings": {"pseudo_label": {"steps": steps, "tta": "flip"}}, "runs": runs}))
-        return path
-
-    files = [result("base.json", 3000, {0: 0.80, 1: 0.82}), result("a.json", 4500, {0: 0.81}),
-             result("b.json", 4500, {1: 0.84})]
-    doc = labeler.main(["--compare", *map(str, files), "--out", str(tmp_path / "levers.json")])
-    assert json.loads((tmp_path / "levers.json").read_text()) == json.loads(json.dumps(doc))
-    assert set(doc["levers"]) == {"base, tta none", "base, tta flip", "steps=4500, tta none", "steps=4500, tta flip"}
-    lever = doc["levers"]["steps=4500, tta flip"]
-    assert lever["files"] == ["a.json", "b.json"] and lever["seeds"] == [0, 1] and lever["changed"] == {"steps": 4500}
-    assert lever["dev_accuracy"]["mean"] == pytest.approx(0.835)
-    assert lever["dev_accuracy_vs_base"]["mean_diff"] == pytest.approx(0.015)
-    assert lever["dev_accuracy_vs_base"]["n"] == 2
-    assert "dev_accuracy_vs_base" not in doc["levers"]["base, tta none"]
-    assert len(doc["runs"]) == 8 and {r["lever"] for r in doc["runs"]} == {"base", "steps=4500"}
