@@ -1,5 +1,5 @@
 """The ``synthaug`` command: run stages in-process, ``dvc repro`` with one Prefect server, print the params
-in force, compare runs."""
+in force, compare runs, summarize a study's experiments."""
 from __future__ import annotations
 
 import argparse
@@ -17,12 +17,16 @@ from pipeline import STAGE_ORDER
 from pipeline.config import Paths, load_params
 from pipeline.core.entrypoint import exit_on_user_error, parse_set, setup_logging
 from pipeline.errors import ConfigError
-from pipeline.reporting import compare
+from pipeline.reporting import compare, study
 
 
 def _command(args) -> None:
     if args.cmd == "compare":
         print(compare.to_markdown(compare.run(Path(args.repo), args.names or None)))
+        return
+    if args.cmd == "study":
+        rows = study.run(Path(args.repo), args.reference, args.names or None, args.score, Path(args.out), args.title)
+        print(study.to_markdown(rows, args.reference, args.score, args.title))
         return
     params = load_params(args.params, parse_set(args.set))
     if args.cmd == "config":
@@ -70,6 +74,13 @@ def main(argv: list[str] | None = None) -> None:
     k = sub.add_parser("compare", help="compare generator kinds across DVC experiments -> reports/generators.md")
     k.add_argument("names", nargs="*", help="experiment names (default: every experiment and the workspace)")
     k.add_argument("--repo", default=".", help="the project's git/DVC repository")
+    s = sub.add_parser("study", help="summarize finished DVC experiments (a study over params) -> reports/<out>.md")
+    s.add_argument("names", nargs="*", help="experiment names (default: every finished experiment and the workspace)")
+    s.add_argument("--reference", default="fixmatch", help="the variant every row is paired with, in each run")
+    s.add_argument("--score", default="dev_accuracy", choices=sorted(study.SCORES), help="never the test split")
+    s.add_argument("--out", default="reports/study", help="output path without extension (.md, .json, .png)")
+    s.add_argument("--title", default="Study")
+    s.add_argument("--repo", default=".", help="the project's git/DVC repository")
     d = sub.add_parser("repro", help="dvc repro [ARGS] with one Prefect server for all its flow runs")
     d.add_argument("dvc_args", nargs=argparse.REMAINDER, help="passed to dvc repro (stage names, --force, ...)")
     c = sub.add_parser("config", help="print the resolved params (defaults + profile + params.yaml)")
