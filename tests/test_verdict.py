@@ -156,6 +156,7 @@ def test_each_synthetic_set_is_said_once_with_how_often_each_variant_saw_an_imag
         "Synthetic set: 30 images (a 10, b 20); each seen about real+synthetic+classic 12x at share 0.25; "
         "synthetic-only 50x at share 1."]
     assert caveats({"real+synthetic+classic": {**m, "synthetic_ratio": 0.0}}, SPECS, [], {}) == []  # none used
+    assert caveats({"real+oracle": m}, SPECS, [], {}) == []  # truly labeled pool images: no synthetic set
     pool = {**variant([0.8]), "n_pseudo_labeled": 1200, "pseudo": {"share": None, "labels": "teacher", "temperature": 1.0}}
     assert caveats({"real+pseudo+classic": pool}, SPECS, [], {}) == [
         "real+pseudo+classic learned the 1,200 pool images from the labeler's prediction of the very augmented view "

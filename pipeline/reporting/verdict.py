@@ -203,12 +203,12 @@ POOL_LABELS = {"hard": "the labeler's class of each", "soft": "the labeler's pro
                "teacher": "the labeler's prediction of the very augmented view it saw (consistent distillation)"}
 
 
-def synthetic_sets(variants: dict[str, dict]) -> list[str]:
+def synthetic_sets(variants: dict[str, dict], specs: dict[str, VariantSpec]) -> list[str]:
     """Each synthetic set the variants trained on, said once: its size per class, and how often each
-    variant saw an image of it."""
+    variant saw an image of it (an oracle's truly labeled pool images are no synthetic set)."""
     sets: dict[tuple, list[str]] = {}
     for v, m in variants.items():
-        if m.get("synthetic_per_class") and m.get("synthetic_ratio"):
+        if m.get("synthetic_per_class") and m.get("synthetic_ratio") and not specs[v].oracle:
             sets.setdefault((m["n_synthetic"], tuple(m["synthetic_per_class"].items())), []).append(v)
     out = []
     for (n, per_class), names in sets.items():
@@ -236,7 +236,7 @@ def caveats(variants: dict[str, dict], specs: dict, missing: list[str], outputs:
         out.append(f"Data: {outputs['prepared']['upscaled']}.")
     out += [f"{v} learned the {m['n_pseudo_labeled']:,} pool images from {POOL_LABELS[m['pseudo']['labels']]}."
             for v, m in variants.items() if (m.get("pseudo") or {}).get("labels") in POOL_LABELS]
-    out += synthetic_sets(variants)
+    out += synthetic_sets(variants, specs)
     absent = sorted({c for m in variants.values() for c in m.get("test_classes_missing") or []})
     if absent:
         out.append(f"The test split has no image of {', '.join(absent)}: accuracies are over the other classes only.")
