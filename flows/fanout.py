@@ -55,6 +55,7 @@ def sample_fanout_flow(num_shards: int = 2, deployment: str = "sample/sample-sha
     ``sample`` flow, which makes any shard still missing): the merged set is the one a single run
     of ``params_file`` gives, whatever ``num_shards``; with ``commit`` it is recorded in dvc.lock."""
     shards = {"sample.num_shards": num_shards}
+    load_params(params_file, shards)  # num_shards out of its range: refused here, before any run is submitted
     on_workers(deployment, [{"overrides": {**shards, "sample.shard_index": i}, "shard_only": True,
                              "params_file": params_file, "root": root} for i in range(num_shards)])
     get_run_logger().info("all %d shards done; merging", num_shards)

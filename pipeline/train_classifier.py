@@ -125,7 +125,7 @@ def run(params: Params, paths: Paths, variant: str, seed_index: int | None = Non
              len(data.train[0]) if spec.real else 0, count(data.pseudo), count(data.synthetic),
              0 if data.pool is None else len(data.pool),
              len(data.val[0]), len(seeds), cfg.steps, policy.device)
-    if seed_index is not None:
+    if seed_index is not None or ratio is not None:  # --ratio alone: refused there
         return train_seed(params, paths, variant, data, seeds, seed_index, ratio, policy)
     get = pseudo_label_runs(params, paths, variant, data)  # the fixmatch variant: pseudo_label's own models
     if get is None:

@@ -155,3 +155,116 @@ def test_a_class_ten_times_the_others_is_remarked_and_the_pool_counted(tmp_path,
     balanced = prepare.run(prepare_params("imagefolder", image_folder(tmp_path / "even", {"a": 9, "b": 6})),
                            Paths(root=tmp_path / "even_run"))
     assert "class_imbalance" not in balanced and balanced["pool_counts_per_class"] is not None
+
+
+# ---- round five: bounds on every number, keys a method ignores ------------------------------------
+
+def numbers(model, prefix=""):
+    """(dotted key, name, field) of every number in a params section, its sections and entries included."""
+    from typing import Annotated, get_args, get_origin
+
+    from pydantic import BaseModel
+
+    def types(tp):
+        tp = get_args(tp)[0] if get_origin(tp) is Annotated else tp
+        return {tp} | {t for arg in get_args(tp) for t in types(arg)}
+
+    for name, field in model.model_fields.items():
+        tp = field.annotation
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            yield from numbers(tp, f"{prefix}{name}.")
+        elif get_origin(tp) is dict:
+            yield from numbers(get_args(tp)[1], f"{prefix}{name}.<entry>.")
+        elif types(tp) & {int, float} and tp is not bool:
+            yield f"{prefix}{name}", name, field
+
+
+def test_every_number_in_params_has_a_range_and_a_reason():
+    """Each int or float key (a tuple's items, an optional's value, a variant's keys included) has a lower and an
+    upper bound and says why, so an out-of-range value's message can give both."""
+    from pipeline.config import Params, allowed_range
+
+    found = {key: allowed_range(name, field) for key, name, field in numbers(Params)}
+    assert len(found) > 80 and "pseudo_label.unlabeled_ratio" in found and "sample.strengths" in found
+    assert "train_classifier.variants.<entry>.synthetic_ratio" in found and "train_classifier.workers" in found
+    unbounded = {k: r for k, r in found.items() if r.count("<") != 2 or not r.endswith(")")}
+    assert not unbounded
+
+
+@pytest.mark.parametrize("key, value, allowed", [
+    ("pseudo_label.unlabeled_ratio", 10**9, "1 <= unlabeled_ratio <= 64 (a step holds batch_size x"),  # MemoryError
+    ("pseudo_label.unlabeled_ratio", 1000, "1 <= unlabeled_ratio <= 64"),  # a step drew 80x the pool
+    ("train_classifier.seeds", 1001, "1 <= seeds <= 1,000 (seed k of a run is base.seed x 1,000 + k"),
+    ("train_classifier.lr", float("nan"), "0 < lr <= 1 (a peak learning rate"),
+    ("train_generator.block_out_channels", [0, 32], "1 <= block_out_channels <= 4,096"),
+    ("sample.strengths", [1.5], "0 < strengths <= 1 (a noise level"),
+], ids=["ratio-1e9", "ratio-1000", "seeds", "lr-nan", "channels-0", "strength"])
+def test_a_number_out_of_range_names_its_range_and_why(tmp_path, key, value, allowed):
+    section, name = key.split(".")
+    with pytest.raises(ConfigError) as err:
+        params_from_dict({section: {name: value}}, "params.yaml")
+    assert f"; allowed: {allowed}" in str(err.value) and f"  {key}" in str(err.value)
+
+
+def test_datasetgan_feature_timestep_is_a_trained_noise_level():
+    with pytest.raises(ConfigError, match="feature_timestep 1000 must be below num_train_timesteps 1000"):
+        params_from_dict({"train_generator": {"kind": "datasetgan", "datasetgan": {"feature_timestep": 1000}}})
+    params_from_dict({"train_generator": {"kind": "unet", "datasetgan": {"feature_timestep": 1000}}})  # not read
+
+
+def test_keys_the_pseudo_label_method_or_the_sample_mode_ignore_are_named(caplog):
+    """pseudo_label.method: supervised with FixMatch keys set said nothing (train_generator's kind already warned)."""
+    with caplog.at_level("WARNING", logger="pipeline.config"):
+        params_from_dict({"pseudo_label": {"method": "supervised", "unlabeled_ratio": 7, "fixmatch_threshold": 0.8,
+                                           "ema_decay": 0.99}})  # ema_decay at its default: changes nothing
+        params_from_dict({"sample": {"mode": "generate", "strengths": [0.25, 0.5, 0.75, 1.0], "variations": 2}})
+        params_from_dict({"base": {"profile": "micro"}, "pseudo_label": {"method": "supervised"}})  # the profile's
+        params_from_dict({"pseudo_label": {"method": "fixmatch", "unlabeled_ratio": 7}})
+    assert caplog.messages == [
+        "<params>: pseudo_label.method supervised ignores pseudo_label.fixmatch_threshold, unlabeled_ratio (they apply "
+        "to method fixmatch only); remove them or set pseudo_label.method to one of those",
+        "<params>: sample.mode generate ignores sample.variations (they apply to mode img2img only); remove them or "
+        "set sample.mode to one of those"]
+
+
+def test_a_step_drawing_more_than_the_pool_is_named(caplog):
+    from pipeline.config import PseudoLabelConfig
+    from pipeline.training.tasks import fixmatch
+
+    cfg = PseudoLabelConfig(batch_size=16, unlabeled_ratio=7)
+    with caplog.at_level("WARNING", logger="pipeline.training.tasks"):
+        fixmatch(cfg, torch.tensor([0, 1]), 200, 2, "cpu")
+        fixmatch(cfg, torch.tensor([0, 1]), 50, 2, "cpu")
+    assert caplog.messages == ["pseudo_label.unlabeled_ratio 7 x batch_size 16 = 112 pool images in each step, more "
+                               "than the pool's 50: each step draws pool images more than once. A smaller "
+                               "unlabeled_ratio (or a larger prepare.unlabeled_pool) costs less"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seed_index", "0", "--ratio", "7"], "--ratio 7.0: variant 'real+synthetic' trains seed 0 at share 0.5"),
+    (["--seed_index", "0", "--ratio", "nan"], "--ratio nan: variant 'real+synthetic' trains seed 0 at share 0.5"),
+    (["--seed_index", "0", "--ratio", "-1"], "--ratio -1.0: variant"),
+    (["--ratio", "0.5"], "--ratio 0.5: it says at which share --seed_index trains one seed run, and was given "
+                         "without --seed_index"),
+], ids=["seven", "nan", "minus-one", "without-seed-index"])
+def test_fanout_ratio_outside_the_plan_is_refused(tmp_path, capsys, argv, message):
+    """--ratio 7 failed inside training; nan or -1 trained without synthetic images into seed0-sharenan; --ratio
+    without --seed_index was ignored without a word."""
+    import pipeline.train_classifier as tc
+    from tests.test_train_classifier import micro_params, write_project
+
+    paths, _ = write_project(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(micro_params().resolved()))
+    with pytest.raises(SystemExit) as end:
+        tc.main(["--variant", "real+synthetic", "--params", str(tmp_path / "params.yaml"), "--root", str(tmp_path),
+                 *argv])
+    assert end.value.code == 2 and message in capsys.readouterr().err
+    assert not paths.classifier_seeds.exists() and not paths.classifier.exists()
+
+
+def test_sample_fanout_refuses_a_shard_count_out_of_range_before_submitting():
+    from flows.fanout import sample_fanout_flow
+
+    with pytest.raises(ConfigError, match=r"sample.num_shards: Input should be greater than or equal to 1 \(got 0\); "
+                                          r"allowed: 1 <= num_shards <= 10,000"):
+        sample_fanout_flow.fn(num_shards=0, params_file=str(ROOT / "params.yaml"))

@@ -7,10 +7,11 @@ import logging
 import os
 import reprlib
 from pathlib import Path
-from typing import Any, get_args, get_origin
+from typing import Annotated, Any, get_args, get_origin
 
 import yaml
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 
 from pipeline.config.sections import (IGNORED_BY_KIND, STAGES, BaseParams, CganConfig, ClipConfig,  # noqa: F401
                                       DatasetGanConfig, DitConfig, FilterConfig, Location, Params,
@@ -62,6 +63,51 @@ def _allowed_keys(loc: tuple) -> list[str]:
     return sorted(model.model_fields)
 
 
+def _field_at(loc: tuple) -> tuple[str, FieldInfo] | None:
+    """The last field on an error's path (a variant's, a section's) and its name; a tuple's item or a union's
+    member is its field's."""
+    model, found = Params, None
+    for part in loc:
+        if get_origin(model) is dict:  # a named entry (a variant): its value's fields
+            model = get_args(model)[1]
+            continue
+        fields = model.model_fields if isinstance(model, type) and hasattr(model, "model_fields") else {}
+        if part not in fields:
+            break
+        found = part, fields[part]
+        model = fields[part].annotation
+    return found
+
+
+def _range(field: FieldInfo) -> FieldInfo | None:
+    """The ``FieldInfo`` that bounds a number: the field's own, or that of the numbers inside it (``Annotated``)."""
+    if any(hasattr(m, k) for m in field.metadata for k in ("ge", "gt", "le", "lt")):
+        return field
+    stack = [field.annotation]
+    while stack:
+        arg = stack.pop()
+        if get_origin(arg) is Annotated:
+            inner = next((m for m in get_args(arg)[1:] if isinstance(m, FieldInfo)), None)
+            if inner is not None:
+                return inner
+        stack.extend(get_args(arg))
+    return None
+
+
+def allowed_range(name: str, field: FieldInfo) -> str:
+    """``1 <= name <= 64: why`` for a bounded number field (``section.Number``); "" for another."""
+    bounded = _range(field)
+    if bounded is None:
+        return ""
+    limits = {k: getattr(m, k) for m in bounded.metadata for k in ("ge", "gt", "le", "lt") if hasattr(m, k)}
+    low = f"{limits['ge']:,} <= " if "ge" in limits else f"{limits['gt']:,} < " if "gt" in limits else ""
+    high = f" <= {limits['le']:,}" if "le" in limits else f" < {limits['lt']:,}" if "lt" in limits else ""
+    return f"{low}{name}{high}" + (f" ({bounded.description})" if bounded.description else "")
+
+
+_BOUNDS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number"}
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
@@ -70,7 +116,9 @@ def _format_errors(err: ValidationError, source: str) -> str:
             lines.append(f"  {key}: unknown key (allowed here: {', '.join(_allowed_keys(e['loc']))})")
         else:
             got = "" if isinstance(e.get("input"), dict) else f" (got {short(e.get('input'))})"  # a section: its message says
-            lines.append(f"  {key}: {e['msg']}{got}")
+            field = _field_at(e["loc"]) if e["type"] in _BOUNDS else None
+            allowed = field and allowed_range(*field)
+            lines.append(f"  {key}: {e['msg']}{got}" + (f"; allowed: {allowed}" if allowed else ""))
     return f"{source}: invalid params:\n" + "\n".join(lines) + "\nFix these keys and run again."
 
 
@@ -163,21 +211,36 @@ def params_from_dict(raw: dict | None, source: str = "<params>") -> Params:
     if clash:
         raise ConfigError(f"{source}: train_classifier.variants: " + "; ".join(clash) + ". Rename one of each "
                           "pair: training one would replace or delete the other's outputs.")
-    _warn_ignored(raw.get("train_generator") or {}, params.train_generator.kind, source)
+    _warn_ignored(raw, params, source)
     return params
 
 
-def _warn_ignored(user: dict, kind: str, source: str) -> None:
-    """Name the train_generator keys the user set (not the profile: it sets some for every kind) that ``kind``
-    does not read, and the kinds that do; a key set to its default (params.yaml's p_uncond) changes nothing."""
-    fields = TrainGeneratorConfig.model_fields
-    ignored = {k for k in IGNORED_BY_KIND.get(kind, frozenset()) & set(user) if user[k] != fields[k].default}
-    if ignored:
-        readers = [k for k in get_args(fields["kind"].annotation)
-                   if not ignored & IGNORED_BY_KIND.get(k, frozenset())]
-        log.warning("%s: train_generator.kind %s ignores train_generator.%s (they apply to kind %s only); remove "
-                    "them or set train_generator.kind to one of those", source, kind, ", ".join(sorted(ignored)),
-                    ", ".join(readers))
+# the keys of a section that one of its choices does not read (train_generator's: IGNORED_BY_KIND, beside its
+# section): loading params warns when params.yaml or an override sets one of them for that choice
+IGNORED_BY_CHOICE = {
+    ("train_generator", "kind"): IGNORED_BY_KIND,
+    ("pseudo_label", "method"): {"supervised": frozenset({"unlabeled_ratio", "fixmatch_threshold", "fairness",
+                                                          "unlabeled_weight", "ema_decay"})},
+    ("sample", "mode"): {"generate": frozenset({"strengths", "variations", "pool_per_class"}),
+                         "img2img": frozenset({"per_class"})},
+}
+
+
+def _warn_ignored(raw: dict, params: Params, source: str) -> None:
+    """Name the keys the user set (not the profile: it sets some for every choice) that the section's choice (e.g.
+    train_generator.kind) does not read, and the choices that do; a key set to its default changes nothing."""
+    for (section, choice_key), table in IGNORED_BY_CHOICE.items():
+        user = raw.get(section) or {}
+        if not isinstance(user, dict):
+            continue
+        fields, choice = STAGES[section].model_fields, getattr(getattr(params, section), choice_key)
+        ignored = {k for k in table.get(choice, frozenset()) & set(user)
+                   if _yaml_to_model_types({k: user[k]})[k] != fields[k].default}
+        if ignored:
+            readers = [c for c in get_args(fields[choice_key].annotation) if not ignored & table.get(c, frozenset())]
+            log.warning("%s: %s.%s %s ignores %s.%s (they apply to %s %s only); remove them or set %s.%s to one of "
+                        "those", source, section, choice_key, choice, section, ", ".join(sorted(ignored)), choice_key,
+                        ", ".join(readers), section, choice_key)
 
 
 def load_params(path: str | os.PathLike = PARAMS_FILE, overrides: dict | None = None) -> Params:

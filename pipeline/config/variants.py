@@ -4,9 +4,9 @@ from __future__ import annotations
 import re
 from typing import Literal, Optional
 
-from pydantic import Field, model_validator
+from pydantic import model_validator
 
-from pipeline.config.section import Section
+from pipeline.config.section import Probability, Section
 
 
 class VariantSpec(Section):
@@ -25,7 +25,7 @@ class VariantSpec(Section):
     # settings and seeds, the unlabeled pool beside the labeled stream (synthetic images join the labeled stream)
     learner: Literal["supervised", "fixmatch"] = "supervised"
     # share of the labeled stream drawn from synthetic (or oracle) images; None: train_classifier.synthetic_ratio
-    synthetic_ratio: Optional[float] = Field(None, ge=0, le=1)
+    synthetic_ratio: Optional[float] = Probability(None)
 
     @property
     def uses_synthetic(self) -> bool:  # trains on generated images (an oracle trains on real pool images instead)

@@ -12,6 +12,7 @@ the stage then tests and writes exactly what one process writes. ``data`` below 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 from pipeline.config import Params, Paths, labeler_file
@@ -19,12 +20,12 @@ from pipeline.core.io import atomic_path, fingerprint, read_json, read_output, w
 from pipeline.errors import ConfigError, DataError
 from pipeline.models.classifier import load_classifier, save_classifier
 from pipeline.training.classifier import train_one
-from pipeline.training.plan import Run, decide_share
+from pipeline.training.plan import Run, decide_share, plan_runs
 
 log = logging.getLogger(__name__)
 CLI_OPTIONS = {  # python -m pipeline.train_classifier's fan-out flags (run's keywords)
     "seed_index": {"type": int, "help": "fan-out: train this seed alone, into models/classifier_seeds/"},
-    "ratio": {"type": float, "help": "with --seed_index: at this synthetic share (a ratio sweep run)"},
+    "ratio": {"type": float, "help": "with --seed_index: at this synthetic share (one of the plan's)"},
     "gather": {"action": "store_true", "help": "fan-out: test and write the finished seed runs"}}
 
 
@@ -85,13 +86,30 @@ def train_seed(params: Params, paths: Paths, variant: str, data, seeds: list[int
     """Seed ``index`` of ``variant`` at ``ratio`` (None: the share the finished sweep chose) into
     models/classifier_seeds/ (kept when already there, made with the same params and data)."""
     cfg = params.classifier_config(variant)
+    if index is None:
+        raise ConfigError(f"--ratio {ratio}: it says at which share --seed_index trains one seed run, and was given "
+                          "without --seed_index; add --seed_index, or leave --ratio out to train every seed")
     if not 0 <= index < len(seeds):
         raise ConfigError(f"--seed_index {index}: train_classifier.seeds is {len(seeds)}, so it must be 0 to "
                           f"{len(seeds) - 1}")
     runs = SeedRuns(params, paths, variant, data)
-    run = Run(index, decide_share(cfg, cfg.variants[variant], runs.finished)[0] if ratio is None else ratio)
+    run = Run(index, decide_share(cfg, cfg.variants[variant], runs.finished)[0] if ratio is None
+              else planned_share(cfg, variant, index, ratio))
     runs.train(run, seeds[index], device)
     return {"headline": f"{variant}: seed {index} at synthetic share {run.share:g} in {runs.where(run)}"}
+
+
+def planned_share(cfg, variant: str, index: int, ratio: float) -> float:
+    """``ratio`` when the plan (training/plan.py) trains seed ``index`` of ``variant`` at that share; else a
+    ConfigError naming the shares it does train at (a share out of [0, 1], nan, or one no run gathers)."""
+    shares = [r.share for r in plan_runs(cfg, cfg.variants[variant]) if r.seed_index == index and r.share is not None]
+    planned = next((s for s in shares if math.isclose(s, ratio, abs_tol=1e-9)), None)  # nan is close to nothing
+    if planned is None:
+        where = (f"at share {', '.join(f'{s:g}' for s in shares)} (its synthetic_ratio and ratio_sweep, in [0, 1])"
+                 if shares else "at the share its ratio sweep chooses: leave --ratio out")
+        raise ConfigError(f"--ratio {ratio}: variant {variant!r} trains seed {index} {where}. Only those runs are "
+                          "gathered into the variant's result.")
+    return planned
 
 
 def load_labelers(paths: Paths, class_names: list[str], in_chans: int, needed_by: str) -> tuple[list, list[dict]]:

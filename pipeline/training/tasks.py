@@ -16,6 +16,7 @@ unlabeled pool (``Batch.pool``, raw), and a task turns them into a loss:
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,8 @@ from torch import nn
 from pipeline.core.device import DevicePolicy
 from pipeline.core.images import to_unit
 from pipeline.training.augment import crop_flip, cutout, trivial_augment_wide
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -142,6 +145,11 @@ def fixmatch(cfg, labels: torch.Tensor, pool_size: int, num_classes: int, device
     """FixMatch as ``pseudo_label`` configures it (``cfg``: a ``PseudoLabelConfig``; ``fairness`` names the
     mask: flexmatch | da | none), for a pool of ``pool_size`` and labeled class ids ``labels`` (distribution
     alignment's prior): ``unlabeled_ratio`` pool images per labeled one."""
+    if cfg.pool_per_step > pool_size:  # a step draws the pool more than once: costs more, sees nothing new
+        log.warning("pseudo_label.unlabeled_ratio %d x batch_size %d = %d pool images in each step, more than "
+                    "the pool's %d: each step draws pool images more than once. A smaller unlabeled_ratio (or a "
+                    "larger prepare.unlabeled_pool) costs less", cfg.unlabeled_ratio, cfg.batch_size,
+                    cfg.pool_per_step, pool_size)
     if cfg.fairness == "flexmatch":
         mask = FlexMatch(cfg.fixmatch_threshold, pool_size, num_classes, device)
     elif cfg.fairness == "da":
