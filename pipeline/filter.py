@@ -23,7 +23,7 @@ import torch
 from pipeline.config import FilterConfig, Params, Paths
 from pipeline.core.device import policy_for
 from pipeline.core.entrypoint import stage_main
-from pipeline.core.images import class_names_of, dataset_to_tensors
+from pipeline.core.images import check_shapes, class_names_of, dataset_to_tensors
 from pipeline.core.io import atomic_path, check_writable, fingerprint, load_dataset_dir, read_output, write_json
 from pipeline.errors import DataError
 from pipeline.models.classifier import check_input_size
@@ -86,6 +86,8 @@ def load_inputs(paths: Paths, cfg: FilterConfig) -> tuple[Images, datasets.Datas
     syn = dataset_to_tensors(synthetic)
     if len(syn[0]) == 0:
         raise DataError(f"{paths.synthetic}: the synthetic dataset is empty. Re-run sample.")
+    check_shapes({"prepared train split's": train[0].shape[1:], "synthetic": syn[0].shape[1:]}, str(paths.synthetic),
+                 "sample")
     seeds = np.asarray(synthetic["seed"] if "seed" in synthetic.column_names else [-1] * len(synthetic), dtype=np.int64)
     images = Images(class_names, train, val, test, pool, syn, seeds, source_columns(synthetic))
     return images, synthetic, {"synthetic": syn_summary.get("fingerprint"), "prepared": prepared_fp}

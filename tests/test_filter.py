@@ -161,7 +161,7 @@ def test_stage_clip_threshold_and_missing_checkpoint(tmp_path):
     paths, n = write_contract_data(tmp_path, with_pool=False)
     ckpt = str(make_tiny_clip(tmp_path / "clip"))
     summary = run(micro(min_confidence=0.0, require_realism=False, balance=False,
-                        clip={"checkpoint": ckpt, "min_score": 101.0}), paths)
+                        clip={"checkpoint": ckpt, "min_score": 100.0}), paths)
     scores = pd.read_parquet(paths.filtered / "scores.parquet")
     assert summary["clip"]["used"] and scores["clip_score"].between(0, 100).all()
     assert not scores["accepted"].any() and (scores["reason"].iloc[1:7] == "low_clip_score").all()

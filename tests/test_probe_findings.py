@@ -268,3 +268,55 @@ def test_sample_fanout_refuses_a_shard_count_out_of_range_before_submitting():
     with pytest.raises(ConfigError, match=r"sample.num_shards: Input should be greater than or equal to 1 \(got 0\); "
                                           r"allowed: 1 <= num_shards <= 10,000"):
         sample_fanout_flow.fn(num_shards=0, params_file=str(ROOT / "params.yaml"))
+
+
+# ---- round five: image shapes across the sets a stage reads side by side ----------------------------
+
+def rgb_images(n: int, size: int = 6) -> torch.Tensor:
+    return torch.randint(0, 255, (n, 3, size, size), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+
+
+def test_a_pool_of_other_images_than_train_is_refused_before_any_work(tmp_path):
+    """A pool of RGB images beside grayscale train images reached FixMatch's forward (a RuntimeError there)."""
+    import pipeline.pseudo_label as pl
+    import pipeline.train_classifier as tc
+    from pipeline.core.images import tensors_to_dataset
+    from pipeline.core.io import save_dataset
+    from tests.test_train_classifier import CLASSES, micro_params, toy, write_project
+
+    paths, _ = write_project(tmp_path)
+    (x, y), (vx, vy), (tx, ty) = toy(40, 1), toy(16, 2), toy(40, 3)
+    save_dataset(datasets.DatasetDict({"train": tensors_to_dataset(x, y, CLASSES),
+                                       "val": tensors_to_dataset(vx, vy, CLASSES),
+                                       "test": tensors_to_dataset(tx, ty, CLASSES),
+                                       "pool": tensors_to_dataset(rgb_images(30), None, None)}),
+                 paths.prepared / "dataset")
+    shown = (r"the 'train' split's images are 1 x 8 x 8 and the 'pool' split's images 3 x 6 x 6 \(channels x height "
+             r"x width\); images read side by side must have one shape. Re-run prepare \(dvc repro -f prepare\)")
+    with pytest.raises(DataError, match=shown):
+        pl.run(micro_params(), paths)
+    with pytest.raises(DataError, match=shown):  # any stage that reads the prepared splits
+        tc.run(micro_params(), paths, "real")
+    assert not paths.pseudo.exists() and not paths.classifier.exists()
+
+
+def test_pseudo_labels_or_synthetic_images_of_another_shape_are_refused(tmp_path):
+    from pipeline import filter as filter_stage
+    from pipeline.core.images import tensors_to_dataset
+    from pipeline.core.io import load_img2img_sources, load_pseudo_labels, save_dataset
+    from tests.test_train_classifier import CLASSES, micro_params, write_project, write_pseudo
+
+    paths, _ = write_project(tmp_path)
+    write_pseudo(paths)
+    save_dataset(tensors_to_dataset(rgb_images(12), torch.arange(12) % 4, CLASSES, {"pool_index": list(range(12))}),
+                 paths.pseudo / "dataset")
+    pseudo = r"the prepared train split's images are 1 x 8 x 8 and the pseudo-labeled pool's images 3 x 6 x 6 .*Re-run "
+    with pytest.raises(DataError, match=pseudo + "pseudo_label"):  # train_generator, train_classifier (pseudo: true)
+        load_pseudo_labels(paths)
+    with pytest.raises(DataError, match=pseudo + "pseudo_label"):  # sample's img2img sources
+        load_img2img_sources(paths.prepared, paths.pseudo, 2, len(CLASSES))
+    save_dataset(tensors_to_dataset(rgb_images(8), torch.arange(8) % 4, CLASSES, {"seed": list(range(8))}),
+                 paths.synthetic / "dataset")
+    with pytest.raises(DataError, match=r"the prepared train split's images are 1 x 8 x 8 and the synthetic images "
+                                        r"3 x 6 x 6 .* Re-run sample"):
+        filter_stage.load_inputs(paths, micro_params().filter)

@@ -6,12 +6,14 @@ Images are uint8 N,C,H,W tensors everywhere; networks see them scaled to [-1, 1]
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from pipeline.errors import DataError
 
 
 def to_unit(x_uint8: torch.Tensor) -> torch.Tensor:
@@ -99,3 +101,26 @@ def make_grid_image(images: torch.Tensor, nrow: int) -> Image.Image:
 
     grid = make_grid(images.float() / 255.0, nrow=nrow, padding=1, pad_value=1.0)
     return array_to_pil((grid * 255).round().clamp(0, 255).to(torch.uint8).numpy())
+
+
+def first_shape(ds, image_column: str = "image") -> tuple[int, int, int] | None:
+    """(C, H, W) of a dataset's first image (one image decoded), None when it has no row or no image column."""
+    if not len(ds) or image_column not in ds.column_names:
+        return None
+    h, w, c = pil_to_array(ds[0][image_column]).shape
+    return c, h, w
+
+
+def check_shapes(shapes: Mapping[str, Sequence[int] | None], where: str, rerun: str) -> None:
+    """Images that a stage reads side by side (the prepared splits, the pseudo-labeled pool, synthetic images:
+    name -> (C, H, W), None for an empty set) have one shape. Another (a pool of 16 px RGB images beside 28 px
+    grayscale train images reached FixMatch's forward and failed there) is a DataError naming both sets, their
+    shapes and the stage to re-run, before any work."""
+    known = [(name, tuple(int(v) for v in shape)) for name, shape in shapes.items() if shape is not None]
+    show = lambda s: " x ".join(map(str, s))  # noqa: E731
+    for name, shape in known[1:]:
+        if shape != known[0][1]:
+            raise DataError(f"{where}: the {known[0][0]} images are {show(known[0][1])} and the {name} images "
+                            f"{show(shape)} (channels x height x width); images read side by side must have one "
+                            f"shape. Re-run {rerun} (dvc repro -f {rerun}), so that every set is made with the same "
+                            "prepare.image_size and prepare.channels.")

@@ -17,7 +17,7 @@ import torch
 
 from pipeline.config import Paths
 from pipeline.core.atomic import atomic_path, recover  # noqa: F401 (atomic_path: every writer imports it from here)
-from pipeline.core.images import class_names_of, dataset_to_tensors
+from pipeline.core.images import check_shapes, class_names_of, dataset_to_tensors, first_shape
 from pipeline.errors import ConfigError, DataError
 
 # each stage output whose summary records what it was made from: its summary file and the stage that writes it
@@ -87,7 +87,10 @@ def load_dataset_dir(path: str | os.PathLike, stage: str):
     if state.exists() and not json.loads(state.read_text()).get("_data_files"):
         return None
     with reading(path, stage) as p:
-        return datasets.load_from_disk(str(p))
+        ds = datasets.load_from_disk(str(p))
+    if isinstance(ds, datasets.DatasetDict):  # prepare's splits, read side by side by every later stage
+        check_shapes({f"{name!r} split's": first_shape(split) for name, split in ds.items()}, str(path), stage)
+    return ds
 
 
 def read_json(path: str | os.PathLike, stage: str | None = None):
@@ -153,6 +156,7 @@ def load_pseudo_labels(paths: Paths) -> tuple[dict, tuple[torch.Tensor, torch.Te
     ds = load_dataset_dir(paths.pseudo / "dataset", "pseudo_label")
     if ds is None or len(ds) == 0:
         return summary, None
+    check_beside_train(paths.prepared, ds, "pseudo-labeled pool's", paths.pseudo / "dataset", "pseudo_label")
     proba = torch.tensor(ds["probabilities"], dtype=torch.float32) if "probabilities" in ds.column_names else None
     return summary, (*dataset_to_tensors(ds), proba)
 
@@ -168,12 +172,20 @@ def load_img2img_sources(prepared: Path, pseudo: Path, pool_per_class: int, num_
         if ds is None:
             raise DataError(f"{pseudo}: sample.pool_per_class is {pool_per_class} but pseudo_label kept no pool "
                             "image. Set sample.pool_per_class: 0 or give prepare a pool.")
+        check_beside_train(prepared, ds, "pseudo-labeled pool's", pseudo / "dataset", "pseudo_label")
         px, py = dataset_to_tensors(ds)
         rows = torch.cat([torch.nonzero(py == c).flatten()[:pool_per_class] for c in range(num_classes)])
         pool_index = list(ds["pool_index"])
         x, y = torch.cat([x, px[rows]]), torch.cat([y, py[rows]])
         origins += [("pool", pool_index[int(r)]) for r in rows]
     return x, y, origins
+
+
+def check_beside_train(prepared: Path, ds, name: str, where: Path, stage: str) -> None:
+    """``ds`` (``name``, written by ``stage`` at ``where``) has the shape of the images in ``prepared``'s train
+    split (``check_shapes``)."""
+    train = load_dataset_dir(prepared / "dataset", "prepare")["train"]
+    check_shapes({"prepared train split's": first_shape(train), name: first_shape(ds)}, str(where), stage)
 
 
 TIMING_KEYS = ("seconds", "seconds_per_step")
