@@ -320,3 +320,96 @@ def test_pseudo_labels_or_synthetic_images_of_another_shape_are_refused(tmp_path
     with pytest.raises(DataError, match=r"the prepared train split's images are 1 x 8 x 8 and the synthetic images "
                                         r"3 x 6 x 6 .* Re-run sample"):
         filter_stage.load_inputs(paths, micro_params().filter)
+
+
+# ---- round five: damaged intermediate files, one of each kind ---------------------------------------
+
+def truncate(path: Path, keep: int = 40) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+def test_a_truncated_labeler_or_classifier_names_the_file_and_the_stage(tmp_path):
+    from pipeline.config import labeler_file
+    from pipeline.models.classifier import build_model, load_classifier, save_classifier
+    from pipeline.training.seed_runs import load_labelers
+    from tests.test_train_classifier import CLASSES, write_project, write_pseudo
+
+    paths, _ = write_project(tmp_path)
+    write_pseudo(paths)
+    truncate(paths.pseudo / labeler_file(0))
+    with pytest.raises(DataError, match=r"labeler.*safetensors: damaged or unreadable \(.*\)\. Re-run the "
+                                        r"pseudo_label stage \(dvc repro -f pseudo_label\)"):
+        load_labelers(paths, CLASSES, 1, "train_classifier.pseudo_labels: teacher")
+    weights = tmp_path / "model.safetensors"
+    save_classifier(build_model("test_resnet", 4, 1), weights, "test_resnet", 4, 1)
+    truncate(weights, 200)
+    with pytest.raises(DataError, match=r"model.safetensors: damaged or unreadable .* Re-run the train_classifier"):
+        load_classifier(weights, 4, 1, "--gather", "train_classifier")
+
+
+def test_a_truncated_state_json_of_a_saved_dataset_names_it(tmp_path):
+    from pipeline.core.io import load_dataset_dir
+    from tests.test_train_classifier import write_project
+
+    paths, _ = write_project(tmp_path)
+    truncate(paths.filtered / "dataset" / "state.json", 10)
+    with pytest.raises(DataError, match=r"dataset/state.json: damaged or unreadable \(JSONDecodeError.*Re-run the "
+                                        r"filter stage"):
+        load_dataset_dir(paths.filtered / "dataset", "filter")
+
+
+def test_a_pseudo_dataset_listing_no_data_file_is_not_read_as_nothing_kept(tmp_path):
+    """Its state.json listing no data file was read as "no pseudo-labels": the generator trained without the pool."""
+    import json
+
+    from pipeline.core.io import load_pseudo_labels
+    from tests.test_train_classifier import write_project, write_pseudo
+
+    paths, _ = write_project(tmp_path)
+    write_pseudo(paths, n=12)
+    state = paths.pseudo / "dataset" / "state.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "_data_files": []}))
+    with pytest.raises(DataError, match=r"holds no image, and .*summary.json says pseudo_label kept 12: the saved "
+                                        r"dataset is damaged. Re-run the pseudo_label stage"):
+        load_pseudo_labels(paths)
+    write_pseudo(paths, n=0)  # nothing kept, and the summary says so: no pseudo-labels, no error
+    assert load_pseudo_labels(paths)[1] is None
+
+
+@pytest.mark.parametrize("file, content, shown", [
+    ("data/prepared/summary.json", {"fingerprint": 5}, "fingerprint is a int .*Re-run the prepare"),
+    ("data/prepared/summary.json", ["not", "an", "object"], r"damaged or unreadable \(TypeError: a JSON list where"),
+    ("data/pseudo/summary.json", {"inputs": {"prepared": "p" * 64}, "kept": "twelve"}, "kept is a str .*pseudo_label"),
+    ("data/filtered/summary.json", {"inputs": {"synthetic": ["x"]}}, "inputs holds other than fingerprints.*filter"),
+], ids=["prepared-fingerprint-int", "prepared-list", "pseudo-kept-str", "filtered-inputs"])
+def test_a_summary_json_with_wrong_types_names_the_file_and_the_stage(tmp_path, file, content, shown):
+    import json
+
+    from pipeline.core.io import read_output
+    from tests.test_train_classifier import write_project, write_pseudo
+
+    paths, _ = write_project(tmp_path)
+    write_pseudo(paths)
+    (tmp_path / file).write_text(json.dumps(content))
+    with pytest.raises(DataError, match=shown):
+        read_output(paths, Path(file).parent.name)
+
+
+def test_a_generator_json_with_wrong_types_names_the_file_and_the_stage(tmp_path):
+    import json
+
+    from pipeline.models.registry import load_generator
+
+    (tmp_path / "generator.json").write_text(json.dumps({"kind": "unet", "num_classes": "ten", "image_size": 28}))
+    with pytest.raises(DataError, match=r"generator.json: num_classes is a str \('ten'\), not a int: the file is "
+                                        r"damaged. Re-run the train_generator stage"):
+        load_generator(tmp_path)
+
+
+def test_classifier_metrics_that_are_not_an_object_name_the_file_and_the_stage(tmp_path):
+    from pipeline.core.io import read_json
+
+    (tmp_path / "real.json").write_text("[1, 2]")
+    with pytest.raises(DataError, match=r"real.json: damaged or unreadable \(TypeError: a JSON list where an object "
+                                        r"was expected\). Re-run the train_classifier stage"):
+        read_json(tmp_path / "real.json", "train_classifier")

@@ -84,7 +84,7 @@ def load_dataset_dir(path: str | os.PathLike, stage: str):
     import datasets
 
     state = Path(path) / "state.json"
-    if state.exists() and not json.loads(state.read_text()).get("_data_files"):
+    if state.exists() and not read_json(state, stage).get("_data_files"):
         return None
     with reading(path, stage) as p:
         ds = datasets.load_from_disk(str(p))
@@ -93,11 +93,26 @@ def load_dataset_dir(path: str | os.PathLike, stage: str):
     return ds
 
 
-def read_json(path: str | os.PathLike, stage: str | None = None):
-    """A JSON file written by ``stage`` (checked as in ``reading``: a missing or damaged one names the
-    file and what to re-run)."""
+def read_json(path: str | os.PathLike, stage: str | None = None) -> dict:
+    """A JSON object written by ``stage`` (checked as in ``reading``: a missing or damaged one, or one that is
+    not an object, names the file and what to re-run)."""
     with reading(path, stage) as p:
-        return json.loads(p.read_text())
+        obj = json.loads(p.read_text())
+        if not isinstance(obj, dict):
+            raise TypeError(f"a JSON {type(obj).__name__} where an object was expected")
+    return obj
+
+
+def checked(record: dict, path: str | os.PathLike, stage: str, **types) -> dict:
+    """``record`` (read from ``path``, written by ``stage``) with each key of ``types`` absent, None or of its
+    type (a type or a tuple of types); else a DataError naming the file, the key and the stage to re-run."""
+    for key, kind in types.items():
+        value = record.get(key)
+        if value is not None and not isinstance(value, kind):
+            kinds = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+            raise DataError(f"{path}: {key} is a {type(value).__name__} ({str(value)[:60]!r}), not a {kinds}: the file "
+                            f"is damaged. Re-run the {stage} stage (dvc repro -f {stage}).")
+    return record
 
 
 def check_writable(*paths: str | os.PathLike, need_bytes: int = 0) -> None:
@@ -136,7 +151,11 @@ def read_output(paths: Paths, name: str) -> dict:
     beside images another generator made."""
     stage, file = OUTPUTS[name]
     folder = getattr(paths, name)
-    summary = read_json(folder / file, stage)
+    summary = checked(read_json(folder / file, stage), folder / file, stage, inputs=dict, fingerprint=str,
+                      class_names=list, labeler=dict, kept=int, num_classes=int)
+    if any(not isinstance(v, (str, type(None))) for v in (summary.get("inputs") or {}).values()):
+        raise DataError(f"{folder / file}: inputs holds other than fingerprints: the file is damaged. Re-run the "
+                        f"{stage} stage (dvc repro -f {stage}).")
     if name != "prepared" and not isinstance(summary.get("inputs"), dict):
         raise DataError(f"{folder / file}: records no inputs (written by an older synthaug), so it cannot be "
                         f"checked against the current data. Re-run {stage} (dvc repro -f {stage}).")
@@ -154,6 +173,10 @@ def load_pseudo_labels(paths: Paths) -> tuple[dict, tuple[torch.Tensor, torch.Te
     (images, pseudo-labels, the labeler's probabilities N,K or None), or None when it kept no pool image."""
     summary = read_output(paths, "pseudo")
     ds = load_dataset_dir(paths.pseudo / "dataset", "pseudo_label")
+    if (ds is None or len(ds) == 0) and summary.get("kept"):  # it was read as "no pseudo-labels" (the pool dropped)
+        raise DataError(f"{paths.pseudo / 'dataset'}: holds no image, and {paths.pseudo / 'summary.json'} says "
+                        f"pseudo_label kept {summary['kept']}: the saved dataset is damaged. Re-run the pseudo_label "
+                        "stage (dvc repro -f pseudo_label).")
     if ds is None or len(ds) == 0:
         return summary, None
     check_beside_train(paths.prepared, ds, "pseudo-labeled pool's", paths.pseudo / "dataset", "pseudo_label")

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from pipeline.core.io import save_safetensors
+from pipeline.core.io import reading, save_safetensors
 from pipeline.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -83,16 +83,19 @@ def save_classifier(model: nn.Module, path: Path, arch: str, num_classes: int, i
                      metadata={"arch": arch, "num_classes": str(num_classes), "in_chans": str(in_chans)})
 
 
-def load_classifier(weights: Path, num_classes: int, in_chans: int, needed_by: str) -> nn.Module:
-    """A classifier saved by synthaug (safetensors with its timm ``arch`` in the metadata), in eval mode."""
+def load_classifier(weights: Path, num_classes: int, in_chans: int, needed_by: str, stage: str | None = None
+                    ) -> nn.Module:
+    """A classifier saved by synthaug (safetensors with its timm ``arch`` in the metadata), in eval mode; a
+    damaged file (truncated, garbage, other tensors) is a DataError naming it and ``stage``, the one to re-run."""
     if not Path(weights).exists():
         raise DataError(f"{weights}: not found; {needed_by}. Re-run the stage that writes it (dvc repro).")
-    with safe_open(str(weights), "pt") as f:
-        arch = (f.metadata() or {}).get("arch")
-    if arch is None:
-        raise DataError(f"{weights}: no timm arch in its metadata; it was not written by synthaug.")
-    model = build_model(arch, num_classes, in_chans)
-    model.load_state_dict(load_file(str(weights)))
+    with reading(weights, stage):
+        with safe_open(str(weights), "pt") as f:
+            arch = (f.metadata() or {}).get("arch")
+        if arch is None:
+            raise DataError(f"{weights}: no timm arch in its metadata; it was not written by synthaug.")
+        model = build_model(arch, num_classes, in_chans)
+        model.load_state_dict(load_file(str(weights)))
     return model.eval()
 
 

@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 
 from pipeline.config import SampleConfig
-from pipeline.core.io import read_json, reading
+from pipeline.core.io import checked, read_json, reading
 from pipeline.errors import ConfigError
 
 GENERATOR_META = "generator.json"
@@ -45,7 +45,8 @@ def load_generator(folder: str | Path, device="cpu") -> Generator:
     """Read a train_generator output folder into a ready-to-sample generator on ``device`` (a name
     or the run's ``core.device.DevicePolicy``)."""
     folder = Path(folder)
-    meta = read_json(folder / GENERATOR_META, "train_generator")
+    meta = checked(read_json(folder / GENERATOR_META, "train_generator"), folder / GENERATOR_META, "train_generator",
+                   kind=str, num_classes=int, class_names=list, image_size=int, channels=int)
     module = importlib.import_module(KINDS[check_kind(meta.get("kind", "unet"))])
     with reading(folder, "train_generator"):  # truncated weights, a garbage config ...
         return module.load(folder, {"kind": "unet", **meta}, device)

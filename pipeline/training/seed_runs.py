@@ -64,7 +64,8 @@ class SeedRuns:
         """Finished runs as (model, history) each (``training.plan.carry_out``'s ``get``)."""
         hists = [self.finished(run) for run in runs]  # every run there, or which one to start
         return [(load_classifier(self.where(run) / "model.safetensors", len(self.data.class_names),
-                                 self.data.val[0].shape[1], "train_classifier --gather reads it"), hist)
+                                 self.data.val[0].shape[1], "train_classifier --gather reads it", "train_classifier"),
+                 hist)
                 for run, hist in zip(runs, hists)]
 
     def train(self, run: Run, seed: int, device) -> None:
@@ -123,7 +124,7 @@ def load_labelers(paths: Paths, class_names: list[str], in_chans: int, needed_by
     timing = paths.stage_timing / "pseudo_label.json"
     seconds = list((read_json(timing, "pseudo_label").get("labelers") or []) if timing.exists() else [])
     seconds += [None] * (len(files) - len(seconds))
-    return ([load_classifier(f, len(class_names), in_chans, needed_by) for f in files],
+    return ([load_classifier(f, len(class_names), in_chans, needed_by, "pseudo_label") for f in files],
             [{"seconds": s, **read_json(f.with_suffix(".json"), "pseudo_label")} for f, s in zip(files, seconds)])
 
 
