@@ -18,9 +18,11 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from pipeline.config import Params, Paths, VariantSpec, classifier_file, resolve_device
 from pipeline.core.curves import CURVES, read_curve
 from pipeline.core.entrypoint import stage_main
-from pipeline.core.io import atomic_path, check_writable, load_dataset_dir, read_json, reading, save_figure, write_json
+from pipeline.core.io import (atomic_path, check_writable, checked, load_dataset_dir, read_json, reading, save_figure,
+                              write_json)
 from pipeline.core.plotting import png_b64
 from pipeline.core.provenance import check_classifiers, earlier_outputs, params_made_with, run_metadata
+from pipeline.errors import DataError
 from pipeline.reporting import summary
 from pipeline.reporting.figures import report_figures, sample_grids
 from pipeline.reporting.tables import QUALITY, pct, quality_rows, variant_table
@@ -67,7 +69,21 @@ def read_variants(specs: dict[str, VariantSpec], paths: Paths) -> tuple[dict[str
         raise FileNotFoundError(f"{paths.classifier_metrics}: no classifier metrics. Run train_classifier first.")
     if missing:
         log.warning("report: no metrics for variant(s) %s (train_classifier not run for them); left out", missing)
-    return {v: read_json(f, "train_classifier") for v, f in files.items() if v not in missing}, missing
+    return {v: read_variant(f) for v, f in files.items() if v not in missing}, missing
+
+
+def read_variant(path: Path) -> dict:
+    """One variant's metrics, with the types the report computes with (else a DataError naming the file)."""
+    m = checked(read_json(path, "train_classifier"), path, "train_classifier", per_seed=list, n_test=int,
+                synthetic_ratio=(int, float), synthetic_per_class=dict, n_synthetic=int, learner=str, steps=int)
+    if not m.get("per_seed"):
+        raise DataError(f"{path}: no per-seed results: the file is damaged. Re-run the train_classifier stage "
+                        "(dvc repro -f train_classifier).")
+    for r in m["per_seed"]:
+        checked(r if isinstance(r, dict) else {"per_seed": r}, path, "train_classifier", per_seed=dict, seed=int,
+                accuracy=(int, float), best_val_accuracy=(int, float), macro_f1=(int, float), ece=(int, float),
+                per_class_accuracy=dict)
+    return m
 
 
 def model_file(paths: Paths, variant: str, index: int) -> str:

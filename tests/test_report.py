@@ -355,6 +355,11 @@ def test_report_renders_for_any_valid_set_of_variants(tmp_path, case):
     (lambda p: (p.filtered / "scores.parquet").write_bytes(b"PAR1 truncated"), "scores.parquet: damaged or unreadable"),
     (lambda p: write_text(p.stage_timing / "prepare.json", "{garbage"), "prepare.json: damaged or unreadable"),
     (lambda p: write_text(p.classifier_metrics / "real.json", "[1,"), "real.json: damaged or unreadable"),
+    (lambda p: write_json(p.classifier_metrics / "real.json", {**read_json(p.classifier_metrics / "real.json"),
+                                                                "per_seed": [{"seed": 0, "accuracy": "high"}]}),
+     "real.json: accuracy is a str"),
+    (lambda p: write_json(p.classifier_metrics / "real.json", {**read_json(p.classifier_metrics / "real.json"),
+                                                                "per_seed": []}), "real.json: no per-seed results"),
 ])
 def test_damaged_report_inputs_name_the_file(tmp_path, damage, needle):
     paths = fake_run(tmp_path)
