@@ -10,11 +10,12 @@ FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 # Prefect's settings and the offline flags are set by the entry points (pipeline/core/env.py; also prefect.toml)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup venv lock data browser run test bench gpu-wheels clean help
+.PHONY: setup venv lock data browser run lint test check bench gpu-wheels clean help
 
 help:
 	@echo "make run    set up (venv, packages, Fashion-MNIST) and run the pipeline: dvc repro (synthaug repro)"
-	@echo "make test   set up and run the test suite"
+	@echo "make test   set up and run the test suite (after ruff: make lint)"
+	@echo "make check  lint and the fast tests, before a commit"
 	@echo "make bench  run the CPU benchmarks (results in bench/results/)"
 	@echo "make lock   re-resolve pyproject.toml and pin the result in requirements.lock"
 	@echo "make gpu-wheels  put what a bare GPU box needs for bench/gpu_check.py in .gpu/ (wheels + data)"
@@ -73,8 +74,16 @@ browser:
 	  (apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null)) \
 	  || echo "Chromium not installed: the report browser test will be skipped"; }
 
-test: venv browser
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: venv browser lint
 	$(BIN)/python -m pytest -q -n auto --dist loadscope --durations=10 -m "not gpu" tests
+
+# before a commit: lint, then the tests that take seconds (no end-to-end run, no GPU)
+check: lint
+	$(BIN)/python -m pytest -q -n auto -m "not slow and not gpu" -x tests
 
 bench: venv
 	$(BIN)/python -m bench.run_all

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from bench.common import alternate, parser, rate, ratio, save, section, setup
 import pipeline.training.classifier as training
+from bench.common import alternate, parser, rate, ratio, save, section, setup
 from pipeline.training.augment import crop_flip, trivial_augment_wide
 
 

@@ -10,9 +10,9 @@ import os
 import platform
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -72,7 +72,7 @@ def environment(device: str) -> dict:
     rev, dirty = git_revision(ROOT)
     env = {
         "device": device, "device_name": device_name(device),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "git_rev": rev and rev + ("+dirty" if dirty else ""), "python": platform.python_version(),
         "platform": platform.platform(), "packages": package_versions(PACKAGES), "torch_threads": torch.get_num_threads(),
         "cuda": torch.version.cuda if str(device).startswith("cuda") else None,

@@ -19,12 +19,22 @@ import copy
 
 import torch
 
-from bench.common import (alternate, compile_if, diffusion_generator, memory_method, parser, rate, ratio, save,
-                          section, setup)
+from bench.common import (
+    alternate,
+    compile_if,
+    diffusion_generator,
+    memory_method,
+    parser,
+    rate,
+    ratio,
+    save,
+    section,
+    setup,
+)
 from pipeline.config import Paths, SampleConfig, params_from_dict
+from pipeline.core.device import DevicePolicy
 from pipeline.core.images import crop_images
 from pipeline.core.seeding import image_seed
-from pipeline.core.device import DevicePolicy
 from pipeline.models.diffusion import DiffusionGenerator, build_unet, inference_scheduler, train_scheduler
 from pipeline.models.registry import load_generator
 from pipeline.models.sampling import generate, generation_plan

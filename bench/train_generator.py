@@ -109,8 +109,9 @@ def tuned_loop(unet, cfg, data, steps: int, device: str, compile_model: bool) ->
     """The pipeline's batch drawing and loss with fused AdamW / foreach EMA on CUDA, optional compile."""
     from diffusers import UNet2DModel
     from diffusers.training_utils import EMAModel
-    from pipeline.core.seeding import step_rng
+
     from pipeline.core.device import DevicePolicy
+    from pipeline.core.seeding import step_rng
     from pipeline.models.diffusion import train_scheduler
     from pipeline.training.diffusion import diffusion_loss, draw_batch
 
@@ -142,8 +143,9 @@ def tuned_loop(unet, cfg, data, steps: int, device: str, compile_model: bool) ->
 def flops_per_step(unet, cfg, data, device: str) -> float:
     """Forward + backward FLOPs of one training step (torch.utils.flop_counter)."""
     from torch.utils.flop_counter import FlopCounterMode
-    from pipeline.core.seeding import step_rng
+
     from pipeline.core.device import DevicePolicy
+    from pipeline.core.seeding import step_rng
     from pipeline.models.diffusion import train_scheduler
     from pipeline.training.diffusion import diffusion_loss, draw_batch
 
@@ -181,6 +183,7 @@ def main(argv=None) -> dict:
     data, ds = load_real(device, 64 if args.quick else None)
 
     from accelerate import Accelerator
+
     from pipeline.models.diffusion import build_unet
     from pipeline.training.diffusion import train
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -26,7 +26,7 @@ def _stream(cmd: list[str], cwd: str) -> None:
 
 
 @task(retries=3, retry_delay_seconds=[10, 60, 300])
-def dvc_push(root: str, targets: Optional[list[str]] = None) -> None:
+def dvc_push(root: str, targets: list[str] | None = None) -> None:
     _stream(["dvc", "push", *(targets or [])], root)
 
 
@@ -44,7 +44,7 @@ def commit_to_dvc(stages: list[str], root: str) -> None:
 
 
 @flow(name="experiment", persist_result=False, flow_run_name=run_name)
-def experiment_flow(overrides: Optional[dict[str, Any]] = None, root: str = ".", push: bool = True) -> dict:
+def experiment_flow(overrides: dict[str, Any] | None = None, root: str = ".", push: bool = True) -> dict:
     """``dvc exp run -S key=value ...`` on this worker, then ``dvc push`` when a remote is set."""
     cmd = ["dvc", "exp", "run", *[f"--set-param={k}={json.dumps(v) if not isinstance(v, str) else v}"
                                   for k, v in (overrides or {}).items()]]

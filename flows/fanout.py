@@ -12,8 +12,6 @@ or its worker lost) is submitted again, and ``dvc push`` over the network.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.deployments import run_deployment
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -66,7 +64,7 @@ def sample_fanout_flow(num_shards: int = 2, deployment: str = "sample/sample-sha
 
 
 @flow(name="classifier-seed", persist_result=False, flow_run_name="{variant}-seed{seed_index}-share{ratio}")
-def classifier_seed_flow(variant: str, seed_index: int, ratio: Optional[float] = None,
+def classifier_seed_flow(variant: str, seed_index: int, ratio: float | None = None,
                          params_file: str = "params.yaml", root: str = ".") -> dict:
     """One run of a train_classifier variant's plan: seed ``seed_index`` at share ``ratio`` (None: the
     share its finished ratio sweep chose)."""
@@ -74,7 +72,7 @@ def classifier_seed_flow(variant: str, seed_index: int, ratio: Optional[float] =
 
 
 @flow(name="classifier-fanout", **_FANOUT)
-def classifier_fanout_flow(variants: Optional[list[str]] = None, deployment: str = "classifier-seed/classifier-seed",
+def classifier_fanout_flow(variants: list[str] | None = None, deployment: str = "classifier-seed/classifier-seed",
                            commit: bool = True, params_file: str = "params.yaml", root: str = ".") -> dict:
     """train_classifier for ``variants`` (default: all of ``params_file``'s) as one flow run per run of
     each variant's plan on the pool's workers, those that wait for their ratio sweep's choice last;

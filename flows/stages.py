@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -33,7 +33,7 @@ def run_name() -> str:
     return "-".join([flow_run.flow_name, profile, *extra])
 
 
-def run_stage(stage: str, params_file: str, overrides: Optional[dict[str, Any]], root: str, **kwargs):
+def run_stage(stage: str, params_file: str, overrides: dict[str, Any] | None, root: str, **kwargs):
     """Run ``pipeline.<stage>.run``; a user mistake fails the flow run with its message (a Failed
     state carrying the error, no traceback in the logs); a bug keeps its traceback."""
     logger = get_run_logger()
@@ -55,43 +55,43 @@ _COMMON = dict(persist_result=False, flow_run_name=run_name)
 
 
 @flow(name="prepare", **_COMMON)
-def prepare_flow(params_file: str = "params.yaml", overrides: Optional[dict[str, Any]] = None, root: str = ".") -> dict:
+def prepare_flow(params_file: str = "params.yaml", overrides: dict[str, Any] | None = None, root: str = ".") -> dict:
     return run_stage("prepare", params_file, overrides, root)
 
 
 @flow(name="pseudo-label", **_COMMON)
-def pseudo_label_flow(params_file: str = "params.yaml", overrides: Optional[dict[str, Any]] = None,
+def pseudo_label_flow(params_file: str = "params.yaml", overrides: dict[str, Any] | None = None,
                       root: str = ".") -> dict:
     return run_stage("pseudo_label", params_file, overrides, root)
 
 
 @flow(name="train-generator", **_COMMON)
-def train_generator_flow(params_file: str = "params.yaml", overrides: Optional[dict[str, Any]] = None,
+def train_generator_flow(params_file: str = "params.yaml", overrides: dict[str, Any] | None = None,
                          root: str = ".") -> dict:
     return run_stage("train_generator", params_file, overrides, root)
 
 
 @flow(name="sample", **_COMMON)
-def sample_flow(params_file: str = "params.yaml", overrides: Optional[dict[str, Any]] = None, root: str = ".",
+def sample_flow(params_file: str = "params.yaml", overrides: dict[str, Any] | None = None, root: str = ".",
                 shard_only: bool = False) -> dict:
     """Every missing shard, then the merge; ``shard_only``: one fan-out worker's shard alone."""
     return run_stage("sample", params_file, overrides, root, shard_only=shard_only)
 
 
 @flow(name="filter", **_COMMON)
-def filter_flow(params_file: str = "params.yaml", overrides: Optional[dict[str, Any]] = None, root: str = ".") -> dict:
+def filter_flow(params_file: str = "params.yaml", overrides: dict[str, Any] | None = None, root: str = ".") -> dict:
     return run_stage("filter", params_file, overrides, root)
 
 
 @flow(name="train-classifier", **_COMMON)
 def train_classifier_flow(variant: str = "real", params_file: str = "params.yaml",
-                          overrides: Optional[dict[str, Any]] = None, root: str = ".", gather: bool = False) -> dict:
+                          overrides: dict[str, Any] | None = None, root: str = ".", gather: bool = False) -> dict:
     """``gather``: test and write the runs a fan-out's workers trained (flows/fanout.py) instead of training."""
     return run_stage("train_classifier", params_file, overrides, root, variant=variant, gather=gather)
 
 
 @flow(name="report", **_COMMON)
-def report_flow(params_file: str = "params.yaml", overrides: Optional[dict[str, Any]] = None, root: str = ".") -> dict:
+def report_flow(params_file: str = "params.yaml", overrides: dict[str, Any] | None = None, root: str = ".") -> dict:
     return run_stage("report", params_file, overrides, root)
 
 
@@ -101,7 +101,7 @@ assert tuple(STAGE_FLOWS) == STAGE_ORDER
 
 
 @flow(name="augment", **_COMMON)
-def augment_flow(params_file: str = "params.yaml", overrides: Optional[dict[str, Any]] = None, root: str = ".") -> dict:
+def augment_flow(params_file: str = "params.yaml", overrides: dict[str, Any] | None = None, root: str = ".") -> dict:
     """The whole pipeline in one flow run (without DVC's caching; `dvc repro` is the cached way)."""
     params = load_params(params_file, overrides)
     out = {}

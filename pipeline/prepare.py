@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from pipeline.config import Params, Paths
-from pipeline.core.images import tensors_to_dataset
 from pipeline.core.entrypoint import stage_main
+from pipeline.core.images import tensors_to_dataset
 from pipeline.core.io import atomic_path, check_writable, fingerprint, sha256_tensor, write_json
 from pipeline.core.sources import READERS
 from pipeline.core.splits import make_splits

@@ -25,15 +25,25 @@ from pathlib import Path
 import datasets
 import torch
 
-from pipeline.config import Paths, Params, SampleConfig, keeps_output
+from pipeline.config import Params, Paths, SampleConfig, keeps_output
 from pipeline.core.device import policy_for
 from pipeline.core.entrypoint import stage_main
 from pipeline.core.images import dataset_to_tensors, make_grid_image, tensors_to_dataset
-from pipeline.core.io import (atomic_path, check_writable, fingerprint, load_img2img_sources, load_dataset_dir, read_json,
-                              read_output, save_dataset, save_png, write_json)
+from pipeline.core.io import (
+    atomic_path,
+    check_writable,
+    fingerprint,
+    load_dataset_dir,
+    load_img2img_sources,
+    read_json,
+    read_output,
+    save_dataset,
+    save_png,
+    write_json,
+)
 from pipeline.core.seeding import SEED_STRIDE, image_seed
-from pipeline.models.registry import load_generator
 from pipeline.errors import ConfigError, DataError
+from pipeline.models.registry import load_generator
 from pipeline.models.sampling import Plan, generate, generation_plan, img2img_plan, shard_range
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline import report
-from pipeline.config import Paths, TrainClassifierConfig, VariantSpec, params_from_dict
+from pipeline.config import Paths, params_from_dict
 from pipeline.core.curves import CURVES, write_curves
 from pipeline.core.images import tensors_to_dataset
 from pipeline.core.io import read_json, save_dataset, write_json

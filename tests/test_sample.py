@@ -16,11 +16,11 @@ from pipeline.config import Paths, SampleConfig, TrainGeneratorConfig, params_fr
 from pipeline.core.images import dataset_to_tensors, tensors_to_dataset
 from pipeline.core.io import read_json, write_json
 from pipeline.core.seeding import image_seed
+from pipeline.errors import DataError
 from pipeline.models.class_conditional import ClassConditionalPipeline
 from pipeline.models.diffusion import DiffusionGenerator, build_unet, inference_scheduler, train_scheduler
 from pipeline.models.registry import load_generator
 from pipeline.models.sampling import batch_ranges, generate, generation_plan, img2img_plan, shard_range
-from pipeline.errors import DataError
 from tests.helpers import make_prepared, make_pseudo
 
 SIZE = 8

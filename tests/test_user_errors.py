@@ -300,8 +300,8 @@ def test_flows_train_classifier_without_a_variant_trains_every_variant(tmp_path,
 
 def test_a_read_only_output_folder_is_refused_before_any_work(tmp_path, monkeypatch):
     """check_writable tests the folder itself, not only its parent (as root, chmod cannot show it)."""
-    from pipeline import report
     import pipeline.core.io as io
+    from pipeline import report
     paths = Paths(root=tmp_path)
     paths.reports.mkdir(parents=True)
     real_access = os.access
@@ -324,6 +324,7 @@ def test_a_symlinked_output_is_written_where_it_points(tmp_path):
 def test_a_full_disk_is_a_clear_error_and_keeps_the_earlier_output(tmp_path, monkeypatch):
     import errno
     import shutil
+
     import pipeline.core.io as io
     f = tmp_path / "out.json"
     io.write_json(f, {"v": 1})
@@ -353,6 +354,7 @@ def test_a_generator_init_folder_that_is_not_a_unet_is_a_config_error(tmp_path):
 
 def test_a_pretrained_file_with_no_matching_weights_is_refused(tmp_path):
     from safetensors.torch import save_file
+
     from pipeline.models.classifier import build_model
     save_file({"foo.weight": torch.zeros(3)}, str(tmp_path / "w.safetensors"))
     with pytest.raises(ConfigError, match="no weight in .*w.safetensors has a name of 'resnet10t''s.*would train from "

@@ -13,12 +13,28 @@ import yaml
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
-from pipeline.config.sections import (IGNORED_BY_KIND, STAGES, BaseParams, CganConfig, ClipConfig,  # noqa: F401
-                                      DatasetGanConfig, DitConfig, FilterConfig, Location, Params,
-                                      PrepareConfig, PseudoLabelConfig, ReportConfig, SampleConfig,
-                                      TrainClassifierConfig, TrainGeneratorConfig, VariantSpec, keeps_output,
-                                      learner_config)
 from pipeline.config.paths import Paths, classifier_file, labeler_file  # noqa: F401
+from pipeline.config.sections import (  # noqa: F401
+    IGNORED_BY_KIND,
+    STAGES,
+    BaseParams,
+    CganConfig,
+    ClipConfig,
+    DatasetGanConfig,
+    DitConfig,
+    FilterConfig,
+    Location,
+    Params,
+    PrepareConfig,
+    PseudoLabelConfig,
+    ReportConfig,
+    SampleConfig,
+    TrainClassifierConfig,
+    TrainGeneratorConfig,
+    VariantSpec,
+    keeps_output,
+    learner_config,
+)
 from pipeline.config.variant_paths import colliding_variants, variant_outputs  # noqa: F401
 from pipeline.errors import ConfigError
 

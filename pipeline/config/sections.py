@@ -3,16 +3,27 @@ default run (the cpu profile) uses and commented, the reasons in docs/decisions.
 errors (``Paths``, in paths.py, names every file the pipeline uses)."""
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, model_validator
 
-from pipeline.errors import ConfigError
-
-
-from pipeline.config.section import (Location, Section as _Section, Batch, EMA, Every, Images, LR, Number,
-                                     Probability, Seeds, Steps, WeightDecay, Width)
+from pipeline.config.section import (
+    EMA,
+    LR,
+    Batch,
+    Every,
+    Images,
+    Location,
+    Number,
+    Probability,
+    Seeds,
+    Steps,
+    WeightDecay,
+    Width,
+)
+from pipeline.config.section import Section as _Section
 from pipeline.config.variants import VARIANT_NAME, VariantSpec
+from pipeline.errors import ConfigError
 
 
 class BaseParams(_Section):
@@ -240,10 +251,10 @@ class SampleConfig(_Section):
 
 
 class ClipConfig(_Section):
-    checkpoint: Optional[Location] = None  # local CLIPModel/CLIPProcessor folder; None = no CLIP score
+    checkpoint: Location | None = None  # local CLIPModel/CLIPProcessor folder; None = no CLIP score
     prompt: str = "a photo of a {}"  # {} is the class name
     # reject below this CLIP score (None = score only)
-    min_score: Optional[float] = Number(None, "100 x a cosine", ge=-100, le=100)
+    min_score: float | None = Number(None, "100 x a cosine", ge=-100, le=100)
 
     @model_validator(mode="after")
     def _min_score_needs_checkpoint(self):
@@ -259,7 +270,7 @@ class FilterConfig(_Section):
     feature_space: Literal["efficientnet-lite0", "inception", "judge"] = "efficientnet-lite0"
     # efficientnet-lite0 input side (224 = as trained)
     feature_resolution: int = Number(224, "a side in px", ge=32, le=1024)
-    inception_weights: Optional[Location] = None  # local torch-fidelity Inception file
+    inception_weights: Location | None = None  # local torch-fidelity Inception file
     clip: ClipConfig = ClipConfig()
     judge_arch: str = "resnet10t"  # timm model trained on real labeled + val data
     judge_steps: int = Steps(300)  # optimizer steps (best validation checkpoint kept)
@@ -292,7 +303,7 @@ class TrainClassifierConfig(_Section):
         ("fixmatch+synthetic", "filtered", {"learner": "fixmatch", "augment": "classic", "synthetic_ratio": 0.25}))}
     arch: str = "test_resnet"  # any timm model name (timm.list_models()); docs/decisions.md#classifier-arch
     # None = from scratch | efficientnet-lite0 (ImageNet, arch tf_efficientnet_lite0) | a local .safetensors
-    pretrained: Optional[Location] = None
+    pretrained: Location | None = None
     seeds: int = Seeds(4)  # per variant (seed k = base.seed * 1000 + k, paired; docs/decisions.md#seeds)
     # runs side by side; auto: 1 per CPU core, 1 on CUDA (docs/decisions.md#seeds-side-by-side)
     workers: Literal["auto"] | Annotated[int, Number(why="processes, one per core", ge=1, le=1024)] = "auto"
@@ -307,7 +318,7 @@ class TrainClassifierConfig(_Section):
     sweep_seeds: int = Seeds(2)
     # pseudo: true variants: share of the real part of each batch drawn from the pseudo-labeled pool, the labeled
     # images the rest; None = in proportion to the two sets' sizes, as if concatenated (docs/decisions.md#pseudo-share)
-    pseudo_share: Optional[float] = Probability(None)
+    pseudo_share: float | None = Probability(None)
     # pool images learn the labeler's class (hard), its probabilities of the clean image (soft), or of the very
     # augmented view the student sees (teacher: consistent distillation; docs/decisions.md#pseudo-labels-teacher);
     # probabilities sharpened by pseudo_temperature (< 1 sharpens)

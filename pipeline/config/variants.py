@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import model_validator
 
@@ -25,7 +25,7 @@ class VariantSpec(Section):
     # settings and seeds, the unlabeled pool beside the labeled stream (synthetic images join the labeled stream)
     learner: Literal["supervised", "fixmatch"] = "supervised"
     # share of the labeled stream drawn from synthetic (or oracle) images; None: train_classifier.synthetic_ratio
-    synthetic_ratio: Optional[float] = Probability(None)
+    synthetic_ratio: float | None = Probability(None)
 
     @property
     def uses_synthetic(self) -> bool:  # trains on generated images (an oracle trains on real pool images instead)

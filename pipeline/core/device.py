@@ -38,7 +38,7 @@ class DevicePolicy:
     pin_memory: bool = False  # pinned host batches copied with non_blocking=True
 
     @classmethod
-    def for_device(cls, device: str, mixed_precision: str = "auto", compile: bool = False) -> "DevicePolicy":
+    def for_device(cls, device: str, mixed_precision: str = "auto", compile: bool = False) -> DevicePolicy:
         """What pays on ``device``: fused AdamW / foreach EMA kernels everywhere (on 2 AVX2 cores a cpu-profile
         classifier's AdamW step takes 0.8 ms fused against 2.5 ms, one thread); on CUDA bf16 and pinned copies;
         on CPU bf16 only with bf16 matrix units (``mixed_precision: auto``), fp32 otherwise. compile is a
@@ -48,7 +48,7 @@ class DevicePolicy:
         return cls(str(device), bf16=bf16, fused_optimizer=True, compile=compile, pin_memory=cuda)
 
     @classmethod
-    def cuda_like(cls, device: str = "cpu", compile: bool = False) -> "DevicePolicy":
+    def cuda_like(cls, device: str = "cpu", compile: bool = False) -> DevicePolicy:
         """Every CUDA path switched on (channels_last too) on any device: tests exercise them on CPU."""
         return cls(str(device), bf16=True, channels_last=True, fused_optimizer=True, compile=compile,
                    pin_memory=torch.device(device).type == "cuda")
@@ -96,7 +96,7 @@ class DevicePolicy:
         ``module``, so state dicts and checkpoints are taken from ``module``), else ``module``."""
         return torch.compile(module) if self.compile else module
 
-    def for_classifiers(self) -> "DevicePolicy":
+    def for_classifiers(self) -> DevicePolicy:
         """The policy for the timm classifiers (labeler, judge, variants: BatchNorm convnets): NHWC, on
         every device. It pays for them where it costs the GroupNorm UNet: on 2 AVX2-only cores (no
         AMX) a cpu-profile classifier step (test_resnet, batch 64, classic augmentation) at one thread

@@ -8,15 +8,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import yaml
 
 from pipeline.config import Paths, load_params
 from pipeline.core.env import offline_defaults
 from pipeline.errors import USER_ERRORS, ConfigError
-
 
 LOG_FORMAT, LOG_DATEFMT = "%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"
 

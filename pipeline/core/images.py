@@ -6,7 +6,7 @@ Images are uint8 N,C,H,W tensors everywhere; networks see them scaled to [-1, 1]
 from __future__ import annotations
 
 import hashlib
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
-from typing import Callable, Sequence
 
 from pipeline.core.entrypoint import LOG_DATEFMT, LOG_FORMAT
 

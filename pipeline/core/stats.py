@@ -5,7 +5,7 @@ Pure functions on numbers, arrays or tensors; nothing here reads or writes files
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

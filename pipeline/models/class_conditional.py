@@ -19,7 +19,7 @@ back to ``image_size`` at the end.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,11 +29,11 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 class ClassConditionalPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "unet"
     _optional_components = ["unet", "transformer"]
-    autocast_dtype: Optional[torch.dtype] = None  # autocast around the backbone (None: fp32)
+    autocast_dtype: torch.dtype | None = None  # autocast around the backbone (None: fp32)
     channels_last: bool = False  # backbone inputs in NHWC
 
-    def __init__(self, scheduler, unet=None, transformer=None, class_names: Optional[Sequence[str]] = None,
-                 image_size: Optional[int] = None):
+    def __init__(self, scheduler, unet=None, transformer=None, class_names: Sequence[str] | None = None,
+                 image_size: int | None = None):
         super().__init__()
         if (unet is None) == (transformer is None):
             raise ValueError("ClassConditionalPipeline needs exactly one backbone: unet or transformer")
@@ -49,7 +49,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
         """The "no class" id (K): unconditional generation and the guidance baseline."""
         return len(self.config.class_names)
 
-    def label_ids(self, labels: Sequence[Union[int, str]]) -> torch.Tensor:
+    def label_ids(self, labels: Sequence[int | str]) -> torch.Tensor:
         """Class names or ids -> ids; an unknown name is an error that lists the known ones."""
         names = list(self.config.class_names)
         ids = []
@@ -82,11 +82,11 @@ class ClassConditionalPipeline(DiffusionPipeline):
         return guided
 
     @torch.no_grad()
-    def __call__(self, class_labels: Union[Sequence[Union[int, str]], torch.Tensor], num_inference_steps: int = 20,
-                 guidance_scale: float = 2.0, generator: Optional[torch.Generator] = None,
-                 noise: Optional[torch.Tensor] = None, output_type: str = "pil", return_dict: bool = True,
+    def __call__(self, class_labels: Sequence[int | str] | torch.Tensor, num_inference_steps: int = 20,
+                 guidance_scale: float = 2.0, generator: torch.Generator | None = None,
+                 noise: torch.Tensor | None = None, output_type: str = "pil", return_dict: bool = True,
                  guidance_rescale: float = 0.0, guidance_interval: Sequence[float] = (0.0, 1.0),
-                 image: Optional[torch.Tensor] = None, strength: float = 1.0):
+                 image: torch.Tensor | None = None, strength: float = 1.0):
         """Images of ``class_labels`` (names or ids; ``null_label`` = unconditional).
 
         ``noise``: the initial noise (N,C,S,S) when the caller seeds each image itself;

@@ -84,7 +84,7 @@ def set_metrics(syn: torch.Tensor, real: torch.Tensor, label: str, *, k: int = 3
     Each figure is {"value", "feature_space", "n_real", "n_synthetic"} (+ "std" for KID);
     a value that cannot be computed at these N is None with a "why".
     """
-    from torch_fidelity.metric_kid import kid_features_to_metric, KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD
+    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
     from torch_fidelity.metric_prc import prc_features_to_metric
 
     n_s, n_r = len(syn), len(real)

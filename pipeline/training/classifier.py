@@ -22,10 +22,10 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from pipeline.config import Params, PseudoLabelConfig, TrainClassifierConfig, VariantSpec
-from pipeline.core.images import to_unit
-from pipeline.core.stats import classification_metrics
 from pipeline.core.device import DevicePolicy, as_policy
+from pipeline.core.images import to_unit
 from pipeline.core.parallel import cpu_cores, map_processes
+from pipeline.core.stats import classification_metrics
 from pipeline.errors import ConfigError
 from pipeline.models.classifier import build_model
 from pipeline.training.augment import crop_flip, trivial_augment_wide

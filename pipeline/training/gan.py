@@ -25,11 +25,11 @@ from pipeline.core.device import DevicePolicy, as_policy
 from pipeline.core.images import to_unit
 from pipeline.core.seeding import step_rng
 from pipeline.core.tensors import num_parameters
-from pipeline.training.augment import cutout
 from pipeline.errors import ConfigError
 from pipeline.models import gan
 from pipeline.models.gan import CondGenerator, GanGenerator, ProjectionDiscriminator
 from pipeline.training import checkpoint
+from pipeline.training.augment import cutout
 from pipeline.training.generator import Fitted, TrainData, generator_meta
 
 log = logging.getLogger(__name__)

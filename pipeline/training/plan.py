@@ -11,8 +11,8 @@ fan-out (flows/fanout.py) submits the same runs, those that wait for the choice 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from pipeline.config import TrainClassifierConfig, VariantSpec
 
