@@ -74,9 +74,9 @@ browser:
 	  (apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null)) \
 	  || echo "Chromium not installed: the report browser test will be skipped"; }
 
+# ruff check (pyproject.toml [tool.ruff]); ruff format is there for new files, not enforced (why: pyproject.toml)
 lint: venv
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
 
 test: venv browser lint
 	$(BIN)/python -m pytest -q -n auto --dist loadscope --durations=10 -m "not gpu" tests
