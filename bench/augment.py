@@ -107,9 +107,9 @@ def timing(args, device: str) -> dict:
     init = build_model(args.arch, 10, int(tx.shape[1]))
 
     def fit():
-        _, hist = training.fit(copy.deepcopy(init), training.batch_sources(bs, (tx, ty)), (vx, vy), steps=steps, lr=3e-3,
-                                          weight_decay=0.05, seed=0, device=device, augment="classic",
-                                          eval_every=10**9, progress=False)
+        _, hist = training.fit(copy.deepcopy(init), training.batch_sources(bs, (tx, ty)), (vx, vy), steps=steps,
+                               lr=3e-3, weight_decay=0.05, seed=0, device=device, augment="classic",
+                               eval_every=10**9, progress=False)
         return hist["train_loss"][-1]
 
     def fit_per_image():
@@ -164,8 +164,8 @@ def accuracy(args, device: str) -> dict:
     return {"settings": {"variant": "real+classic", "profile": args.profile, "arch": cfg.arch, "steps": cfg.steps,
                          "batch_size": cfg.batch_size, "lr": cfg.lr, "seeds": seeds, "n_train": len(real[1]),
                          "n_val": n_val, "split": "validation only (test never computed)",
-                         "noise": "one seed's accuracy on N = %d has a binomial standard error of about %.1f "
-                                  "points at %.0f%%" % (n_val, 100 * (acc * (1 - acc) / n_val) ** 0.5, 100 * acc)},
+                         "noise": f"one seed's accuracy on N = {n_val} has a binomial standard error of about "
+                                  f"{100 * (acc * (1 - acc) / n_val) ** 0.5:.1f} points at {100 * acc:.0f}%"},
             "per_seed": out, "mean_val_accuracy": mean,
             "difference_batched_minus_per_image_points": 100 * (mean["batched"] - mean["per_image"]),
             "paired_differences_points": [100 * (a["val_accuracy"] - b["val_accuracy"])

@@ -74,7 +74,8 @@ def environment(device: str) -> dict:
         "device": device, "device_name": device_name(device),
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "git_rev": rev and rev + ("+dirty" if dirty else ""), "python": platform.python_version(),
-        "platform": platform.platform(), "packages": package_versions(PACKAGES), "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(), "packages": package_versions(PACKAGES),
+        "torch_threads": torch.get_num_threads(),
         "cuda": torch.version.cuda if str(device).startswith("cuda") else None,
     }
     try:

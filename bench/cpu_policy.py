@@ -88,7 +88,7 @@ def bench_sample(pipe_for, base: DevicePolicy, n: int, step_counts: list[int], g
             r = res[f"own policy, {steps} steps"]
             r["frechet_to_20_steps"] = round(frechet(f_ref, space(r.pop("images"))), 2)
     own = res["own policy, 20 steps"]["images_per_second"]
-    for k, r in res.items():
+    for r in res.values():
         if isinstance(r, dict):
             r["speedup_vs_own"] = round(r["images_per_second"] / own, 2)
     return res
@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg, parts = params.train_generator, set(args.parts.split(","))
     base = DevicePolicy.for_device("cpu")
     steps = 2 if args.tiny else args.steps
-    result = {**environment("cpu"), "cpu_bf16_matrix_units": bf16_matmul_units(), "torch_threads": torch.get_num_threads()}
+    result = {**environment("cpu"), "cpu_bf16_matrix_units": bf16_matmul_units(),
+              "torch_threads": torch.get_num_threads()}
     if parts & {"train", "sample"}:
         x, y, source = load_images(args, 2000)
         schedule = dict(train_scheduler(cfg).config)

@@ -45,7 +45,8 @@ def from_outputs(paths: Paths) -> dict:
     out["sample"] = {"seconds": syn.get("generation_seconds") if syn else None,
                      "source": str(paths.synthetic / "summary.json"),
                      "what": "generation_seconds (sampling, all shards)" if syn else "no output",
-                     **({"images": syn.get("num_images"), "images_per_second": syn.get("images_per_second")} if syn else {})}
+                     **({"images": syn.get("num_images"), "images_per_second": syn.get("images_per_second")}
+                        if syn else {})}
     filt = _read(paths.filtered / "summary.json")
     out["filter"] = {"seconds": (filt.get("timing") or {}).get("seconds") if filt else None,
                      "source": str(paths.filtered / "summary.json"),

@@ -25,8 +25,8 @@ def random_generator(kind: str, profile: str, device: str, image_size: int = 28,
 
     cfg = params_from_dict({"base": {"profile": profile}, "train_generator": {"kind": kind}}).train_generator
     meta = {"kind": kind, "num_classes": num_classes, "null_label": num_classes, "image_size": image_size,
-            "channels": channels, "class_names": [str(c) for c in range(num_classes)], "label_tries": cfg.datasetgan.label_tries,
-            "feature_timestep": cfg.datasetgan.feature_timestep}
+            "channels": channels, "class_names": [str(c) for c in range(num_classes)],
+            "label_tries": cfg.datasetgan.label_tries, "feature_timestep": cfg.datasetgan.feature_timestep}
     torch.manual_seed(0)
     sched = dict(train_scheduler(cfg).config)
     if kind in ("unet", "dit"):

@@ -206,9 +206,11 @@ def part_train(args, device: str) -> dict:
         rec = policy.as_record()
         name = f"{rec['precision']}, {'channels_last' if policy.channels_last else 'NCHW'}" + \
             (", compile" if policy.compile else "")
-        out["variants"][name] = {"policy": rec, "steps_per_second": round(1 / per, 3), "seconds_per_step": round(per, 5),
-                                 "warmup_seconds": round(warm, 2), "mfu_vs_measured_peak": round(flops / per / peak, 4),
-                                 "mfu_vs_990_tflops": round(flops / per / 990e12, 4) if device.startswith("cuda") else None,
+        out["variants"][name] = {"policy": rec, "steps_per_second": round(1 / per, 3),
+                                 "seconds_per_step": round(per, 5), "warmup_seconds": round(warm, 2),
+                                 "mfu_vs_measured_peak": round(flops / per / peak, 4),
+                                 "mfu_vs_990_tflops": (round(flops / per / 990e12, 4)
+                                                       if device.startswith("cuda") else None),
                                  "peak_memory_mib": peak_mib(device)}
         print(name, out["variants"][name], flush=True)
         write_part(args, "train", out)
@@ -222,7 +224,8 @@ def part_train(args, device: str) -> dict:
     big = cfg.model_copy(update={"batch_size": 16 if args.tiny else 1024})
     peak_reset(device)
     train_steps(big, data, base, 1, 1)
-    out["peak_memory_mib_at_batch"] = {str(cfg.batch_size): first["peak_memory_mib"], str(big.batch_size): peak_mib(device)}
+    out["peak_memory_mib_at_batch"] = {str(cfg.batch_size): first["peak_memory_mib"],
+                                       str(big.batch_size): peak_mib(device)}
     write_part(args, "train", out)
     if not args.no_compile:  # last: its compilation is the slowest thing here
         measure(dataclasses.replace(base, compile=True))
@@ -261,14 +264,15 @@ def part_sample(args, device: str) -> dict:
             out.append(gen.sample(torch.tensor([j % 10 for j in idx]), [image_seed(seed0, j) for j in idx], sc))
         return torch.cat(out)
 
-    res = {**environment(device), "unet": "trained by the train part" if trained else "random weights", "steps": steps, "sampler": "ddim",
-           "guidance_scale": 2.0, "policy": policy.as_record(), "ours": {}}
+    res = {**environment(device), "unet": "trained by the train part" if trained else "random weights", "steps": steps,
+           "sampler": "ddim", "guidance_scale": 2.0, "policy": policy.as_record(), "ours": {}}
     for batch in ((8, 16) if args.tiny else (256, 1024)):
         n = 2 * batch
         ours(batch, batch)  # warm-up
         peak_reset(device)
         sec = timed(lambda: ours(n, batch), device)
-        res["ours"][str(batch)] = {"images": n, "images_per_second": round(n / sec, 1), "peak_memory_mib": peak_mib(device)}
+        res["ours"][str(batch)] = {"images": n, "images_per_second": round(n / sec, 1),
+                                   "peak_memory_mib": peak_mib(device)}
         print("ours", batch, res["ours"][str(batch)], flush=True)
         write_part(args, "sample", res)
     # the same images both ways: image i of class i % 10 from seed i; the stock loop one per call, fp32

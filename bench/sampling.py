@@ -114,7 +114,8 @@ def main(argv=None) -> dict:
                         "images are the same seeds as ours, so they are compared")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps")
     p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale (> 1: cond + uncond)")
-    p.add_argument("--batch-size", type=int, default=0, help="ours: images per forward (0 = the stage's automatic size)")
+    p.add_argument("--batch-size", type=int, default=0,
+                   help="ours: images per forward (0 = the stage's automatic size)")
     p.add_argument("--arch", default="cpu", choices=("micro", "cpu", "gpu"),
                    help="profile whose architecture a random UNet gets when no trained generator exists")
     p.add_argument("--compile", action="store_true", help="torch.compile ours (CUDA only)")
@@ -166,7 +167,8 @@ def main(argv=None) -> dict:
         fd_pair, fd_floor = frechet(f_ours, f_stock), frechet(f_ours, f_other)
     agreement = {
         "images_compared": n_stock, "same_seeds": True,
-        "max_abs_pixel_difference_uint8": int(diff.max()), "mean_abs_pixel_difference_uint8": float(diff.float().mean()),
+        "max_abs_pixel_difference_uint8": int(diff.max()),
+        "mean_abs_pixel_difference_uint8": float(diff.float().mean()),
         "fraction_pixels_equal": float((diff == 0).float().mean()),
         "ours_at_batch_1_vs_stock": {"images": k, "max_abs_pixel_difference_uint8": int(diff_single.max()),
                                      "note": "the same images made one per batch by ours: what is left of the "

@@ -92,7 +92,8 @@ def main(argv=None) -> dict:
                                per_class=per_class, batch_size=batch)
             t = {}
             t["sample"], (syn_x, _, _) = timed(
-                lambda: generate(generator, generation_plan(num_classes, per_class), range(n), cfg, 0, batch, progress=False), device)
+                lambda: generate(generator, generation_plan(num_classes, per_class), range(n), cfg, 0, batch,
+                                 progress=False), device)
             syn_y = torch.arange(n) // per_class
             t["judge_scores"], _ = timed(lambda: judge_scores(judge, syn_x, syn_y, fcfg.batch_size, device), device)
             t["features"], f_syn = timed(lambda: space(syn_x), device)
@@ -127,10 +128,12 @@ def main(argv=None) -> dict:
         "settings": {"sizes": args.sizes, "sampler": "ddim", "steps": args.steps, "guidance_scale": 2.0,
                      "unet_block_out_channels": list(args.blocks), "sample_batch_size": batch,
                      "unet": "randomly initialised micro UNet2DModel (timing only)",
-                     "judge": f"randomly initialised timm {fcfg.judge_arch} (timing only: the same work as a trained one)",
+                     "judge": f"randomly initialised timm {fcfg.judge_arch} "
+                              "(timing only: the same work as a trained one)",
                      "feature_space": "judge (penultimate layer)", "real_reference_size": args.max_real,
                      "set_metrics": None if args.no_set_metrics else {"kid_subsets": kid_subsets, "k": fcfg.realism_k},
-                     "train_reference_size": len(train_x), "duplicate_reference": f"{len(labeled_x)} labeled + {len(test_x)} test images",
+                     "train_reference_size": len(train_x),
+                     "duplicate_reference": f"{len(labeled_x)} labeled + {len(test_x)} test images",
                      "linear_tolerance": LINEAR_TOLERANCE, "quick": args.quick},
         "rows": rows,
         "growth": growth,

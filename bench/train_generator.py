@@ -2,7 +2,8 @@
 
 pipeline = ``pipeline.training.diffusion.train`` as the stage runs it: the training set held as a
            uint8 tensor on the device, batches drawn and augmented there, accelerate with bf16
-           autocast on CUDA and on CPUs with AMX / AVX512-BF16, EMA, grad clipping (timed run includes its one final checkpoint).
+           autocast on CUDA and on CPUs with AMX / AVX512-BF16, EMA, grad clipping (timed run includes
+           its one final checkpoint).
 tuned    = the same building blocks (``draw_batch``, ``diffusion_loss``) with fused AdamW and
            foreach EMA on CUDA and optionally torch.compile: what the suggested changes buy; fp32
            on CPU, so there it is the pipeline's loop before bf16 autocast.
@@ -240,14 +241,17 @@ def main(argv=None) -> dict:
                      "repeats": args.repeats, "order": "alternated (pipeline, tuned, example)",
                      "train_images": len(data.images), "precision_pipeline": "bf16 autocast" if bf16 else "fp32",
                      "precision_tuned": "bf16 autocast" if cuda else "fp32 (on CPU: the pipeline's loop before bf16)",
-                     "precision_example": "fp32", "fused_adamw_tuned": cuda, "compile_tuned": bool(args.compile and cuda),
+                     "precision_example": "fp32", "fused_adamw_tuned": cuda,
+                     "compile_tuned": bool(args.compile and cuda),
                      "example_dataloader": "torch DataLoader, num_workers 0 (the example's default), "
                                            "PIL -> torchvision ToTensor/Normalize", "quick": args.quick,
                      "note": "the pipeline side includes one final checkpoint save per run"},
-        "flops_per_step": flops, "flops_method": "torch.utils.flop_counter.FlopCounterMode, forward + backward of one step",
+        "flops_per_step": flops,
+        "flops_method": "torch.utils.flop_counter.FlopCounterMode, forward + backward of one step",
         "bf16_dense_peak_flops": peak, **out, "ratio_images_per_second": ratios,
-        "target": {"ratio": TARGET_CUDA, "applies_to": "cuda", "judged_on": "paired_median", "met": (ratios["pipeline_vs_example"]["paired_median"] >= TARGET_CUDA)
-                   if cuda else None, "cpu_note": "no target on CPU; on a CPU with AMX / AVX512-BF16 the pipeline trains in bf16 autocast "
+        "target": {"ratio": TARGET_CUDA, "applies_to": "cuda", "judged_on": "paired_median",
+                   "met": (ratios["pipeline_vs_example"]["paired_median"] >= TARGET_CUDA) if cuda else None,
+                   "cpu_note": "no target on CPU; on a CPU with AMX / AVX512-BF16 the pipeline trains in bf16 autocast "
                                "(mixed_precision: auto), the tuned and example loops in fp32"},
         "peak_memory_method": __import__("bench.common", fromlist=["memory_method"]).memory_method(device),
     }

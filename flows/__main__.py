@@ -25,8 +25,9 @@ def check_prefect_api() -> None:
     except Exception as err:  # connection refused, DNS, TLS, 401/403 from a wrong auth string, not a Prefect API
         reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
         raise ConfigError(f"PREFECT_API_URL={url}: the Prefect server does not answer ({reason}). Start it "
-                          "(prefect server start), correct PREFECT_API_URL and PREFECT_API_AUTH_STRING (environment, or "
-                          "prefect config view), or unset PREFECT_API_URL to run with a temporary local server.") from None
+                          "(prefect server start), correct PREFECT_API_URL and PREFECT_API_AUTH_STRING "
+                          "(environment, or prefect config view), or unset PREFECT_API_URL to run with a temporary "
+                          "local server.") from None
 
 
 def main(argv: list[str] | None = None) -> None:

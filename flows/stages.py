@@ -46,7 +46,8 @@ def run_stage(stage: str, params_file: str, overrides: dict[str, Any] | None, ro
         return Failed(message=f"{stage} stopped: {type(err).__name__} (its message is logged above)", data=err)
     headline = (summary or {}).get("headline") or f"{stage} finished"
     create_markdown_artifact(key=f"synthaug-{stage.replace('_', '-')}", description=f"{stage} headline",
-                             markdown=f"### {stage}{' ' + kwargs['variant'] if 'variant' in kwargs else ''}\n\n{headline}\n")
+                             markdown=f"### {stage}{' ' + kwargs['variant'] if 'variant' in kwargs else ''}"
+                                      f"\n\n{headline}\n")
     logger.info("%s: %s", stage, headline)
     return json.loads(json.dumps(summary or {}, default=str))
 
@@ -95,8 +96,9 @@ def report_flow(params_file: str = "params.yaml", overrides: dict[str, Any] | No
     return run_stage("report", params_file, overrides, root)
 
 
-STAGE_FLOWS = {"prepare": prepare_flow, "pseudo_label": pseudo_label_flow, "train_generator": train_generator_flow, "sample": sample_flow,
-               "filter": filter_flow, "train_classifier": train_classifier_flow, "report": report_flow}
+STAGE_FLOWS = {"prepare": prepare_flow, "pseudo_label": pseudo_label_flow, "train_generator": train_generator_flow,
+               "sample": sample_flow, "filter": filter_flow, "train_classifier": train_classifier_flow,
+               "report": report_flow}
 assert tuple(STAGE_FLOWS) == STAGE_ORDER
 
 

@@ -38,9 +38,10 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
     if source_counts.min() and source_counts.max() >= IMBALANCE * source_counts.min():
         big, small = int(source_counts.argmax()), int(source_counts.argmin())
         notes["class_imbalance"] = (
-            f"class {src.class_names[big]!r} has {source_counts[big]} source images, {source_counts[big] / source_counts[small]:.0f}x "
-            f"the {source_counts[small]} of {src.class_names[small]!r}: the labeled set takes labeled_per_class of each, "
-            f"but the unlabeled pool (pseudo-labels, generator pre-training) keeps the imbalance; see pool_counts_per_class")
+            f"class {src.class_names[big]!r} has {source_counts[big]} source images, "
+            f"{source_counts[big] / source_counts[small]:.0f}x the {source_counts[small]} of "
+            f"{src.class_names[small]!r}: the labeled set takes labeled_per_class of each, but the unlabeled pool "
+            "(pseudo-labels, generator pre-training) keeps the imbalance; see pool_counts_per_class")
         log.warning("prepare: %s", notes["class_imbalance"])
     if src.upscale > 2:
         notes["upscaled"] = (f"the smallest source images ({src.min_side}px) were enlarged {src.upscale:.0f}x to "
@@ -77,7 +78,8 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
     summary["headline"] = (
         f"{cfg.source}: " + ", ".join(f"{k} {v}" for k, v in summary["sizes"].items())
         + f" images of {cfg.image_size}px x {cfg.channels}ch in {len(src.class_names)} classes; "
-        f"{notes['train_test_exact_duplicates']} train/test duplicates dropped, {len(src.skipped)} unreadable files skipped")
+        f"{notes['train_test_exact_duplicates']} train/test duplicates dropped, "
+        f"{len(src.skipped)} unreadable files skipped")
     with atomic_path(paths.prepared, is_dir=True) as tmp:
         dd.save_to_disk(str(tmp / "dataset"))
         write_json(tmp / "summary.json", summary)

@@ -92,7 +92,8 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
         right = (labels == hidden[keep]).numpy()
         summary["pseudo_label_accuracy"] = round(float(right.mean()), 4)
         summary["pseudo_label_accuracy_per_class"] = {
-            c: round(float(right[labels.numpy() == i].mean()), 4) if kept[i] else None for i, c in enumerate(class_names)}
+            c: round(float(right[labels.numpy() == i].mean()), 4) if kept[i] else None
+            for i, c in enumerate(class_names)}
         summary["pool_accuracy_all"] = round(float((pred == hidden).float().mean()), 4)
     if len(keep) == 0 and len(pool_x):
         raise DataError(f"pseudo_label: no pool image reached confidence {cfg.threshold}; lower "

@@ -134,8 +134,7 @@ def make_shard(generator, plan: Plan, k: int, cfg: SampleConfig, paths: Paths, s
     save_dataset(to_dataset(images, labels, seeds, cfg, meta, plan, indices), shard_dir)
     write_json(shard_dir.with_name(shard_dir.name + ".json"), {
         "images": len(indices), "seconds": round(seconds, 3), "device": device, "batch_size": batch_size,
-        "recipe": recipe(cfg),
-        "images_per_second": round(len(indices) / max(seconds, 1e-9), 3)})
+        "recipe": recipe(cfg), "images_per_second": round(len(indices) / max(seconds, 1e-9), 3)})
     log.info("sample: wrote %s (%.2f images/s)", shard_dir, len(indices) / max(seconds, 1e-9))
 
 
@@ -175,11 +174,12 @@ def run(params: Params, paths: Paths = Paths(), shard_only: bool = False) -> dic
     summary = {
         "num_images": len(merged), "mode": cfg.mode, "per_class": cfg.per_class if cfg.mode == "generate" else None,
         "images_per_strength": {str(v): strengths.count(v) for v in sorted(set(strengths))},
-        "sources": None if plan.sources is None else {s: [o[0] for o in plan.origins].count(s) for s in ("train", "pool")},
+        "sources": None if plan.sources is None else {s: [o[0] for o in plan.origins].count(s)
+                                                      for s in ("train", "pool")},
         "counts_per_class": dict(zip(meta["class_names"], counts)),
         "images_per_second": round(sum(t["images"] for t in timing) / seconds, 3) if seconds else None,
-        "generation_seconds": round(seconds, 2), "timing": {"seconds": round(seconds, 1)}, "shards": timing, "num_shards": cfg.num_shards,
-        "device": device, "batch_size": batch_size, "sampler": cfg.sampler,
+        "generation_seconds": round(seconds, 2), "timing": {"seconds": round(seconds, 1)}, "shards": timing,
+        "num_shards": cfg.num_shards, "device": device, "batch_size": batch_size, "sampler": cfg.sampler,
         "precision": policy.as_record()["precision"], "policy": policy.as_record(),
         "num_inference_steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale,
         "generator": meta["fingerprint"], "generator_kind": meta["kind"], "image_size": meta["image_size"],

@@ -142,14 +142,14 @@ def run(params: Params, paths: Paths, variant: str, seed_index: int | None = Non
     log.info("train_classifier %s: %s (%s), %d labeled + %d pseudo-labeled + %d synthetic + %d unlabeled training "
              "images, %d val, %d seeds x %d steps on %s", variant, cfg.arch, spec.learner,
              len(data.train[0]) if spec.real else 0, count(data.pseudo), count(data.synthetic),
-             0 if data.pool is None else len(data.pool),
-             len(data.val[0]), len(seeds), cfg.steps, policy.device)
+             0 if data.pool is None else len(data.pool), len(data.val[0]), len(seeds), cfg.steps, policy.device)
     if seed_index is not None or ratio is not None:  # --ratio alone: refused there
         return train_seed(params, paths, variant, data, seeds, seed_index, ratio, policy)
     get = pseudo_label_runs(params, paths, variant, data)  # the fixmatch variant: pseudo_label's own models
     if get is None:
         get = SeedRuns(params, paths, variant, data).read if gather else \
-            (lambda runs: train_runs(cfg, spec, data, [(seeds[r.seed_index], r.share) for r in runs], policy, cfg.workers))
+            (lambda runs: train_runs(cfg, spec, data, [(seeds[r.seed_index], r.share) for r in runs], policy,
+                                     cfg.workers))
     results, share, sweep = carry_out(cfg, spec, get)
     test = load_test(paths, data, spec, variant)  # read once every model is trained and selected
     flip = spec.learner == "fixmatch" and params.pseudo_label.flip  # the learner predicts as pseudo_label does

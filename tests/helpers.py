@@ -227,7 +227,8 @@ def run(cmd, cwd, check=True, **kw):
     e = {**kw.pop("env", env()), "PWD": str(cwd)}
     out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=e, **kw)
     if check and out.returncode:
-        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({out.returncode}):\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}")
+        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({out.returncode}):\n"
+                             f"{out.stdout[-4000:]}\n{out.stderr[-4000:]}")
     return out
 
 

@@ -47,7 +47,7 @@ def every_draw(bins: int = 31) -> tuple[torch.Tensor, torch.Tensor]:
     """Every (op, signed magnitude) TrivialAugmentWide can draw."""
     mags, signed = _tables(bins)
     ops, ms = [], []
-    for k, name in enumerate(OPS):
+    for k, _name in enumerate(OPS):
         values = sorted(set(mags[k].tolist()))
         for v in values:
             for s in ((1, -1) if signed[k] and v != 0 else (1,)):
@@ -183,8 +183,8 @@ def _fit(augment: str, steps: int = 4):
     x, y = torch.randint(0, 256, (32, 1, 8, 8), generator=g).to(torch.uint8), torch.arange(32) % 4
     torch.manual_seed(0)
     model = build_model("test_resnet", 4, 1)
-    return training.fit(model, training.batch_sources(8, (x, y)), (x[:8], y[:8]), steps=steps, lr=3e-3, weight_decay=0.05,
-                                   seed=0, eval_every=2, progress=False, augment=augment)[1]
+    return training.fit(model, training.batch_sources(8, (x, y)), (x[:8], y[:8]), steps=steps, lr=3e-3,
+                        weight_decay=0.05, seed=0, eval_every=2, progress=False, augment=augment)[1]
 
 
 def test_standard_augment_never_calls_trivial_augment(monkeypatch):

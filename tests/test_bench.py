@@ -100,8 +100,10 @@ def test_cpu_policy_times_the_classifier_policy_against_each_switch(tmp_path):
     doc = json.loads(out.read_text())
     assert "train" not in doc and "sample" not in doc  # only the parts asked for
     sides = doc["classifier"]
-    assert sides["classifier policy"]["policy"]["channels_last"] and sides["classifier policy"]["policy"]["fused_optimizer"]
-    assert not sides["contiguous"]["policy"]["channels_last"] and not sides["unfused AdamW"]["policy"]["fused_optimizer"]
+    assert sides["classifier policy"]["policy"]["channels_last"]
+    assert sides["classifier policy"]["policy"]["fused_optimizer"]
+    assert not sides["contiguous"]["policy"]["channels_last"]
+    assert not sides["unfused AdamW"]["policy"]["fused_optimizer"]
     assert sides["classifier policy"]["speedup_of_classifier_policy"] == 1.0
     assert all(len(side["seconds_per_step"]) == sides["repeats"] and min(side["seconds_per_step"]) > 0
                for name, side in sides.items() if isinstance(side, dict))

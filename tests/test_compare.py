@@ -25,7 +25,8 @@ def fake_run(root, kind: str, fd: float, gain: float, helped: bool = False) -> N
                     "after": {"frechet_distance": metric(fd - 10)}, "floor": {"frechet_distance": metric(17.0)}}})
     write_json(root / compare.FILES["report"], {
         "helped": helped, "seeds": 3, "n_test": 10000, "gain_ci95_low": gain - 0.02, "gain_ci95_high": gain + 0.02,
-        "variants": {"real": {"accuracy": 0.77}, "real+synthetic": {"accuracy": 0.77 + gain, "diff": gain, "p_value": 0.5},
+        "variants": {"real": {"accuracy": 0.77},
+                     "real+synthetic": {"accuracy": 0.77 + gain, "diff": gain, "p_value": 0.5},
                      "synthetic-only": {"accuracy": 0.6}}})
 
 

@@ -156,7 +156,8 @@ def test_unknown_key_inside_a_variant_names_key_and_allowed(tmp_path):
     ({"real": {"augment": "classic"}}, r"train_classifier\.variants\.real\.data.*required"),
     ({"real": {"data": "augmented"}}, r"train_classifier\.variants\.real\.data.*'prepared', 'filtered' or 'synthetic'"),
     ({}, r"train_classifier.*variants is empty"),
-    ({"cas": {"data": "prepared", "real": False}}, r"train_classifier\.variants\.cas.*real: false.*filtered or synthetic"),
+    ({"cas": {"data": "prepared", "real": False}},
+     r"train_classifier\.variants\.cas.*real: false.*filtered or synthetic"),
     # pseudo-labeled pool images are real images: a synthetic-only variant cannot add them
     ({"cas": {"data": "filtered", "real": False, "pseudo": True}},
      r"train_classifier\.variants\.cas.*real: false.*no pseudo: true"),

@@ -37,8 +37,8 @@ def labeled(per_class: int, seed: int):
 
 def micro(**filter_overrides):
     return params_from_dict({"base": {"profile": "micro", "device": "cpu"},
-                             "filter": {"feature_space": "judge", "judge_arch": "test_resnet", "judge_steps": 40, "max_real": 30,
-                                        "kid_subsets": 5, "batch_size": 32, "judge_batch_size": 32,
+                             "filter": {"feature_space": "judge", "judge_arch": "test_resnet", "judge_steps": 40,
+                                        "max_real": 30, "kid_subsets": 5, "batch_size": 32, "judge_batch_size": 32,
                                         **filter_overrides}})
 
 

@@ -16,7 +16,8 @@ def test_dvc_repro_end_to_end_then_cached_then_partial(tmp_path, tiny_fmnist, pr
     e = env(**prefect_server)
     first = run(["dvc", "repro"], proj, env=e)
     stages = ran_stages(first.stdout)
-    assert {"prepare", "pseudo_label", "train_generator", "sample", "filter", "report", "train_classifier@real"} <= stages
+    assert {"prepare", "pseudo_label", "train_generator", "sample", "filter", "report",
+            "train_classifier@real"} <= stages
     html = (proj / "reports/report.html").read_text()
     metrics = json.loads((proj / "reports/metrics.json").read_text())
     assert metrics["synthetic_variant"] in html and "data:image/png;base64," in html

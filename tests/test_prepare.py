@@ -83,7 +83,8 @@ def test_hf_disk_source_with_custom_columns(tmp_path):
     rng = np.random.default_rng(0)
     imgs = [Image.fromarray(rng.integers(0, 255, (9, 9), dtype=np.uint8)) for _ in range(16)]
     ds = datasets.Dataset.from_dict({"pic": imgs, "cls": ["cat", "dog"] * 8},
-                                    features=datasets.Features({"pic": datasets.Image(), "cls": datasets.Value("string")}))
+                                    features=datasets.Features({"pic": datasets.Image(),
+                                                                "cls": datasets.Value("string")}))
     ds.save_to_disk(str(tmp_path / "hf"))
     summary = prepare.run(prepare_params("hf-disk", tmp_path / "hf", image_column="pic", label_column="cls"),
                           Paths(root=tmp_path))

@@ -59,7 +59,8 @@ def test_hf_disk_none_label_is_refused(tmp_path):
     """A None label (was TypeError in sorting the class names)."""
     images = [Image.fromarray(np.zeros((9, 9), dtype=np.uint8))] * 6
     datasets.Dataset.from_dict({"image": images, "label": ["cat", "dog", None, "cat", "dog", "cat"]},
-                               features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("string")})
+                               features=datasets.Features({"image": datasets.Image(),
+                                                           "label": datasets.Value("string")})
                                ).save_to_disk(str(tmp_path / "hf"))
     with pytest.raises(DataError, match=r"1 of 6 rows have no label in column 'label' \(None"):
         prepare.run(prepare_params("hf-disk", tmp_path / "hf"), Paths(root=tmp_path))

@@ -87,7 +87,8 @@ def test_stage_keeps_confident_pool_images_and_scores_them_against_the_hidden_la
             pytest.approx(out["kept_per_class"][c] / predicted, abs=1e-4) if predicted else None)
     assert out["pool_size"] == 32 and out["threshold"] == 0.0 and out["per_class_cap"] == 10
     assert out["inputs"] == {"prepared": PREPARED_FP} and len(out["fingerprint"]) == 64
-    assert out["labeler"]["arch"] == "test_resnet" and out["labeler"]["n_val"] == 16 and out["labeler"]["seeds"] == [3000, 3001]
+    assert out["labeler"]["arch"] == "test_resnet" and out["labeler"]["n_val"] == 16
+    assert out["labeler"]["seeds"] == [3000, 3001]
     hist = read_json((paths.pseudo / labeler_file(1)).with_suffix(".json"), "test")  # what the fixmatch variant reads
     assert hist["best_val_acc"] == out["labeler"]["val_accuracy_per_seed"][1] and hist["steps"] == 4
     assert f"kept {len(keep)} of 32 pool images at confidence >= 0.0" in out["headline"]

@@ -32,7 +32,8 @@ def variant(accs, per_class=None, synthetic=None, val=None, ratio=None, pseudo=N
             "inputs": {"prepared": PREPARED_FP, **({"filtered": synthetic} if synthetic else {}),
                        **({"pseudo": pseudo} if pseudo else {})}, "per_seed": [
                 {"seed": s, "accuracy": a, "best_val_accuracy": v, "macro_f1": a - 0.01, "ece": 0.05, "seconds": 1.0,
-                 "per_class_accuracy": dict(zip(names, per_class or [a, a]))} for s, (a, v) in enumerate(zip(accs, val))]}
+                 "per_class_accuracy": dict(zip(names, per_class or [a, a]))}
+                for s, (a, v) in enumerate(zip(accs, val))]}
 
 
 def table(**variants):
@@ -47,7 +48,8 @@ def test_paired_difference_in_table_matches_seedwise_mean():
 
 def test_quality_rows_read_filter_summary():
     fig = lambda v: {"value": v, "n_real": 10, "n_synthetic": 8, "feature_space": "x"}  # noqa: E731
-    s = {"metrics": {"before": {"frechet_distance": fig(9.0), "kid": fig(0.1)}, "floor": {"frechet_distance": fig(1.0)}}}
+    s = {"metrics": {"before": {"frechet_distance": fig(9.0), "kid": fig(0.1)},
+                     "floor": {"frechet_distance": fig(1.0)}}}
     rows = quality_rows(s)
     assert [r["set"] for r in rows] == ["real vs real (floor)", "synthetic, all"]
     assert rows[1]["frechet_distance"] == 9.0 and rows[0]["kid"] is None and rows[1]["n_other"] == 8
@@ -82,12 +84,13 @@ def fake_run(root, names=NAMES, params=MICRO):
                            "reason": ["", "low_confidence", "", "", "memorized", ""]})
     paths.filtered.mkdir(parents=True)
     scores.to_parquet(paths.filtered / "scores.parquet")
-    write_json(paths.filtered / "summary.json", {"feature_space": "judge", "note": "test", "thresholds": {"min_confidence": 0.5},
-                                                 "acceptance": {"generated": 6, "accepted": 4, "per_class": {"a": {"generated": 3, "accepted": 2, "rate": 0.67}},
-                                                                "rejected_by_first_reason": {"low_confidence": 1, "memorized": 1}},
-                                                 "clip": {"used": False, "why": "filter.clip.checkpoint not set"}, "metrics": {},
-                                                 "fingerprint": FILTERED_FP,
-                                                 "inputs": {"synthetic": SYNTHETIC_FP, "prepared": PREPARED_FP}})
+    write_json(paths.filtered / "summary.json", {
+        "feature_space": "judge", "note": "test", "thresholds": {"min_confidence": 0.5},
+        "acceptance": {"generated": 6, "accepted": 4, "per_class": {"a": {"generated": 3, "accepted": 2, "rate": 0.67}},
+                       "rejected_by_first_reason": {"low_confidence": 1, "memorized": 1}},
+        "clip": {"used": False, "why": "filter.clip.checkpoint not set"}, "metrics": {},
+        "fingerprint": FILTERED_FP,
+        "inputs": {"synthetic": SYNTHETIC_FP, "prepared": PREPARED_FP}})
     paths.generator.mkdir(parents=True)
     write_curves(paths.generator / CURVES, {"loss": (list(range(1, 51)), list(np.linspace(1, 0.1, 50)))})
     write_json(paths.generator / "generator.json", {"kind": "datasetgan", "num_parameters": 1_234_000, "steps": 50,
@@ -121,7 +124,8 @@ def test_report_stage_writes_everything(tmp_path):
     assert metrics["findings"][0]["diff"] == pytest.approx(0.047, abs=1e-3) and metrics["findings"][0]["held"]
     assert out["headline"] in html.replace("&#39;", "'").replace("&gt;", ">")
     md = (paths.reports / "report.md").read_text()
-    assert md.splitlines()[2] == f"**{out['headline']}**" and md.splitlines()[4].startswith(f"Model: `{metrics['model']}`")
+    assert md.splitlines()[2] == f"**{out['headline']}**"
+    assert md.splitlines()[4].startswith(f"Model: `{metrics['model']}`")
     assert html.count("data:image/png;base64,") >= 8 and "http://" not in html and "https://" not in html
     assert "low_confidence x1" in html and "not used" in html
     assert metrics["helped"] is True and metrics["variants"]["real"]["accuracy"] == pytest.approx(0.71)
@@ -145,7 +149,8 @@ def test_report_stage_writes_everything(tmp_path):
                                         "labeler": read_json(paths.pseudo / "summary.json")["labeler"]}
     assert "fixmatch+flexmatch, the mean of 3 seeds, 60.0% on val (N=8)." in (paths.reports / "report.md").read_text()
     assert "## Pseudo-labels" in md and "kept 12 of 20 pool images" in md and "a 7 (85.7% right)" in md
-    assert 'id="pseudo-per-class"' in html and "Labeler: test_resnet, fixmatch+flexmatch, the mean of 3 seeds, 60.0% on val (N=8)." in html
+    assert 'id="pseudo-per-class"' in html
+    assert "Labeler: test_resnet, fixmatch+flexmatch, the mean of 3 seeds, 60.0% on val (N=8)." in html
     assert metrics["stage_seconds"]["pseudo_label"] == 3.0
     assert "Kind <b>datasetgan</b>, 1.23M parameters, 50 training steps in 12 s" in html
     assert "interpreter accuracy on val 75.0% (N=8)" in html and metrics["generator_kind"] == "datasetgan"
@@ -161,7 +166,8 @@ def test_report_reads_only_the_variants_named_in_params(tmp_path, caplog):
     metrics = json.loads((paths.reports / "metrics.json").read_text())
     assert list(metrics["variants"]) == ["real", "real+synthetic+classic"]  # real+classic is on disk but not named
     assert "synthetic-only" in caplog.text and "left out" in caplog.text
-    assert out["headline"] == "Use real+synthetic+classic (79.0% ± 2.5): synthetic data added +8.0 points [+5.5, +10.5] over real."
+    assert out["headline"] == ("Use real+synthetic+classic (79.0% ± 2.5): synthetic data added +8.0 points "
+                               "[+5.5, +10.5] over real.")
     assert "| real+classic |" not in (paths.reports / "report.md").read_text()
     only_missing = params_from_dict({"train_classifier": {"variants": {"synthetic-only": named["synthetic-only"]}}})
     with pytest.raises(FileNotFoundError, match="Run train_classifier first"):
@@ -339,8 +345,8 @@ def test_report_renders_for_any_valid_set_of_variants(tmp_path, case):
                 "filter kept nothing": "Use real ("}[case]
     assert out["headline"].startswith(expected) and len(out["headline"]) <= 120
     if case != "no variant named real":
-        assert out["headline"].endswith("no variant trained on synthetic data, so this run cannot say whether it helps.") \
-            or case == "no baseline"
+        assert out["headline"].endswith(
+            "no variant trained on synthetic data, so this run cannot say whether it helps.") or case == "no baseline"
     if case == "no variant named real":
         assert metrics["baseline"] == "baseline" and "| vs baseline (points) |" in md
         assert metrics["variants"]["baseline+synthetic"]["diff"] == pytest.approx(0.1)

@@ -295,7 +295,8 @@ def test_sampler_recovers_the_data_from_pure_noise(sampler, recipe):
     cfg = TrainGeneratorConfig(**recipe)
     conf = dict(train_scheduler(cfg).config)
     target = torch.linspace(-1, 1, SIZE * SIZE).reshape(1, 1, SIZE, SIZE)
-    oracle = (OracleV if cfg.prediction_type == "v_prediction" else OracleEps)(target, train_scheduler(cfg).alphas_cumprod)
+    oracle = (OracleV if cfg.prediction_type == "v_prediction" else OracleEps)(target,
+                                                                               train_scheduler(cfg).alphas_cumprod)
     noise = torch.randn(2, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
     out = denoise(tiny_pipeline(oracle, conf, sampler), noise, torch.tensor([0, 1]), 1.0, 10)
     assert (out - target).abs().max() < 0.1
@@ -318,5 +319,6 @@ def test_every_kind_plugs_into_the_sample_stage(kind, tmp_path):
     ds = datasets.load_from_disk(str(Paths(root=tmp_path).synthetic / "dataset"))
     x, y = dataset_to_tensors(ds)
     assert x.shape == (6, 1, 8, 8) and y.tolist() == [0, 0, 0, 1, 1, 1]
-    one = generate(load_generator(Paths(root=tmp_path).generator), generation_plan(2, 3), range(4, 5), params.sample, 5, 1, progress=False)
+    one = generate(load_generator(Paths(root=tmp_path).generator), generation_plan(2, 3), range(4, 5), params.sample,
+                   5, 1, progress=False)
     assert (one[0].int() - x[4:5].int()).abs().max() <= 1  # image 4 alone = image 4 in a batch of 4

@@ -103,7 +103,8 @@ def test_detectable_difference_matches_hand_computation():
     sd, n = 0.012, 5
     hand = (stats.t.ppf(0.975, 4) + stats.t.ppf(0.8, 4)) * sd / math.sqrt(5)
     assert detectable_difference(sd, n) == pytest.approx(hand)
-    assert detectable_difference(sd, n) == pytest.approx((2.7764451051977934 + 0.9409645772351816) * 0.012 / math.sqrt(5))
+    assert detectable_difference(sd, n) == pytest.approx(
+        (2.7764451051977934 + 0.9409645772351816) * 0.012 / math.sqrt(5))
     assert detectable_difference(sd, 10, alpha=0.01, power=0.9) == pytest.approx(
         (stats.t.ppf(0.995, 9) + stats.t.ppf(0.9, 9)) * sd / math.sqrt(10))
     # more seeds detect smaller differences; a noisier difference needs a larger one

@@ -56,12 +56,14 @@ def test_rows_per_budget_paired_with_the_reference_of_their_own_run():
 
 
 def test_finished_runs_from_dvc_exp_show_json():
-    data = lambda n: {"metrics": {"metrics/classifier/fixmatch.json": {"data": {"n_train_real": n}},
-                                  "metrics/classifier/gone.json": {"error": {"type": "FileNotFoundError"}},
-                                  "reports/metrics.json": {"data": {}}}}
+    def data(n):
+        return {"metrics": {"metrics/classifier/fixmatch.json": {"data": {"n_train_real": n}},
+                            "metrics/classifier/gone.json": {"error": {"type": "FileNotFoundError"}},
+                            "reports/metrics.json": {"data": {}}}}
     doc = [{"rev": "workspace", "data": data(50), "experiments": None},
            {"rev": "a" * 40, "name": "main", "data": data(50), "experiments": [
-               {"name": "b5", "executor": None, "revs": [{"rev": "b" * 40, "name": "b5", "data": data(50), "error": None}]},
+               {"name": "b5", "executor": None,
+                "revs": [{"rev": "b" * 40, "name": "b5", "data": data(50), "error": None}]},
                {"name": "queued", "executor": "dvc-task", "revs": [{"rev": "c" * 40, "data": data(5), "error": None}]},
                {"name": "failed", "executor": None, "revs": [{"rev": "d" * 40, "data": {}, "error": {"type": "x"}}]}]}]
     assert study.finished(doc) == [("b5", "b" * 40, ["metrics/classifier/fixmatch.json"]),
@@ -86,7 +88,10 @@ def test_run_writes_markdown_json_and_plot(tmp_path, monkeypatch):
 def test_reads_a_real_experiment_at_its_commit(tmp_path):
     """dvc exp run of a one-stage project that writes a variant's metrics: the study finds and reads it."""
     dvc = str(Path(sys.executable).parent / "dvc")
-    sh = lambda *a: subprocess.run(a, cwd=tmp_path, check=True, capture_output=True, text=True)
+
+    def sh(*a):
+        return subprocess.run(a, cwd=tmp_path, check=True, capture_output=True, text=True)
+
     sh("git", "init", "-q")
     sh("git", "config", "user.email", "t@t")
     sh("git", "config", "user.name", "t")

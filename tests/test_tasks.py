@@ -46,7 +46,8 @@ def test_fixmatch_names_its_mask_from_the_config():
 def run_fixmatch(fairness: str = "flexmatch", steps: int = 6):
     x, y = toy_images()
     pool = torch.cat([x, x.flip(-1)])
-    cfg = PseudoLabelConfig(arch="test_resnet", steps=steps, batch_size=4, unlabeled_ratio=2, lr=3e-3, fairness=fairness)
+    cfg = PseudoLabelConfig(arch="test_resnet", steps=steps, batch_size=4, unlabeled_ratio=2, lr=3e-3,
+                            fairness=fairness)
     torch.manual_seed(0)
     return fit(build_model("test_resnet", 2, 1), batch_sources(4, (x[::4], y[::4])), (x, y), steps=steps, lr=cfg.lr,
                weight_decay=cfg.weight_decay, seed=1, augment=cfg.augment, eval_every=1,

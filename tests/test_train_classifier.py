@@ -126,7 +126,8 @@ def write_project(root, n_filtered=24, test_leak=False):
         tx[0] = x[0]
     pool = toy(30, 6)[0]  # unlabeled (the fixmatch learner's)
     dd = datasets.DatasetDict({"train": tensors_to_dataset(x, y, CLASSES), "val": tensors_to_dataset(vx, vy, CLASSES),
-                               "test": tensors_to_dataset(tx, ty, CLASSES), "pool": tensors_to_dataset(pool, None, None)})
+                               "test": tensors_to_dataset(tx, ty, CLASSES),
+                               "pool": tensors_to_dataset(pool, None, None)})
     save_dataset(dd, paths.prepared / "dataset")
     write_json(paths.prepared / "summary.json", {"class_names": CLASSES, "fingerprint": "p" * 64})
     n = len(sy)
@@ -153,9 +154,11 @@ LEARNER = {"arch": ARCH, "steps": 4, "batch_size": 8, "eval_every": 2, "seeds": 
 
 
 def micro_params(learner=None, **tc_over):
-    return params_from_dict({"base": {"profile": "micro", "device": "cpu", "seed": 3}, "pseudo_label": learner or LEARNER,
-                             "train_classifier": {"arch": ARCH, "steps": 6, "batch_size": 8, "eval_every": 3, "seeds": 2,
-                                                  "eval_batch_size": 16, "variants": VARIANTS, **tc_over}})
+    return params_from_dict({"base": {"profile": "micro", "device": "cpu", "seed": 3},
+                             "pseudo_label": learner or LEARNER,
+                             "train_classifier": {"arch": ARCH, "steps": 6, "batch_size": 8, "eval_every": 3,
+                                                  "seeds": 2, "eval_batch_size": 16, "variants": VARIANTS,
+                                                  **tc_over}})
 
 
 def write_pseudo(paths, n=12, prepared_fp="p" * 64, seeds=1):
@@ -280,7 +283,8 @@ def test_variant_table_matches_config():
     assert mine.train_classifier.variants == {"real": VariantSpec(data="prepared"),
                                               "mine": VariantSpec(data="synthetic", augment="classic")}
     with pytest.raises(ConfigError, match="train_classifier.variants.real\\+gan.data"):
-        params_from_dict({"train_classifier": {"variants": {"real": {"data": "prepared"}, "real+gan": {"data": "gan"}}}})
+        params_from_dict({"train_classifier": {"variants": {"real": {"data": "prepared"},
+                                                            "real+gan": {"data": "gan"}}}})
     with pytest.raises(ConfigError, match="train_classifier.variants.real.data: Field required"):
         params_from_dict({"train_classifier": {"variants": {"real": {}}}})
     with pytest.raises(ConfigError, match="real: false trains on synthetic images only: it needs data: filtered"):
@@ -357,12 +361,15 @@ def test_pseudo_variant_adds_the_pseudo_labeled_pool_and_records_it(tmp_path, mo
     # with synthetic images too: both recorded
     both = tc.run(micro_params(seeds=1, ratio_sweep=(), synthetic_labels="teacher"), paths,
                   variant="real+pseudo+synthetic+classic")
-    assert trained_on[-1]["pseudo"].taught and trained_on[-1]["synthetic"].taught and both["synthetic_labels"] == "teacher"
+    assert trained_on[-1]["pseudo"].taught and trained_on[-1]["synthetic"].taught
+    assert both["synthetic_labels"] == "teacher"
     loads = []
     monkeypatch.setattr("pipeline.training.seed_runs.load_classifier",
                         lambda *a: loads.append(a) or build_model(ARCH, len(CLASSES), 1).eval())
-    tc.run(micro_params(seeds=1, ratio_sweep=(), synthetic_labels="labeler"), paths, variant="real+pseudo+synthetic+classic")
-    assert trained_on[-1]["synthetic"].y.shape == (24, 4) and not trained_on[-1]["synthetic"].taught  # its probabilities
+    tc.run(micro_params(seeds=1, ratio_sweep=(), synthetic_labels="labeler"), paths,
+           variant="real+pseudo+synthetic+classic")
+    assert trained_on[-1]["synthetic"].y.shape == (24, 4)  # its probabilities
+    assert not trained_on[-1]["synthetic"].taught
     assert trained_on[-1]["pseudo"].taught and len(loads) == 1  # one labeler read for both uses
     assert both["inputs"] == {"prepared": "p" * 64, "filtered": "filtered" * 8, "pseudo": "q" * 64}
     assert both["n_pseudo_labeled"] == 12 and both["n_synthetic"] == 24
@@ -413,7 +420,8 @@ def test_sweep_runs_every_share_on_the_sweep_seeds_and_reuses_them():
     cfg = TrainClassifierConfig(arch=ARCH, synthetic_ratio=0.25, ratio_sweep=(0.0,), sweep_seeds=2, steps=1, seeds=3)
     results, share, sweep = carry_out(cfg, VariantSpec(data="filtered"), get)
     assert sweep == {0.25: [0.75, 0.25], 0.0: [0.5, 0.5]} and share == 0.0  # 0.25 lost on seed 1
-    assert calls == [[(0, 0.25), (1, 0.25), (0, 0.0), (1, 0.0)], [(2, 0.0)]] and len(results) == 3  # sweep, then the rest
+    assert calls == [[(0, 0.25), (1, 0.25), (0, 0.0), (1, 0.0)], [(2, 0.0)]]  # sweep, then the rest
+    assert len(results) == 3
 
 
 def test_pseudo_share_fixes_the_labeled_part_of_each_batch_and_soft_labels_train():
@@ -476,7 +484,8 @@ def test_fixmatch_synthetic_trains_the_learner_with_synthetic_images_in_its_labe
     monkeypatch.setattr(training, "fit", fit)
     out = tc.run(micro_params(), paths, variant="fixmatch+synthetic")
     first = calls[0]
-    assert len(calls) == 2 and out["seeds"] == [3000, 3001] and out["steps"] == 4 and out["learner"] == "fixmatch+flexmatch"
+    assert len(calls) == 2 and out["seeds"] == [3000, 3001]
+    assert out["steps"] == 4 and out["learner"] == "fixmatch+flexmatch"
     assert first["steps"] == 4 and first["eval_every"] == 2 and first["ema_decay"] == 0.99  # the learner's budget
     assert first["sources"]["synthetic"].per_batch == 2 and first["sources"]["real"].per_batch == 6  # share 0.25 of 8
     assert torch.equal(first["pool"], images["pool"]) and first["task"].pool_per_step == 16
@@ -486,5 +495,6 @@ def test_fixmatch_synthetic_trains_the_learner_with_synthetic_images_in_its_labe
     import datasets
     dd = datasets.load_from_disk(str(paths.prepared / "dataset"))
     save_dataset(datasets.DatasetDict({k: v for k, v in dd.items() if k != "pool"}), paths.prepared / "dataset")
-    with pytest.raises(DataError, match="no unlabeled pool, and variant 'fixmatch\\+synthetic' \\(learner: fixmatch\\)"):
+    with pytest.raises(DataError,
+                       match="no unlabeled pool, and variant 'fixmatch\\+synthetic' \\(learner: fixmatch\\)"):
         tc.run(micro_params(), paths, variant="fixmatch+synthetic")

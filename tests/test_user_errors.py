@@ -256,7 +256,8 @@ def test_params_and_set_mistakes_are_one_line(tmp_path, capsys, args, needle):
 
 def test_non_utf8_params_under_prefect_are_one_line_before_any_server(tmp_path):
     (tmp_path / "p.yaml").write_bytes("base: {profile: micro}\nreport: {title: caf\xe9}\n".encode("latin-1"))
-    out = call([BIN / "python", "-m", "flows", "prepare", "--params", tmp_path / "p.yaml", "--root", tmp_path], tmp_path)
+    out = call([BIN / "python", "-m", "flows", "prepare", "--params", tmp_path / "p.yaml", "--root", tmp_path],
+               tmp_path)
     assert_one_clear_line(out, "p.yaml: not UTF-8 text")
     assert "temporary server" not in out.stdout + out.stderr  # refused before Prefect starts
 

@@ -47,7 +47,8 @@ def pairs(v):
 
 
 def test_synthetic_data_helps_only_when_it_beats_every_variant_it_is_weighed_against():
-    v = judge(real=variant(REAL), **{"real+classic": variant(CLASSIC), "real+synthetic+classic": syn([0.85, 0.87, 0.86])})
+    v = judge(real=variant(REAL), **{"real+classic": variant(CLASSIC),
+                                     "real+synthetic+classic": syn([0.85, 0.87, 0.86])})
     assert v["helped"] is True and v["recommend"] == v["synthetic_variant"] == "real+synthetic+classic"
     assert v["headline"] == ("Use real+synthetic+classic (86.0% ± 2.5): synthetic data added +4.0 points [+1.5, +6.5] "
                              "over real+classic.")
@@ -61,7 +62,8 @@ def test_synthetic_data_helps_only_when_it_beats_every_variant_it_is_weighed_aga
     v = judge(real=variant(REAL), **{"real+classic": variant([0.84, 0.86, 0.85]),
                                      "real+synthetic+classic": syn([0.85, 0.86, 0.86])})
     assert v["gain_low"] > 0 and v["helped"] is False and v["recommend"] == "real+classic"
-    assert v["headline"] == "Use real+classic (85.0% ± 2.5): synthetic data added +0.7 points [-0.8, +2.1], no help here."
+    assert v["headline"] == ("Use real+classic (85.0% ± 2.5): synthetic data added +0.7 points [-0.8, +2.1], "
+                             "no help here.")
     assert [x["held"] for x in v["findings"]] == [False, True, True]
     # without a classic variant the question is real alone
     v = judge(real=variant(REAL), **{"real+synthetic+classic": syn([0.85, 0.87, 0.86])})
@@ -83,7 +85,8 @@ def test_the_synthetic_variant_weighed_is_the_best_on_validation_not_on_test():
 def test_the_semi_supervised_learner_with_and_without_synthetic_data_at_equal_budget():
     base = {"real": variant(REAL), "real+classic": variant(CLASSIC), "fixmatch": semi([0.84, 0.85, 0.86])}
     v = judge(**base, **{"fixmatch+synthetic": semi([0.87, 0.89, 0.88], synthetic=True)})
-    assert v["headline"] == "Use fixmatch+synthetic (88.0% ± 2.5): synthetic data added +3.0 points [+0.5, +5.5] over fixmatch."
+    assert v["headline"] == ("Use fixmatch+synthetic (88.0% ± 2.5): synthetic data added +3.0 points [+0.5, +5.5] "
+                             "over fixmatch.")
     top = v["findings"][0]
     assert (top["a"], top["b"], top["question"]) == ("fixmatch+synthetic", "fixmatch", "best_without")
     assert top["budget"] == "equal: fixmatch+flexmatch, test_resnet, 4500 steps of 64"
@@ -113,9 +116,10 @@ def test_a_share_of_0_chosen_on_validation_is_no_synthetic_data():
     v = judge(real=variant(REAL), **{"real+classic": variant(CLASSIC),
                                      "real+synthetic+classic": syn(CLASSIC, ratio=0.0, val=[0.9] * 3, ratio_rule=rule)})
     assert v["helped"] is False and v["recommend"] == "real+classic"
-    assert v["headline"] == "Use real+classic (82.0% ± 2.5): validation chose no synthetic data for real+synthetic+classic (a share of 0)."
-    assert v["points"] == [f"Validation chose no synthetic data for real+synthetic+classic ({rule}): those rows are the "
-                           "result without synthetic images."]
+    assert v["headline"] == ("Use real+classic (82.0% ± 2.5): validation chose no synthetic data for "
+                             "real+synthetic+classic (a share of 0).")
+    assert v["points"] == [f"Validation chose no synthetic data for real+synthetic+classic ({rule}): those rows are "
+                           "the result without synthetic images."]
     v = judge(real=variant(REAL), **{"real+classic": variant(CLASSIC),
                                      "real+synthetic+classic": syn([0.82, 0.83, 0.84], ratio=0.5)})
     assert v["points"] == []
@@ -157,7 +161,8 @@ def test_each_synthetic_set_is_said_once_with_how_often_each_variant_saw_an_imag
         "synthetic-only 50x at share 1."]
     assert caveats({"real+synthetic+classic": {**m, "synthetic_ratio": 0.0}}, SPECS, [], {}) == []  # none used
     assert caveats({"real+oracle": m}, SPECS, [], {}) == []  # truly labeled pool images: no synthetic set
-    pool = {**variant([0.8]), "n_pseudo_labeled": 1200, "pseudo": {"share": None, "labels": "teacher", "temperature": 1.0}}
+    pool = {**variant([0.8]), "n_pseudo_labeled": 1200,
+            "pseudo": {"share": None, "labels": "teacher", "temperature": 1.0}}
     assert caveats({"real+pseudo+classic": pool}, SPECS, [], {}) == [
         "real+pseudo+classic learned the 1,200 pool images from the labeler's prediction of the very augmented view "
         "it saw (consistent distillation)."]

@@ -131,7 +131,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
         if e["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key (allowed here: {', '.join(_allowed_keys(e['loc']))})")
         else:
-            got = "" if isinstance(e.get("input"), dict) else f" (got {short(e.get('input'))})"  # a section: its message says
+            # a section: its message says
+            got = "" if isinstance(e.get("input"), dict) else f" (got {short(e.get('input'))})"
             field = _field_at(e["loc"]) if e["type"] in _BOUNDS else None
             allowed = field and allowed_range(*field)
             lines.append(f"  {key}: {e['msg']}{got}" + (f"; allowed: {allowed}" if allowed else ""))
@@ -279,8 +280,8 @@ def load_params(path: str | os.PathLike = PARAMS_FILE, overrides: dict | None = 
             node = node[p]
             if not isinstance(node, dict):
                 where = ".".join(parents[:i + 1])
-                raise ConfigError(f"override {dotted}: {where} is a value ({short(node)}), not a section; set {where}=... "
-                                  "or a key inside a section")
+                raise ConfigError(f"override {dotted}: {where} is a value ({short(node)}), not a section; "
+                                  f"set {where}=... or a key inside a section")
         node[leaf] = value
     return params_from_dict(raw, str(path))
 
@@ -297,8 +298,8 @@ def resolve_device(base: BaseParams, compute: bool = True) -> str:
     if compute and base.profile == "gpu" and device == "cpu":
         if base.device == "auto":
             raise ConfigError("base.profile: gpu sizes every model for a GPU (a 36M-parameter generator, thousands of "
-                              "steps: days on a CPU), but no CUDA device is visible here. Use base.profile: cpu on this "
-                              "machine, or run on a GPU machine; base.device: cpu runs it on the CPU anyway.")
+                              "steps: days on a CPU), but no CUDA device is visible here. Use base.profile: cpu on "
+                              "this machine, or run on a GPU machine; base.device: cpu runs it on the CPU anyway.")
         import logging
 
         logging.getLogger(__name__).warning("base.profile: gpu on the CPU (base.device: cpu): expect days, not hours")

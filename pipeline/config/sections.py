@@ -72,13 +72,14 @@ class PseudoLabelConfig(_Section):
     batch_size: int = Batch(64)  # labeled images per step
     lr: float = LR(3e-3)  # docs/decisions.md#labeler-levers, as ema_decay and unlabeled_ratio
     weight_decay: float = WeightDecay(0.05)
-    augment: Literal["standard", "classic"] = "classic"  # labeled images: crop + flip | TrivialAugmentWide, then crop + flip
+    augment: Literal["standard", "classic"] = "classic"  # labeled: crop + flip | TrivialAugmentWide, then crop + flip
     unlabeled_ratio: int = Number(3, "a step holds batch_size x (1 + 2 x unlabeled_ratio) images (FixMatch's "
                                       # fixmatch: pool images per labeled image in each step (FixMatch's mu)
                                       "mu is 7)", ge=1, le=64)
     # fixmatch: teacher confidence that makes a pool image count
     fixmatch_threshold: float = Number(0.95, "a confidence", gt=0, le=1)
-    fairness: Literal["flexmatch", "da", "none"] = "flexmatch"  # fixmatch: class-wise thresholds | distribution alignment
+    # fixmatch: class-wise thresholds | distribution alignment
+    fairness: Literal["flexmatch", "da", "none"] = "flexmatch"
     unlabeled_weight: float = Number(1.0, "1 usual", ge=0, le=100)  # fixmatch: weight of the pool loss
     ema_decay: float = EMA(0.99)  # fixmatch: the pool's labels come from this EMA of the weights
     tta: Literal["flip", "none"] = "flip"  # mean over an image and its mirror | none (docs/decisions.md#labeler-tta)
@@ -297,8 +298,7 @@ class TrainClassifierConfig(_Section):
     # train_classifier stage per entry, the report shows them in this order.
     variants: dict[str, VariantSpec] = {name: VariantSpec(data=data, **kw) for name, data, kw in (
         ("real", "prepared", {}), ("real+classic", "prepared", {"augment": "classic"}),
-        ("real+synthetic+classic", "filtered", {"augment": "classic"}),
-        ("synthetic-only", "filtered", {"real": False}),
+        ("real+synthetic+classic", "filtered", {"augment": "classic"}), ("synthetic-only", "filtered", {"real": False}),
         ("fixmatch", "prepared", {"learner": "fixmatch", "augment": "classic"}),
         ("fixmatch+synthetic", "filtered", {"learner": "fixmatch", "augment": "classic", "synthetic_ratio": 0.25}))}
     arch: str = "test_resnet"  # any timm model name (timm.list_models()); docs/decisions.md#classifier-arch
@@ -324,7 +324,7 @@ class TrainClassifierConfig(_Section):
     # probabilities sharpened by pseudo_temperature (< 1 sharpens)
     pseudo_labels: Literal["hard", "soft", "teacher"] = "teacher"
     pseudo_temperature: float = Number(1.0, "a softmax temperature (1: as predicted)", gt=0, le=100)
-    synthetic_labels: Literal["intended", "labeler", "teacher"] = "intended"  # class; labeler: its probs; teacher: per view
+    synthetic_labels: Literal["intended", "labeler", "teacher"] = "intended"  # class; labeler: probs; teacher: per view
     eval_every: int = Every(100)  # steps between validation checks (model selection)
     label_smoothing: float = Number(0.0, "a share of the target (1: no label left)", ge=0, lt=1)
     eval_batch_size: int = Batch(512)  # batch size of test predictions (validation: max(256, batch_size))

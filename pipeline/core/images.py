@@ -66,7 +66,8 @@ def dataset_to_tensors(ds, image_column: str = "image", label_column: str | None
     images = [pil_to_array(im) for im in ds[image_column]]
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous() if images else \
         torch.zeros(0, 1, 1, 1, dtype=torch.uint8)
-    y = torch.as_tensor(ds[label_column], dtype=torch.long) if label_column and label_column in ds.column_names else None
+    y = (torch.as_tensor(ds[label_column], dtype=torch.long) if label_column and label_column in ds.column_names
+         else None)
     return x, y
 
 

@@ -144,7 +144,8 @@ def load_image_file(path: Path, cfg: PrepareConfig, sides: list[int] | None = No
             with Image.open(path) as img:
                 img.draft("RGB" if cfg.channels == 3 else "L", (cfg.image_size * 2, cfg.image_size * 2))
                 img.load()
-                return np.asarray(fit_image(img, cfg, sides), dtype=np.uint8).reshape(cfg.image_size, cfg.image_size, cfg.channels)
+                return np.asarray(fit_image(img, cfg, sides), dtype=np.uint8).reshape(cfg.image_size, cfg.image_size,
+                                                                                      cfg.channels)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise DataError(f"{path}: image too large to decode safely ({err})") from None
     except Exception as err:  # PIL raises many types for bad bytes

@@ -75,7 +75,8 @@ def detectable_difference(std_diff: float, n: int, alpha: float = 0.05, power: f
 def confusion_matrix(pred, labels, num_classes: int) -> np.ndarray:
     """K x K counts; row = true class, column = predicted class."""
     pred, labels = _np(pred).astype(np.int64).ravel(), _np(labels).astype(np.int64).ravel()
-    return np.bincount(labels * num_classes + pred, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    return np.bincount(labels * num_classes + pred,
+                       minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
 def per_class_accuracy(cm: np.ndarray) -> list[float | None]:

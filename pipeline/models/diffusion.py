@@ -202,8 +202,9 @@ def load_pipeline(folder: Path, kind: str, device: str | DevicePolicy) -> ClassC
     cls, sub = BACKBONES[kind]
     index = json.loads((Path(folder) / "model_index.json").read_text())
     model = policy.compiled(cls.from_pretrained(str(Path(folder) / sub)).eval())  # use_policy moves and lays it out
-    pipe = ClassConditionalPipeline(scheduler=DPMSolverMultistepScheduler.from_pretrained(str(Path(folder) / "scheduler")),
-                                    class_names=index["class_names"], image_size=index["image_size"], **{sub: model})
+    pipe = ClassConditionalPipeline(
+        scheduler=DPMSolverMultistepScheduler.from_pretrained(str(Path(folder) / "scheduler")),
+        class_names=index["class_names"], image_size=index["image_size"], **{sub: model})
     return use_policy(pipe, policy)
 
 

@@ -62,7 +62,8 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double().cpu(), b.double().cpu()
     d = a.shape[1]
     if min(len(a), len(b)) >= d:
-        return fid_statistics_to_metric(fid_features_to_statistics(a), fid_features_to_statistics(b), False)[KEY_METRIC_FID]
+        return fid_statistics_to_metric(fid_features_to_statistics(a), fid_features_to_statistics(b),
+                                        False)[KEY_METRIC_FID]
     mu_a, mu_b = a.mean(0), b.mean(0)
     A = (a - mu_a) / math.sqrt(len(a) - 1)
     B = (b - mu_b) / math.sqrt(len(b) - 1)

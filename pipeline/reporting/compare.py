@@ -70,10 +70,12 @@ def row(name: str, run: dict) -> dict:
         "images_per_second": s["images_per_second"], "n_synthetic": f["n"]["synthetic"],
         "fd_all": m["before"]["frechet_distance"]["value"], "kid_all": m["before"]["kid"]["value"],
         "precision_all": m["before"]["precision"]["value"], "recall_all": m["before"]["recall"]["value"],
-        "n_accepted": f["n"]["accepted"], "fd_accepted": (m.get("after") or {}).get("frechet_distance", {}).get("value"),
+        "n_accepted": f["n"]["accepted"],
+        "fd_accepted": (m.get("after") or {}).get("frechet_distance", {}).get("value"),
         "fd_floor": m["floor"]["frechet_distance"]["value"], "n_reference": f["n"]["metric_reference"],
         "feature_space": f["feature_space"], "acceptance": f["acceptance"]["rate"],
-        "synthetic_variant": r.get("synthetic_variant"), "gain": syn.get("diff"), "gain_low": r.get("gain_ci95_low"), "gain_high": r.get("gain_ci95_high"),
+        "synthetic_variant": r.get("synthetic_variant"), "gain": syn.get("diff"),
+        "gain_low": r.get("gain_ci95_low"), "gain_high": r.get("gain_ci95_high"),
         "gain_p": syn.get("p_value"),
         "real_accuracy": r["variants"].get(r.get("baseline") or "real", {}).get("accuracy"),
         "synthetic_only_accuracy": cas.get("accuracy"), "helped": r["helped"], "seeds": r["seeds"],
@@ -123,8 +125,8 @@ def to_markdown(df: pd.DataFrame) -> str:
         train = f"{r.train_seconds:.0f}" if r.train_seconds else "n/a"  # 0: resumed from finished checkpoints
         lines.append(
             f"| {r.kind} | {r.run} | {r.parameters_m:.2f} | {train} ({r.train_steps}) | "
-            f"{r.images_per_second:.2f} ({r.device}) | {r.fd_all:.1f} ({r.n_synthetic}) | {fd_acc} | {r.fd_floor:.1f} | "
-            f"{r.precision_all:.2f} | {r.recall_all:.2f} | {100 * r.acceptance:.1f}% | "
+            f"{r.images_per_second:.2f} ({r.device}) | {r.fd_all:.1f} ({r.n_synthetic}) | {fd_acc} | "
+            f"{r.fd_floor:.1f} | {r.precision_all:.2f} | {r.recall_all:.2f} | {100 * r.acceptance:.1f}% | "
             f"{pct(r.synthetic_only_accuracy)} | {gain} | {p} |")
     helped = df[df.helped.astype(bool)]
     lines += ["", ("Synthetic data significantly helped with: " + ", ".join(helped.kind) + "."
@@ -141,7 +143,8 @@ def figure(df: pd.DataFrame):
         ax.scatter(r.images_per_second, r.fd_all, s=60 + 600 * r.recall_all, alpha=0.6)
         gain = "" if r.gain is None or pd.isna(r.gain) else f" ({100 * r.gain:+.1f} pts)"
         ax.annotate(f"{r.kind}{gain}", (r.images_per_second, r.fd_all), xytext=(6, 6), textcoords="offset points")
-    ax.axhline(df.fd_floor.iloc[0], color="grey", ls="--", lw=1, label=f"real vs real floor (N={df.n_reference.iloc[0]})")
+    ax.axhline(df.fd_floor.iloc[0], color="grey", ls="--", lw=1,
+               label=f"real vs real floor (N={df.n_reference.iloc[0]})")
     ax.set_xscale("log")
     ax.set_xlabel("sampling speed, images/s (log)")
     ax.set_ylabel(f"Frechet distance, all samples\n({df.feature_space.iloc[0]})")

@@ -107,7 +107,8 @@ def summarize(runs: list[dict], reference: str, score: str = "dev_accuracy") -> 
             diff = (paired_difference([s[k] for k in pairs], [ref[k] for k in pairs])
                     if variant != reference and len(pairs) >= 2 else None)
             rows.append({"labels_per_class": at, "row": variant, "run": run["run"], "variant": variant,
-                         "seeds": sorted(s), **{k: v for k, v in mean_ci(list(s.values())).items() if k != "confidence"},
+                         "seeds": sorted(s),
+                         **{k: v for k, v in mean_ci(list(s.values())).items() if k != "confidence"},
                          "vs_reference": diff})
     names = {}
     for r in rows:
@@ -127,12 +128,13 @@ def pts(x: float | None) -> str:
 
 def to_markdown(rows: list[dict], reference: str, score: str, title: str) -> str:
     lines = [f"# {title}", "",
-             f"Each point is one `dvc exp run` of the pipeline (docs/studies.md); accuracy in % on the {SCORES[score]}, "
-             f"mean over seeds with a 95% Student-t interval; each row against `{reference}` of the same run, paired by "
-             "seed (95%, `paired_difference`). The test split is never read.", ""]
+             "Each point is one `dvc exp run` of the pipeline (docs/studies.md); accuracy in % on the "
+             f"{SCORES[score]}, mean over seeds with a 95% Student-t interval; each row against `{reference}` of the "
+             "same run, paired by seed (95%, `paired_difference`). The test split is never read.", ""]
     for at in dict.fromkeys(r["labels_per_class"] for r in rows):
         lines += [f"## {at} labeled images per class", "",
-                  f"| row | run | seeds | accuracy % [95%] | vs {reference}, points [95%] | p |", "|---|---|---|---|---|---|"]
+                  f"| row | run | seeds | accuracy % [95%] | vs {reference}, points [95%] | p |",
+                  "|---|---|---|---|---|---|"]
         for r in (r for r in rows if r["labels_per_class"] == at):
             d = r["vs_reference"]
             vs = "reference" if r["variant"] == reference else "" if d is None else \
@@ -149,7 +151,8 @@ def figure(rows: list[dict], score: str):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for name in dict.fromkeys(r["row"] for r in rows):
-        pts_ = sorted((r for r in rows if r["row"] == name and r["labels_per_class"]), key=lambda r: r["labels_per_class"])
+        pts_ = sorted((r for r in rows if r["row"] == name and r["labels_per_class"]),
+                      key=lambda r: r["labels_per_class"])
         x = [r["labels_per_class"] for r in pts_]
         ax.plot(x, [100 * r["mean"] for r in pts_], marker="o", label=name)
         ax.fill_between(x, [100 * r["low"] for r in pts_], [100 * r["high"] for r in pts_], alpha=0.2)

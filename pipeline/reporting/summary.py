@@ -53,7 +53,8 @@ def metrics(answer: dict, table: pd.DataFrame, outputs: dict[str, dict], specs: 
             "best_variant": answer["best_variant"], "synthetic_variant": answer["synthetic_variant"],
             "strongest_without_synthetic": answer["strongest_without_synthetic"],
             "baseline": answer["baseline"], "generator_kind": generator_facts(outputs).get("kind"),
-            "n_test": answer["n_test"], "seeds": answer["seeds"], "detectable_difference": answer["detectable_difference"],
+            "n_test": answer["n_test"], "seeds": answer["seeds"],
+            "detectable_difference": answer["detectable_difference"],
             **({"gain": answer["gain"], "gain_ci95_low": answer["gain_low"], "gain_ci95_high": answer["gain_high"]}
                if "gain" in answer else {}),
             "stage_seconds": stage_times,

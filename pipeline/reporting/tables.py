@@ -82,7 +82,8 @@ def quality_rows(filter_summary: dict) -> list[dict]:
     m = filter_summary.get("metrics") or {}
     rows = []
     for key, label in (("floor", "real vs real (floor)"), ("before", "synthetic, all"),
-                       ("floor_at_accepted_n", "real vs real at the accepted N (floor)"), ("after", "synthetic, accepted")):
+                       ("floor_at_accepted_n", "real vs real at the accepted N (floor)"),
+                       ("after", "synthetic, accepted")):
         if key in m:
             first = next(v for v in m[key].values() if isinstance(v, dict) and "n_real" in v)
             rows.append({"set": label, **{q: (m[key].get(q) or {}).get("value") for q in QUALITY},

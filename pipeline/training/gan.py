@@ -170,5 +170,6 @@ def fit(params: Params, data: TrainData, accelerator, ckpt_dir: Path, chash: str
     g_ema = standing_stats(g_ema, data.num_classes, cfg.batch_size, step_rng(seed, 0, cfg.steps, device))
     extra = {"z_dim": gc.z_dim, "image_size_padded": g.base * 4, "discriminator_parameters": n_d}
     history = {"loss": losses[0, :n_done].tolist(), "lr": [gc.lr_g] * n_done, "g_loss": losses[1, :n_done].tolist()}
-    return Fitted(GanGenerator(g_ema, {**generator_meta(cfg, data), **extra}, policy), lambda folder: gan.save(folder, g_ema),
+    return Fitted(GanGenerator(g_ema, {**generator_meta(cfg, data), **extra}, policy),
+                  lambda folder: gan.save(folder, g_ema),
                   history, (resumed.seconds + time.perf_counter() - t0) / max(1, n_done), start, n_g, extra)
