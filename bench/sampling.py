@@ -19,18 +19,8 @@ import copy
 
 import torch
 
-from bench.common import (
-    alternate,
-    compile_if,
-    diffusion_generator,
-    memory_method,
-    parser,
-    rate,
-    ratio,
-    save,
-    section,
-    setup,
-)
+from bench.common import (alternate, compile_if, diffusion_generator, memory_method, parser, rate, ratio, save, section,
+                          setup)
 from pipeline.config import Paths, SampleConfig, params_from_dict
 from pipeline.core.device import DevicePolicy
 from pipeline.core.images import crop_images

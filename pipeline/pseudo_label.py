@@ -26,16 +26,8 @@ from pipeline.config import Params, Paths, labeler_file
 from pipeline.core.device import policy_for
 from pipeline.core.entrypoint import stage_main
 from pipeline.core.images import class_names_of, dataset_to_tensors, tensors_to_dataset
-from pipeline.core.io import (
-    atomic_path,
-    check_writable,
-    fingerprint,
-    load_dataset_dir,
-    read_output,
-    sha256_tensor,
-    without_timing,
-    write_json,
-)
+from pipeline.core.io import (atomic_path, check_writable, fingerprint, load_dataset_dir, read_output, sha256_tensor,
+                              without_timing, write_json)
 from pipeline.errors import DataError
 from pipeline.models.classifier import check_input_size, save_classifier
 from pipeline.quality.selection import confident_per_class

@@ -18,16 +18,8 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from pipeline.config import Params, Paths, VariantSpec, classifier_file, resolve_device
 from pipeline.core.curves import CURVES, read_curve
 from pipeline.core.entrypoint import stage_main
-from pipeline.core.io import (
-    atomic_path,
-    check_writable,
-    checked,
-    load_dataset_dir,
-    read_json,
-    reading,
-    save_figure,
-    write_json,
-)
+from pipeline.core.io import (atomic_path, check_writable, checked, load_dataset_dir, read_json, reading, save_figure,
+                              write_json)
 from pipeline.core.plotting import png_b64
 from pipeline.core.provenance import check_classifiers, earlier_outputs, params_made_with, run_metadata
 from pipeline.errors import DataError

@@ -29,18 +29,8 @@ from pipeline.config import Params, Paths, SampleConfig, keeps_output
 from pipeline.core.device import policy_for
 from pipeline.core.entrypoint import stage_main
 from pipeline.core.images import dataset_to_tensors, make_grid_image, tensors_to_dataset
-from pipeline.core.io import (
-    atomic_path,
-    check_writable,
-    fingerprint,
-    load_dataset_dir,
-    load_img2img_sources,
-    read_json,
-    read_output,
-    save_dataset,
-    save_png,
-    write_json,
-)
+from pipeline.core.io import (atomic_path, check_writable, fingerprint, load_dataset_dir, load_img2img_sources,
+                              read_json, read_output, save_dataset, save_png, write_json)
 from pipeline.core.seeding import SEED_STRIDE, image_seed
 from pipeline.errors import ConfigError, DataError
 from pipeline.models.registry import load_generator

@@ -20,33 +20,14 @@ from pipeline.core.curves import write_curves
 from pipeline.core.device import policy_for
 from pipeline.core.entrypoint import stage_main
 from pipeline.core.images import class_names_of, dataset_to_tensors, image_hashes
-from pipeline.core.io import (
-    OUTPUTS,
-    atomic_path,
-    check_writable,
-    load_dataset_dir,
-    load_pool,
-    load_pseudo_labels,
-    load_split,
-    read_output,
-    without_timing,
-    write_json,
-)
+from pipeline.core.io import (OUTPUTS, atomic_path, check_writable, load_dataset_dir, load_pool, load_pseudo_labels,
+                              load_split, read_output, without_timing, write_json)
 from pipeline.core.oracle import load_oracle
 from pipeline.core.stats import summarize_seeds
 from pipeline.errors import DataError
 from pipeline.models.classifier import check_input_size, save_classifier
-from pipeline.training.classifier import (
-    Teacher,
-    VariantData,
-    accuracy,
-    count,
-    ensemble_proba,
-    score_on_test,
-    sharpen,
-    train_runs,
-    variant_record,
-)
+from pipeline.training.classifier import (Teacher, VariantData, accuracy, count, ensemble_proba, score_on_test, sharpen,
+                                          train_runs, variant_record)
 from pipeline.training.plan import carry_out
 from pipeline.training.seed_runs import CLI_OPTIONS, SeedRuns, load_labelers, pseudo_label_runs, train_seed
 

@@ -34,17 +34,8 @@ from pipeline.core.curves import CURVES, write_curves
 from pipeline.core.device import policy_for
 from pipeline.core.entrypoint import stage_main
 from pipeline.core.images import dataset_to_tensors, make_grid_image
-from pipeline.core.io import (
-    atomic_path,
-    check_writable,
-    load_dataset_dir,
-    load_pseudo_labels,
-    read_json,
-    read_output,
-    save_png,
-    sha256_file,
-    write_json,
-)
+from pipeline.core.io import (atomic_path, check_writable, load_dataset_dir, load_pseudo_labels, read_json, read_output,
+                              save_png, sha256_file, write_json)
 from pipeline.errors import ConfigError, DataError
 from pipeline.models.registry import GENERATOR_META
 from pipeline.training.checkpoint import config_hash

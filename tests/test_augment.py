@@ -7,14 +7,8 @@ from torchvision.transforms.v2 import functional as TF
 
 import pipeline.training.classifier as training
 from pipeline.models.classifier import build_model
-from pipeline.training.augment import (
-    OPS,
-    TRIVIAL_AUGMENT_WIDE,
-    _tables,
-    apply_trivial_augment,
-    sample_trivial_augment,
-    trivial_augment_wide,
-)
+from pipeline.training.augment import (OPS, TRIVIAL_AUGMENT_WIDE, _tables, apply_trivial_augment,
+                                       sample_trivial_augment, trivial_augment_wide)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -1,16 +1,8 @@
 import pytest
 import yaml
 
-from pipeline.config import (
-    IGNORED_BY_KIND,
-    PROFILES,
-    ConfigError,
-    Params,
-    Paths,
-    TrainGeneratorConfig,
-    load_params,
-    params_from_dict,
-)
+from pipeline.config import (IGNORED_BY_KIND, PROFILES, ConfigError, Params, Paths, TrainGeneratorConfig, load_params,
+                             params_from_dict)
 
 
 def write(tmp_path, obj):

@@ -5,17 +5,9 @@ import pytest
 import torch
 from scipy import stats
 
-from pipeline.core.stats import (
-    classification_metrics,
-    confusion_matrix,
-    detectable_difference,
-    expected_calibration_error,
-    macro_f1,
-    mean_ci,
-    paired_difference,
-    per_class_accuracy,
-    summarize_seeds,
-)
+from pipeline.core.stats import (classification_metrics, confusion_matrix, detectable_difference,
+                                 expected_calibration_error, macro_f1, mean_ci, paired_difference, per_class_accuracy,
+                                 summarize_seeds)
 
 
 def test_mean_ci_matches_scipy_t_interval():

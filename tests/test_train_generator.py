@@ -15,14 +15,8 @@ from pipeline.core.curves import CURVES, read_curve
 from pipeline.core.io import read_json
 from pipeline.errors import DataError
 from pipeline.models.class_conditional import ClassConditionalPipeline
-from pipeline.models.diffusion import (
-    PIPELINE_FILE,
-    DiffusionGenerator,
-    build_unet,
-    inference_scheduler,
-    padded_size,
-    train_scheduler,
-)
+from pipeline.models.diffusion import (PIPELINE_FILE, DiffusionGenerator, build_unet, inference_scheduler, padded_size,
+                                       train_scheduler)
 from pipeline.training import checkpoint
 from pipeline.training import diffusion as td
 from pipeline.training.gan import draw_real

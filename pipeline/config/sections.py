@@ -7,20 +7,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, model_validator
 
-from pipeline.config.section import (
-    EMA,
-    LR,
-    Batch,
-    Every,
-    Images,
-    Location,
-    Number,
-    Probability,
-    Seeds,
-    Steps,
-    WeightDecay,
-    Width,
-)
+from pipeline.config.section import (EMA, LR, Batch, Every, Images, Location, Number, Probability, Seeds, Steps,
+                                     WeightDecay, Width)
 from pipeline.config.section import Section as _Section
 from pipeline.config.variants import VARIANT_NAME, VariantSpec
 from pipeline.errors import ConfigError

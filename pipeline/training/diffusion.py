@@ -26,14 +26,8 @@ from pipeline.core.images import pad_images, to_unit
 from pipeline.core.seeding import step_rng
 from pipeline.core.tensors import num_parameters
 from pipeline.errors import ConfigError
-from pipeline.models.diffusion import (
-    DiffusionGenerator,
-    build_backbone,
-    conditional_from_pretrained,
-    make_pipeline,
-    save_pipeline,
-    train_scheduler,
-)
+from pipeline.models.diffusion import (DiffusionGenerator, build_backbone, conditional_from_pretrained, make_pipeline,
+                                       save_pipeline, train_scheduler)
 from pipeline.training import checkpoint
 from pipeline.training.generator import Fitted, TrainData, generator_meta
 
