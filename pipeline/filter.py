@@ -45,6 +45,8 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
     (syn_x, syn_y), num_classes = images.syn, len(images.class_names)
     log.info("filter: %d synthetic images, %d classes, feature space %s, device %s", len(syn_x), num_classes,
              cfg.feature_space, policy.device)
+    if off := checks_off(cfg):
+        log.info("filter: checks off (every image passes them): %s", "; ".join(off))
     judge, judge_hist = load_or_train_judge(cfg, images.train, images.val, num_classes, seed, policy,
                                             paths.feature_cache)
     judged = judge_scores(judge, syn_x, syn_y, cfg.batch_size, policy)
@@ -91,6 +93,14 @@ def load_inputs(paths: Paths, cfg: FilterConfig) -> tuple[Images, datasets.Datas
     seeds = np.asarray(synthetic["seed"] if "seed" in synthetic.column_names else [-1] * len(synthetic), dtype=np.int64)
     images = Images(class_names, train, val, test, pool, syn, seeds, source_columns(synthetic))
     return images, synthetic, {"synthetic": syn_summary.get("fingerprint"), "prepared": prepared_fp}
+
+
+def checks_off(cfg: FilterConfig) -> list[str]:
+    """The per-image checks that the settings turn off (the micro profile turns off what an untrained generator
+    cannot pass), each with the key that does it."""
+    return [what for what, off in (("judge confidence (filter.min_confidence: 0)", cfg.min_confidence == 0),
+                                   ("realism (filter.require_realism: false)", not cfg.require_realism),
+                                   ("memorisation (filter.memorization_ratio: 0)", cfg.memorization_ratio == 0)) if off]
 
 
 def write_outputs(paths: Paths, synthetic: datasets.Dataset, scores: pd.DataFrame, summary: dict) -> None:

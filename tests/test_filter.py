@@ -76,7 +76,8 @@ def _scores(n, **cols):
 
 
 def test_selection_policy_reasons_top_fraction_and_balance():
-    cfg = micro(min_confidence=0.3, memorization_ratio=0.5, keep_top_fraction=0.75, balance=True).filter
+    cfg = micro(min_confidence=0.3, require_realism=True, memorization_ratio=0.5, keep_top_fraction=0.75,
+                balance=True).filter  # micro turns realism off
     conf = np.array([0.9, 0.8, 0.7, 0.2, 0.95, 0.9, 0.6, 0.5, 0.4, 0.99])
     df = _scores(10, label=np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 2]), confidence=conf,
                  duplicate=np.eye(10, dtype=bool)[1], inside_manifold=~np.eye(10, dtype=bool)[5],
