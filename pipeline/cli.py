@@ -16,6 +16,7 @@ import yaml
 from pipeline import STAGE_ORDER
 from pipeline.config import Paths, load_params
 from pipeline.core.entrypoint import exit_on_user_error, parse_set, setup_logging
+from pipeline.core.prefect_setup import temporary_server
 from pipeline.errors import ConfigError
 from pipeline.reporting import compare, study
 
@@ -44,24 +45,16 @@ def repro(dvc_args: list[str]) -> int:
     configured (``PREFECT_API_URL``): each stage would otherwise start and stop a server of its own (about
     7 s per stage, 12 stages in the default pipeline). The runs are kept in ``PREFECT_HOME``'s database
     either way. Returns dvc's exit code."""
-    from prefect.settings import get_current_settings
-
     # the stages' `python -m flows ...` and dvc itself run with the interpreter synthaug runs in, venv active or not
     env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     dvc = shutil.which("dvc", path=env["PATH"])
     if dvc is None:
         raise ConfigError("synthaug repro: the dvc command is not installed here; run make setup (or pip install dvc)")
     cmd = [dvc, "repro", *dvc_args]
-    if get_current_settings().api.url:  # a server of the user's: every flow run goes there as it is
-        return subprocess.call(cmd, env=env)
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()
-    server.start(timeout=get_current_settings().server.ephemeral.startup_timeout_seconds)
-    try:
-        return subprocess.call(cmd, env={**env, "PREFECT_API_URL": server.api_url})
-    finally:
-        server.stop()
+    # with PREFECT_API_URL set, every flow run goes there as it is (each one checks it); else one temporary server,
+    # in a process group of its own: Ctrl-C stops the runs first, then it
+    with temporary_server() as url:
+        return subprocess.call(cmd, env={**env, "PREFECT_API_URL": url} if url else env)
 
 
 def main(argv: list[str] | None = None) -> None:

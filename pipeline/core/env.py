@@ -11,6 +11,7 @@ temporary server a flow run starts inherits them. ``prefect.toml`` holds the sam
 except the services turned off below: a server you start yourself keeps its automations and events.
 """
 import os
+import warnings
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -37,3 +38,6 @@ def offline_defaults() -> None:
     unless the environment sets it already. Call it before Prefect is imported."""
     for k, v in {**OFFLINE, **PREFECT}.items():
         os.environ.setdefault(k, v)
+    # Prefect warns at import, in two lines, that it could not create PREFECT_HOME; what needs the folder (a
+    # temporary server's database) says so in one line that says what to do (core/prefect_setup.py)
+    warnings.filterwarnings("ignore", message="Failed to create the Prefect home directory", category=UserWarning)
