@@ -79,10 +79,12 @@ def main(argv: list[str] | None = None) -> None:
     c = sub.add_parser("config", help="print the resolved params (defaults + profile + params.yaml)")
     c.add_argument("--params", default="params.yaml")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["repro"]:  # every later word is dvc's, flags first too (argparse's REMAINDER takes no -s ...)
+        setup_logging()
+        sys.exit(exit_on_user_error(repro, argv[1:]))
     args = ap.parse_args(argv)
     setup_logging()
-    if args.cmd == "repro":
-        sys.exit(exit_on_user_error(repro, args.dvc_args))
     exit_on_user_error(_command, args)
 
 

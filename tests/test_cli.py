@@ -49,7 +49,7 @@ def test_repro_gives_every_stage_one_live_server_and_stops_it(tmp_path):
 def test_repro_leaves_a_configured_server_alone_and_passes_dvc_args_and_exit_code(tmp_path):
     project = dvc_project(tmp_path, 2)
     url = "http://127.0.0.1:9/api"  # nothing listens there: the stages only record it
-    out = repro(project, {**os.environ, "PREFECT_API_URL": url}, "s1")
+    out = repro(project, {**os.environ, "PREFECT_API_URL": url}, "-s", "s1")  # dvc's flags may come first
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads((project / "s1.json").read_text()) == {"url": url, "up": False}
     assert not (project / "s0.json").exists()  # dvc repro s1 ran s1 alone
