@@ -117,3 +117,11 @@ def test_relative_links_of_readme_and_docs_lead_to_files():
             if not (md.parent / path).exists():
                 broken.append(f"{md.relative_to(ROOT).as_posix()}: {target}")
     assert not broken, f"links to files that do not exist: {broken}"
+
+
+def test_readme_shows_the_committed_reports_first_lines():
+    """README's "Reading the report" quotes reports/report.md as committed: headline, model, findings."""
+    readme = (ROOT / "README.md").read_text()
+    quoted = readme.split("<!-- report-excerpt:start -->\n")[1].split("<!-- report-excerpt:end -->")[0].strip()
+    report = (ROOT / "reports" / "report.md").read_text().split("\n", 2)[2]  # after the title and its blank line
+    assert report.startswith(quoted + "\n"), "README's excerpt differs from reports/report.md: copy its first lines"
