@@ -50,7 +50,7 @@ def run(params: Params, paths: Paths = Paths()) -> dict:
     real, synthetic = read_samples(paths, outputs, scores)
     grids, reasons = sample_grids(real, synthetic, scores, len(names), params.report.grid_per_class)
     meta = run_metadata(paths.root, resolve_device(params.base, compute=False))  # a gpu run's report renders anywhere
-    stage_times = summary.stage_seconds(outputs, variants, read_prepare_seconds(paths))
+    stage_times = summary.stage_seconds(outputs, variants, read_stage_seconds(paths))
     page = {"title": params.report.title, "answer": answer, "rows": summary.rows(table), "names": names,
             "grids": grids, "reasons": reasons, "figs": {k: png_b64(f) for k, f in figs.items()}, "filter": filt,
             "quality": quality_rows(filt), "quality_names": QUALITY, "prepared": prepared, "meta": meta,
@@ -114,7 +114,7 @@ def read_samples(paths: Paths, outputs: dict[str, dict], scores: pd.DataFrame | 
     return real, load_dataset_dir(paths.synthetic / "dataset", "sample") if scored else None
 
 
-def read_prepare_seconds(paths: Paths) -> dict[str, float | None]:
+def read_stage_seconds(paths: Paths) -> dict[str, float | None]:
     """Seconds of the stages that keep their run time out of their outputs (prepare, pseudo_label: in
     ``metrics/stages/<stage>.json``), by stage; a stage without that record is left out."""
     out = {}

@@ -420,4 +420,5 @@ def test_markup_in_title_and_class_names_is_shown_as_text(tmp_path):
 def test_stage_seconds_take_each_variants_wall_time_where_it_has_one():
     side_by_side = {**variant([0.7, 0.7]), "seconds": 1.5}  # two seeds of 1 s each side by side: 1.5 s of wall time
     older = variant([0.7, 0.7])  # no wall time: its seeds' training times summed
-    assert stage_seconds({}, {"a": side_by_side, "b": older}, 2.0) == {"prepare": 2.0, "train_classifier": 3.5}
+    assert stage_seconds({}, {"a": side_by_side, "b": older}, {"prepare": 2.0}) == {
+        "prepare": 2.0, "train_classifier": 3.5}

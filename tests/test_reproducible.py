@@ -20,7 +20,7 @@ from pipeline.core.atomic import DIR_MODE, FILE_MODE, atomic_path
 from pipeline.core.images import tensors_to_dataset
 from pipeline.core.io import TIMING_KEYS, save_dataset, write_json
 from pipeline.models.classifier import build_model, load_classifier, save_classifier
-from pipeline.report import read_prepare_seconds
+from pipeline.report import read_stage_seconds
 from pipeline.reporting.summary import stage_seconds
 
 NAMES = ["top", "bottom"]
@@ -115,10 +115,10 @@ def test_pseudo_label_and_train_classifier_run_twice_write_the_same_bytes(tmp_pa
     # the learner's variant tests pseudo_label's labelers: their training times come from that record
     assert [r["seconds"] for r in metrics["fixmatch"]["per_seed"]] == timing["labelers"]
     # the report still shows pseudo_label's time, now from metrics/stages/
-    recorded = read_prepare_seconds(paths)
+    recorded = read_stage_seconds(paths)
     assert recorded == {"pseudo_label": timing["seconds"]}
     assert stage_seconds({"pseudo": {}}, {}, recorded)["pseudo_label"] == timing["seconds"]
-    assert stage_seconds({"pseudo": {"seconds": 3.0}}, {}, 2.0) == {
+    assert stage_seconds({"pseudo": {"seconds": 3.0}}, {}, {"prepare": 2.0}) == {
         "prepare": 2.0,
         "pseudo_label": 3.0,
         "train_classifier": None,

@@ -15,26 +15,9 @@ from pydantic.fields import FieldInfo
 
 from pipeline.config.paths import Paths, classifier_file, labeler_file  # noqa: F401
 from pipeline.config.sections import (  # noqa: F401
-    IGNORED_BY_KIND,
-    STAGES,
-    BaseParams,
-    CganConfig,
-    ClipConfig,
-    DatasetGanConfig,
-    DitConfig,
-    FilterConfig,
-    Location,
-    Params,
-    PrepareConfig,
-    PseudoLabelConfig,
-    ReportConfig,
-    SampleConfig,
-    TrainClassifierConfig,
-    TrainGeneratorConfig,
-    VariantSpec,
-    keeps_output,
-    learner_config,
-)
+    IGNORED_BY_KIND, STAGES, BaseParams, CganConfig, ClipConfig, DatasetGanConfig, DitConfig, FilterConfig, Location,
+    Params, PrepareConfig, PseudoLabelConfig, ReportConfig, SampleConfig, TrainClassifierConfig, TrainGeneratorConfig,
+    VariantSpec, keeps_output, learner_config)
 from pipeline.config.variant_paths import colliding_variants, variant_outputs  # noqa: F401
 from pipeline.errors import ConfigError
 

@@ -27,11 +27,10 @@ def generator_facts(outputs: dict[str, dict]) -> dict:
     return facts
 
 
-def stage_seconds(outputs: dict[str, dict], variants: dict[str, dict], recorded: dict | float | None) -> dict:
-    """Seconds each stage took: those ``recorded`` in metrics/stages/ (stage -> seconds; a number: prepare's),
-    else each earlier output's own (an older pseudo_label's summary kept it), the classifier variants' summed
-    (each variant's wall time; its seeds' training times summed where an older output lacks it)."""
-    recorded = recorded if isinstance(recorded, dict) else {"prepare": recorded}
+def stage_seconds(outputs: dict[str, dict], variants: dict[str, dict], recorded: dict[str, float | None]) -> dict:
+    """Seconds each stage took: those ``recorded`` in metrics/stages/ (stage -> seconds), else each earlier
+    output's own (an older pseudo_label's summary kept it), the classifier variants' summed (each variant's
+    wall time; its seeds' training times summed where an older output lacks it)."""
     times = {"prepare": recorded.get("prepare")}
     for name, facts in outputs.items():
         if name != "prepared":
